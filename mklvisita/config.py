@@ -1,0 +1,228 @@
+"""Typed configuration for MKL-VisITA.
+
+Every field carries a comment saying what it controls. A config round-trips through JSON (it is saved as
+``config.json`` beside the weights); loading refuses unknown or ill-typed fields and names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+KERNEL_SOURCES = ("global", "local", "mid")
+KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, missing or of the wrong type."""
+
+
+@dataclass
+class VisionConfig:
+    """The timm ViT image encoder."""
+
+    model_name: str = "vit_base_patch16_224"  # any timm ViT name (timm.create_model)
+    pretrained: bool = False  # load timm's pretrained weights (needs the network or a local file)
+    pretrained_file: str | None = None  # local weights file for `pretrained` (offline / mirrored Hub weights)
+    image_size: int = 224  # side of the square model input (images are letterboxed to it)
+    patch_size: int | None = None  # override the model's patch size (random-init models only)
+    width: int | None = None  # override embed_dim (random-init models only)
+    depth: int | None = None  # override the number of blocks (random-init models only)
+    heads: int | None = None  # override the number of attention heads (random-init models only)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation std
+    pad_value: tuple[int, int, int] = (0, 0, 0)  # RGB of the letterbox padding
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword overrides handed to ``timm.create_model``."""
+        kw: dict[str, Any] = {"img_size": self.image_size, "num_classes": 0}
+        for key, name in (("patch_size", "patch_size"), ("width", "embed_dim"), ("depth", "depth"), ("heads", "num_heads")):
+            if getattr(self, key) is not None:
+                kw[name] = getattr(self, key)
+        return kw
+
+
+@dataclass
+class TextConfig:
+    """The transformers text encoder and its tokenizer."""
+
+    model_name: str | None = None  # transformers id or local path; None = a BERT built from the sizes below
+    pretrained: bool = False  # load the weights of `model_name` (else build from its config, random init)
+    width: int = 768  # hidden size (built-in BERT only)
+    layers: int = 12  # transformer layers (built-in BERT only)
+    heads: int = 12  # attention heads (built-in BERT only)
+    intermediate: int | None = None  # feed-forward size (built-in BERT only); None = 4 * width
+    max_length: int = 32  # captions are truncated to this many tokens, [CLS] and [SEP] included
+    extra_vocabulary: list[str] = field(default_factory=list)  # whole words added to the built-in tokenizer
+    backbone_config: dict[str, Any] | None = None  # the encoder's transformers config, filled when the model is
+    # built and saved with it, so a checkpoint rebuilds with no network (do not set by hand)
+
+
+@dataclass
+class KernelConfig:
+    """The multi-kernel learning module: base kernels = sources x functions, each with its own projections."""
+
+    sources: list[str] = field(default_factory=lambda: list(KERNEL_SOURCES))  # feature sources, see KERNEL_SOURCES
+    functions: list[str] = field(default_factory=lambda: list(KERNEL_FUNCTIONS))  # kernel functions
+    proj_dim: int = 256  # width of each base kernel's projection heads
+    poly_degree: float = 2.0  # initial polynomial degree
+    learn_poly_degree: bool = False  # make the polynomial degree learnable (kept >= 1)
+    rbf_gamma: float = 1.0  # initial RBF gamma (learned as exp(theta) > 0)
+    gate: bool = False  # pair-conditioned gate: beta(x, y) from the pooled features (else one global beta)
+    mid_text_level: int | None = None  # text layer of the "mid" source (None = the middle layer)
+    mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
+
+
+@dataclass
+class FusionConfig:
+    """Hierarchical two-way cross-modal fusion (the ITM branch)."""
+
+    enabled: bool = True  # False = a dual encoder (no fusion, no ITM): the paper's ablation baseline
+    layers: int = 6  # fusion layers; layer l reads the image tokens of encoder level image_levels[l]
+    width: int = 768  # fusion width
+    heads: int = 12  # fusion attention heads
+    mlp_ratio: float = 4.0  # feed-forward expansion
+    dropout: float = 0.0  # dropout in attention and feed-forward
+    image_levels: list[int] | None = None  # ViT block (0-based) feeding each fusion layer; None = evenly spaced
+    affinity_bias: bool = True  # bias text->image attention logits by the local multi-kernel affinity
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and the contrastive temperature."""
+
+    itc_weight: float = 1.0  # symmetric InfoNCE on the multi-kernel similarity
+    itm_weight: float = 1.0  # binary matching on fused CLS with hard negatives
+    entropy_weight: float = 0.01  # kernel-entropy regulariser (pushes beta away from a single kernel)
+    temperature: float = 0.07  # initial ITC temperature (learned)
+    hard_negative_itc: bool = True  # extra hard-negative captions (when given) also enter ITC as distractors
+
+
+@dataclass
+class MKLVisITAConfig:
+    """The whole model. ``tiny()`` and ``base()`` are the two presets."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    itm_score_weight: float = 1.0  # final score = itm_score_weight * ITM + similarity (ranking and `score`)
+
+    @classmethod
+    def tiny(cls) -> MKLVisITAConfig:
+        """A random-init model small enough to train on a CPU in minutes (64 px, 8 px patches)."""
+        return cls(
+            vision=VisionConfig(
+                model_name="vit_tiny_patch16_224", image_size=64, patch_size=8, width=128, depth=4, heads=4
+            ),
+            text=TextConfig(width=128, layers=2, heads=4, max_length=24),
+            kernels=KernelConfig(proj_dim=64),
+            fusion=FusionConfig(layers=2, width=128, heads=4),
+        )
+
+    @classmethod
+    def base(cls, pretrained: bool = False) -> MKLVisITAConfig:
+        """ViT-B/16 + BERT-base sized. ``pretrained=True`` loads timm and Hub weights (needs the network)."""
+        return cls(
+            vision=VisionConfig(model_name="vit_base_patch16_224", pretrained=pretrained, image_size=224),
+            text=TextConfig(model_name="bert-base-uncased" if pretrained else None, pretrained=pretrained),
+            kernels=KernelConfig(proj_dim=256),
+            fusion=FusionConfig(layers=6, width=768, heads=12),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MKLVisITAConfig:
+        """Build a config from nested dicts; unknown, missing-type or ill-typed fields raise ConfigError."""
+        return _from_dict(cls, data, "config")
+
+    def validate(self) -> None:
+        """Check cross-field constraints; raise ConfigError naming the field."""
+        for s in self.kernels.sources:
+            if s not in KERNEL_SOURCES:
+                raise ConfigError(f"kernels.sources: unknown source {s!r}; choose from {list(KERNEL_SOURCES)}")
+        for f in self.kernels.functions:
+            if f not in KERNEL_FUNCTIONS:
+                raise ConfigError(f"kernels.functions: unknown function {f!r}; choose from {list(KERNEL_FUNCTIONS)}")
+        if not self.kernels.sources or not self.kernels.functions:
+            raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
+        if self.fusion.enabled and self.fusion.width % self.fusion.heads:
+            raise ConfigError(f"fusion.width ({self.fusion.width}) must be divisible by fusion.heads")
+        if self.text.max_length < 3:
+            raise ConfigError("text.max_length must be at least 3 ([CLS], one word, [SEP])")
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, sorted(names), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known fields: {sorted(names)}"
+        raise ConfigError(f"{where}.{k}: unknown config field{hint}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp` (JSON gives lists for tuples; ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        out = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value

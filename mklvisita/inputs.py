@@ -1,0 +1,230 @@
+"""Inputs, in one place shared by the Matcher, the app, the trainer and the evaluator.
+
+Images: any PIL mode (palette with transparency, RGBA, LA, CMYK, 16-bit, 1-bit), EXIF orientation applied,
+animated images reduced to their first frame, tiny / huge / extreme aspect ratios. Preprocessing is a
+*letterbox*: the longer side is resized to the model's input size and the shorter one padded, so nothing is
+cropped away and every map the model makes can be mapped back exactly onto the original image
+(:meth:`Letterbox.to_original`). Images above :data:`MAX_PIXELS` are refused before decoding (decompression bombs).
+
+Captions: stripped; empty or whitespace-only is an error; any unicode is accepted; captions longer than the model's
+``text.max_length`` tokens are truncated (and at most :data:`MAX_CAPTION_CHARS` characters are tokenised at all,
+so an endless caption costs nothing). Tokenising happens here, never inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import MKLVisITAConfig
+
+MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger images are refused before they are decoded
+MAX_CAPTION_CHARS = 2000  # characters of a caption that are tokenised; the model sees at most text.max_length tokens
+
+ImageInput = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
+
+
+class InvalidImageError(ValueError):
+    """An image could not be read; the message says why and what to do."""
+
+
+class InvalidCaptionError(ValueError):
+    """A caption is empty or not text."""
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Any supported image input -> an RGB PIL image (EXIF-rotated, first frame). Raises InvalidImageError."""
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InvalidImageError(f"image file not found: {path}. Check the path.")
+        try:
+            opened = Image.open(path)
+        except (UnidentifiedImageError, OSError) as e:
+            raise InvalidImageError(f"{path.name} is not an image PIL can read ({e}). Use a PNG, JPEG, WebP, ...") from e
+        return _normalise(opened, path.name)
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            opened = Image.open(io.BytesIO(image))
+        except (UnidentifiedImageError, OSError) as e:
+            raise InvalidImageError("the uploaded bytes are not an image (PNG, JPEG, WebP, ... expected)") from e
+        return _normalise(opened, "the image")
+    if isinstance(image, Image.Image):
+        return _normalise(image, "the image")
+    raise InvalidImageError(f"expected a PIL image, a file path, bytes or an array, got {type(image).__name__}")
+
+
+def _check_size(w: int, h: int, name: str) -> None:
+    if w < 1 or h < 1:
+        raise InvalidImageError(f"{name} is empty ({w}x{h} pixels)")
+    if w * h > MAX_PIXELS:
+        raise InvalidImageError(
+            f"{name} is too large ({w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}). "
+            "Downscale it first."
+        )
+
+
+def _normalise(img: Image.Image, name: str) -> Image.Image:
+    _check_size(*img.size, name)
+    try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # first frame of GIF / APNG / WebP animations
+        if img.format == "JPEG":
+            img.draft("RGB", (4096, 4096))  # decode huge JPEGs at reduced scale: bounded memory
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise InvalidImageError(f"{name} is too large to decode safely ({e}). Downscale it first.") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InvalidImageError(f"{name} is truncated or corrupt and could not be decoded ({e}).") from e
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # High bit depth: stretch the actual range to 8 bits (PIL's convert would clip everything above 255).
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
+        return Image.fromarray(a.round().astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels have no colour of their own: composite onto white, as a viewer would show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise InvalidImageError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {a.shape}")
+    _check_size(a.shape[1], a.shape[0], "the image array")
+    if a.dtype != np.uint8:
+        a = np.asarray(a, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise InvalidImageError("the image array holds NaN or infinite values")
+        a = a * 255.0 if a.max() <= 1.0 else a
+        a = a.clip(0, 255).round().astype(np.uint8)
+    return _to_rgb(Image.fromarray(a))
+
+
+def check_caption(caption: Any) -> str:
+    """Validate one caption: text, not empty. Returns it stripped. Raises InvalidCaptionError."""
+    if not isinstance(caption, str):
+        raise InvalidCaptionError(f"a caption must be text, got {type(caption).__name__}")
+    text = caption.strip()
+    if not text:
+        raise InvalidCaptionError("a caption is empty; type a few words describing the image")
+    return text
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How one image was resized and padded into the square model input; maps back to the original frame."""
+
+    width: int  # original image size
+    height: int
+    size: int  # model input side
+    scale: float  # original pixels -> input pixels
+    pad_x: int  # left padding in input pixels
+    pad_y: int  # top padding
+    inner_w: int  # size of the resized image inside the input
+    inner_h: int
+
+    @classmethod
+    def fit(cls, width: int, height: int, size: int) -> Letterbox:
+        scale = size / max(width, height)
+        iw, ih = max(1, round(width * scale)), max(1, round(height * scale))
+        return cls(width, height, size, scale, (size - iw) // 2, (size - ih) // 2, iw, ih)
+
+    def to_original(self, grid: np.ndarray) -> np.ndarray:
+        """A map over the model input (any resolution, e.g. the patch grid) -> the original image's H x W."""
+        grid = np.asarray(grid, dtype=np.float32)
+        full = Image.fromarray(grid, mode="F").resize((self.size, self.size), Image.Resampling.BILINEAR)
+        inner = full.crop((self.pad_x, self.pad_y, self.pad_x + self.inner_w, self.pad_y + self.inner_h))
+        return np.asarray(inner.resize((self.width, self.height), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+class Processor:
+    """Turns images and captions into model inputs; the one preprocessing path of the project."""
+
+    def __init__(self, config: MKLVisITAConfig, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        v = config.vision
+        self.size = v.image_size
+        self._mean = torch.tensor(v.mean).view(3, 1, 1)
+        self._std = torch.tensor(v.std).view(3, 1, 1)
+
+    def letterbox(self, image: Image.Image) -> tuple[torch.Tensor, Letterbox]:
+        box = Letterbox.fit(image.width, image.height, self.size)
+        resized = image.resize((box.inner_w, box.inner_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        canvas = Image.new("RGB", (self.size, self.size), tuple(self.config.vision.pad_value))
+        canvas.paste(resized, (box.pad_x, box.pad_y))
+        x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+        return (x - self._mean) / self._std, box
+
+    def images(self, images: list[ImageInput]) -> tuple[torch.Tensor, list[Letterbox]]:
+        """Load, validate and letterbox images: pixel_values (B, 3, S, S) and each image's Letterbox."""
+        if not images:
+            raise InvalidImageError("no image given")
+        out = [self.letterbox(load_image(im)) for im in images]
+        return torch.stack([x for x, _ in out]), [b for _, b in out]
+
+    def captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Validate and tokenise: input_ids and attention_mask (B, T), truncated to text.max_length."""
+        if isinstance(captions, str):
+            captions = [captions]
+        if not captions:
+            raise InvalidCaptionError("no caption given")
+        texts = [check_caption(c)[:MAX_CAPTION_CHARS] for c in captions]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.text.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def words(self, caption: str) -> tuple[list[str], list[int | None]]:
+        """The caption's whitespace words the model sees, and for each token position the word it belongs to.
+
+        Sub-word pieces (and punctuation split off a word) map back to their whitespace word; special tokens map
+        to None. Words cut off by truncation are not returned.
+        """
+        text = check_caption(caption)[:MAX_CAPTION_CHARS]
+        spans, start = [], None
+        for i, ch in enumerate(text + " "):
+            if ch.isspace():
+                if start is not None:
+                    spans.append((start, i))
+                    start = None
+            elif start is None:
+                start = i
+        enc = self.tokenizer(text, truncation=True, max_length=self.config.text.max_length,
+                             return_offsets_mapping=True)
+        token_word: list[int | None] = []
+        for a, b in enc["offset_mapping"]:
+            if a == b:  # special tokens ([CLS], [SEP]) cover no characters
+                token_word.append(None)
+                continue
+            token_word.append(next(k for k, (s, e) in enumerate(spans) if s <= a < e))
+        seen = sorted({w for w in token_word if w is not None})
+        # Renumber so words are 0..n-1 in the order kept.
+        remap = {w: i for i, w in enumerate(seen)}
+        return [text[spans[w][0] : spans[w][1]] for w in seen], [None if w is None else remap[w] for w in token_word]
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(str(directory))
+

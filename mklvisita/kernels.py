@@ -1,0 +1,323 @@
+"""The multi-kernel learning module.
+
+A *base kernel* m is a pair (feature source, kernel function) with its own projection heads phi_m (image side)
+and psi_m (text side). The fused similarity is
+
+    S(x, y) = sum_m beta_m * K_m(x, y),   beta = softmax(w)            (or softmax(w + g(x, y)) with the gate)
+
+Feature sources:
+    global  image CLS  <-> text CLS of the last encoder level
+    mid     mean-pooled tokens of an intermediate level of each encoder
+    local   word <-> patch late interaction: mean over words of the max over patches (FILIP / ColBERT)
+
+Kernel functions act on the cosine c of the two L2-normalised projections:
+    cosine   c
+    poly     ((c + o) / (1 + o)) ** d,  o = 1 + softplus(theta) >= 1 keeps c + o > 0   (range (0, 1])
+    rbf      exp(-gamma * ||u - v||^2) = exp(-gamma * (2 - 2c)),  gamma = exp(theta) > 0
+    sigmoid  tanh(a * c + b),  a = exp(theta) > 0
+
+Every function is non-decreasing in c, so for the local source max_p f(c_p) = f(max_p c_p): the max over patches
+is taken on cosines and the function applied once per word, which keeps late interaction cheap.
+
+Why separate projections: on one shared embedding each kernel above is a monotone function of the same cosine,
+so a global convex mix would rank exactly like plain cosine and change no Recall@K. Own projections (and the
+different sources, and the optional pair-conditioned gate) are what let MKL change the ranking.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import KernelConfig
+
+
+class KernelFunction(nn.Module):
+    """A kernel as a function of the cosine between two unit vectors."""
+
+    name = "kernel"
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gram(self, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        """K(u_i, v_j) for rows of ``u`` and ``v`` (normalised here). (N, M)"""
+        u = F.normalize(u, dim=-1)
+        v = u if v is None else F.normalize(v, dim=-1)
+        return self(u @ v.T)
+
+
+class CosineKernel(KernelFunction):
+    name = "cosine"
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return cos
+
+
+class PolynomialKernel(KernelFunction):
+    name = "poly"
+
+    def __init__(self, degree: float = 2.0, learn_degree: bool = False):
+        super().__init__()
+        self.offset_raw = nn.Parameter(torch.zeros(()))  # offset o = 1 + softplus(raw)
+        self.learn_degree = learn_degree
+        # degree = 1 + softplus(raw) when learnable, so the kernel stays monotone in c
+        raw = math.log(math.expm1(max(degree - 1.0, 1e-3)))
+        self.degree_raw = nn.Parameter(torch.tensor(raw), requires_grad=learn_degree)
+
+    @property
+    def offset(self) -> torch.Tensor:
+        return 1.0 + F.softplus(self.offset_raw)
+
+    @property
+    def degree(self) -> torch.Tensor:
+        return 1.0 + F.softplus(self.degree_raw)
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        o = self.offset
+        return ((cos + o) / (1.0 + o)).clamp_min(1e-12) ** self.degree
+
+
+class RBFKernel(KernelFunction):
+    name = "rbf"
+
+    def __init__(self, gamma: float = 1.0):
+        super().__init__()
+        self.log_gamma = nn.Parameter(torch.tensor(math.log(gamma)))
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.log_gamma.exp()
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.gamma * (2.0 - 2.0 * cos).clamp_min(0.0))
+
+
+class SigmoidKernel(KernelFunction):
+    name = "sigmoid"
+
+    def __init__(self):
+        super().__init__()
+        self.log_slope = nn.Parameter(torch.tensor(math.log(2.0)))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.log_slope.exp() * cos + self.bias)
+
+
+def make_kernel_function(name: str, cfg: KernelConfig) -> KernelFunction:
+    if name == "cosine":
+        return CosineKernel()
+    if name == "poly":
+        return PolynomialKernel(cfg.poly_degree, cfg.learn_poly_degree)
+    if name == "rbf":
+        return RBFKernel(cfg.rbf_gamma)
+    if name == "sigmoid":
+        return SigmoidKernel()
+    raise ValueError(f"unknown kernel function {name!r}; choose from cosine, poly, rbf, sigmoid")
+
+
+@dataclass
+class KernelEmbeddings:
+    """Projected, L2-normalised features of one modality for every base kernel; cacheable for retrieval.
+
+    ``pooled[s]`` is (B, M_s, d) for the pooled sources (global, mid); ``local`` is (B, M_local, L, d) with
+    ``local_mask`` (B, L) marking real words (text) or patches (image); ``gate`` is (B, d_gate) or None.
+    """
+
+    pooled: dict[str, torch.Tensor]
+    local: torch.Tensor | None
+    local_mask: torch.Tensor | None
+    gate: torch.Tensor | None
+
+    def __len__(self) -> int:
+        for t in [*self.pooled.values(), self.local]:
+            if t is not None:
+                return t.shape[0]
+        return 0
+
+    def select(self, index: torch.Tensor | slice) -> KernelEmbeddings:
+        def pick(t):
+            return None if t is None else t[index]
+
+        return KernelEmbeddings({k: v[index] for k, v in self.pooled.items()}, pick(self.local),
+                                pick(self.local_mask), pick(self.gate))
+
+    def to(self, device: torch.device | str) -> KernelEmbeddings:
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return KernelEmbeddings({k: v.to(device) for k, v in self.pooled.items()}, mv(self.local),
+                                mv(self.local_mask), mv(self.gate))
+
+    @staticmethod
+    def cat(parts: list[KernelEmbeddings]) -> KernelEmbeddings:
+        def cat(ts):
+            return None if ts[0] is None else torch.cat(ts)
+
+        if parts[0].local is not None:
+            # Captions of different batches are padded to different lengths: pad to the longest.
+            n = max(p.local.shape[2] for p in parts)
+            parts = [_pad_local(p, n) for p in parts]
+        return KernelEmbeddings(
+            {k: torch.cat([p.pooled[k] for p in parts]) for k in parts[0].pooled},
+            cat([p.local for p in parts]),
+            cat([p.local_mask for p in parts]),
+            cat([p.gate for p in parts]),
+        )
+
+
+def _pad_local(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
+    extra = n - e.local.shape[2]
+    if extra == 0:
+        return e
+    local = F.pad(e.local, (0, 0, 0, extra))
+    mask = F.pad(e.local_mask, (0, extra))
+    return KernelEmbeddings(e.pooled, local, mask, e.gate)
+
+
+@dataclass
+class SimilarityOutput:
+    similarity: torch.Tensor  # (Bi, Bt) or (B,) pairwise
+    contributions: torch.Tensor  # (Bi, Bt, M) or (B, M); sums over M to `similarity`
+    weights: torch.Tensor  # (M,) global beta, or (Bi, Bt, M) / (B, M) with the gate
+
+
+class MultiKernelSimilarity(nn.Module):
+    """S(x, y) = sum_m beta_m K_m(x, y) over base kernels (source, function), each with its own projections."""
+
+    def __init__(self, cfg: KernelConfig, image_dims: dict[str, int], text_dims: dict[str, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.sources = [s for s in ("global", "mid", "local") if s in cfg.sources]  # fixed order
+        self.functions = list(cfg.functions)
+        d = cfg.proj_dim
+        self.image_proj = nn.ModuleDict()
+        self.text_proj = nn.ModuleDict()
+        self.kernel_fns = nn.ModuleDict()
+        for s in self.sources:
+            n = len(self.functions)
+            # One Linear producing all n projections of a source at once: (D -> n * d), split afterwards.
+            self.image_proj[s] = nn.Linear(image_dims[s], n * d)
+            self.text_proj[s] = nn.Linear(text_dims[s], n * d)
+            self.kernel_fns[s] = nn.ModuleList([make_kernel_function(f, cfg) for f in self.functions])
+        self.names = [f"{s}/{f}" for s in self.sources for f in self.functions]
+        self.logits = nn.Parameter(torch.zeros(len(self.names)))  # beta = softmax(logits)
+        if cfg.gate:
+            self.gate_image = nn.Linear(image_dims["global"], d)
+            self.gate_text = nn.Linear(text_dims["global"], d)
+            # Diagonal bilinear gate: g_m(x, y) = sum_k W_mk u_k v_k, an all-pairs product with no (Bi, Bt, d) tensor.
+            self.gate_weight = nn.Parameter(torch.zeros(len(self.names), d))
+
+    @property
+    def num_kernels(self) -> int:
+        return len(self.names)
+
+    def weights(self) -> torch.Tensor:
+        """Global kernel weights beta (M,), on the simplex (the gate, when on, adds a pair-dependent term)."""
+        return self.logits.softmax(-1)
+
+    def _embed(self, proj: nn.ModuleDict, feats: dict[str, torch.Tensor], mask: torch.Tensor | None,
+               gate: nn.Module | None) -> KernelEmbeddings:
+        n, d = len(self.functions), self.cfg.proj_dim
+        pooled, local = {}, None
+        for s in self.sources:
+            x = proj[s](feats[s])
+            if s == "local":
+                local = F.normalize(x.unflatten(-1, (n, d)).transpose(1, 2), dim=-1)  # (B, n, L, d)
+            else:
+                pooled[s] = F.normalize(x.unflatten(-1, (n, d)), dim=-1)  # (B, n, d)
+        g = F.normalize(gate(feats["global"]), dim=-1) if gate is not None else None
+        return KernelEmbeddings(pooled, local, mask if local is not None else None, g)
+
+    def embed_image(self, feats: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> KernelEmbeddings:
+        """feats: global (B, D), mid (B, D), local (B, P, D) patch tokens; mask (B, P) optional."""
+        if mask is None and "local" in feats:
+            mask = torch.ones(feats["local"].shape[:2], dtype=torch.bool, device=feats["local"].device)
+        return self._embed(self.image_proj, feats, mask, getattr(self, "gate_image", None))
+
+    def embed_text(self, feats: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> KernelEmbeddings:
+        """feats: global (B, D), mid (B, D), local (B, T, D) word tokens; mask (B, T) marks words."""
+        return self._embed(self.text_proj, feats, mask, getattr(self, "gate_text", None))
+
+    def kernel_values(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool = False) -> torch.Tensor:
+        """K_m for every base kernel: (Bi, Bt, M), or (B, M) when ``pairwise`` (image k with text k)."""
+        values = []
+        for s in self.sources:
+            if s == "local":
+                cos = local_max_cosine(img.local, img.local_mask, txt.local, pairwise)  # (..., n, T)
+                k = torch.stack([fn(cos[..., i, :]) for i, fn in enumerate(self.kernel_fns[s])], -2)
+                w = txt.local_mask.float()  # (Bt, T)
+                w = w / w.sum(-1, keepdim=True).clamp_min(1.0)
+                if not pairwise:
+                    w = w.unsqueeze(0)  # (1, Bt, T)
+                values.append((k * w.unsqueeze(-2)).sum(-1))  # mean over words
+            else:
+                if pairwise:
+                    cos = (img.pooled[s] * txt.pooled[s]).sum(-1)  # (B, n)
+                else:
+                    cos = torch.einsum("ind,jnd->ijn", img.pooled[s], txt.pooled[s])  # (Bi, Bt, n)
+                values.append(torch.stack([fn(cos[..., i]) for i, fn in enumerate(self.kernel_fns[s])], -1))
+        return torch.cat(values, -1)
+
+    def pair_weights(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool = False) -> torch.Tensor:
+        """beta: (M,) without the gate; (Bi, Bt, M) or (B, M) with it."""
+        if not self.cfg.gate:
+            return self.weights()
+        if pairwise:
+            g = (img.gate * txt.gate) @ self.gate_weight.T  # (B, M)
+        else:
+            g = torch.einsum("id,md,jd->ijm", img.gate, self.gate_weight, txt.gate)  # (Bi, Bt, M)
+        return (self.logits + g).softmax(-1)
+
+    def forward(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool = False) -> SimilarityOutput:
+        k = self.kernel_values(img, txt, pairwise)
+        beta = self.pair_weights(img, txt, pairwise)
+        contributions = k * beta
+        return SimilarityOutput(contributions.sum(-1), contributions, beta)
+
+    def entropy(self, beta: torch.Tensor | None = None) -> torch.Tensor:
+        """Entropy of the kernel weights (mean over pairs with the gate); log(M) is the uniform mix."""
+        beta = self.weights() if beta is None else beta
+        return -(beta * beta.clamp_min(1e-12).log()).sum(-1).mean()
+
+    def local_kernel_maps(self, img: KernelEmbeddings, txt: KernelEmbeddings) -> torch.Tensor:
+        """Per local kernel word x patch values K_m(word, patch) for paired (image k, text k): (B, n, T, P)."""
+        cos = torch.einsum("bnpd,bntd->bntp", img.local, txt.local)
+        return torch.stack([fn(cos[:, i]) for i, fn in enumerate(self.kernel_fns["local"])], 1)
+
+    def local_affinity(self, img: KernelEmbeddings, txt: KernelEmbeddings, weights: torch.Tensor) -> torch.Tensor:
+        """Word x patch affinity of paired inputs, mixed with ``weights`` (n,) over the local kernels: (B, T, P)."""
+        return torch.einsum("bntp,n->btp", self.local_kernel_maps(img, txt), weights)
+
+
+def local_max_cosine(img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, pairwise: bool,
+                     budget: int = 2**24) -> torch.Tensor:
+    """Max over patches of the word-patch cosine.
+
+    img (Bi, n, P, d), txt (Bt, n, T, d) -> (Bi, Bt, n, T), or (B, n, T) when pairwise. All-pairs work is chunked
+    over images so the (n, ci*P, Bt*T) cosine block stays near ``budget`` elements (one image at least).
+    """
+    neg = torch.finfo(img.dtype).min
+    if pairwise:
+        cos = torch.einsum("bnpd,bntd->bntp", img, txt)
+        return cos.masked_fill(~img_mask[:, None, None, :].bool(), neg).amax(-1)
+    bi, n, p, d = img.shape
+    bt, _, t, _ = txt.shape
+    masked = not bool(img_mask.all())
+    txt_n = txt.transpose(0, 1).reshape(n, bt * t, d)  # (n, Bt*T, d)
+    ci = max(1, budget // (n * p * bt * t))
+    out = []
+    for i in range(0, bi, ci):
+        im = img[i : i + ci]
+        c = im.shape[0]
+        cos = torch.bmm(im.transpose(0, 1).reshape(n, c * p, d), txt_n.transpose(1, 2))  # (n, c*P, Bt*T)
+        cos = cos.view(n, c, p, bt, t)
+        if masked:
+            cos = cos.masked_fill(~img_mask[i : i + ci].bool()[None, :, :, None, None], neg)
+        out.append(cos.amax(2).permute(1, 2, 0, 3))  # (c, Bt, n, T)
+    return torch.cat(out)

@@ -1,0 +1,410 @@
+"""MKL-VisITA: the model.
+
+    image -> ViT (timm) -> tokens per block level + CLS
+    text  -> transformers encoder -> tokens per layer + CLS
+      |-> multi-kernel similarity S = sum_m beta_m K_m          (ITC: fast, all pairs, cacheable)
+      '-> hierarchical two-way fusion, L layers -> fused CLS -> ITM head   (ITM: one pass per pair)
+
+``forward`` computes the training losses when asked; inference goes through ``encode_*`` / ``embed_*`` /
+``similarity`` / ``match`` so that retrieval can cache each side once. Checkpoints are one folder:
+``config.json`` + ``model.safetensors`` + tokenizer files, loaded strictly (see :meth:`MKLVisITA.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ConfigError, MKLVisITAConfig
+from .encoders import HFTextEncoder, TimmImageEncoder
+from .fusion import HierarchicalFusion, LayerAttentions
+from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
+from .losses import itc_loss, itm_loss, kernel_entropy_loss, sample_hard_negatives
+from .tokenizer import builtin_tokenizer, load_tokenizer
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "README.md", *("*" + s for s in PICKLE_SUFFIXES)]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, not ours, or does not fit the model; the message names the problem."""
+
+
+@dataclass
+class ImageFeatures:
+    levels: dict[int, torch.Tensor]  # ViT block -> (B, N, Dv) tokens, prefix (CLS) first; the last block is normed
+    pooled: torch.Tensor  # (B, Dv) CLS of the last block
+
+    def select(self, index) -> ImageFeatures:
+        return ImageFeatures({k: v[index] for k, v in self.levels.items()}, self.pooled[index])
+
+    def keep(self, levels: list[int]) -> ImageFeatures:
+        return ImageFeatures({k: self.levels[k] for k in levels}, self.pooled)
+
+    def to(self, device) -> ImageFeatures:
+        return ImageFeatures({k: v.to(device) for k, v in self.levels.items()}, self.pooled.to(device))
+
+    @staticmethod
+    def cat(parts: list[ImageFeatures]) -> ImageFeatures:
+        return ImageFeatures({k: torch.cat([p.levels[k] for p in parts]) for k in parts[0].levels},
+                             torch.cat([p.pooled for p in parts]))
+
+
+@dataclass
+class TextFeatures:
+    levels: dict[int, torch.Tensor]  # layer -> (B, T, Dt)
+    pooled: torch.Tensor  # (B, Dt) CLS of the last layer
+    attention_mask: torch.Tensor  # (B, T) 1 = real token
+    word_mask: torch.Tensor  # (B, T) True = a word piece (not [CLS], [SEP] or padding)
+
+    def select(self, index) -> TextFeatures:
+        return TextFeatures({k: v[index] for k, v in self.levels.items()}, self.pooled[index],
+                            self.attention_mask[index], self.word_mask[index])
+
+    def keep(self, levels: list[int]) -> TextFeatures:
+        return TextFeatures({k: self.levels[k] for k in levels}, self.pooled, self.attention_mask, self.word_mask)
+
+    def to(self, device) -> TextFeatures:
+        return TextFeatures({k: v.to(device) for k, v in self.levels.items()}, self.pooled.to(device),
+                            self.attention_mask.to(device), self.word_mask.to(device))
+
+    @staticmethod
+    def cat(parts: list[TextFeatures]) -> TextFeatures:
+        """Concatenate batches, padding every one to the longest caption."""
+        t = max(p.attention_mask.shape[1] for p in parts)
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            extra = t - x.shape[1]
+            return F.pad(x, (0, 0, 0, extra) if x.dim() == 3 else (0, extra))
+
+        return TextFeatures({k: torch.cat([pad(p.levels[k]) for p in parts]) for k in parts[0].levels},
+                            torch.cat([p.pooled for p in parts]),
+                            torch.cat([pad(p.attention_mask) for p in parts]),
+                            torch.cat([pad(p.word_mask) for p in parts]))
+
+
+@dataclass
+class MatchOutput:
+    logits: torch.Tensor  # (B, 2) ITM logits, class 1 = match
+    prob: torch.Tensor  # (B,) match probability
+    attentions: list[LayerAttentions]  # one per fusion layer
+
+
+@dataclass
+class MKLVisITAOutput:
+    loss: torch.Tensor | None  # weighted sum of `losses`
+    losses: dict[str, torch.Tensor]  # named loss terms (itc, itm, entropy)
+    similarity: torch.Tensor  # (B, B) multi-kernel similarity, image x caption
+    contributions: torch.Tensor  # (B, B, M) beta_m K_m
+    kernel_weights: torch.Tensor  # (M,) or (B, B, M) with the gate
+    logs: dict[str, float] = field(default_factory=dict)  # detached numbers for trackers (kernel entropy, ...)
+
+
+class MKLVisITA(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="mklvisita",
+    tags=["image-text-matching", "multi-kernel-learning", "vision-transformer"],
+    pipeline_tag="zero-shot-image-classification",
+):
+    """Multi-kernel learning + ViT + hierarchical two-way cross-modal fusion for image-text matching."""
+
+    def __init__(self, config: MKLVisITAConfig | dict, tokenizer=None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = MKLVisITAConfig.from_dict(config)
+        config = copy.deepcopy(config)
+        config.validate()
+        self.config = config
+        building = config.text.backbone_config is None
+        if tokenizer is None and building:
+            tokenizer = _build_tokenizer(config)
+        self._tokenizer = tokenizer
+
+        self.vision = TimmImageEncoder(config.vision)
+        vocab = len(tokenizer) if tokenizer is not None else 0
+        self.text = HFTextEncoder(config.text, vocab, config.text.backbone_config)
+        config.text.backbone_config = self.text.backbone_config()
+
+        dv, dt = self.vision.width, self.text.width
+        k = config.kernels
+        self.image_mid_level = k.mid_image_level if k.mid_image_level is not None else max(0, self.vision.depth // 2 - 1)
+        self.text_mid_level = k.mid_text_level if k.mid_text_level is not None else max(0, self.text.depth // 2 - 1)
+        self.kernels = MultiKernelSimilarity(k, {"global": dv, "mid": dv, "local": dv},
+                                             {"global": dt, "mid": dt, "local": dt})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.loss.temperature)))
+
+        f = config.fusion
+        self.fusion: HierarchicalFusion | None = None
+        self.itm_head: nn.Linear | None = None
+        if f.enabled:
+            levels = f.image_levels or _spread(f.layers, self.vision.depth)
+            if len(levels) != f.layers:
+                raise ConfigError(f"fusion.image_levels has {len(levels)} entries but fusion.layers = {f.layers}")
+            bad = [lv for lv in levels if not -self.vision.depth <= lv < self.vision.depth]
+            if bad:
+                raise ConfigError(f"fusion.image_levels {bad} out of range for a ViT of {self.vision.depth} blocks")
+            n_local = len(k.functions) if "local" in k.sources else 0
+            self.fusion = HierarchicalFusion(f, dv, dt, [lv % self.vision.depth for lv in levels], n_local,
+                                             self.vision.num_prefix_tokens)
+            self.itm_head = nn.Linear(f.width, 2)
+        self.image_levels = sorted({self.image_mid_level, self.vision.depth - 1,
+                                    *(self.fusion.image_levels if self.fusion else [])})
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise CheckpointError("this model has no tokenizer; load it with MKLVisITA.from_pretrained(folder)")
+        return self._tokenizer
+
+    @property
+    def kernel_names(self) -> list[str]:
+        return list(self.kernels.names)
+
+    @property
+    def has_itm(self) -> bool:
+        return self.fusion is not None
+
+    def kernel_weights(self) -> torch.Tensor:
+        """The learned global kernel weights beta (M,)."""
+        return self.kernels.weights()
+
+    def fusion_kernel_weights(self) -> torch.Tensor | None:
+        """Each fusion layer's weights over the local kernels (L, n), or None without fusion / affinity bias."""
+        if self.fusion is None or not self.fusion.use_bias:
+            return None
+        return self.fusion.level_weights()
+
+    @property
+    def local_kernel_names(self) -> list[str]:
+        return [n for n in self.kernels.names if n.startswith("local/")]
+
+    # ------------------------------------------------------------------------------------------- encoders
+    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        levels, pooled = self.vision(pixel_values, self.image_levels)
+        return ImageFeatures(levels, pooled)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        levels, pooled = self.text(input_ids, attention_mask, [self.text_mid_level])
+        attention_mask = attention_mask.long()
+        word = attention_mask.bool().clone()
+        word[:, 0] = False  # [CLS]
+        last = attention_mask.sum(-1) - 1  # position of [SEP]
+        word[torch.arange(word.shape[0], device=word.device), last] = False
+        return TextFeatures(levels, pooled, attention_mask, word)
+
+    def _image_sources(self, img: ImageFeatures) -> dict[str, torch.Tensor]:
+        p = self.vision.num_prefix_tokens
+        last = img.levels[self.vision.depth - 1]
+        return {"global": img.pooled, "mid": img.levels[self.image_mid_level][:, p:].mean(1), "local": last[:, p:]}
+
+    def _text_sources(self, txt: TextFeatures) -> dict[str, torch.Tensor]:
+        mask = txt.attention_mask.unsqueeze(-1).float()
+        mid = (txt.levels[self.text_mid_level] * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return {"global": txt.pooled, "mid": mid, "local": txt.levels[self.text.depth - 1]}
+
+    def embed_image(self, img: ImageFeatures) -> KernelEmbeddings:
+        """Every base kernel's image-side projection; cache these for retrieval."""
+        return self.kernels.embed_image(self._image_sources(img))
+
+    def embed_text(self, txt: TextFeatures) -> KernelEmbeddings:
+        """Every base kernel's text-side projection; local features cover every position, words marked."""
+        return self.kernels.embed_text(self._text_sources(txt), txt.word_mask)
+
+    # -------------------------------------------------------------------------------------------- scoring
+    def similarity(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool = False) -> SimilarityOutput:
+        """Multi-kernel similarity for all pairs (Bi, Bt), or image k with text k when ``pairwise``."""
+        return self.kernels(img, txt, pairwise)
+
+    def match(self, img: ImageFeatures, txt: TextFeatures, img_emb: KernelEmbeddings | None = None,
+              txt_emb: KernelEmbeddings | None = None) -> MatchOutput:
+        """ITM for image k with text k through the fusion layers; attentions come back for explanations."""
+        if self.fusion is None:
+            raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
+        affinity = None
+        if self.fusion.use_bias:
+            img_emb = self.embed_image(img) if img_emb is None else img_emb
+            txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
+
+            def affinity(weights: torch.Tensor) -> torch.Tensor:
+                aff = self.kernels.local_affinity(img_emb, txt_emb, weights)  # (B, T, P)
+                return aff * txt_emb.local_mask.unsqueeze(-1)  # rows of [CLS]/[SEP]/padding get no bias
+
+        out = self.fusion(img.levels, txt.levels[self.text.depth - 1], txt.attention_mask, affinity)
+        logits = self.itm_head(out.cls)
+        return MatchOutput(logits, logits.softmax(-1)[:, 1], out.attentions)
+
+    # ------------------------------------------------------------------------------------------- training
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor | None = None, neg_input_ids: torch.Tensor | None = None,
+                neg_attention_mask: torch.Tensor | None = None, return_loss: bool = True) -> MKLVisITAOutput:
+        """Caption i describes image i. ``neg_*``: one hard-negative caption per image (e.g. attributes swapped)."""
+        cfg = self.config.loss
+        img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+        ei, et = self.embed_image(img), self.embed_text(txt)
+        sim = self.similarity(ei, et)
+        entropy = self.kernels.entropy(sim.weights)
+        logs = {"kernel_entropy": float(entropy.detach()), "logit_scale": float(self.logit_scale.detach().exp())}
+        if not return_loss:
+            return MKLVisITAOutput(None, {}, sim.similarity, sim.contributions, sim.weights, logs)
+
+        neg = en = None
+        if neg_input_ids is not None:
+            neg = self.encode_text(neg_input_ids, neg_attention_mask)
+            en = self.embed_text(neg)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        extra = self.similarity(ei, en).similarity if (en is not None and cfg.hard_negative_itc) else None
+        losses = {"itc": itc_loss(sim.similarity, scale, image_ids, extra),
+                  "entropy": kernel_entropy_loss(entropy, self.kernels.num_kernels)}
+        loss = cfg.itc_weight * losses["itc"] + cfg.entropy_weight * losses["entropy"]
+
+        if self.fusion is not None and cfg.itm_weight > 0:
+            b = pixel_values.shape[0]
+            ar = torch.arange(b, device=pixel_values.device)
+            neg_t, neg_i = sample_hard_negatives(sim.similarity.detach(), image_ids)
+            img_idx, txt_idx = [ar, ar, neg_i], [ar, neg_t, ar]  # positives, hard caption, hard image
+            texts, t_embs = txt, et
+            if neg is not None:  # the dataset's own hard negative caption of each image
+                texts, t_embs = TextFeatures.cat([txt, neg]), KernelEmbeddings.cat([et, en])
+                img_idx.append(ar)
+                txt_idx.append(ar + b)
+            ii, tt = torch.cat(img_idx), torch.cat(txt_idx)
+            m = self.match(img.select(ii), texts.select(tt), ei.select(ii), t_embs.select(tt))
+            labels = torch.zeros(len(ii), dtype=torch.long, device=ii.device)
+            labels[:b] = 1
+            losses["itm"] = itm_loss(m.logits, labels)
+            loss = loss + cfg.itm_weight * losses["itm"]
+            logs["itm_acc"] = float((m.logits.argmax(-1) == labels).float().mean())
+        return MKLVisITAOutput(loss, losses, sim.similarity, sim.contributions, sim.weights, logs)
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """config.json + model.safetensors + tokenizer files (called by ``save_pretrained`` / ``push_to_hub``)."""
+        save_directory = Path(save_directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "mklvisita"})
+        (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+        self.tokenizer.save_pretrained(str(save_directory))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, force_download: bool = False,
+                        token: str | bool | None = None, local_files_only: bool = False,
+                        map_location: str | torch.device = "cpu", **_: Any) -> MKLVisITA:
+        """Load a checkpoint folder or Hub id (``revision`` pins a branch, tag or commit), strictly.
+
+        Refused with a CheckpointError naming the problem: a missing file, a pickle weights file, an unknown or
+        ill-typed config field, and any missing, unexpected or mis-shaped weight.
+        """
+        folder = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                    force_download=force_download, token=token, local_files_only=local_files_only)
+        config = read_config(folder)
+        try:
+            tokenizer = load_tokenizer(str(folder))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder}: the tokenizer files could not be loaded ({e})") from e
+        # Build the architecture only: the weights come from the checkpoint, never from timm / the Hub.
+        arch = copy.deepcopy(config)
+        arch.vision.pretrained = False
+        arch.text.pretrained = False
+        if arch.text.backbone_config is None:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: text.backbone_config is missing; re-save the checkpoint")
+        model = cls(arch, tokenizer=tokenizer)
+        model.config = config
+        load_weights_strict(model, folder / WEIGHTS_NAME, map_location)
+        return model.eval()
+
+
+def _spread(n: int, depth: int) -> list[int]:
+    """n fusion layers over a ViT of `depth` blocks, evenly spaced, the last one on the last block."""
+    return [round((i + 1) * depth / n) - 1 for i in range(n)]
+
+
+def _build_tokenizer(config: MKLVisITAConfig):
+    if config.text.model_name is None:
+        return builtin_tokenizer(config.text.extra_vocabulary, config.text.max_length)
+    return load_tokenizer(config.text.model_name)
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs) -> Path:
+    """A local folder as is; anything else is a Hub id, downloaded (or taken from the cache) at ``revision``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; a checkpoint is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    name = str(name_or_path)
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1):
+        raise CheckpointError(f"checkpoint folder not found: {name}")
+    try:
+        folder = snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, **hub_kwargs)
+    except Exception as e:  # huggingface_hub raises many types (offline, 404, auth); all mean "not available"
+        raise CheckpointError(
+            f"could not get checkpoint {name!r} (revision {revision or 'main'}) from the Hugging Face Hub: "
+            f"{type(e).__name__}: {e}. Check the id, the revision and the network (HF_HUB_OFFLINE)."
+        ) from e
+    return Path(folder)
+
+
+def read_config(folder: Path) -> MKLVisITAConfig:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds pickle weights ({', '.join(pickles)}); pickle can run code when loaded and is refused. "
+            f"Convert the weights to {WEIGHTS_NAME}."
+        )
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} has no {name}: it is not a complete MKL-VisITA checkpoint")
+    try:
+        data = json.loads((folder / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME} is not valid JSON ({e})") from e
+    try:
+        config = MKLVisITAConfig.from_dict(data)
+        config.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from e
+    return config
+
+
+def load_weights_strict(model: nn.Module, file: Path, map_location: str | torch.device = "cpu") -> None:
+    try:
+        state = load_file(str(file), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} could not be read as safetensors ({e}); the file is damaged or incomplete") from e
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing weights: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights: {_few(unexpected)}")
+    if shapes:
+        problems.append(f"mis-shaped weights: {_few(shapes)}")
+    if problems:
+        raise CheckpointError(f"{file} does not fit the model of its config.json; " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
