@@ -1,0 +1,193 @@
+"""Matcher: a loaded model with its preprocessing, for scoring, explaining and searching.
+
+A Matcher holds no mutable state after construction: every call runs under ``torch.inference_mode`` (or, for
+explanations, computes gradients with ``torch.autograd.grad`` so no parameter ever holds a ``.grad``), so one
+Matcher can serve several threads at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inputs import ImageInput, InvalidCaptionError, InvalidImageError, Processor, check_caption
+from .model import CheckpointError, MKLVisITA, resolve_checkpoint
+from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, two_stage_scores
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "mklvisita-shapes"
+DEFAULT_ENV = "MKLVISITA_DEFAULT_CHECKPOINT"  # overrides the embedded checkpoint's folder
+
+
+@dataclass
+class ScoreResult:
+    itm: np.ndarray  # (n_images, n_captions) match probability in [0, 1] (NaN for a model without fusion)
+    similarity: np.ndarray  # (n_images, n_captions) multi-kernel similarity S
+    kernel_contributions: np.ndarray  # (n_images, n_captions, n_kernels) beta_m K_m; sums over kernels to S
+    kernel_names: list[str]
+    score: np.ndarray  # (n_images, n_captions) itm_score_weight * ITM + S (S alone without fusion)
+
+
+@dataclass
+class SearchResult:
+    indices: list[int]  # gallery positions, best first
+    scores: list[float]  # final score of each
+    itm: list[float]  # ITM probability of each (NaN without fusion / outside the re-ranked set)
+    similarity: list[float]  # stage-1 similarity of each
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: encode query, similarity, rerank
+
+
+@dataclass
+class ImageIndex:
+    bank: ImageBank
+    size: int
+
+
+@dataclass
+class TextIndex:
+    bank: TextBank
+    captions: list[str]
+
+
+class Matcher:
+    """Scores and explains image-caption pairs with an MKL-VisITA model."""
+
+    def __init__(self, model: MKLVisITA, processor: Processor | None = None, card: str = "",
+                 metrics: dict[str, Any] | None = None, source: str = ""):
+        self.model = model.eval()
+        self.processor = processor or Processor(model.config, model.tokenizer)
+        self.card = card
+        self.metrics = metrics or {}
+        self.source = source
+        self.rerank_k = 16  # search: how many stage-1 candidates the ITM head re-scores
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        device: str | torch.device | None = None, **hub_kwargs) -> Matcher:
+        """Load a checkpoint folder or Hub id (pinned at ``revision``): model, tokenizer, card and metrics."""
+        folder = resolve_checkpoint(name_or_path, revision=revision, **hub_kwargs)
+        model = MKLVisITA.from_pretrained(folder)
+        if device is not None:
+            model = model.to(device)
+        card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
+        metrics = {}
+        if (folder / "metrics.json").is_file():
+            try:
+                metrics = json.loads((folder / "metrics.json").read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{folder / 'metrics.json'} is not valid JSON ({e})") from e
+        return cls(model, card=card, metrics=metrics, source=str(name_or_path))
+
+    @classmethod
+    def default(cls, device: str | torch.device | None = None) -> Matcher:
+        """The embedded checkpoint shipped in ``assets/`` (trained on shapes scenes; loads with no network)."""
+        folder = Path(os.environ.get(DEFAULT_ENV, DEFAULT_CHECKPOINT))
+        if not (folder / "model.safetensors").is_file():
+            raise CheckpointError(
+                f"the embedded default checkpoint is missing ({folder}). Train it with "
+                "`python -m training.train --config training/configs/shapes.yaml` and copy the run's release "
+                f"folder there, or set {DEFAULT_ENV}."
+            )
+        return cls.from_pretrained(folder, device=device)
+
+    # ---------------------------------------------------------------------------------------------- scoring
+    def score(self, images: Sequence[ImageInput], captions: Sequence[str], batch_size: int = 64) -> ScoreResult:
+        """Score every image against every caption. Each image and caption is encoded once."""
+        images, captions = _as_list(images, "image"), _as_list(captions, "caption")
+        images_bank = encode_images(self.model, self.processor, images, batch_size)
+        texts_bank = encode_captions(self.model, self.processor, captions, batch_size)
+        n_i, n_t = len(images), len(captions)
+        with torch.inference_mode():
+            sim = self.model.similarity(images_bank.embeddings, texts_bank.embeddings)
+            contrib = sim.contributions.float().cpu().numpy()
+            similarity = sim.similarity.float().cpu().numpy()
+        if self.model.has_itm:
+            ii = torch.arange(n_i).repeat_interleave(n_t)
+            tt = torch.arange(n_t).repeat(n_i)
+            itm = match_pairs(self.model, images_bank, texts_bank, ii, tt, batch_size).view(n_i, n_t).numpy()
+            final = self.config.itm_score_weight * itm + similarity
+        else:
+            itm = np.full_like(similarity, np.nan)
+            final = similarity.copy()
+        return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
+
+    def explain(self, image: ImageInput, caption: str, layer: int = -1, method: str = "gradcam", **kwargs):
+        """Heatmaps for one pair in the original image's frame; see :func:`mklvisita.explain.explain_pair`."""
+        from .explain import explain_pair
+
+        return explain_pair(self.model, self.processor, image, caption, layer=layer, method=method, **kwargs)
+
+    def kernel_weights(self) -> dict[str, float]:
+        """The learned global kernel weights beta, by kernel name (sum to 1)."""
+        with torch.inference_mode():
+            w = self.model.kernel_weights().float().cpu().tolist()
+        return dict(zip(self.model.kernel_names, w))
+
+    def fusion_kernel_weights(self) -> list[dict[str, float]]:
+        """Each fusion layer's weights over the local kernels (its attention bias); [] without them."""
+        with torch.inference_mode():
+            w = self.model.fusion_kernel_weights()
+        if w is None:
+            return []
+        names = self.model.local_kernel_names
+        return [dict(zip(names, row)) for row in w.float().cpu().tolist()]
+
+    # ----------------------------------------------------------------------------------------------- search
+    def index_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> ImageIndex:
+        images = _as_list(images, "image")
+        return ImageIndex(encode_images(self.model, self.processor, images, batch_size), len(images))
+
+    def index_captions(self, captions: Sequence[str], batch_size: int = 256) -> TextIndex:
+        captions = [check_caption(c) for c in _as_list(captions, "caption")]
+        return TextIndex(encode_captions(self.model, self.processor, captions, batch_size), captions)
+
+    def search_images(self, index: ImageIndex, text: str, top_k: int = 5) -> SearchResult:
+        """Text -> the best images of an index: stage 1 ranks all, ITM re-scores the top max(rerank_k, top_k)."""
+        t0 = time.perf_counter()
+        query = encode_captions(self.model, self.processor, [check_caption(text)])
+        t_enc = time.perf_counter() - t0
+        s = two_stage_scores(self.model, index.bank, query, k=max(self.rerank_k, top_k),
+                             itm_weight=self.config.itm_score_weight)
+        return self._top(s.t2i[0], s.similarity[:, 0], top_k, {"encode_query": t_enc, **s.timings})
+
+    def search_captions(self, index: TextIndex, image: ImageInput, top_k: int = 5) -> SearchResult:
+        """Image -> the best captions of an index."""
+        t0 = time.perf_counter()
+        query = encode_images(self.model, self.processor, [image])
+        t_enc = time.perf_counter() - t0
+        s = two_stage_scores(self.model, query, index.bank, k=max(self.rerank_k, top_k),
+                             itm_weight=self.config.itm_score_weight)
+        return self._top(s.i2t[0], s.similarity[0], top_k, {"encode_query": t_enc, **s.timings})
+
+    def _top(self, final: np.ndarray, sim: np.ndarray, top_k: int, timings: dict[str, float]) -> SearchResult:
+        order = np.argsort(-final, kind="stable")[: max(1, top_k)]
+        # The top k always lie inside the re-scored set, so final = w * ITM + S there and ITM can be read back.
+        w = self.config.itm_score_weight
+        itm = [(float(final[i]) - float(sim[i])) / w if self.model.has_itm and w else float("nan") for i in order]
+        return SearchResult([int(i) for i in order], [float(final[i]) for i in order], itm,
+                            [float(sim[i]) for i in order], timings)
+
+
+def _as_list(items: Any, what: str) -> list:
+    if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Sequence):
+        items = [items]
+    items = list(items)
+    if not items:
+        err = InvalidImageError if what == "image" else InvalidCaptionError
+        raise err(f"no {what} given")
+    return items
