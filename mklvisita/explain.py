@@ -1,0 +1,424 @@
+"""Explanations: where in the image each word of a caption looks, and why a pair scored as it did.
+
+Maps, all in the *original* image's pixel frame (the letterbox of preprocessing undone by
+:meth:`mklvisita.inputs.Letterbox.to_original`) with values in [0, 1]:
+
+- **Grad-CAM** on the text->image cross-attention of one fusion layer (ALBEF / BLIP): ``A * relu(dITM/dA)``,
+  averaged over heads, where ITM is the match logit. Gradients come from :func:`torch.autograd.grad`, never
+  ``.backward()``, so no parameter ever receives a ``.grad``.
+- **Raw attention** of the same layer, averaged over heads.
+- **Local-kernel maps**: each local base kernel's word x patch value ``K_m(word, patch)`` (unique to MKL: which
+  patches each kernel thinks a word matches). The ``"kernel"`` method mixes them with the global weights beta.
+- **Attention rollout** over the ViT (Abnar & Zuidema 2020): an image-only saliency, the same for every caption.
+
+Words are the caption's whitespace words; a word's map is the mean over its sub-word pieces, the caption's map the
+sum over all word pieces (no [CLS] / [SEP]). Normalisation: ``"per_map"`` divides every map by its own maximum;
+``"shared"`` divides all word maps by the largest of them, so words can be compared (the caption map always uses
+its own maximum). Kernel maps can be negative (cosine, tanh): they are shifted by their minimum first.
+
+Thread safety: nothing here writes module or model state (a model in training mode is the one exception: it is
+switched to eval for the call and back, so do not explain a training-mode model from several threads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inputs import ImageInput, Letterbox, load_image
+from .model import ImageFeatures
+
+METHODS = ("gradcam", "attention", "kernel")
+POINTING_METHODS = ("gradcam", "attention", "kernel", "rollout")
+NORMALIZE = ("per_map", "shared")
+
+
+@dataclass
+class Explanation:
+    """Everything :func:`explain_pair` computes for one image and one caption. All numpy, detached."""
+
+    tokens: list[str]  # the caption's words (whitespace split; words cut off by truncation are dropped)
+    word_heatmaps: np.ndarray  # (n_words, H, W) float32 in [0, 1], H x W = the original image
+    caption_heatmap: np.ndarray  # (H, W) in [0, 1]
+    kernel_weights: dict[str, float]  # global beta, sums to 1
+    itm: float  # match probability; nan for a model without fusion
+    similarity: float  # multi-kernel similarity S of this pair
+    contributions: dict[str, float]  # beta_m K_m per base kernel; sums to `similarity`
+    method: str  # "gradcam", "attention" or "kernel"
+    layer: int  # fusion layer of the maps (non-negative index); -1 for "kernel" on a model without fusion
+    kernel_maps: dict[str, np.ndarray] = field(default_factory=dict)  # local kernel -> (n_words, H, W) in [0, 1]
+    rollout: np.ndarray | None = None  # (H, W) ViT attention rollout in [0, 1]; None if the ViT blocks do not allow it
+    pair_kernel_weights: dict[str, float] = field(default_factory=dict)  # effective beta of this pair (gate)
+    head_heatmaps: np.ndarray | None = None  # (heads, n_words, H, W) when asked for (heads=True)
+    fusion_kernel_weights: list[dict[str, float]] | None = None  # per fusion layer, weights over local kernels
+    image_size: tuple[int, int] = (0, 0)  # (W, H) of the original image
+
+
+@dataclass
+class LayerMaps:
+    """Maps of every fusion layer (from :func:`layer_maps`)."""
+
+    tokens: list[str]
+    word_heatmaps: np.ndarray  # (L, n_words, H, W) in [0, 1]
+    caption_heatmaps: np.ndarray  # (L, H, W) in [0, 1]
+    method: str
+    image_levels: list[int]  # the ViT block each fusion layer reads
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+def grad_cam(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """ALBEF/BLIP Grad-CAM: ``attention * relu(gradient)``, heads kept. Same shape as the inputs (..., h, T, N)."""
+    return attention * gradient.clamp_min(0.0)
+
+
+def attention_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Abnar & Zuidema rollout over layers of self-attention (B, h, N, N) -> (B, N, N).
+
+    Each layer: heads averaged, the residual path added as identity (0.5 A + 0.5 I), rows renormalised; the
+    layers are multiplied from the first block to the last.
+    """
+    rollout = None
+    for a in attentions:
+        a = a.mean(1)  # (B, N, N)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = 0.5 * a + 0.5 * eye
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    if rollout is None:
+        raise ValueError("attention_rollout needs at least one layer of attention")
+    return rollout
+
+
+def vit_attentions(model: Any, block_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Recompute every ViT block's self-attention probabilities (B, h, N, N) from the block inputs.
+
+    timm's fused attention never materialises the probabilities, so they are recomputed from the block's own
+    ``qkv`` / ``q_norm`` / ``k_norm`` / ``scale`` (read only; nothing on the block is changed).
+    """
+    out = []
+    for block, x in zip(model.vision.model.blocks, block_inputs):
+        attn = block.attn
+        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "q_norm", "k_norm")):
+            raise ValueError(f"attention rollout needs timm ViT blocks with a fused qkv; got {type(attn).__name__}")
+        x = block.norm1(x)
+        b, n, _ = x.shape
+        head_dim = getattr(attn, "head_dim", x.shape[-1] // attn.num_heads)
+        q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)  # each (B, h, N, dh)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))  # (B, h, N, N)
+    return out
+
+
+def _word_matrix(token_word: list[int | None], n_words: int) -> torch.Tensor:
+    """(n_words, T): row w averages the sub-word pieces of word w."""
+    m = torch.zeros(n_words, len(token_word))
+    for t, w in enumerate(token_word):
+        if w is not None:
+            m[w, t] = 1.0
+    return m / m.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def _normalise(maps: np.ndarray, mode: str, signed: bool = False) -> np.ndarray:
+    """Scale maps (..., H, W) into [0, 1]: each map by its own max (per_map) or all by the largest (shared)."""
+    maps = maps.astype(np.float32, copy=True)
+    axes = (-2, -1) if mode == "per_map" else tuple(range(maps.ndim))
+    if signed:
+        maps -= maps.min(axis=axes, keepdims=True)
+    else:
+        maps = np.clip(maps, 0.0, None)  # bilinear resizing of >= 0 maps stays >= 0, up to rounding
+    top = maps.max(axis=axes, keepdims=True)
+    return np.where(top > 1e-12, maps / np.maximum(top, 1e-12), 0.0).astype(np.float32)
+
+
+def _to_original(grids: np.ndarray, box: Letterbox) -> np.ndarray:
+    """(..., gh, gw) maps over the model input -> (..., H, W) over the original image."""
+    flat = grids.reshape(-1, *grids.shape[-2:])
+    out = np.stack([box.to_original(g) for g in flat]) if len(flat) else np.zeros((0, box.height, box.width))
+    return out.reshape(*grids.shape[:-2], box.height, box.width).astype(np.float32)
+
+
+def _check_options(method: str, normalize: str, methods: Sequence[str] = METHODS) -> None:
+    if method not in methods:
+        raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(methods)}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"unknown normalize={normalize!r}; choose 'per_map' or 'shared'")
+
+
+def default_layer(model: Any) -> int:
+    """The last fusion layer whose word rows still reach the ITM head: the second to last (or 0 with one layer).
+
+    The ITM head reads only the fused [CLS] of the last layer, so in the last layer only the [CLS] query's
+    attention has a gradient; the words' own text->image attention there cannot change the score and its
+    Grad-CAM is zero. (ALBEF likewise takes Grad-CAM from an inner layer.)
+    """
+    return max(0, len(model.fusion.layers) - 2)
+
+
+def _layer_index(model: Any, layer: int | None) -> int:
+    n = len(model.fusion.layers)
+    if layer is None:
+        return default_layer(model)
+    if not -n <= layer < n:
+        raise ValueError(f"layer={layer} is out of range: this model has {n} fusion layers (0..{n - 1}, or -1)")
+    return layer % n
+
+
+# ------------------------------------------------------------------------------------------ the forward pass
+@dataclass
+class _Pass:
+    words: list[str]
+    token_word: list[int | None]
+    box: Letterbox
+    itm: float
+    similarity: float
+    contributions: dict[str, float]
+    pair_weights: dict[str, float]
+    t2i: list[torch.Tensor]  # per fusion layer (h, T, N), detached
+    cams: list[torch.Tensor | None]  # per fusion layer (h, T, N) Grad-CAM, None where not asked for
+    kernel_maps: torch.Tensor | None  # (n_local, T, P)
+    rollout: torch.Tensor | None  # (P,) CLS row over patches
+
+
+def _run(model: Any, processor: Any, image: ImageInput, caption: str, grad_layers: Sequence[int],
+         rollout: bool = True) -> _Pass:
+    """One forward pass (and one gradient for ``grad_layers``) of a single pair; everything returned detached."""
+    words, token_word = processor.words(caption)
+    pv, boxes = processor.images([load_image(image)])
+    enc = processor.captions([caption])
+    device = next(model.parameters()).device
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if len(token_word) != ids.shape[1]:
+        raise RuntimeError(f"token/word alignment broke: {len(token_word)} offsets for {ids.shape[1]} tokens")
+
+    was_training = model.training
+    if was_training:
+        model.eval()  # dropout would make maps random
+    try:
+        with torch.enable_grad():
+            levels, pooled, block_inputs = model.vision(pv.to(device), model.image_levels, return_block_inputs=True)
+            img = ImageFeatures(levels, pooled)
+            txt = model.encode_text(ids, mask)
+            ei, et = model.embed_image(img), model.embed_text(txt)
+            with torch.no_grad():
+                sim = model.similarity(ei, et, pairwise=True)
+                kmaps = None
+                if "local" in model.kernels.sources:
+                    kmaps = model.kernels.local_kernel_maps(ei, et)[0].float().cpu()  # (n, T, P)
+                roll = None
+                if rollout:
+                    try:
+                        r = attention_rollout([a.float() for a in vit_attentions(model, block_inputs)])  # (1, N, N)
+                        roll = r[0, 0, model.vision.num_prefix_tokens :].cpu()  # (P,)
+                    except ValueError:
+                        roll = None
+            itm, t2i, cams = float("nan"), [], []
+            if model.has_itm:
+                out = model.match(img, txt, ei, et)
+                itm = float(out.prob[0].detach())
+                attn = [a.t2i for a in out.attentions]  # each (1, h, T, N)
+                wanted = sorted({lv % len(attn) for lv in grad_layers})
+                grads = torch.autograd.grad(out.logits[:, 1].sum(), [attn[i] for i in wanted]) if wanted else []
+                by_layer = dict(zip(wanted, grads))
+                t2i = [a[0].detach().float().cpu() for a in attn]
+                cams = [grad_cam(attn[i][0].detach(), by_layer[i][0]).float().cpu() if i in by_layer else None
+                        for i in range(len(attn))]
+    finally:
+        if was_training:
+            model.train()
+    names = model.kernel_names
+    beta = sim.weights.reshape(-1, len(names))[0]
+    return _Pass(
+        words, token_word, boxes[0], itm, float(sim.similarity[0]),
+        dict(zip(names, sim.contributions[0].tolist())), dict(zip(names, beta.tolist())),
+        t2i, cams, kmaps, roll,
+    )
+
+
+def _token_maps(p: _Pass, model: Any, layer: int, method: str) -> torch.Tensor:
+    """(h, T, P) per-head token x patch maps of one fusion layer, prefix (CLS) columns dropped."""
+    a = p.cams[layer] if method == "gradcam" else p.t2i[layer]
+    return a[..., model.vision.num_prefix_tokens :]
+
+
+def _kernel_token_maps(p: _Pass, model: Any) -> torch.Tensor:
+    """(T, P) mix of the local kernel maps with the (renormalised) global weights of the local kernels."""
+    if p.kernel_maps is None:
+        raise ValueError("method='kernel' needs local kernels; this model's kernels.sources has no 'local'")
+    beta = model.kernel_weights().detach().float().cpu()
+    local = torch.tensor([i for i, n in enumerate(model.kernel_names) if n.startswith("local/")])
+    w = beta[local] / beta[local].sum()
+    return torch.einsum("ntp,n->tp", p.kernel_maps, w)
+
+
+def _words_and_caption(tok: torch.Tensor, p: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token maps (..., T, P) -> word maps (..., n_words, P) and the caption map (..., P)."""
+    wm = _word_matrix(p.token_word, len(p.words))  # (n_words, T)
+    words = torch.einsum("wt,...tp->...wp", wm, tok)
+    is_word = torch.tensor([w is not None for w in p.token_word], dtype=tok.dtype)
+    caption = torch.einsum("t,...tp->...p", is_word, tok)
+    return words, caption
+
+
+def _grid(x: torch.Tensor, model: Any) -> np.ndarray:
+    gh, gw = model.vision.grid
+    return x.reshape(*x.shape[:-1], gh, gw).numpy()
+
+
+# ------------------------------------------------------------------------------------------ public functions
+def explain_pair(model: Any, processor: Any, image: ImageInput, caption: str, *, layer: int | None = None,
+                 method: str = "gradcam", normalize: str = "per_map", heads: bool = False) -> Explanation:
+    """Explain one image-caption pair.
+
+    Args:
+        model: an :class:`~mklvisita.model.MKLVisITA` (eval mode expected).
+        processor: its :class:`~mklvisita.inputs.Processor`.
+        image: anything :func:`~mklvisita.inputs.load_image` accepts.
+        caption: the caption (validated like everywhere else).
+        layer: fusion layer of the Grad-CAM / attention maps (negative counts from the last); None = the
+            :func:`default_layer` (the second to last: in the last layer the words' Grad-CAM is zero).
+        method: "gradcam", "attention" (raw text->image attention) or "kernel" (local-kernel maps mixed by beta).
+        normalize: "per_map" or "shared" (all word maps on one scale).
+        heads: also return per-head maps (``head_heatmaps``; Grad-CAM / attention only).
+
+    Returns:
+        :class:`Explanation`; maps are float32 in [0, 1] over the original image's H x W.
+
+    Raises:
+        ValueError: unknown option, a layer out of range, Grad-CAM / attention on a model without fusion, or
+            invalid image / caption (:class:`~mklvisita.inputs.InvalidImageError` / ``InvalidCaptionError``).
+    """
+    _check_options(method, normalize)
+    if method in ("gradcam", "attention") and not model.has_itm:
+        raise ValueError(f"method={method!r} needs the fusion/ITM branch, which this model does not have "
+                         "(fusion.enabled = false); use method='kernel' for the local-kernel maps")
+    li = _layer_index(model, layer) if model.has_itm else -1
+    p = _run(model, processor, image, caption, grad_layers=[li] if method == "gradcam" else [])
+    box = p.box
+
+    head_maps = None
+    if method == "kernel":
+        words, cap = _words_and_caption(_kernel_token_maps(p, model), p)
+        signed = True
+    else:
+        tok = _token_maps(p, model, li, method)  # (h, T, P)
+        words, cap = _words_and_caption(tok.mean(0), p)
+        signed = False
+        if heads:
+            hw, _ = _words_and_caption(tok, p)  # (h, n_words, P)
+            head_maps = _normalise(_to_original(_grid(hw, model), box), "per_map")
+    word_maps = _normalise(_to_original(_grid(words, model), box), normalize, signed)
+    caption_map = _normalise(_to_original(_grid(cap, model), box), "per_map", signed)
+
+    kernel_maps = {}
+    if p.kernel_maps is not None:
+        per_word, _ = _words_and_caption(p.kernel_maps, p)  # (n, n_words, P)
+        full = _to_original(_grid(per_word, model), box)
+        for name, m in zip(model.local_kernel_names, full):
+            kernel_maps[name] = _normalise(m, normalize, signed=True)
+    rollout = None
+    if p.rollout is not None:
+        rollout = _normalise(_to_original(_grid(p.rollout, model), box), "per_map")
+
+    fkw = model.fusion_kernel_weights()
+    fusion_weights = None
+    if fkw is not None:
+        fusion_weights = [dict(zip(model.local_kernel_names, row.tolist())) for row in fkw.detach().float().cpu()]
+    weights = model.kernel_weights().detach().float().cpu().tolist()
+    return Explanation(
+        tokens=p.words, word_heatmaps=word_maps, caption_heatmap=caption_map,
+        kernel_weights=dict(zip(model.kernel_names, weights)), itm=p.itm, similarity=p.similarity,
+        contributions=p.contributions, method=method, layer=li, kernel_maps=kernel_maps, rollout=rollout,
+        pair_kernel_weights=p.pair_weights, head_heatmaps=head_maps, fusion_kernel_weights=fusion_weights,
+        image_size=(box.width, box.height),
+    )
+
+
+def layer_maps(model: Any, processor: Any, image: ImageInput, caption: str, *, method: str = "gradcam",
+               normalize: str = "per_map") -> LayerMaps:
+    """Word and caption maps of every fusion layer (one forward and one gradient for all of them).
+
+    ``normalize="shared"`` puts all layers' word maps on one scale; "per_map" scales each map alone.
+    """
+    _check_options(method, normalize, ("gradcam", "attention"))
+    if not model.has_itm:
+        raise ValueError("layer_maps needs the fusion branch, which this model does not have (fusion.enabled = false)")
+    n = len(model.fusion.layers)
+    p = _run(model, processor, image, caption, grad_layers=list(range(n)) if method == "gradcam" else [],
+             rollout=False)
+    words, caps = [], []
+    for li in range(n):
+        w, c = _words_and_caption(_token_maps(p, model, li, method).mean(0), p)
+        words.append(w)
+        caps.append(c)
+    word_maps = _normalise(_to_original(_grid(torch.stack(words), model), p.box), normalize)
+    caption_maps = _normalise(_to_original(_grid(torch.stack(caps), model), p.box), "per_map")
+    return LayerMaps(p.words, word_maps, caption_maps, method, list(model.fusion.image_levels))
+
+
+# ------------------------------------------------------------------------------------------ pointing game
+def _peak(grid: torch.Tensor, model: Any, box: Letterbox) -> tuple[int, int]:
+    """(row, col) of the maximum of a patch map in the original frame."""
+    full = _to_original(_grid(grid, model), box)
+    return np.unravel_index(int(np.argmax(full)), full.shape)
+
+
+def pointing_game(model: Any, processor: Any, dataset: Any, n: int = 200,
+                  methods: Sequence[str] = POINTING_METHODS, layer: int | None = None) -> dict[str, float]:
+    """Does the peak of a phrase's caption map fall inside the object the phrase names?
+
+    For the first ``n`` scenes of a :class:`~mklvisita.data.ShapesScenes` (items with ``image`` and ``objects``
+    [{"phrase", "mask"}]), every object phrase is explained against its scene and the peak (argmax, first on
+    ties) of the caption map in the original frame is tested against the object's mask.
+
+    Returns:
+        ``pointing_acc_<method>`` per method that the model supports (Grad-CAM and attention need fusion, the
+        kernel method local kernels), ``pointing_acc`` (= Grad-CAM, else the first method measured),
+        ``pointing_chance`` (mean mask area fraction: the hit rate of a uniformly random peak) and
+        ``pointing_n`` (number of phrases).
+    """
+    for m in methods:
+        if m not in POINTING_METHODS:
+            raise ValueError(f"unknown pointing method {m!r}; choose from {', '.join(POINTING_METHODS)}")
+    usable = [m for m in methods
+              if (m not in ("gradcam", "attention") or model.has_itm)
+              and (m != "kernel" or "local" in model.kernels.sources)]
+    li = _layer_index(model, layer) if model.has_itm else -1
+    hits = {m: 0 for m in usable}
+    areas, count = [], 0
+    for i in range(min(n, len(dataset))):
+        item = dataset[i]
+        for obj in item["objects"]:
+            p = _run(model, processor, item["image"], obj["phrase"],
+                     grad_layers=[li] if "gradcam" in usable else [], rollout="rollout" in usable)
+            mask = np.asarray(obj["mask"], dtype=bool)
+            areas.append(float(mask.mean()))
+            count += 1
+            for m in usable:
+                if m == "rollout":
+                    if p.rollout is None:
+                        continue
+                    grid = p.rollout
+                elif m == "kernel":
+                    grid = _words_and_caption(_kernel_token_maps(p, model), p)[1]
+                else:
+                    grid = _words_and_caption(_token_maps(p, model, li, m).mean(0), p)[1]
+                r, c = _peak(grid, model, p.box)
+                hits[m] += bool(mask[r, c])
+    out = {f"pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
+    if usable:
+        out["pointing_acc"] = out[f"pointing_acc_{'gradcam' if 'gradcam' in usable else usable[0]}"]
+    out["pointing_chance"] = float(np.mean(areas)) if areas else 0.0
+    out["pointing_n"] = float(count)
+    return out
+
+
+def shapes_pointing_metric(model: Any, processor: Any, data: Any, n: int = 200) -> dict[str, float]:
+    """``training.evaluate`` extra-metric hook: :func:`pointing_game` on shapes data, nothing on other sets."""
+    source = getattr(data, "source", data)
+    if not (hasattr(source, "__getitem__") and type(source).__name__ == "ShapesScenes"):
+        return {}
+    return pointing_game(model, processor, source, n=n)
