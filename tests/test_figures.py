@@ -1,0 +1,124 @@
+"""Figures: PIL images for the app, PNG/SVG files, nothing left open, and the figure-set command."""
+
+import gc
+import resource
+import weakref
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from mklvisita import figures
+
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+NAMES = ["global/cosine", "mid/rbf", "local/poly", "local/sigmoid"]
+
+
+def _ramp(h: int = 30, w: int = 50) -> np.ndarray:
+    return np.tile(np.linspace(0, 1, w, dtype=np.float32), (h, 1))
+
+
+def _not_blank(img: Image.Image) -> bool:
+    return np.asarray(img).std() > 5
+
+
+def test_overlay_blends_without_a_figure():
+    h = _ramp()
+    assert figures.overlay(IMAGE, h, alpha=0.0).tobytes() == IMAGE.tobytes()
+    full = np.asarray(figures.overlay(IMAGE, h, alpha=1.0, cmap="gray"))
+    assert full.shape == (30, 50, 3)
+    assert full[:, 0].max() == 0 and full[:, -1].min() == 255  # the ramp's 0 and 1 through a grey colour map
+    small = figures.overlay(IMAGE, _ramp(4, 6), alpha=0.5)  # other shape: resized onto the image
+    assert small.size == IMAGE.size
+    assert not plt.get_fignums()
+
+
+def test_every_plot_returns_a_pil_image():
+    rng = np.random.default_rng(1)
+    weights = dict(zip(NAMES, [0.1, 0.2, 0.3, 0.4]))
+    images = [
+        figures.plot_heatmap(IMAGE, _ramp(), title="caption"),
+        figures.plot_word_maps(IMAGE, ["a", "red", "circle"], rng.random((3, 30, 50)), caption_map=_ramp()),
+        figures.plot_kernel_weights(weights),
+        figures.plot_kernel_weights(weights, pair_weights=dict(zip(NAMES, [0.4, 0.3, 0.2, 0.1]))),
+        figures.plot_fusion_kernel_weights(rng.random((3, 2)), ["local/poly", "local/sigmoid"], image_levels=[0, 1, 3]),
+        figures.plot_fusion_kernel_weights([{"local/poly": 0.3, "local/sigmoid": 0.7}] * 2),
+        figures.plot_contributions(rng.normal(size=(3, 4)), NAMES, ["one", "two", "three"]),
+        figures.plot_score_matrix(rng.random((2, 3)), ["img 0", "img 1"], ["a", "b", "c"]),
+    ]
+    for img in images:
+        assert isinstance(img, Image.Image) and img.mode == "RGB"
+        assert img.width > 100 and img.height > 100 and _not_blank(img)
+    assert not plt.get_fignums()
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="n_captions"):
+        figures.plot_contributions(np.zeros((2, 3)), NAMES, ["a", "b"])
+    with pytest.raises(ValueError, match="n_images"):
+        figures.plot_score_matrix(np.zeros((2, 2)), ["i"], ["a", "b"])
+    with pytest.raises(ValueError, match="layers, kernels"):
+        figures.plot_fusion_kernel_weights(np.zeros(3))
+
+
+def test_save_png_and_svg(tmp_path):
+    png = figures.save_figure(figures.plot_heatmap(IMAGE, _ramp(), figure=True), tmp_path / "a" / "map.png")
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 100
+    svg = figures.save_figure(lambda: figures.plot_kernel_weights({"k": 1.0}, figure=True), tmp_path / "w.svg")
+    assert "<svg" in svg.read_text()[:2000]
+    img = figures.plot_score_matrix(np.eye(2), ["x", "y"], ["a", "b"], save=tmp_path / "m.svg")
+    assert isinstance(img, Image.Image) and (tmp_path / "m.svg").stat().st_size > 1000
+    with pytest.raises(ValueError, match="format"):
+        figures.save_figure(figures.plot_heatmap(IMAGE, _ramp(), figure=True), tmp_path / "map.jpg")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def test_figures_are_released_after_rendering():
+    fig = figures.plot_heatmap(IMAGE, _ramp(), figure=True)
+    assert isinstance(fig, Figure) and fig.axes
+    figures.render(fig)
+    assert not fig.axes  # cleared: nothing held beyond the returned image
+    ref = weakref.ref(fig)
+    del fig
+    gc.collect()
+    assert ref() is None  # no registry (pyplot) keeps it alive
+
+    def batch(n: int) -> None:
+        for _ in range(n):
+            figures.plot_kernel_weights(dict(zip(NAMES, [0.25] * 4)))
+            figures.plot_heatmap(IMAGE, _ramp())
+        gc.collect()
+
+    batch(5)  # warm caches (fonts, colour maps)
+    live = sum(type(o) is Figure for o in gc.get_objects())
+    before = _rss_bytes()
+    batch(40)
+    grown = _rss_bytes() - before
+    assert sum(type(o) is Figure for o in gc.get_objects()) <= live
+    assert not plt.get_fignums()
+    assert grown < 30_000_000, f"memory grew by {grown / 1e6:.1f} MB over 80 figures"
+
+
+def test_figure_set_command(tiny_checkpoint, tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    IMAGE.save(image)
+    rc = figures.main(["--checkpoint", str(tiny_checkpoint), "--image", str(image), "--caption", "a red circle",
+                       "--caption", "two squares", "--out", str(tmp_path / "out"), "--format", "png", "svg"])
+    assert rc == 0
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    for stem in ["00_a_red_circle_caption", "00_a_red_circle_words", "01_two_squares_kernels", "rollout",
+                 "kernel_weights", "fusion_kernel_weights", "contributions", "scores"]:
+        assert {f"{stem}.png", f"{stem}.svg"} <= written
+    assert str(tmp_path / "out" / "scores.png") in capsys.readouterr().out
+    assert figures.main(["--checkpoint", str(tmp_path / "missing"), "--image", str(image), "--caption", "x",
+                         "--out", str(tmp_path / "o2")]) == 2
+    with pytest.raises(SystemExit):
+        figures.main(["--out", str(tmp_path / "o3")])  # neither an image nor a shapes scene
+    assert not plt.get_fignums()
