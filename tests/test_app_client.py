@@ -1,0 +1,108 @@
+"""The launched demo driven through gradio_client and plain HTTP: named endpoints, errors, the file route."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import app
+from tests.app_fixtures import CAT, ROOT, SHAPES, app_checkpoint, matcher, server, server_matcher  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:  # noqa: F811
+    _, url = server
+    return Client(url, verbose=False, download_files=False)
+
+
+def test_match_endpoint_returns_the_handler_result(client: Client, server_matcher) -> None:  # noqa: F811
+    captions = "a purple cross\na yellow star\na red circle"
+    table, _plot, result, _selector = client.predict(handle_file(str(SHAPES[0])), captions, api_name="/match")
+    expected = app.match(server_matcher, str(SHAPES[0]), captions)[2]
+    assert [row["caption"] for row in result["ranking"]] == [row["caption"] for row in expected["ranking"]]
+    for got, want in zip(result["ranking"], expected["ranking"]):
+        assert got["itm"] == pytest.approx(want["itm"], abs=1e-5)
+    assert [row[1] for row in table["data"]] == [row["caption"] for row in expected["ranking"]]
+
+
+def test_explain_matrix_and_search_endpoints(client: Client) -> None:
+    heat, words, _word, kernels, info = client.predict(
+        handle_file(str(CAT)), "a tabby cat", -1, "gradcam", "per_map", api_name="/explain"
+    )
+    assert heat and info["tokens"] == ["a", "tabby", "cat"] and [w["caption"] for w in words] == info["tokens"]
+    assert kernels and all(k["caption"].startswith("local/") for k in kernels)
+    _plot, best, scores = client.predict(
+        [handle_file(str(p)) for p in SHAPES[:2]], "a purple cross\na yellow star", "similarity", api_name="/matrix"
+    )
+    assert len(scores["similarity"]) == 2 and len(scores["similarity"][0]) == 2
+    assert len(best["data"]) == 4
+    images, captions, timings = client.predict("a yellow star", None, None, "", 2, api_name="/search")
+    assert len(images) == 2 and all(image["caption"].startswith(f"#{i}") for i, image in enumerate(images, 1))
+    assert captions["data"] in ([], [["", "", "", "", ""]], [[]])  # no query image: no caption results
+    assert any(key.startswith("text→image") for key in timings)
+
+
+def test_search_over_an_uploaded_gallery(client: Client) -> None:
+    images, captions, timings = client.predict(
+        "a yellow star",
+        handle_file(str(SHAPES[0])),
+        [handle_file(str(p)) for p in SHAPES[:3]],
+        "a yellow star\na purple cross\na red circle",
+        2,
+        api_name="/search",
+    )
+    assert len(images) == 2 and any(p.name in images[0]["caption"] for p in SHAPES[:3])
+    assert [row[0] for row in captions["data"]] == [1, 2]
+    assert {row[1] for row in captions["data"]} <= {"a yellow star", "a purple cross", "a red circle"}
+    assert any(key.startswith("image→text") for key in timings)
+
+
+def test_bad_input_is_a_clear_error_and_the_app_keeps_serving(client: Client, tmp_path: Path) -> None:
+    with pytest.raises(AppError, match="at least one caption"):
+        client.predict(handle_file(str(CAT)), "\n  \n", api_name="/match")
+    with pytest.raises(AppError, match="17 captions given; the limit is 16"):
+        client.predict(handle_file(str(CAT)), "\n".join(f"c{i}" for i in range(17)), api_name="/match")
+    with pytest.raises(AppError, match="characters long"):
+        client.predict(handle_file(str(CAT)), "a cat " * 2000, api_name="/match")
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    with pytest.raises(AppError, match="image"):
+        client.predict(handle_file(str(fake)), "a cat", api_name="/match")
+    with pytest.raises(AppError, match="limit is 8"):
+        client.predict([handle_file(str(CAT))] * 9, "a cat", "itm", api_name="/matrix")
+    result = client.predict(handle_file(str(CAT)), "a cat", api_name="/match")[2]  # still serving
+    assert result["ranking"][0]["caption"] == "a cat"
+
+
+def test_file_route_serves_only_the_apps_assets(server) -> None:  # noqa: F811
+    _, url = server
+    with httpx.Client(base_url=url, timeout=10) as http:
+        allowed = http.get(f"/gradio_api/file={CAT}")
+        assert allowed.status_code == 200 and allowed.content == CAT.read_bytes()
+        for outside in ("/etc/passwd", str(ROOT / "app.py"), str(ROOT / "pyproject.toml"), "../../../etc/passwd"):
+            response = http.get(f"/gradio_api/file={outside}")
+            assert response.status_code in (403, 404), (outside, response.status_code)
+            assert b"root:" not in response.content and b"import gradio" not in response.content
+
+
+def test_uploads_over_the_size_limit_are_refused(server) -> None:  # noqa: F811
+    _, url = server
+    big = b"\0" * (11 * 1024 * 1024)  # MAX_FILE_SIZE is 10 MB
+    with httpx.Client(base_url=url, timeout=30) as http:
+        response = http.post("/gradio_api/upload", files={"files": ("big.png", big, "image/png")})
+    assert response.status_code == 413
+
+
+def test_launched_with_the_safe_defaults(server) -> None:  # noqa: F811
+    demo, url = server
+    assert demo.ssr_mode is False
+    assert demo.max_file_size == 10 * 1024 * 1024
+    config = httpx.get(f"{url}/config", timeout=10).json()
+    checkpoint_choices = [
+        c["props"]["choices"] for c in config["components"] if c["props"].get("label") == "Checkpoint (allow-list)"
+    ]
+    assert [value for _, value in checkpoint_choices[0]] == [app.DEFAULT_CHECKPOINT, "test-owner/extra-checkpoint"]
