@@ -1,0 +1,293 @@
+"""The typed run config: a YAML file under ``training/configs/`` plus ``key=value`` overrides.
+
+    cfg = load_config("training/configs/shapes.yaml", ["optim.lr=3e-4", "model.vision.image_size=32"])
+
+Keys are dotted paths into :class:`RunConfig` (``batch_size``, ``optim.lr``, ``data.train``, ...) or into the model
+config (``model.fusion.enabled``), whose defaults come from the preset named by ``model_preset``
+(``MKLVisITAConfig.tiny()`` / ``.base()``). Values are parsed as YAML and checked against the field's type; an
+unknown key is an error that names it and suggests the closest known keys. The resolved config is written with
+every run (``config.yaml`` and ``config.json`` in the output directory).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mklvisita.config import MKLVisITAConfig
+
+MODEL_PRESETS = ("tiny", "base", "base-pretrained", "default")
+
+
+class RunConfigError(ValueError):
+    """A run-config key is unknown or its value has the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    """What to train and evaluate on."""
+
+    train: str = "shapes"  # shapes | shapes-compositional | karpathy:<json>:<root> | lavis:<json>:<root> | hf:<id>
+    train_split: str = "train"  # split of `train` (Karpathy: "train" also takes "restval" where the reader offers it)
+    train_size: int = 20000  # shapes only: number of procedurally generated training scenes
+    shapes_seed: int = 0  # shapes only: the scene generator's seed (scenes are deterministic given it)
+    eval: str = "shapes"  # spec evaluated during training; "" = no evaluation
+    eval_split: str = "val"  # split of `eval` used during training (the final numbers come from training.evaluate)
+    eval_limit: int = 200  # images evaluated during training (0 = the whole split)
+    hard_negatives: bool = True  # feed each caption's hard-negative caption (shapes) to the ITM/ITC losses
+    num_workers: int = 0  # DataLoader workers for decoding + preprocessing
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and a cosine decay."""
+
+    lr: float = 1e-4  # peak learning rate of the new (non-backbone) parameters
+    backbone_lr_mult: float = 1.0  # the ViT and text encoder train at lr * this (lower for pretrained backbones)
+    weight_decay: float = 0.02  # decoupled weight decay; not applied to biases, norms and scalars
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    warmup_steps: int = 100  # linear warmup from 0 to lr over this many optimizer steps
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * this at the last step
+    grad_clip: float = 5.0  # clip the global gradient norm to this (0 = no clipping)
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation during training (and the defaults of training.evaluate)."""
+
+    k: int = 16  # re-rank the top k by the ITM head (0 = similarity only)
+    itm_weight: float = 1.0  # final score = itm_weight * ITM probability + similarity
+    batch_size: int = 64  # encoding batch size
+    every_steps: int = 0  # also evaluate every N optimizer steps (0 = only at the end of each epoch)
+
+
+@dataclass
+class RunConfig:
+    """One training run. Steps are optimizer steps (one step = grad_accum_steps micro-batches)."""
+
+    model_preset: str = "tiny"  # tiny | base | base-pretrained: the model config `model` is merged onto
+    model: dict[str, Any] = field(default_factory=dict)  # nested overrides of MKLVisITAConfig fields
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    batch_size: int = 32  # captions per micro-batch per process
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    epochs: int = 1  # passes over the training pairs (used when max_steps is 0)
+    max_steps: int = 0  # total optimizer steps; 0 = epochs * steps per epoch
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    find_unused_parameters: bool = True  # DDP: allow parameters that get no gradient in a step (small extra cost)
+    save_every: int = 500  # accelerator.save_state every N optimizer steps (0 = never)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept on disk (0 = keep all)
+    log_every: int = 10  # log losses to the trackers every N optimizer steps
+    output_dir: str = "runs/shapes"  # checkpoints/, release/, logs/, config.yaml, metrics.json
+    seed: int = 0  # seeds the model init, the data order (with the epoch) and dropout
+    stop_after: int = 0  # stop (as if killed) after this many optimizer steps, no release; for tests (0 = off)
+
+    def model_config(self) -> MKLVisITAConfig:
+        """The model config: the preset with ``model`` merged in (unknown fields raise)."""
+        return MKLVisITAConfig.from_dict(_merge(_preset_dict(self.model_preset), self.model, "model"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return d
+
+    def save(self, directory: str | Path) -> None:
+        """Write the resolved config (the model section fully expanded) as config.yaml and config.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        d = self.to_dict()
+        d["resolved_model"] = self.model_config().to_dict()
+        (directory / "config.json").write_text(json.dumps(d, indent=2, default=list) + "\n")
+        (directory / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(d, default=list)), sort_keys=False))
+
+
+def _preset_dict(name: str) -> dict[str, Any]:
+    if name == "tiny":
+        return MKLVisITAConfig.tiny().to_dict()
+    if name == "base":
+        return MKLVisITAConfig.base(pretrained=False).to_dict()
+    if name == "base-pretrained":
+        return MKLVisITAConfig.base(pretrained=True).to_dict()
+    if name == "default":
+        return MKLVisITAConfig().to_dict()
+    raise RunConfigError(f"model_preset: unknown preset {name!r}; choose from {list(MODEL_PRESETS)}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
+    """Deep-merge ``over`` onto a copy of ``base``; a key absent from ``base`` is an error naming it."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        path = f"{where}.{key}"
+        if key not in out:
+            raise RunConfigError(_unknown(path, [f"{where}.{k}" for k in out]))
+        if isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value, path)
+        else:
+            out[key] = value
+    return out
+
+
+# PyYAML follows YAML 1.1, where "1e-5" is a string; learning rates are written that way, so read them as floats.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _unknown(key: str, known: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    close = list(dict.fromkeys(same_leaf + difflib.get_close_matches(key, known, n=3, cutoff=0.5)))[:3]
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else f"known keys: {', '.join(sorted(known))}"
+    return f"unknown config key {key!r}; {hint}"
+
+
+def _known_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _known_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _dotted(d: dict[str, Any], prefix: str) -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints pass for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        return _coerce(args[0], value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RunConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise RunConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return [_coerce(args[0] if args else Any, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RunConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    checks = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
+    if tp in checks:
+        if not isinstance(value, checks[tp]) or (tp is not bool and isinstance(value, bool)):
+            raise RunConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return tp(value)
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints:
+            raise RunConfigError(_unknown(path, _known_keys(RunConfig)))
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise RunConfigError(f"cannot set {dotted!r}: {p!r} is not a section")
+    d[last] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings to a raw config mapping (validated later by :func:`from_dict`)."""
+    raw = copy.deepcopy(raw)
+    known = _known_keys(RunConfig)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-4)")
+        if key.startswith("model."):
+            preset = raw.get("model_preset", RunConfig.model_preset)
+            model_keys = _dotted(_preset_dict(preset), "model.")
+            if key not in model_keys:
+                raise RunConfigError(_unknown(key, model_keys))
+        elif key not in known:
+            raise RunConfigError(_unknown(key, known))
+        # Strings stay verbatim for str fields ("data.train=hf:nlphuji/flickr30k" must not be parsed).
+        tp = _field_type(key)
+        value = text if tp is str else _yaml(text) if text.strip() else ""
+        _set(raw, key, value)
+    return raw
+
+
+def _field_type(dotted: str) -> Any:
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+    return cls
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a typed, validated :class:`RunConfig` (the model section is checked against the preset too)."""
+    cfg = _build(RunConfig, raw or {}, "")
+    cfg.model_config().validate()
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise RunConfigError(f"mixed_precision: expected no | fp16 | bf16, got {cfg.mixed_precision!r}")
+    for name in ("batch_size", "grad_accum_steps"):
+        if getattr(cfg, name) < 1:
+            raise RunConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise RunConfigError("set max_steps or epochs to a positive number")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (None = defaults) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"run config {str(path)!r} not found; see training/configs/ for examples")
+        raw = _yaml(path.read_text()) or {}
+    return from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,514 @@
+"""Train MKL-VisITA with accelerate.
+
+    python -m training.train --config training/configs/shapes.yaml [key=value ...] [--resume latest|PATH]
+        [--push-to-hub REPO]
+    accelerate launch -m training.train --config training/configs/flickr30k.yaml   # DDP / bf16 on GPUs
+
+Layout of ``output_dir``::
+
+    config.yaml, config.json     the resolved run config
+    losses.jsonl                 one line per optimizer step: step, loss, each loss term, lr (main process)
+    logs/                        tensorboard
+    checkpoints/step_0000500/    accelerator.save_state + trainer_state.json + COMPLETE
+    release/                     save_pretrained weights + tokenizer + README.md (card) + metrics.json
+    metrics.json                 every evaluation, by step
+
+Decisions:
+
+- **Steps** are optimizer steps. An epoch is ``steps_per_epoch * grad_accum_steps`` full micro-batches per
+  process; the tail of a shuffled epoch that does not fill a whole step is dropped, so every step sees the same
+  number of captions and epochs end on a step boundary.
+- **Data order** is a function of ``(seed, epoch)`` only (:class:`EpochSampler`), and the DataLoader draws its
+  worker seeds from its own generator, never the global RNG, so ``--resume`` replays the exact batches: it skips
+  the first ``(step % steps_per_epoch) * grad_accum_steps`` micro-batches of the epoch by offsetting the sampler
+  (no images are decoded for skipped batches).
+- **Checkpoints** are written to ``step_XXXXXXX.tmp``, completed with ``trainer_state.json`` and a ``COMPLETE``
+  marker, then renamed (atomic on one filesystem). ``--resume latest`` takes the newest directory that has the
+  marker; ``.tmp`` directories and unmarked ones (an interrupted save, a partial copy) are ignored.
+- **A non-finite loss** (checked on every process before ``backward``) stops the run with an error naming the
+  step; no optimizer step is taken and nothing is saved from that step.
+- **The scheduler** is stepped by hand once per optimizer step and registered for checkpointing (accelerate's
+  prepared scheduler would step once per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from training.config import RunConfig, RunConfigError, load_config
+
+CHECKPOINT_PREFIX = "step_"
+COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+# Parameter-name prefixes of the pretrained backbones (the timm ViT and the transformers text encoder).
+BACKBONE_PREFIXES = ("vision.", "text.")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without saving."""
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+class ShapesPairs(Dataset):
+    """Shapes training pairs: item i = caption ``i % C`` of scene ``i // C`` with its hard-negative caption."""
+
+    def __init__(self, split: str, size: int, seed: int, image_size: int = 64, captions_per_image: int = 5):
+        from mklvisita.data import ShapesScenes
+
+        self.scenes = ShapesScenes(
+            split=split, size=size, seed=seed, image_size=image_size, captions_per_image=captions_per_image
+        )
+        self.per_scene = captions_per_image
+
+    def __len__(self) -> int:
+        return len(self.scenes) * self.per_scene
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene, k = divmod(index, self.per_scene)
+        item = self.scenes[scene]
+        return {
+            "image": item["image"],
+            "caption": item["captions"][k],
+            "negative": item["negatives"][k],
+            "image_id": scene,
+        }
+
+
+class RetrievalPairs(Dataset):
+    """A real benchmark's training pairs (one per caption); images are opened here, in the workers."""
+
+    def __init__(self, spec: str, split: str):
+        from mklvisita.data import load_retrieval_set
+
+        self.set = load_retrieval_set(spec, split=split)
+
+    def __len__(self) -> int:
+        return len(self.set.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = int(self.set.txt2img[index])
+        return {
+            "image": self.set.load_image(image_id),
+            "caption": self.set.captions[index],
+            "negative": None,
+            "image_id": image_id,
+        }
+
+
+def build_train_dataset(cfg: RunConfig) -> Dataset:
+    spec = cfg.data.train
+    if spec in ("shapes", "shapes-compositional"):
+        if spec == "shapes-compositional":
+            raise RunConfigError("data.train: shapes-compositional is a held-out test split; train on 'shapes'")
+        return ShapesPairs(cfg.data.train_split, cfg.data.train_size, cfg.data.shapes_seed)
+    return RetrievalPairs(spec, cfg.data.train_split)
+
+
+class Collate:
+    """Preprocess a list of items into model inputs with the shared :class:`mklvisita.inputs.Processor`."""
+
+    def __init__(self, processor: Any, hard_negatives: bool):
+        self.processor, self.hard_negatives = processor, hard_negatives
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixel_values, _ = self.processor.images([it["image"] for it in items])  # (B, 3, S, S)
+        batch = {"pixel_values": pixel_values, **self.processor.captions([it["caption"] for it in items])}
+        batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+        if self.hard_negatives and all(it["negative"] is not None for it in items):
+            neg = self.processor.captions([it["negative"] for it in items])
+            batch["neg_input_ids"], batch["neg_attention_mask"] = neg["input_ids"], neg["attention_mask"]
+        return batch
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation that depends only on ``(seed, epoch)``, truncated to ``length`` and started at ``start``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch, self.start, self.length = 0, 0, n
+
+    # Not named set_epoch: accelerate's DataLoaderShard calls sampler.set_epoch(its own counter) on every iter(),
+    # which would reset the resume offset.
+    def set_position(self, epoch: int, start: int = 0, length: int | None = None) -> None:
+        self.epoch, self.start, self.length = epoch, start, self.n if length is None else length
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.length]
+        return iter(perm[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.length - self.start
+
+
+# ------------------------------------------------------------------------------------------ optimisation
+
+
+def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+    """AdamW groups: backbone vs new parameters (lr), and decay vs no decay (biases, norms, scalars)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        backbone = name.startswith(BACKBONE_PREFIXES)
+        decay = p.ndim >= 2 and "norm" not in name.lower() and "embedding" not in name.lower()
+        groups.setdefault((backbone, decay), []).append(p)
+    out = []
+    for (backbone, decay), params in sorted(groups.items()):
+        lr = cfg.optim.lr * (cfg.optim.backbone_lr_mult if backbone else 1.0)
+        out.append(
+            {
+                "params": params,
+                "lr": lr,
+                "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+                "name": f"{'backbone' if backbone else 'new'}/{'decay' if decay else 'no_decay'}",
+            }
+        )
+    return out
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (marker present, not ``.tmp``), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        step = d.name[len(CHECKPOINT_PREFIX) :]
+        if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and (d / COMPLETE_MARKER).is_file():
+            found.append((int(step), d))
+    return [d for _, d in sorted(found)]
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``latest`` -> the newest complete checkpoint (None if there is none); a path must be complete."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        done = complete_checkpoints(output_dir)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE_MARKER} marker in it)")
+    return path
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, epoch: int, keep: int) -> Path:
+    """``save_state`` into ``step_X.tmp``, mark it complete, then rename it: a crash never leaves a resumable half."""
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": epoch}) + "\n")
+        (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in complete_checkpoints(output_dir)[:-keep]:
+                (old / COMPLETE_MARKER).unlink()  # first, so a kill mid-delete leaves no "complete" husk
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# -------------------------------------------------------------------------------------------------- train
+
+
+def build_model_and_processor(cfg: RunConfig) -> tuple[Any, Any]:
+    from mklvisita import MKLVisITA
+    from mklvisita.inputs import Processor
+
+    model = MKLVisITA(cfg.model_config())
+    return model, Processor(model.config, model.tokenizer)
+
+
+def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns the final metrics (empty when stopped early by ``stop_after``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from training.evaluate import evaluate_model, load_eval_data
+
+    out_dir = Path(cfg.output_dir)
+    # accelerate only goes multi-process on CPUs when asked for the CPU; torchrun on a GPU-less host would otherwise
+    # start N independent single-process runs that all write the same files.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=multi_cpu,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+    )
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        cfg.save(out_dir)
+
+    model, processor = build_model_and_processor(cfg)
+    dataset = build_train_dataset(cfg)
+    sampler = EpochSampler(len(dataset), cfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=Collate(processor, cfg.data.hard_negatives),
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds must not consume the global RNG
+    )
+    n_proc = accelerator.num_processes
+    steps_per_epoch = len(dataset) // (cfg.batch_size * n_proc) // cfg.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise RunConfigError(
+            f"{len(dataset)} training pairs do not fill one step of {cfg.batch_size} x {cfg.grad_accum_steps} "
+            f"x {n_proc} processes; lower batch_size or grad_accum_steps"
+        )
+    samples_per_step = cfg.batch_size * n_proc * cfg.grad_accum_steps
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    ckpt = resolve_resume(resume, out_dir)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+        if accelerator.is_main_process:
+            _truncate_log(out_dir / "losses.jsonl", step)  # steps after the checkpoint are about to be redone
+    elif resume is not None:
+        accelerator.print(f"--resume {resume}: no complete checkpoint in {out_dir / 'checkpoints'}; starting fresh")
+
+    eval_data = load_eval_data(cfg.data.eval, cfg.data.eval_split, cfg.data.eval_limit) if cfg.data.eval else None
+    accelerator.init_trackers("train", config=_flat_scalars(cfg.to_dict()))
+    loss_log = out_dir / "losses.jsonl"
+    history: list[dict[str, Any]] = []
+    if accelerator.is_main_process and (out_dir / "metrics.json").is_file() and ckpt is not None:
+        history = [h for h in json.loads((out_dir / "metrics.json").read_text()) if h["step"] <= step]
+
+    def run_eval() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if eval_data is not None and accelerator.is_main_process:
+            metrics = evaluate_model(
+                accelerator.unwrap_model(model),
+                processor,
+                eval_data,
+                k=cfg.eval.k,
+                itm_weight=cfg.eval.itm_weight,
+                batch_size=cfg.eval.batch_size,
+            )
+            history.append({"step": step, **metrics})
+            (out_dir / "metrics.json").write_text(json.dumps(history, indent=2) + "\n")
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            accelerator.print(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        accelerator.wait_for_everyone()
+        return metrics
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+    model.train()
+    metrics: dict[str, float] = {}
+    stop_at = min(total_steps, cfg.stop_after) if cfg.stop_after > 0 else total_steps
+    while step < stop_at:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, start=done_in_epoch * samples_per_step, length=steps_per_epoch * samples_per_step)
+        t0, terms_sum, micro = time.perf_counter(), {}, 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                out = model(**batch, return_loss=True)
+                finite = torch.isfinite(out.loss.detach()).float()
+                if accelerator.reduce(finite, reduction="sum").item() < n_proc:
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1} (epoch {epoch}): "
+                        + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.losses.items())
+                        + "; stopped without an optimizer step or a checkpoint. Lower optim.lr, check the data, "
+                        "or resume from the last checkpoint with --resume latest"
+                    )
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            for k, v in {"loss": out.loss, **out.losses}.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach())
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            # Mean over micro-batches and processes (one small all-reduce per step).
+            mean = accelerator.reduce(torch.tensor(list(terms_sum.values()), device=accelerator.device) / micro, "mean")
+            terms = dict(zip(terms_sum, mean.tolist()))
+            terms_sum, micro = {}, 0
+            if accelerator.is_main_process:
+                with loss_log.open("a") as f:
+                    f.write(json.dumps({"step": step, **terms, "lr": scheduler.get_last_lr()[0]}) + "\n")
+            if step % cfg.log_every == 0 or step == stop_at:
+                dt = time.perf_counter() - t0
+                accelerator.log(
+                    {
+                        **{f"train/{k}": v for k, v in terms.items()},
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/step_time": dt,
+                    },
+                    step=step,
+                )
+                bar.set_postfix(loss=f"{terms['loss']:.3f}")
+            t0 = time.perf_counter()
+            epoch_end = step % steps_per_epoch == 0
+            if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or epoch_end or step == total_steps:
+                metrics = run_eval()
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(accelerator, out_dir, step, epoch, cfg.keep_checkpoints)
+            if epoch_end or step >= stop_at:
+                break
+    bar.close()
+    if step < total_steps:  # stopped by stop_after: as if killed, no release
+        accelerator.end_training()
+        return {}
+    if accelerator.is_main_process:
+        release = out_dir / "release"
+        write_release(accelerator.unwrap_model(model), processor, cfg, metrics, release)
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=push_to_hub, folder_path=str(release))
+            accelerator.print(f"pushed {release} to https://huggingface.co/{push_to_hub}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def write_release(model: Any, processor: Any, cfg: RunConfig, metrics: dict[str, float], release: Path) -> None:
+    """Weights + tokenizer (save_pretrained), metrics.json and a model card with the config and the metrics."""
+    model.save_pretrained(str(release))
+    if not any(release.glob("tokenizer*")):
+        processor.save_pretrained(release)
+    (release / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (release / "README.md").write_text(model_card(cfg, metrics))
+
+
+def model_card(cfg: RunConfig, metrics: dict[str, float]) -> str:
+    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in metrics.items()) or "| (no evaluation) | |"
+    import yaml
+
+    return f"""---
+library_name: mklvisita
+tags: [image-text-matching, retrieval, multi-kernel-learning, vision-transformer]
+---
+# MKL-VisITA checkpoint
+
+Trained with `python -m training.train` on `{cfg.data.train}` (split `{cfg.data.train_split}`) for
+{cfg.max_steps or f"{cfg.epochs} epochs of"} optimizer steps, batch size {cfg.batch_size} x
+{cfg.grad_accum_steps} accumulation per process, seed {cfg.seed}.
+
+Load it with `mklvisita.Matcher.from_pretrained("<this folder or Hub id>")`.
+
+## Metrics
+
+Measured at the end of training on `{cfg.data.eval or "(none)"}` split `{cfg.data.eval_split}`
+({"all images" if cfg.data.eval_limit == 0 else f"first {cfg.data.eval_limit} images"}), two-stage retrieval with
+k = {cfg.eval.k}, final score = {cfg.eval.itm_weight} x ITM + similarity. Recall@K and mAP are percentages; accuracies
+are fractions. Full test-split numbers come from `python -m training.evaluate`.
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Training config
+
+```yaml
+{yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list)), sort_keys=False).rstrip()}
+```
+"""
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if path.is_file():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by a kill
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat_scalars(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. training/configs/shapes.yaml")
+    parser.add_argument("--resume", default=None, help="'latest' (newest complete checkpoint) or a checkpoint dir")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the release folder to this repo")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (RunConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg, resume=args.resume, push_to_hub=args.push_to_hub)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
