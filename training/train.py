@@ -370,8 +370,9 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
-            for k, v in {"loss": out.loss, **out.losses}.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach())
+            # Loss terms plus the model's own detached logs (kernel entropy, temperature, ITM accuracy).
+            for k, v in {"loss": out.loss, **out.losses, **getattr(out, "logs", {})}.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -409,7 +410,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
         return {}
     if accelerator.is_main_process:
         release = out_dir / "release"
-        write_release(accelerator.unwrap_model(model), processor, cfg, metrics, release)
+        write_release(accelerator.unwrap_model(model), processor, cfg, metrics, release, total_steps)
         if push_to_hub:
             from huggingface_hub import HfApi
 
@@ -422,16 +423,18 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     return metrics
 
 
-def write_release(model: Any, processor: Any, cfg: RunConfig, metrics: dict[str, float], release: Path) -> None:
+def write_release(
+    model: Any, processor: Any, cfg: RunConfig, metrics: dict[str, float], release: Path, steps: int
+) -> None:
     """Weights + tokenizer (save_pretrained), metrics.json and a model card with the config and the metrics."""
     model.save_pretrained(str(release))
     if not any(release.glob("tokenizer*")):
         processor.save_pretrained(release)
     (release / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (release / "README.md").write_text(model_card(cfg, metrics))
+    (release / "README.md").write_text(model_card(cfg, metrics, steps))
 
 
-def model_card(cfg: RunConfig, metrics: dict[str, float]) -> str:
+def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int) -> str:
     rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in metrics.items()) or "| (no evaluation) | |"
     import yaml
 
@@ -442,7 +445,7 @@ tags: [image-text-matching, retrieval, multi-kernel-learning, vision-transformer
 # MKL-VisITA checkpoint
 
 Trained with `python -m training.train` on `{cfg.data.train}` (split `{cfg.data.train_split}`) for
-{cfg.max_steps or f"{cfg.epochs} epochs of"} optimizer steps, batch size {cfg.batch_size} x
+{steps} optimizer steps, batch size {cfg.batch_size} x
 {cfg.grad_accum_steps} accumulation per process, seed {cfg.seed}.
 
 Load it with `mklvisita.Matcher.from_pretrained("<this folder or Hub id>")`.
