@@ -1,0 +1,75 @@
+"""Scoring from the shell.
+
+    python -m mklvisita score IMAGE [IMAGE ...] --caption TEXT [--caption TEXT ...] [--checkpoint DIR|HUB_ID]
+        [--revision REV] [--json]
+
+Prints a table of ITM probability and similarity per (image, caption) pair, or JSON with ``--json``. Without
+``--checkpoint`` the embedded default is used. Exit status 2 on bad input, with the reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mklvisita", description="MKL-VisITA image-text matching")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score images against captions")
+    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("--caption", "-c", action="append", required=True, help="a caption (repeat for several)")
+    s.add_argument("--checkpoint", help="checkpoint folder or Hugging Face Hub id (default: the embedded one)")
+    s.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _table(images: list[str], captions: list[str], r) -> str:
+    rows = [("image", "caption", "itm", "similarity", "score")]
+    for i, im in enumerate(images):
+        for j, cap in enumerate(captions):
+            itm = "-" if np.isnan(r.itm[i, j]) else f"{r.itm[i, j]:.3f}"
+            rows.append((im, cap, itm, f"{r.similarity[i, j]:.3f}", f"{r.score[i, j]:.3f}"))
+    widths = [min(48, max(len(row[k]) for row in rows)) for k in range(5)]
+
+    def fmt(row):
+        cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(row, widths)]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths), *map(fmt, rows[1:])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import Matcher
+
+    try:
+        matcher = Matcher.from_pretrained(args.checkpoint, revision=args.revision) if args.checkpoint else (
+            Matcher.default()
+        )
+        r = matcher.score(args.images, args.caption)
+    except ValueError as e:  # InvalidImageError, InvalidCaptionError, CheckpointError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {
+            "kernel_names": r.kernel_names,
+            "pairs": [
+                {"image": im, "caption": cap, "itm": None if np.isnan(r.itm[i, j]) else float(r.itm[i, j]),
+                 "similarity": float(r.similarity[i, j]), "score": float(r.score[i, j]),
+                 "kernel_contributions": dict(zip(r.kernel_names, map(float, r.kernel_contributions[i, j])))}
+                for i, im in enumerate(args.images) for j, cap in enumerate(args.caption)
+            ],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(_table(args.images, args.caption, r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mklvisita import InvalidCaptionError, InvalidImageError, Matcher
+from mklvisita.__main__ import main
+from mklvisita.model import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for i, colour in enumerate(["red", "blue"]):
+        p = d / f"{colour}.png"
+        Image.new("RGB", (40 + 10 * i, 30), colour).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_cli_table_and_json(tiny_checkpoint, images, capsys):
+    assert main(["score", *images, "-c", "a red square", "-c", "a blue one", "--checkpoint", str(tiny_checkpoint)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["image", "caption", "itm", "similarity", "score"]
+    assert len(table) == 2 + 4
+    assert main(["score", *images, "-c", "a red square", "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = Matcher.from_pretrained(tiny_checkpoint)
+    r = m.score(images, ["a red square"])
+    assert [p["itm"] for p in out["pairs"]] == pytest.approx(r.itm[:, 0].tolist(), abs=1e-6)
+    assert sum(out["pairs"][0]["kernel_contributions"].values()) == pytest.approx(out["pairs"][0]["similarity"], 1e-5)
+
+
+def test_cli_bad_input_exits_2_with_a_message(tiny_checkpoint, images, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert main(["score", str(bad), "-c", "x", "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
+    assert main(["score", images[0], "-c", "  ", "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_module(tiny_checkpoint, images):
+    out = subprocess.run([sys.executable, "-m", "mklvisita", "score", images[0], "-c", "a red square",
+                          "--checkpoint", str(tiny_checkpoint), "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["pairs"]) == 1
+
+
+def test_score_encodes_each_image_once(tiny_checkpoint, images, monkeypatch):
+    m = Matcher.from_pretrained(tiny_checkpoint)
+    calls = []
+    original = m.model.encode_image
+    monkeypatch.setattr(m.model, "encode_image", lambda pv: calls.append(pv.shape[0]) or original(pv))
+    r = m.score(images, [f"caption {i}" for i in range(7)])
+    assert sum(calls) == len(images)
+    assert r.itm.shape == (2, 7) and r.kernel_contributions.shape == (2, 7, len(r.kernel_names))
+    np.testing.assert_allclose(r.kernel_contributions.sum(-1), r.similarity, atol=1e-5)
+    np.testing.assert_allclose(r.score, r.itm * m.config.itm_score_weight + r.similarity, atol=1e-6)
+
+
+def test_matcher_errors_are_value_errors(tiny_checkpoint, tmp_path, monkeypatch):
+    m = Matcher.from_pretrained(tiny_checkpoint)
+    with pytest.raises(InvalidImageError):
+        m.score([b"garbage"], ["a caption"])
+    with pytest.raises(InvalidCaptionError):
+        m.score([Image.new("RGB", (8, 8))], [""])
+    with pytest.raises(InvalidCaptionError):
+        m.score([Image.new("RGB", (8, 8))], [])
+    with pytest.raises(CheckpointError, match="not found"):
+        Matcher.from_pretrained(tmp_path / "nowhere" / "x")
+    monkeypatch.setenv("MKLVISITA_DEFAULT_CHECKPOINT", str(tmp_path / "none"))
+    with pytest.raises(CheckpointError, match="embedded default checkpoint is missing"):
+        Matcher.default()
+
+
+def test_search_ranks_a_gallery_and_reports_timings(tiny_checkpoint, images):
+    m = Matcher.from_pretrained(tiny_checkpoint)
+    gallery = m.index_images(images * 3)
+    r = m.search_images(gallery, "a red square", top_k=4)
+    assert len(r.indices) == 4 and r.scores == sorted(r.scores, reverse=True)
+    assert {"encode_query", "similarity", "rerank"} <= set(r.timings)
+    full = m.score(images * 3, ["a red square"])
+    assert r.indices[0] == int(np.argmax(full.score[:, 0]))  # the re-ranked top equals exhaustive scoring
+    captions = m.index_captions(["a red square", "a blue rectangle", "a cat"])
+    r = m.search_captions(captions, images[1], top_k=3)
+    assert sorted(r.indices) == [0, 1, 2]
+    np.testing.assert_allclose(r.itm, m.score([images[1]], ["a red square", "a blue rectangle", "a cat"]).itm[0][
+        r.indices], atol=1e-5)
+
+
+def test_score_is_thread_safe(tiny_checkpoint, images):
+    m = Matcher.from_pretrained(tiny_checkpoint)
+    caps = ["a red square", "a blue rectangle"]
+    serial = m.score(images, caps).score
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(m.score(images, caps).score)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    for r in results:
+        np.testing.assert_allclose(r, serial, atol=1e-6)
+    assert torch.is_grad_enabled()
+    assert all(p.grad is None for p in m.model.parameters())
