@@ -68,7 +68,7 @@ class LayerAttentions:
 
 
 class FusionLayer(nn.Module):
-    def __init__(self, cfg: FusionConfig):
+    def __init__(self, cfg: FusionConfig, last: bool = False):
         super().__init__()
         w, h, r, p = cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout
         self.norm_i1, self.norm_t1 = nn.LayerNorm(w), nn.LayerNorm(w)
@@ -77,8 +77,12 @@ class FusionLayer(nn.Module):
         self.self_attn = Attention(w, h, p)
         self.norm_t3, self.norm_i2 = nn.LayerNorm(w), nn.LayerNorm(w)
         self.t2i = Attention(w, h, p)
-        self.norm_t4, self.norm_i3 = nn.LayerNorm(w), nn.LayerNorm(w)
-        self.mlp_t, self.mlp_i = MLP(w, r, p), MLP(w, r, p)
+        self.norm_t4 = nn.LayerNorm(w)
+        self.mlp_t = MLP(w, r, p)
+        # The last layer's image stream is read by no one after its text->image attention: no image MLP there
+        # (it would be parameters without gradients, which DDP refuses).
+        self.norm_i3 = None if last else nn.LayerNorm(w)
+        self.mlp_i = None if last else MLP(w, r, p)
 
     def forward(self, txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor,
                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions]:
@@ -91,7 +95,8 @@ class FusionLayer(nn.Module):
         d, a_t2i = self.t2i(self.norm_t3(txt), self.norm_i2(img), None, bias)
         txt = txt + d
         txt = txt + self.mlp_t(self.norm_t4(txt))
-        img = img + self.mlp_i(self.norm_i3(img))
+        if self.mlp_i is not None:
+            img = img + self.mlp_i(self.norm_i3(img))
         return txt, img, LayerAttentions(a_t2i, a_i2t, a_t2t)
 
 
@@ -112,7 +117,8 @@ class HierarchicalFusion(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.text_in = nn.Linear(text_width, cfg.width)
         self.image_in = nn.ModuleList([nn.Linear(image_width, cfg.width) for _ in image_levels])
-        self.layers = nn.ModuleList([FusionLayer(cfg) for _ in image_levels])
+        n = len(image_levels)
+        self.layers = nn.ModuleList([FusionLayer(cfg, last=i == n - 1) for i in range(n)])
         self.norm = nn.LayerNorm(cfg.width)
         self.use_bias = cfg.affinity_bias and num_local_kernels > 0
         if self.use_bias:

@@ -66,8 +66,11 @@ class PolynomialKernel(KernelFunction):
         self.offset_raw = nn.Parameter(torch.zeros(()))  # offset o = 1 + softplus(raw)
         self.learn_degree = learn_degree
         # degree = 1 + softplus(raw) when learnable, so the kernel stays monotone in c
-        raw = math.log(math.expm1(max(degree - 1.0, 1e-3)))
-        self.degree_raw = nn.Parameter(torch.tensor(raw), requires_grad=learn_degree)
+        raw = torch.tensor(math.log(math.expm1(max(degree - 1.0, 1e-3))))
+        if learn_degree:
+            self.degree_raw = nn.Parameter(raw)
+        else:  # a buffer, not a frozen parameter: DDP must not wait for a gradient that never comes
+            self.register_buffer("degree_raw", raw)
 
     @property
     def offset(self) -> torch.Tensor:

@@ -276,13 +276,19 @@ class MKLVisITA(
         if self.fusion is not None and cfg.itm_weight > 0:
             b = pixel_values.shape[0]
             ar = torch.arange(b, device=pixel_values.device)
-            neg_t, neg_i = sample_hard_negatives(sim.similarity.detach(), image_ids)
-            img_idx, txt_idx = [ar, ar, neg_i], [ar, neg_t, ar]  # positives, hard caption, hard image
+            img_idx, txt_idx = [ar], [ar]  # positives
+            ids = ar if image_ids is None else image_ids
+            if (ids[:, None] != ids[None, :]).any(-1).all():  # every image has another image to contrast with
+                neg_t, neg_i = sample_hard_negatives(sim.similarity.detach(), image_ids)
+                img_idx += [ar, neg_i]  # a hard caption for each image, a hard image for each caption
+                txt_idx += [neg_t, ar]
             texts, t_embs = txt, et
             if neg is not None:  # the dataset's own hard negative caption of each image
                 texts, t_embs = TextFeatures.cat([txt, neg]), KernelEmbeddings.cat([et, en])
                 img_idx.append(ar)
                 txt_idx.append(ar + b)
+            if len(img_idx) == 1:  # positives only (one image, no negative captions): nothing to discriminate
+                return MKLVisITAOutput(loss, losses, sim.similarity, sim.contributions, sim.weights, logs)
             ii, tt = torch.cat(img_idx), torch.cat(txt_idx)
             m = self.match(img.select(ii), texts.select(tt), ei.select(ii), t_embs.select(tt))
             labels = torch.zeros(len(ii), dtype=torch.long, device=ii.device)
