@@ -7,7 +7,8 @@ model logic. Run `python app.py` for the embedded default checkpoint; add Hub ch
 Named API endpoints (see the README for a client snippet):
 
 - `/match`   (image, captions one per line)                        -> ranking table, kernel-contribution plot, JSON
-- `/explain` (image, caption, fusion layer, method, scale)          -> caption heatmap, per-word heatmaps, word, JSON
+- `/explain` (image, caption, fusion layer, method, scale) -> caption heatmap, per-word heatmaps, word, per-kernel
+  maps of the first word, JSON
 - `/matrix`  (image files, captions one per line, score)            -> score-matrix plot, best matches, JSON
 - `/search`  (text query, image query, gallery files, gallery captions, top k) -> images, captions, timings
 
@@ -45,6 +46,8 @@ from matplotlib import patches
 from PIL import Image
 
 from mklvisita import Matcher, figures
+from mklvisita.explain import METHODS
+from mklvisita.explain import NORMALIZE as SCALES
 
 ROOT = Path(__file__).resolve().parent
 ASSETS_DIR = ROOT / "assets"
@@ -61,13 +64,13 @@ MAX_CAPTION_CHARS = 300  # longer text would be truncated by the tokenizer anywa
 MAX_GALLERY_IMAGES = 32  # Search tab, user uploads
 MAX_GALLERY_CAPTIONS = 128
 MAX_TOP_K = 16
+MAX_SIDE = 512  # larger uploads are shrunk first: the model sees 64-224 px, and heatmaps are kept at this size
 MAX_FILE_SIZE = "10mb"
 QUEUE_MAX_SIZE = 16
 MAX_LOADED = 2  # checkpoints held in memory at once (the default is always one of them)
 CACHE_ENTRIES = 64
+EXPLAIN_CACHE_ENTRIES = 3  # an explanation holds full-size maps per word and per kernel: tens of MB each
 
-SCALES = ("per_map", "shared")  # mklvisita.explain.NORMALIZE
-METHODS = ("gradcam", "attention", "kernel")  # mklvisita.explain.METHODS
 SCORE_KINDS = ("itm", "similarity", "score")
 
 
@@ -118,7 +121,7 @@ def parse_captions(text: str | None, limit: int, what: str = "captions") -> list
 
 
 def read_image(x: Any, what: str = "The image") -> Image.Image:
-    """Decode an uploaded image (path, PIL or array) to RGB, refusing unreadable and oversized ones."""
+    """Decode an upload (path, FileData, PIL or array) to RGB, at most MAX_SIDE pixels on its longer side."""
     from mklvisita.inputs import load_image
 
     if isinstance(x, dict):  # raw FileData (RAW_INPUTS events); gradio has checked that the path is an upload
@@ -126,11 +129,14 @@ def read_image(x: Any, what: str = "The image") -> Image.Image:
     if x is None or (isinstance(x, str) and not x):
         raise gr.Error(f"{what} is missing: upload an image (PNG, JPEG, WebP, ...).")
     try:
-        return load_image(x)
+        image = load_image(x)
     except ValueError as e:
         raise gr.Error(f"{what}: {e}") from e
     except Exception as e:  # PIL raises many types for corrupt files; the user only needs to know it is unreadable
         raise gr.Error(f"{what} could not be read as an image ({type(e).__name__}). Upload a PNG or JPEG.") from e
+    if max(image.size) > MAX_SIDE:
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)  # keeps the aspect ratio
+    return image
 
 
 def read_images(files: Sequence[Any] | None, limit: int, what: str = "images") -> tuple[list[Image.Image], list[str]]:
@@ -171,7 +177,13 @@ class ResultCache:
         self.capacity = capacity
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._subs: dict[str, ResultCache] = {}
         self.hits = 0
+
+    def sub(self, name: str, capacity: int) -> ResultCache:
+        """A smaller cache for bulky results (explanations) that lives and dies with this one."""
+        with self._lock:
+            return self._subs.setdefault(name, ResultCache(capacity))
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         with self._lock:
@@ -361,8 +373,10 @@ def _explanation(
     def compute() -> Any:
         return matcher.explain(img, caption, layer=layer, method=method, normalize=scale)
 
-    key = ("explain", image_digest(img), caption, layer, method, scale)
-    return img, (cache.get_or_compute(key, compute) if cache is not None else compute())
+    key = (image_digest(img), caption, layer, method, scale)
+    if cache is None:
+        return img, compute()
+    return img, cache.sub("explain", EXPLAIN_CACHE_ENTRIES).get_or_compute(key, compute)
 
 
 def _kernel_gallery(img: Image.Image, e: Any, word_index: int) -> list[tuple[np.ndarray, str]]:
