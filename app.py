@@ -833,7 +833,8 @@ def create_demo(
                     api_visibility="private",
                 )
 
-    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1)
+    # api_open=False: direct POSTs to /run/<name> would skip the queue and its bounds (Spaces sets this by itself).
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1, api_open=False)
     demo.registry = registry  # for tests and for callers who want to inspect what is loaded
     return demo
 

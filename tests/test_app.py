@@ -264,7 +264,7 @@ def test_create_demo_has_the_four_tabs_and_named_endpoints(matcher) -> None:  # 
     dropdowns = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Checkpoint (allow-list)"]
     assert [value for _, value in dropdowns[0].choices] == [app.DEFAULT_CHECKPOINT, "owner/model"]
     assert demo._queue.max_size == app.QUEUE_MAX_SIZE
-    assert demo._queue.default_concurrency_limit == 1
+    assert demo._queue.default_concurrency_limit == 1 and demo.api_open is False
 
 
 def test_launch_settings_are_safe_for_a_small_space() -> None:

@@ -89,6 +89,13 @@ def test_file_route_serves_only_the_apps_assets(server) -> None:  # noqa: F811
             assert b"root:" not in response.content and b"import gradio" not in response.content
 
 
+def test_direct_posts_cannot_skip_the_bounded_queue(server) -> None:  # noqa: F811
+    _, url = server
+    body = {"data": [None, "a cat"], "fn_index": None}
+    response = httpx.post(f"{url}/gradio_api/run/match", json=body, timeout=10)
+    assert response.status_code == 404 and "join the queue" in response.text
+
+
 def test_uploads_over_the_size_limit_are_refused(server) -> None:  # noqa: F811
     _, url = server
     big = b"\0" * (11 * 1024 * 1024)  # MAX_FILE_SIZE is 10 MB
