@@ -48,6 +48,7 @@ from PIL import Image
 from mklvisita import Matcher, figures
 from mklvisita.explain import METHODS
 from mklvisita.explain import NORMALIZE as SCALES
+from mklvisita.inputs import load_image
 
 ROOT = Path(__file__).resolve().parent
 ASSETS_DIR = ROOT / "assets"
@@ -122,8 +123,6 @@ def parse_captions(text: str | None, limit: int, what: str = "captions") -> list
 
 def read_image(x: Any, what: str = "The image") -> Image.Image:
     """Decode an upload (path, FileData, PIL or array) to RGB, at most MAX_SIDE pixels on its longer side."""
-    from mklvisita.inputs import load_image
-
     if isinstance(x, dict):  # raw FileData (RAW_INPUTS events); gradio has checked that the path is an upload
         x = x.get("path")
     if x is None or (isinstance(x, str) and not x):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -94,6 +95,34 @@ def test_direct_posts_cannot_skip_the_bounded_queue(server) -> None:  # noqa: F8
     body = {"data": [None, "a cat"], "fn_index": None}
     response = httpx.post(f"{url}/gradio_api/run/match", json=body, timeout=10)
     assert response.status_code == 404 and "join the queue" in response.text
+
+
+def _queue_call(url: str, api_name: str, data: list, session: str) -> dict:
+    """One raw queue call, as the browser makes it; returns the final SSE message."""
+    config = httpx.get(f"{url}/config", timeout=10).json()
+    (fn_id,) = [d["id"] for d in config["dependencies"] if d.get("api_name") == api_name]
+    body = {"data": data, "fn_index": fn_id, "session_hash": session, "event_data": None, "trigger_id": None}
+    assert httpx.post(f"{url}/gradio_api/queue/join", json=body, timeout=10).status_code == 200
+    with httpx.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=60) as events:
+        for line in events.iter_lines():
+            if '"process_completed"' in line:
+                return json.loads(line.removeprefix("data: "))
+    raise AssertionError("the queue closed without completing the call")
+
+
+def test_a_handler_only_reads_files_that_were_uploaded(server) -> None:  # noqa: F811
+    _, url = server
+    with httpx.Client(base_url=url, timeout=10) as http:
+        (uploaded,) = http.post("/gradio_api/upload", files={"files": ("cat.jpg", CAT.read_bytes())}).json()
+
+    def file(path: str) -> dict:
+        return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+    ok = _queue_call(url, "match", [None, file(uploaded), "a cat"], "raw-upload")
+    assert ok["success"], ok
+    for outside in ("/etc/passwd", str(CAT)):  # a server path that was never uploaded, even an allowed asset
+        refused = _queue_call(url, "match", [None, file(outside), "a cat"], f"raw-{len(outside)}")
+        assert not refused["success"] and "root:" not in json.dumps(refused)
 
 
 def test_uploads_over_the_size_limit_are_refused(server) -> None:  # noqa: F811
