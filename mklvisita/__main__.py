@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import Matcher
 
     try:
-        matcher = Matcher.from_pretrained(args.checkpoint, revision=args.revision) if args.checkpoint else (
-            Matcher.default()
+        matcher = (
+            Matcher.from_pretrained(args.checkpoint, revision=args.revision) if args.checkpoint else (Matcher.default())
         )
         r = matcher.score(args.images, args.caption)
     except ValueError as e:  # InvalidImageError, InvalidCaptionError, CheckpointError
@@ -59,10 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "kernel_names": r.kernel_names,
             "pairs": [
-                {"image": im, "caption": cap, "itm": None if np.isnan(r.itm[i, j]) else float(r.itm[i, j]),
-                 "similarity": float(r.similarity[i, j]), "score": float(r.score[i, j]),
-                 "kernel_contributions": dict(zip(r.kernel_names, map(float, r.kernel_contributions[i, j])))}
-                for i, im in enumerate(args.images) for j, cap in enumerate(args.caption)
+                {
+                    "image": im,
+                    "caption": cap,
+                    "itm": None if np.isnan(r.itm[i, j]) else float(r.itm[i, j]),
+                    "similarity": float(r.similarity[i, j]),
+                    "score": float(r.score[i, j]),
+                    "kernel_contributions": dict(zip(r.kernel_names, map(float, r.kernel_contributions[i, j]))),
+                }
+                for i, im in enumerate(args.images)
+                for j, cap in enumerate(args.caption)
             ],
         }
         print(json.dumps(out, indent=2))

@@ -40,7 +40,12 @@ class VisionConfig:
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword overrides handed to ``timm.create_model``."""
         kw: dict[str, Any] = {"img_size": self.image_size, "num_classes": 0}
-        for key, name in (("patch_size", "patch_size"), ("width", "embed_dim"), ("depth", "depth"), ("heads", "num_heads")):
+        for key, name in (
+            ("patch_size", "patch_size"),
+            ("width", "embed_dim"),
+            ("depth", "depth"),
+            ("heads", "num_heads"),
+        ):
             if getattr(self, key) is not None:
                 kw[name] = getattr(self, key)
         return kw

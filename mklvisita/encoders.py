@@ -30,7 +30,9 @@ class TimmImageEncoder(nn.Module):
         self.model = timm.create_model(cfg.model_name, pretrained=cfg.pretrained, **kwargs)
         for attr in ("patch_embed", "blocks", "norm"):
             if not hasattr(self.model, attr):
-                raise ValueError(f"vision.model_name={cfg.model_name!r} is not a plain ViT (no `{attr}`); use a timm ViT")
+                raise ValueError(
+                    f"vision.model_name={cfg.model_name!r} is not a plain ViT (no `{attr}`); use a timm ViT"
+                )
         self.width: int = self.model.embed_dim
         self.depth: int = len(self.model.blocks)
         self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 1)

@@ -37,8 +37,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(width, width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, key_mask: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, key_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, Tq, W) attends to ctx (B, Tk, W); key_mask (B, Tk) True = attend; bias (B, Tq, Tk) added to logits."""
         b, tq, w = x.shape
         h = self.heads
@@ -84,8 +85,9 @@ class FusionLayer(nn.Module):
         self.norm_i3 = None if last else nn.LayerNorm(w)
         self.mlp_i = None if last else MLP(w, r, p)
 
-    def forward(self, txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor,
-                bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions]:
+    def forward(
+        self, txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions]:
         t = self.norm_t1(txt)
         d, a_i2t = self.i2t(self.norm_i1(img), t, txt_mask)
         img = img + d
@@ -109,8 +111,15 @@ class FusionOutput:
 class HierarchicalFusion(nn.Module):
     """L fusion layers; layer l reads image level ``image_levels[l]``."""
 
-    def __init__(self, cfg: FusionConfig, image_width: int, text_width: int, image_levels: list[int],
-                 num_local_kernels: int, num_prefix_tokens: int):
+    def __init__(
+        self,
+        cfg: FusionConfig,
+        image_width: int,
+        text_width: int,
+        image_levels: list[int],
+        num_local_kernels: int,
+        num_prefix_tokens: int,
+    ):
         super().__init__()
         self.cfg = cfg
         self.image_levels = list(image_levels)
@@ -130,18 +139,23 @@ class HierarchicalFusion(nn.Module):
         """Each fusion layer's weights over the local kernels: (L, n)."""
         return self.bias_logits.softmax(-1)
 
-    def forward(self, image_levels: dict[int, torch.Tensor], text_tokens: torch.Tensor, text_mask: torch.Tensor,
-                affinity_fn=None) -> FusionOutput:
+    def forward(
+        self,
+        image_levels: dict[int, torch.Tensor],
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        affinity_fn=None,
+    ) -> FusionOutput:
         """image_levels: block -> (B, N, Dv); text_tokens (B, T, Dt); affinity_fn(weights) -> (B, T, P) or None."""
         txt = self.text_in(text_tokens)  # (B, T, W)
         img = None
         attentions = []
-        for l, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
+        for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
             x = proj(image_levels[level])  # (B, N, W)
             img = x if img is None else img + x
             bias = None
             if self.use_bias and affinity_fn is not None:
-                aff = affinity_fn(self.level_weights()[l]) * self.bias_scale[l]  # (B, T, P)
+                aff = affinity_fn(self.level_weights()[i]) * self.bias_scale[i]  # (B, T, P)
                 bias = F.pad(aff, (self.num_prefix_tokens, 0))  # no bias on the CLS / register keys
             txt, img, att = layer(txt, img, text_mask, bias)
             attentions.append(att)

@@ -50,7 +50,9 @@ def load_image(image: ImageInput) -> Image.Image:
         try:
             opened = Image.open(path)
         except (UnidentifiedImageError, OSError) as e:
-            raise InvalidImageError(f"{path.name} is not an image PIL can read ({e}). Use a PNG, JPEG, WebP, ...") from e
+            raise InvalidImageError(
+                f"{path.name} is not an image PIL can read ({e}). Use a PNG, JPEG, WebP, ..."
+            ) from e
         return _normalise(opened, path.name)
     if isinstance(image, (bytes, bytearray)):
         try:
@@ -193,8 +195,9 @@ class Processor:
         if not captions:
             raise InvalidCaptionError("no caption given")
         texts = [check_caption(c)[:MAX_CAPTION_CHARS] for c in captions]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.text.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.config.text.max_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def words(self, caption: str) -> tuple[list[str], list[int | None]]:
@@ -212,8 +215,7 @@ class Processor:
                     start = None
             elif start is None:
                 start = i
-        enc = self.tokenizer(text, truncation=True, max_length=self.config.text.max_length,
-                             return_offsets_mapping=True)
+        enc = self.tokenizer(text, truncation=True, max_length=self.config.text.max_length, return_offsets_mapping=True)
         token_word: list[int | None] = []
         for a, b in enc["offset_mapping"]:
             if a == b:  # special tokens ([CLS], [SEP]) cover no characters
@@ -227,4 +229,3 @@ class Processor:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.tokenizer.save_pretrained(str(directory))
-

@@ -147,15 +147,17 @@ class KernelEmbeddings:
         def pick(t):
             return None if t is None else t[index]
 
-        return KernelEmbeddings({k: v[index] for k, v in self.pooled.items()}, pick(self.local),
-                                pick(self.local_mask), pick(self.gate))
+        return KernelEmbeddings(
+            {k: v[index] for k, v in self.pooled.items()}, pick(self.local), pick(self.local_mask), pick(self.gate)
+        )
 
     def to(self, device: torch.device | str) -> KernelEmbeddings:
         def mv(t):
             return None if t is None else t.to(device)
 
-        return KernelEmbeddings({k: v.to(device) for k, v in self.pooled.items()}, mv(self.local),
-                                mv(self.local_mask), mv(self.gate))
+        return KernelEmbeddings(
+            {k: v.to(device) for k, v in self.pooled.items()}, mv(self.local), mv(self.local_mask), mv(self.gate)
+        )
 
     @staticmethod
     def cat(parts: list[KernelEmbeddings]) -> KernelEmbeddings:
@@ -224,8 +226,9 @@ class MultiKernelSimilarity(nn.Module):
         """Global kernel weights beta (M,), on the simplex (the gate, when on, adds a pair-dependent term)."""
         return self.logits.softmax(-1)
 
-    def _embed(self, proj: nn.ModuleDict, feats: dict[str, torch.Tensor], mask: torch.Tensor | None,
-               gate: nn.Module | None) -> KernelEmbeddings:
+    def _embed(
+        self, proj: nn.ModuleDict, feats: dict[str, torch.Tensor], mask: torch.Tensor | None, gate: nn.Module | None
+    ) -> KernelEmbeddings:
         n, d = len(self.functions), self.cfg.proj_dim
         pooled, local = {}, None
         for s in self.sources:
@@ -298,8 +301,9 @@ class MultiKernelSimilarity(nn.Module):
         return torch.einsum("bntp,n->btp", self.local_kernel_maps(img, txt), weights)
 
 
-def local_max_cosine(img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, pairwise: bool,
-                     budget: int = 2**24) -> torch.Tensor:
+def local_max_cosine(
+    img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, pairwise: bool, budget: int = 2**24
+) -> torch.Tensor:
     """Max over patches of the word-patch cosine.
 
     img (Bi, n, P, d), txt (Bt, n, T, d) -> (Bi, Bt, n, T), or (B, n, T) when pairwise. All-pairs work is chunked

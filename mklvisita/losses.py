@@ -6,8 +6,12 @@ import torch
 import torch.nn.functional as F
 
 
-def itc_loss(similarity: torch.Tensor, logit_scale: torch.Tensor, image_ids: torch.Tensor | None = None,
-             extra_text_similarity: torch.Tensor | None = None) -> torch.Tensor:
+def itc_loss(
+    similarity: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    extra_text_similarity: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE on the multi-kernel similarity.
 
     similarity (B, B): image i x caption j, caption i belongs to image i. ``image_ids`` (B,) makes every caption
@@ -43,8 +47,9 @@ def kernel_entropy_loss(entropy: torch.Tensor, num_kernels: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def sample_hard_negatives(similarity: torch.Tensor, image_ids: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(
+    similarity: torch.Tensor, image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ALBEF-style hard negatives sampled from the similarity.
 
     Returns (neg_text_for_image (B,), neg_image_for_text (B,)): for image i a caption j drawn with probability

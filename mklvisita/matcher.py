@@ -59,8 +59,14 @@ class TextIndex:
 class Matcher:
     """Scores and explains image-caption pairs with an MKL-VisITA model."""
 
-    def __init__(self, model: MKLVisITA, processor: Processor | None = None, card: str = "",
-                 metrics: dict[str, Any] | None = None, source: str = ""):
+    def __init__(
+        self,
+        model: MKLVisITA,
+        processor: Processor | None = None,
+        card: str = "",
+        metrics: dict[str, Any] | None = None,
+        source: str = "",
+    ):
         self.model = model.eval()
         self.processor = processor or Processor(model.config, model.tokenizer)
         self.card = card
@@ -77,8 +83,13 @@ class Matcher:
         return next(self.model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
-                        device: str | torch.device | None = None, **hub_kwargs) -> Matcher:
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        **hub_kwargs,
+    ) -> Matcher:
         """Load a checkpoint folder or Hub id (pinned at ``revision``): model, tokenizer, card and metrics."""
         folder = resolve_checkpoint(name_or_path, revision=revision, **hub_kwargs)
         model = MKLVisITA.from_pretrained(folder)
@@ -161,8 +172,9 @@ class Matcher:
         t0 = time.perf_counter()
         query = encode_captions(self.model, self.processor, [check_caption(text)])
         t_enc = time.perf_counter() - t0
-        s = two_stage_scores(self.model, index.bank, query, k=max(self.rerank_k, top_k),
-                             itm_weight=self.config.itm_score_weight)
+        s = two_stage_scores(
+            self.model, index.bank, query, k=max(self.rerank_k, top_k), itm_weight=self.config.itm_score_weight
+        )
         return self._top(s.t2i[0], s.similarity[:, 0], top_k, {"encode_query": t_enc, **s.timings})
 
     def search_captions(self, index: TextIndex, image: ImageInput, top_k: int = 5) -> SearchResult:
@@ -170,8 +182,9 @@ class Matcher:
         t0 = time.perf_counter()
         query = encode_images(self.model, self.processor, [image])
         t_enc = time.perf_counter() - t0
-        s = two_stage_scores(self.model, query, index.bank, k=max(self.rerank_k, top_k),
-                             itm_weight=self.config.itm_score_weight)
+        s = two_stage_scores(
+            self.model, query, index.bank, k=max(self.rerank_k, top_k), itm_weight=self.config.itm_score_weight
+        )
         return self._top(s.i2t[0], s.similarity[0], top_k, {"encode_query": t_enc, **s.timings})
 
     def _top(self, final: np.ndarray, sim: np.ndarray, top_k: int, timings: dict[str, float]) -> SearchResult:
@@ -179,8 +192,9 @@ class Matcher:
         # The top k always lie inside the re-scored set, so final = w * ITM + S there and ITM can be read back.
         w = self.config.itm_score_weight
         itm = [(float(final[i]) - float(sim[i])) / w if self.model.has_itm and w else float("nan") for i in order]
-        return SearchResult([int(i) for i in order], [float(final[i]) for i in order], itm,
-                            [float(sim[i]) for i in order], timings)
+        return SearchResult(
+            [int(i) for i in order], [float(final[i]) for i in order], itm, [float(sim[i]) for i in order], timings
+        )
 
 
 def _as_list(items: Any, what: str) -> list:

@@ -60,8 +60,9 @@ class ImageFeatures:
 
     @staticmethod
     def cat(parts: list[ImageFeatures]) -> ImageFeatures:
-        return ImageFeatures({k: torch.cat([p.levels[k] for p in parts]) for k in parts[0].levels},
-                             torch.cat([p.pooled for p in parts]))
+        return ImageFeatures(
+            {k: torch.cat([p.levels[k] for p in parts]) for k in parts[0].levels}, torch.cat([p.pooled for p in parts])
+        )
 
 
 @dataclass
@@ -72,15 +73,23 @@ class TextFeatures:
     word_mask: torch.Tensor  # (B, T) True = a word piece (not [CLS], [SEP] or padding)
 
     def select(self, index) -> TextFeatures:
-        return TextFeatures({k: v[index] for k, v in self.levels.items()}, self.pooled[index],
-                            self.attention_mask[index], self.word_mask[index])
+        return TextFeatures(
+            {k: v[index] for k, v in self.levels.items()},
+            self.pooled[index],
+            self.attention_mask[index],
+            self.word_mask[index],
+        )
 
     def keep(self, levels: list[int]) -> TextFeatures:
         return TextFeatures({k: self.levels[k] for k in levels}, self.pooled, self.attention_mask, self.word_mask)
 
     def to(self, device) -> TextFeatures:
-        return TextFeatures({k: v.to(device) for k, v in self.levels.items()}, self.pooled.to(device),
-                            self.attention_mask.to(device), self.word_mask.to(device))
+        return TextFeatures(
+            {k: v.to(device) for k, v in self.levels.items()},
+            self.pooled.to(device),
+            self.attention_mask.to(device),
+            self.word_mask.to(device),
+        )
 
     @staticmethod
     def cat(parts: list[TextFeatures]) -> TextFeatures:
@@ -91,10 +100,12 @@ class TextFeatures:
             extra = t - x.shape[1]
             return F.pad(x, (0, 0, 0, extra) if x.dim() == 3 else (0, extra))
 
-        return TextFeatures({k: torch.cat([pad(p.levels[k]) for p in parts]) for k in parts[0].levels},
-                            torch.cat([p.pooled for p in parts]),
-                            torch.cat([pad(p.attention_mask) for p in parts]),
-                            torch.cat([pad(p.word_mask) for p in parts]))
+        return TextFeatures(
+            {k: torch.cat([pad(p.levels[k]) for p in parts]) for k in parts[0].levels},
+            torch.cat([p.pooled for p in parts]),
+            torch.cat([pad(p.attention_mask) for p in parts]),
+            torch.cat([pad(p.word_mask) for p in parts]),
+        )
 
 
 @dataclass
@@ -142,10 +153,13 @@ class MKLVisITA(
 
         dv, dt = self.vision.width, self.text.width
         k = config.kernels
-        self.image_mid_level = k.mid_image_level if k.mid_image_level is not None else max(0, self.vision.depth // 2 - 1)
+        self.image_mid_level = (
+            k.mid_image_level if k.mid_image_level is not None else max(0, self.vision.depth // 2 - 1)
+        )
         self.text_mid_level = k.mid_text_level if k.mid_text_level is not None else max(0, self.text.depth // 2 - 1)
-        self.kernels = MultiKernelSimilarity(k, {"global": dv, "mid": dv, "local": dv},
-                                             {"global": dt, "mid": dt, "local": dt})
+        self.kernels = MultiKernelSimilarity(
+            k, {"global": dv, "mid": dv, "local": dv}, {"global": dt, "mid": dt, "local": dt}
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.loss.temperature)))
 
         f = config.fusion
@@ -159,11 +173,13 @@ class MKLVisITA(
             if bad:
                 raise ConfigError(f"fusion.image_levels {bad} out of range for a ViT of {self.vision.depth} blocks")
             n_local = len(k.functions) if "local" in k.sources else 0
-            self.fusion = HierarchicalFusion(f, dv, dt, [lv % self.vision.depth for lv in levels], n_local,
-                                             self.vision.num_prefix_tokens)
+            self.fusion = HierarchicalFusion(
+                f, dv, dt, [lv % self.vision.depth for lv in levels], n_local, self.vision.num_prefix_tokens
+            )
             self.itm_head = nn.Linear(f.width, 2)
-        self.image_levels = sorted({self.image_mid_level, self.vision.depth - 1,
-                                    *(self.fusion.image_levels if self.fusion else [])})
+        self.image_levels = sorted(
+            {self.image_mid_level, self.vision.depth - 1, *(self.fusion.image_levels if self.fusion else [])}
+        )
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -231,8 +247,13 @@ class MKLVisITA(
         """Multi-kernel similarity for all pairs (Bi, Bt), or image k with text k when ``pairwise``."""
         return self.kernels(img, txt, pairwise)
 
-    def match(self, img: ImageFeatures, txt: TextFeatures, img_emb: KernelEmbeddings | None = None,
-              txt_emb: KernelEmbeddings | None = None) -> MatchOutput:
+    def match(
+        self,
+        img: ImageFeatures,
+        txt: TextFeatures,
+        img_emb: KernelEmbeddings | None = None,
+        txt_emb: KernelEmbeddings | None = None,
+    ) -> MatchOutput:
         """ITM for image k with text k through the fusion layers; attentions come back for explanations."""
         if self.fusion is None:
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
@@ -250,9 +271,16 @@ class MKLVisITA(
         return MatchOutput(logits, logits.softmax(-1)[:, 1], out.attentions)
 
     # ------------------------------------------------------------------------------------------- training
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_ids: torch.Tensor | None = None, neg_input_ids: torch.Tensor | None = None,
-                neg_attention_mask: torch.Tensor | None = None, return_loss: bool = True) -> MKLVisITAOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        neg_input_ids: torch.Tensor | None = None,
+        neg_attention_mask: torch.Tensor | None = None,
+        return_loss: bool = True,
+    ) -> MKLVisITAOutput:
         """Caption i describes image i. ``neg_*``: one hard-negative caption per image (e.g. attributes swapped)."""
         cfg = self.config.loss
         img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
@@ -269,8 +297,10 @@ class MKLVisITA(
             en = self.embed_text(neg)
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         extra = self.similarity(ei, en).similarity if (en is not None and cfg.hard_negative_itc) else None
-        losses = {"itc": itc_loss(sim.similarity, scale, image_ids, extra),
-                  "entropy": kernel_entropy_loss(entropy, self.kernels.num_kernels)}
+        losses = {
+            "itc": itc_loss(sim.similarity, scale, image_ids, extra),
+            "entropy": kernel_entropy_loss(entropy, self.kernels.num_kernels),
+        }
         loss = cfg.itc_weight * losses["itc"] + cfg.entropy_weight * losses["entropy"]
 
         if self.fusion is not None and cfg.itm_weight > 0:
@@ -308,17 +338,31 @@ class MKLVisITA(
         self.tokenizer.save_pretrained(str(save_directory))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
-                        cache_dir: str | os.PathLike | None = None, force_download: bool = False,
-                        token: str | bool | None = None, local_files_only: bool = False,
-                        map_location: str | torch.device = "cpu", **_: Any) -> MKLVisITA:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        map_location: str | torch.device = "cpu",
+        **_: Any,
+    ) -> MKLVisITA:
         """Load a checkpoint folder or Hub id (``revision`` pins a branch, tag or commit), strictly.
 
         Refused with a CheckpointError naming the problem: a missing file, a pickle weights file, an unknown or
         ill-typed config field, and any missing, unexpected or mis-shaped weight.
         """
-        folder = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
-                                    force_download=force_download, token=token, local_files_only=local_files_only)
+        folder = resolve_checkpoint(
+            pretrained_model_name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
         config = read_config(folder)
         try:
             tokenizer = load_tokenizer(str(folder))
@@ -393,12 +437,17 @@ def load_weights_strict(model: nn.Module, file: Path, map_location: str | torch.
     try:
         state = load_file(str(file), device=str(map_location))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file} could not be read as safetensors ({e}); the file is damaged or incomplete") from e
+        raise CheckpointError(
+            f"{file} could not be read as safetensors ({e}); the file is damaged or incomplete"
+        ) from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing weights: {_few(missing)}")

@@ -57,8 +57,13 @@ def _device(model: MKLVisITA) -> torch.device:
 
 
 @torch.inference_mode()
-def encode_images(model: MKLVisITA, processor: Processor, images: Sequence[ImageInput], batch_size: int = 64,
-                  keep_features: bool = True) -> ImageBank:
+def encode_images(
+    model: MKLVisITA,
+    processor: Processor,
+    images: Sequence[ImageInput],
+    batch_size: int = 64,
+    keep_features: bool = True,
+) -> ImageBank:
     """Encode images once: kernel embeddings for stage 1 and (optionally) fusion tokens for stage 2."""
     dev = _device(model)
     embs, feats = [], []
@@ -73,8 +78,9 @@ def encode_images(model: MKLVisITA, processor: Processor, images: Sequence[Image
 
 
 @torch.inference_mode()
-def encode_captions(model: MKLVisITA, processor: Processor, captions: Sequence[str], batch_size: int = 256,
-                    keep_features: bool = True) -> TextBank:
+def encode_captions(
+    model: MKLVisITA, processor: Processor, captions: Sequence[str], batch_size: int = 256, keep_features: bool = True
+) -> TextBank:
     """Encode captions once (truncated to text.max_length); fusion needs only the last layer's tokens."""
     dev = _device(model)
     embs, feats = [], []
@@ -91,14 +97,22 @@ def encode_captions(model: MKLVisITA, processor: Processor, captions: Sequence[s
 @torch.inference_mode()
 def similarity_matrix(model: MKLVisITA, images: ImageBank, texts: TextBank, chunk: int = 256) -> torch.Tensor:
     """Stage 1: S for every (image, caption) pair, (n_img, n_txt), chunked over images."""
-    rows = [model.similarity(images.embeddings.select(slice(i, i + chunk)), texts.embeddings).similarity
-            for i in range(0, len(images), chunk)]
+    rows = [
+        model.similarity(images.embeddings.select(slice(i, i + chunk)), texts.embeddings).similarity
+        for i in range(0, len(images), chunk)
+    ]
     return torch.cat(rows).float().cpu()
 
 
 @torch.inference_mode()
-def match_pairs(model: MKLVisITA, images: ImageBank, texts: TextBank, image_index: torch.Tensor,
-                text_index: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+def match_pairs(
+    model: MKLVisITA,
+    images: ImageBank,
+    texts: TextBank,
+    image_index: torch.Tensor,
+    text_index: torch.Tensor,
+    batch_size: int = 128,
+) -> torch.Tensor:
     """ITM match probability of the pairs (image_index[k], text_index[k]): (K,)."""
     if images.features is None or texts.features is None:
         raise ValueError("these banks were encoded without fusion features; re-encode with keep_features=True")
@@ -114,8 +128,9 @@ def match_pairs(model: MKLVisITA, images: ImageBank, texts: TextBank, image_inde
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def two_stage_scores(model: MKLVisITA, images: ImageBank, texts: TextBank, k: int = 128, itm_weight: float = 1.0,
-                     batch_size: int = 128) -> RetrievalScores:
+def two_stage_scores(
+    model: MKLVisITA, images: ImageBank, texts: TextBank, k: int = 128, itm_weight: float = 1.0, batch_size: int = 128
+) -> RetrievalScores:
     """Rank with S, re-score each query's top k with ITM. k = 0 (or a model without fusion): S only."""
     t0 = time.perf_counter()
     sim = similarity_matrix(model, images, texts)  # (n_img, n_txt)

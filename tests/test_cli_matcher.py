@@ -47,8 +47,23 @@ def test_cli_bad_input_exits_2_with_a_message(tiny_checkpoint, images, tmp_path,
 
 
 def test_cli_runs_as_a_module(tiny_checkpoint, images):
-    out = subprocess.run([sys.executable, "-m", "mklvisita", "score", images[0], "-c", "a red square",
-                          "--checkpoint", str(tiny_checkpoint), "--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mklvisita",
+            "score",
+            images[0],
+            "-c",
+            "a red square",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)["pairs"]) == 1
 
@@ -91,8 +106,9 @@ def test_search_ranks_a_gallery_and_reports_timings(tiny_checkpoint, images):
     captions = m.index_captions(["a red square", "a blue rectangle", "a cat"])
     r = m.search_captions(captions, images[1], top_k=3)
     assert sorted(r.indices) == [0, 1, 2]
-    np.testing.assert_allclose(r.itm, m.score([images[1]], ["a red square", "a blue rectangle", "a cat"]).itm[0][
-        r.indices], atol=1e-5)
+    np.testing.assert_allclose(
+        r.itm, m.score([images[1]], ["a red square", "a blue rectangle", "a cat"]).itm[0][r.indices], atol=1e-5
+    )
 
 
 def test_score_is_thread_safe(tiny_checkpoint, images):

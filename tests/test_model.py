@@ -31,8 +31,13 @@ def test_tiny_forward_backward_is_finite_and_fast():
     pv, enc = _batch(model)
     neg = Processor(model.config, model.tokenizer).captions(["a", "b c", "d", "e f g"])
     t = time.perf_counter()
-    out = model(pv, enc["input_ids"], enc["attention_mask"], neg_input_ids=neg["input_ids"],
-                neg_attention_mask=neg["attention_mask"])
+    out = model(
+        pv,
+        enc["input_ids"],
+        enc["attention_mask"],
+        neg_input_ids=neg["input_ids"],
+        neg_attention_mask=neg["attention_mask"],
+    )
     out.loss.backward()
     assert time.perf_counter() - t < 10  # generous: the point is "seconds, not minutes" on a CPU
     assert set(out.losses) == {"itc", "itm", "entropy"}
@@ -238,12 +243,17 @@ def test_backbones_by_name_load_pretrained_weights_from_a_folder(tmp_path):
     torch.manual_seed(0)
     text_dir = tmp_path / "tiny-bert"
     tok = MKLVisITA(micro_config()).tokenizer
-    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64), add_pooling_layer=False)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        ),
+        add_pooling_layer=False,
+    )
     bert.save_pretrained(text_dir)
     tok.save_pretrained(text_dir)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                            num_classes=0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0
+    )
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
 
     cfg = micro_config()
@@ -265,8 +275,13 @@ def test_every_parameter_gets_a_gradient():
     model = MKLVisITA(micro_config()).train()
     pv, enc = _batch(model)
     neg = Processor(model.config, model.tokenizer).captions(["a", "b c", "d", "e f g"])
-    model(pv, enc["input_ids"], enc["attention_mask"], neg_input_ids=neg["input_ids"],
-          neg_attention_mask=neg["attention_mask"]).loss.backward()
+    model(
+        pv,
+        enc["input_ids"],
+        enc["attention_mask"],
+        neg_input_ids=neg["input_ids"],
+        neg_attention_mask=neg["attention_mask"],
+    ).loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
@@ -277,6 +292,12 @@ def test_a_batch_of_one_image_still_trains():
     out = model(pv, enc["input_ids"], enc["attention_mask"], image_ids=ids)
     assert "itm" not in out.losses and torch.isfinite(out.loss)
     neg = Processor(model.config, model.tokenizer).captions(["x", "y"])
-    out = model(pv, enc["input_ids"], enc["attention_mask"], image_ids=ids, neg_input_ids=neg["input_ids"],
-                neg_attention_mask=neg["attention_mask"])
+    out = model(
+        pv,
+        enc["input_ids"],
+        enc["attention_mask"],
+        image_ids=ids,
+        neg_input_ids=neg["input_ids"],
+        neg_attention_mask=neg["attention_mask"],
+    )
     assert "itm" in out.losses
