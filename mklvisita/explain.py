@@ -366,13 +366,13 @@ def _peak(grid: torch.Tensor, model: Any, box: Letterbox) -> tuple[int, int]:
     return np.unravel_index(int(np.argmax(full)), full.shape)
 
 
-def pointing_game(model: Any, processor: Any, dataset: Any, n: int = 200,
+def pointing_game(model: Any, processor: Any, dataset: Any, n: int | None = None,
                   methods: Sequence[str] = POINTING_METHODS, layer: int | None = None) -> dict[str, float]:
     """Does the peak of a phrase's caption map fall inside the object the phrase names?
 
-    For the first ``n`` scenes of a :class:`~mklvisita.data.ShapesScenes` (items with ``image`` and ``objects``
-    [{"phrase", "mask"}]), every object phrase is explained against its scene and the peak (argmax, first on
-    ties) of the caption map in the original frame is tested against the object's mask.
+    For the first ``n`` scenes (all when None) of a :class:`~mklvisita.data.ShapesScenes` (items with ``image``
+    and ``objects`` [{"phrase", "mask"}]), every object phrase is explained against its scene and the peak
+    (argmax, first on ties) of the caption map in the original frame is tested against the object's mask.
 
     Returns:
         ``pointing_acc_<method>`` per method that the model supports (Grad-CAM and attention need fusion, the
@@ -389,7 +389,7 @@ def pointing_game(model: Any, processor: Any, dataset: Any, n: int = 200,
     li = _layer_index(model, layer) if model.has_itm else -1
     hits = {m: 0 for m in usable}
     areas, count = [], 0
-    for i in range(min(n, len(dataset))):
+    for i in range(len(dataset) if n is None else min(n, len(dataset))):
         item = dataset[i]
         for obj in item["objects"]:
             p = _run(model, processor, item["image"], obj["phrase"],
@@ -416,8 +416,12 @@ def pointing_game(model: Any, processor: Any, dataset: Any, n: int = 200,
     return out
 
 
-def shapes_pointing_metric(model: Any, processor: Any, data: Any, n: int = 200) -> dict[str, float]:
-    """``training.evaluate`` extra-metric hook: :func:`pointing_game` on shapes data, nothing on other sets."""
+def shapes_pointing_metric(model: Any, processor: Any, data: Any, n: int | None = None) -> dict[str, float]:
+    """``training.evaluate`` extra-metric hook: :func:`pointing_game` on shapes data, nothing on other sets.
+
+    Register it with ``EXTRA_METRICS["pointing"] = shapes_pointing_metric``. Every scene of the evaluated split
+    is used (about 2,300 phrases for the 1,000-scene test split: under a minute for the tiny model on a CPU).
+    """
     source = getattr(data, "source", data)
     if not (hasattr(source, "__getitem__") and type(source).__name__ == "ShapesScenes"):
         return {}

@@ -69,7 +69,7 @@ def save_figure(fig: FigureLike, path: str | Path) -> Path:
         canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
         # svg/pdf metadata without dates keeps the files reproducible
         metadata = {"Date": None} if fmt in ("svg", "pdf") else None
-        canvas.print_figure(str(path), format=fmt, dpi=DPI * 1.5, metadata=metadata)
+        canvas.print_figure(str(path), format=fmt, dpi=DPI, metadata=metadata)
     finally:
         fig.clf()
     return path
