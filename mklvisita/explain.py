@@ -183,8 +183,9 @@ class _Pass:
     rollout: torch.Tensor | None  # (P,) CLS row over patches
 
 
-def _run(model: Any, processor: Any, image: ImageInput, caption: str, grad_layers: Sequence[int],
-         rollout: bool = True) -> _Pass:
+def _run(
+    model: Any, processor: Any, image: ImageInput, caption: str, grad_layers: Sequence[int], rollout: bool = True
+) -> _Pass:
     """One forward pass (and one gradient for ``grad_layers``) of a single pair; everything returned detached."""
     words, token_word = processor.words(caption)
     pv, boxes = processor.images([load_image(image)])
@@ -224,17 +225,27 @@ def _run(model: Any, processor: Any, image: ImageInput, caption: str, grad_layer
                 grads = torch.autograd.grad(out.logits[:, 1].sum(), [attn[i] for i in wanted]) if wanted else []
                 by_layer = dict(zip(wanted, grads))
                 t2i = [a[0].detach().float().cpu() for a in attn]
-                cams = [grad_cam(attn[i][0].detach(), by_layer[i][0]).float().cpu() if i in by_layer else None
-                        for i in range(len(attn))]
+                cams = [
+                    grad_cam(attn[i][0].detach(), by_layer[i][0]).float().cpu() if i in by_layer else None
+                    for i in range(len(attn))
+                ]
     finally:
         if was_training:
             model.train()
     names = model.kernel_names
     beta = sim.weights.reshape(-1, len(names))[0]
     return _Pass(
-        words, token_word, boxes[0], itm, float(sim.similarity[0]),
-        dict(zip(names, sim.contributions[0].tolist())), dict(zip(names, beta.tolist())),
-        t2i, cams, kmaps, roll,
+        words,
+        token_word,
+        boxes[0],
+        itm,
+        float(sim.similarity[0]),
+        dict(zip(names, sim.contributions[0].tolist())),
+        dict(zip(names, beta.tolist())),
+        t2i,
+        cams,
+        kmaps,
+        roll,
     )
 
 
@@ -269,8 +280,17 @@ def _grid(x: torch.Tensor, model: Any) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ public functions
-def explain_pair(model: Any, processor: Any, image: ImageInput, caption: str, *, layer: int | None = None,
-                 method: str = "gradcam", normalize: str = "per_map", heads: bool = False) -> Explanation:
+def explain_pair(
+    model: Any,
+    processor: Any,
+    image: ImageInput,
+    caption: str,
+    *,
+    layer: int | None = None,
+    method: str = "gradcam",
+    normalize: str = "per_map",
+    heads: bool = False,
+) -> Explanation:
     """Explain one image-caption pair.
 
     Args:
@@ -293,8 +313,10 @@ def explain_pair(model: Any, processor: Any, image: ImageInput, caption: str, *,
     """
     _check_options(method, normalize)
     if method in ("gradcam", "attention") and not model.has_itm:
-        raise ValueError(f"method={method!r} needs the fusion/ITM branch, which this model does not have "
-                         "(fusion.enabled = false); use method='kernel' for the local-kernel maps")
+        raise ValueError(
+            f"method={method!r} needs the fusion/ITM branch, which this model does not have "
+            "(fusion.enabled = false); use method='kernel' for the local-kernel maps"
+        )
     li = _layer_index(model, layer) if model.has_itm else -1
     p = _run(model, processor, image, caption, grad_layers=[li] if method == "gradcam" else [])
     box = p.box
@@ -329,16 +351,27 @@ def explain_pair(model: Any, processor: Any, image: ImageInput, caption: str, *,
         fusion_weights = [dict(zip(model.local_kernel_names, row.tolist())) for row in fkw.detach().float().cpu()]
     weights = model.kernel_weights().detach().float().cpu().tolist()
     return Explanation(
-        tokens=p.words, word_heatmaps=word_maps, caption_heatmap=caption_map,
-        kernel_weights=dict(zip(model.kernel_names, weights)), itm=p.itm, similarity=p.similarity,
-        contributions=p.contributions, method=method, layer=li, kernel_maps=kernel_maps, rollout=rollout,
-        pair_kernel_weights=p.pair_weights, head_heatmaps=head_maps, fusion_kernel_weights=fusion_weights,
+        tokens=p.words,
+        word_heatmaps=word_maps,
+        caption_heatmap=caption_map,
+        kernel_weights=dict(zip(model.kernel_names, weights)),
+        itm=p.itm,
+        similarity=p.similarity,
+        contributions=p.contributions,
+        method=method,
+        layer=li,
+        kernel_maps=kernel_maps,
+        rollout=rollout,
+        pair_kernel_weights=p.pair_weights,
+        head_heatmaps=head_maps,
+        fusion_kernel_weights=fusion_weights,
         image_size=(box.width, box.height),
     )
 
 
-def layer_maps(model: Any, processor: Any, image: ImageInput, caption: str, *, method: str = "gradcam",
-               normalize: str = "per_map") -> LayerMaps:
+def layer_maps(
+    model: Any, processor: Any, image: ImageInput, caption: str, *, method: str = "gradcam", normalize: str = "per_map"
+) -> LayerMaps:
     """Word and caption maps of every fusion layer (one forward and one gradient for all of them).
 
     ``normalize="shared"`` puts all layers' word maps on one scale; "per_map" scales each map alone.
@@ -347,8 +380,7 @@ def layer_maps(model: Any, processor: Any, image: ImageInput, caption: str, *, m
     if not model.has_itm:
         raise ValueError("layer_maps needs the fusion branch, which this model does not have (fusion.enabled = false)")
     n = len(model.fusion.layers)
-    p = _run(model, processor, image, caption, grad_layers=list(range(n)) if method == "gradcam" else [],
-             rollout=False)
+    p = _run(model, processor, image, caption, grad_layers=list(range(n)) if method == "gradcam" else [], rollout=False)
     words, caps = [], []
     for li in range(n):
         w, c = _words_and_caption(_token_maps(p, model, li, method).mean(0), p)
@@ -366,8 +398,14 @@ def _peak(grid: torch.Tensor, model: Any, box: Letterbox) -> tuple[int, int]:
     return np.unravel_index(int(np.argmax(full)), full.shape)
 
 
-def pointing_game(model: Any, processor: Any, dataset: Any, n: int | None = None,
-                  methods: Sequence[str] = POINTING_METHODS, layer: int | None = None) -> dict[str, float]:
+def pointing_game(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    n: int | None = None,
+    methods: Sequence[str] = POINTING_METHODS,
+    layer: int | None = None,
+) -> dict[str, float]:
     """Does the peak of a phrase's caption map fall inside the object the phrase names?
 
     For the first ``n`` scenes (all when None) of a :class:`~mklvisita.data.ShapesScenes` (items with ``image``
@@ -383,17 +421,25 @@ def pointing_game(model: Any, processor: Any, dataset: Any, n: int | None = None
     for m in methods:
         if m not in POINTING_METHODS:
             raise ValueError(f"unknown pointing method {m!r}; choose from {', '.join(POINTING_METHODS)}")
-    usable = [m for m in methods
-              if (m not in ("gradcam", "attention") or model.has_itm)
-              and (m != "kernel" or "local" in model.kernels.sources)]
+    usable = [
+        m
+        for m in methods
+        if (m not in ("gradcam", "attention") or model.has_itm) and (m != "kernel" or "local" in model.kernels.sources)
+    ]
     li = _layer_index(model, layer) if model.has_itm else -1
     hits = {m: 0 for m in usable}
     areas, count = [], 0
     for i in range(len(dataset) if n is None else min(n, len(dataset))):
         item = dataset[i]
         for obj in item["objects"]:
-            p = _run(model, processor, item["image"], obj["phrase"],
-                     grad_layers=[li] if "gradcam" in usable else [], rollout="rollout" in usable)
+            p = _run(
+                model,
+                processor,
+                item["image"],
+                obj["phrase"],
+                grad_layers=[li] if "gradcam" in usable else [],
+                rollout="rollout" in usable,
+            )
             mask = np.asarray(obj["mask"], dtype=bool)
             areas.append(float(mask.mean()))
             count += 1

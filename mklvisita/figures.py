@@ -118,8 +118,16 @@ def _show_heatmap(ax, img: Image.Image, heatmap: np.ndarray, cmap: str, alpha: f
     return im
 
 
-def plot_heatmap(image: ImageInput, heatmap: np.ndarray, *, title: str | None = None, cmap: str = "jet",
-                 alpha: float = 0.5, save: str | Path | None = None, figure: bool = False) -> Image.Image | Figure:
+def plot_heatmap(
+    image: ImageInput,
+    heatmap: np.ndarray,
+    *,
+    title: str | None = None,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    save: str | Path | None = None,
+    figure: bool = False,
+) -> Image.Image | Figure:
     """One heatmap over the image, with a colour bar."""
     img = load_image(image)
     aspect = img.height / img.width
@@ -130,10 +138,19 @@ def plot_heatmap(image: ImageInput, heatmap: np.ndarray, *, title: str | None = 
     return _finish(fig, save, figure)
 
 
-def plot_word_maps(image: ImageInput, tokens: Sequence[str], maps: np.ndarray, *,
-                   caption_map: np.ndarray | None = None, title: str | None = None, ncols: int = 4,
-                   cmap: str = "jet", alpha: float = 0.5, save: str | Path | None = None,
-                   figure: bool = False) -> Image.Image | Figure:
+def plot_word_maps(
+    image: ImageInput,
+    tokens: Sequence[str],
+    maps: np.ndarray,
+    *,
+    caption_map: np.ndarray | None = None,
+    title: str | None = None,
+    ncols: int = 4,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    save: str | Path | None = None,
+    figure: bool = False,
+) -> Image.Image | Figure:
     """A grid of per-word heatmaps (n_words, H, W), the caption's map first when given; one shared colour bar."""
     img = load_image(image)
     panels = ([("caption", caption_map)] if caption_map is not None else []) + list(zip(tokens, maps))
@@ -147,7 +164,7 @@ def plot_word_maps(image: ImageInput, tokens: Sequence[str], maps: np.ndarray, *
     im = None
     for ax, (label, m) in zip(axes, panels):
         im = _show_heatmap(ax, img, m, cmap, alpha, label)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
     fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02)
     if title:
@@ -156,9 +173,14 @@ def plot_word_maps(image: ImageInput, tokens: Sequence[str], maps: np.ndarray, *
 
 
 # ------------------------------------------------------------------------------------------ kernel weights
-def plot_kernel_weights(weights: dict[str, float], *, pair_weights: dict[str, float] | None = None,
-                        title: str = "kernel weights", save: str | Path | None = None,
-                        figure: bool = False) -> Image.Image | Figure:
+def plot_kernel_weights(
+    weights: dict[str, float],
+    *,
+    pair_weights: dict[str, float] | None = None,
+    title: str = "kernel weights",
+    save: str | Path | None = None,
+    figure: bool = False,
+) -> Image.Image | Figure:
     """Global kernel weights beta as bars; with ``pair_weights`` (the effective beta of one pair) side by side."""
     names = list(weights)
     y = np.arange(len(names))
@@ -168,8 +190,7 @@ def plot_kernel_weights(weights: dict[str, float], *, pair_weights: dict[str, fl
         ax.barh(y, [weights[n] for n in names], color="tab:blue")
     else:
         ax.barh(y - 0.2, [weights[n] for n in names], height=0.4, label="global", color="tab:blue")
-        ax.barh(y + 0.2, [pair_weights.get(n, 0.0) for n in names], height=0.4, label="this pair",
-                color="tab:orange")
+        ax.barh(y + 0.2, [pair_weights.get(n, 0.0) for n in names], height=0.4, label="this pair", color="tab:orange")
         ax.legend(fontsize=8)
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
@@ -178,10 +199,15 @@ def plot_kernel_weights(weights: dict[str, float], *, pair_weights: dict[str, fl
     return _finish(fig, save, figure)
 
 
-def plot_fusion_kernel_weights(weights: np.ndarray | Sequence[dict[str, float]], names: Sequence[str] | None = None,
-                               *, image_levels: Sequence[int] | None = None,
-                               title: str = "kernel weights per fusion layer",
-                               save: str | Path | None = None, figure: bool = False) -> Image.Image | Figure:
+def plot_fusion_kernel_weights(
+    weights: np.ndarray | Sequence[dict[str, float]],
+    names: Sequence[str] | None = None,
+    *,
+    image_levels: Sequence[int] | None = None,
+    title: str = "kernel weights per fusion layer",
+    save: str | Path | None = None,
+    figure: bool = False,
+) -> Image.Image | Figure:
     """Each fusion layer's weights over the local kernels, (L, n) as an annotated heatmap."""
     if len(weights) and isinstance(weights[0], dict):
         names = list(weights[0]) if names is None else list(names)
@@ -203,17 +229,24 @@ def plot_fusion_kernel_weights(weights: np.ndarray | Sequence[dict[str, float]],
     return _finish(fig, save, figure)
 
 
-def plot_contributions(contributions: np.ndarray, kernel_names: Sequence[str], captions: Sequence[str], *,
-                       title: str = "kernel contributions to the similarity", save: str | Path | None = None,
-                       figure: bool = False) -> Image.Image | Figure:
+def plot_contributions(
+    contributions: np.ndarray,
+    kernel_names: Sequence[str],
+    captions: Sequence[str],
+    *,
+    title: str = "kernel contributions to the similarity",
+    save: str | Path | None = None,
+    figure: bool = False,
+) -> Image.Image | Figure:
     """Stacked bars of beta_m K_m per caption, (n_captions, n_kernels); positive parts stack right, negative left.
 
     A black tick marks each caption's total similarity S (the sum of its contributions).
     """
     c = np.asarray(contributions, dtype=np.float32)
     if c.ndim != 2 or c.shape != (len(captions), len(kernel_names)):
-        raise ValueError(f"contributions must be (n_captions={len(captions)}, n_kernels={len(kernel_names)}), "
-                         f"got shape {c.shape}")
+        raise ValueError(
+            f"contributions must be (n_captions={len(captions)}, n_kernels={len(kernel_names)}), got shape {c.shape}"
+        )
     fig = _new_figure(8.0, max(0.5 * len(captions), 0.18 * len(kernel_names)) + 1.4)
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["tab20"]
@@ -235,14 +268,23 @@ def plot_contributions(contributions: np.ndarray, kernel_names: Sequence[str], c
     return _finish(fig, save, figure)
 
 
-def plot_score_matrix(scores: np.ndarray, image_labels: Sequence[str], caption_labels: Sequence[str], *,
-                      title: str = "scores", fmt: str = "{:.2f}", cmap: str = "viridis",
-                      save: str | Path | None = None, figure: bool = False) -> Image.Image | Figure:
+def plot_score_matrix(
+    scores: np.ndarray,
+    image_labels: Sequence[str],
+    caption_labels: Sequence[str],
+    *,
+    title: str = "scores",
+    fmt: str = "{:.2f}",
+    cmap: str = "viridis",
+    save: str | Path | None = None,
+    figure: bool = False,
+) -> Image.Image | Figure:
     """An (n_images, n_captions) score matrix with every value written in its cell."""
     s = np.asarray(scores, dtype=np.float32)
     if s.shape != (len(image_labels), len(caption_labels)):
-        raise ValueError(f"scores must be (n_images={len(image_labels)}, n_captions={len(caption_labels)}), "
-                         f"got shape {s.shape}")
+        raise ValueError(
+            f"scores must be (n_images={len(image_labels)}, n_captions={len(caption_labels)}), got shape {s.shape}"
+        )
     fig = _new_figure(1.2 * s.shape[1] + 2.5, 0.5 * s.shape[0] + 2.0)
     ax = fig.add_subplot()
     im = ax.imshow(s, cmap=cmap, aspect="auto")
@@ -278,9 +320,18 @@ def explanation_figures(image: ImageInput, explanation: Any, caption: str | None
     return out
 
 
-def write_figure_set(model: Any, processor: Any, image: ImageInput, captions: Sequence[str], out_dir: str | Path,
-                     *, formats: Sequence[str] = ("png",), method: str = "gradcam", layer: int | None = None,
-                     normalize: str = "per_map") -> list[Path]:
+def write_figure_set(
+    model: Any,
+    processor: Any,
+    image: ImageInput,
+    captions: Sequence[str],
+    out_dir: str | Path,
+    *,
+    formats: Sequence[str] = ("png",),
+    method: str = "gradcam",
+    layer: int | None = None,
+    normalize: str = "per_map",
+) -> list[Path]:
     """Explain every caption against the image and write all figures to ``out_dir``; returns the files written."""
     from .explain import explain_pair
 
@@ -296,40 +347,78 @@ def write_figure_set(model: Any, processor: Any, image: ImageInput, captions: Se
     exps = [explain_pair(model, processor, img, c, layer=layer, method=method, normalize=normalize) for c in captions]
     for i, (c, e) in enumerate(zip(captions, exps)):
         slug = f"{i:02d}_" + re.sub(r"[^a-z0-9]+", "_", c.lower()).strip("_")[:40]
-        write(f"{slug}_caption", lambda e=e, c=c: plot_heatmap(
-            img, e.caption_heatmap, title=f"{e.method} layer {e.layer}: {_short(c)}", figure=True))
-        write(f"{slug}_words", lambda e=e: plot_word_maps(img, e.tokens, e.word_heatmaps, caption_map=e.caption_heatmap,
-                                                            title=f"{e.method}, itm {e.itm:.2f}", figure=True))
+        write(
+            f"{slug}_caption",
+            lambda e=e, c=c: plot_heatmap(
+                img, e.caption_heatmap, title=f"{e.method} layer {e.layer}: {_short(c)}", figure=True
+            ),
+        )
+        write(
+            f"{slug}_words",
+            lambda e=e: plot_word_maps(
+                img,
+                e.tokens,
+                e.word_heatmaps,
+                caption_map=e.caption_heatmap,
+                title=f"{e.method}, itm {e.itm:.2f}",
+                figure=True,
+            ),
+        )
         if e.kernel_maps:
-            write(f"{slug}_kernels", lambda e=e: plot_word_maps(
-                img, list(e.kernel_maps), np.stack([m.mean(0) for m in e.kernel_maps.values()]),
-                title="local kernel maps (mean over words)", figure=True))
+            write(
+                f"{slug}_kernels",
+                lambda e=e: plot_word_maps(
+                    img,
+                    list(e.kernel_maps),
+                    np.stack([m.mean(0) for m in e.kernel_maps.values()]),
+                    title="local kernel maps (mean over words)",
+                    figure=True,
+                ),
+            )
     e0 = exps[0]
     if e0.rollout is not None:
         write("rollout", lambda: plot_heatmap(img, e0.rollout, title="ViT attention rollout", figure=True))
-    write("kernel_weights", lambda: plot_kernel_weights(e0.kernel_weights, pair_weights=e0.pair_kernel_weights
-                                                        if model.config.kernels.gate else None, figure=True))
+    write(
+        "kernel_weights",
+        lambda: plot_kernel_weights(
+            e0.kernel_weights, pair_weights=e0.pair_kernel_weights if model.config.kernels.gate else None, figure=True
+        ),
+    )
     if e0.fusion_kernel_weights:
-        write("fusion_kernel_weights", lambda: plot_fusion_kernel_weights(
-            e0.fusion_kernel_weights, image_levels=list(model.fusion.image_levels), figure=True))
+        write(
+            "fusion_kernel_weights",
+            lambda: plot_fusion_kernel_weights(
+                e0.fusion_kernel_weights, image_levels=list(model.fusion.image_levels), figure=True
+            ),
+        )
     names = list(e0.contributions)
     contrib = np.array([[e.contributions[n] for n in names] for e in exps])
     write("contributions", lambda: plot_contributions(contrib, names, list(captions), figure=True))
     rows = np.array([[e.itm for e in exps], [e.similarity for e in exps]])
-    write("scores", lambda: plot_score_matrix(rows, ["itm", "similarity"], list(captions),
-                                              title="scores of the image with each caption", figure=True))
+    write(
+        "scores",
+        lambda: plot_score_matrix(
+            rows, ["itm", "similarity"], list(captions), title="scores of the image with each caption", figure=True
+        ),
+    )
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mklvisita.figures",
-                                     description="Write the explanation figure set for an image and captions.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mklvisita.figures", description="Write the explanation figure set for an image and captions."
+    )
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder or Hub id (default: the embedded one)")
     parser.add_argument("--revision", default=None, help="Hub revision to pin")
     parser.add_argument("--image", default=None, help="image file")
     parser.add_argument("--caption", action="append", default=[], help="a caption (repeat for several)")
-    parser.add_argument("--shapes", type=int, default=None, metavar="INDEX",
-                        help="use shapes test scene INDEX (its image, captions and first hard negative)")
+    parser.add_argument(
+        "--shapes",
+        type=int,
+        default=None,
+        metavar="INDEX",
+        help="use shapes test scene INDEX (its image, captions and first hard negative)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", nargs="+", default=["png"], choices=["png", "svg", "pdf"])
     parser.add_argument("--method", default="gradcam", choices=["gradcam", "attention", "kernel"])
@@ -359,8 +448,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = MKLVisITA.from_pretrained(args.checkpoint, revision=args.revision).eval()
             processor = Processor(model.config, model.tokenizer)
-        files = write_figure_set(model, processor, image, captions, args.out, formats=args.format,
-                                 method=args.method, layer=args.layer, normalize=args.normalize)
+        files = write_figure_set(
+            model,
+            processor,
+            image,
+            captions,
+            args.out,
+            formats=args.format,
+            method=args.method,
+            layer=args.layer,
+            normalize=args.normalize,
+        )
     except ValueError as e:  # bad input or checkpoint: a plain message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

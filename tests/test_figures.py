@@ -109,16 +109,52 @@ def test_figures_are_released_after_rendering():
 def test_figure_set_command(tiny_checkpoint, tmp_path, capsys):
     image = tmp_path / "photo.png"
     IMAGE.save(image)
-    rc = figures.main(["--checkpoint", str(tiny_checkpoint), "--image", str(image), "--caption", "a red circle",
-                       "--caption", "two squares", "--out", str(tmp_path / "out"), "--format", "png", "svg"])
+    rc = figures.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--image",
+            str(image),
+            "--caption",
+            "a red circle",
+            "--caption",
+            "two squares",
+            "--out",
+            str(tmp_path / "out"),
+            "--format",
+            "png",
+            "svg",
+        ]
+    )
     assert rc == 0
     written = {p.name for p in (tmp_path / "out").iterdir()}
-    for stem in ["00_a_red_circle_caption", "00_a_red_circle_words", "01_two_squares_kernels", "rollout",
-                 "kernel_weights", "fusion_kernel_weights", "contributions", "scores"]:
+    for stem in [
+        "00_a_red_circle_caption",
+        "00_a_red_circle_words",
+        "01_two_squares_kernels",
+        "rollout",
+        "kernel_weights",
+        "fusion_kernel_weights",
+        "contributions",
+        "scores",
+    ]:
         assert {f"{stem}.png", f"{stem}.svg"} <= written
     assert str(tmp_path / "out" / "scores.png") in capsys.readouterr().out
-    assert figures.main(["--checkpoint", str(tmp_path / "missing"), "--image", str(image), "--caption", "x",
-                         "--out", str(tmp_path / "o2")]) == 2
+    assert (
+        figures.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "missing"),
+                "--image",
+                str(image),
+                "--caption",
+                "x",
+                "--out",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     with pytest.raises(SystemExit):
         figures.main(["--out", str(tmp_path / "o3")])  # neither an image nor a shapes scene
     assert not plt.get_fignums()
