@@ -94,6 +94,8 @@ class FusionConfig:
     dropout: float = 0.0  # dropout in attention and feed-forward
     image_levels: list[int] | None = None  # ViT block (0-based) feeding each fusion layer; None = evenly spaced
     affinity_bias: bool = True  # bias text->image attention logits by the local multi-kernel affinity
+    itm_similarity: bool = True  # add the pair's multi-kernel similarity (learned weight) to the ITM match logit, so
+    # the matching head starts from what ITC knows and fusion learns what S cannot see (binding, relations)
 
 
 @dataclass

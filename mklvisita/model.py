@@ -165,6 +165,7 @@ class MKLVisITA(
         f = config.fusion
         self.fusion: HierarchicalFusion | None = None
         self.itm_head: nn.Linear | None = None
+        self.itm_similarity_weight: nn.Parameter | None = None
         if f.enabled:
             levels = f.image_levels or _spread(f.layers, self.vision.depth)
             if len(levels) != f.layers:
@@ -177,6 +178,8 @@ class MKLVisITA(
                 f, dv, dt, [lv % self.vision.depth for lv in levels], n_local, self.vision.num_prefix_tokens
             )
             self.itm_head = nn.Linear(f.width, 2)
+            # Weight of S in the match logit (S is within [-1, 1]; 5 makes a 0.4 gap in S worth 2 nats at init).
+            self.itm_similarity_weight = nn.Parameter(torch.tensor(5.0)) if f.itm_similarity else None
         self.image_levels = sorted(
             {self.image_mid_level, self.vision.depth - 1, *(self.fusion.image_levels if self.fusion else [])}
         )
@@ -258,16 +261,20 @@ class MKLVisITA(
         if self.fusion is None:
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
         affinity = None
-        if self.fusion.use_bias:
+        if self.fusion.use_bias or self.itm_similarity_weight is not None:
             img_emb = self.embed_image(img) if img_emb is None else img_emb
             txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
+        if self.fusion.use_bias:
 
             def affinity(weights: torch.Tensor) -> torch.Tensor:
                 aff = self.kernels.local_affinity(img_emb, txt_emb, weights)  # (B, T, P)
                 return aff * txt_emb.local_mask.unsqueeze(-1)  # rows of [CLS]/[SEP]/padding get no bias
 
         out = self.fusion(img.levels, txt.levels[self.text.depth - 1], txt.attention_mask, affinity)
-        logits = self.itm_head(out.cls)
+        logits = self.itm_head(out.cls)  # (B, 2)
+        if self.itm_similarity_weight is not None:
+            s = self.similarity(img_emb, txt_emb, pairwise=True).similarity  # (B,)
+            logits = logits + torch.stack([torch.zeros_like(s), self.itm_similarity_weight * s], -1)
         return MatchOutput(logits, logits.softmax(-1)[:, 1], out.attentions)
 
     # ------------------------------------------------------------------------------------------- training

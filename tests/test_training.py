@@ -164,11 +164,15 @@ def test_lr_schedule_warms_up_then_decays() -> None:
 
 
 def test_backbones_get_the_lower_learning_rate(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, "optim.backbone_lr_mult=0.1", "optim.lr=1e-3")
+    cfg = _cfg(tmp_path, "optim.backbone_lr_mult=0.1", "optim.lr=1e-3", "optim.mix_lr_mult=20")
     model, _ = train_mod.build_model_and_processor(cfg)
     groups = train_mod.param_groups(model, cfg)
     by_name = {g["name"]: g for g in groups}
     assert by_name["backbone/decay"]["lr"] == pytest.approx(1e-4) and by_name["new/decay"]["lr"] == pytest.approx(1e-3)
+    mix = by_name["mix/no_decay"]
+    assert mix["lr"] == pytest.approx(2e-2) and mix["weight_decay"] == 0.0
+    mix_names = {n for n, p in model.named_parameters() if any(p is q for q in mix["params"])}
+    assert "kernels.logits" in mix_names and all(n.endswith(train_mod.MIX_SUFFIXES) for n in mix_names)
     assert by_name["new/no_decay"]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
 

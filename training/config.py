@@ -54,6 +54,8 @@ class OptimConfig:
 
     lr: float = 1e-4  # peak learning rate of the new (non-backbone) parameters
     backbone_lr_mult: float = 1.0  # the ViT and text encoder train at lr * this (lower for pretrained backbones)
+    mix_lr_mult: float = 1.0  # the kernel-weight logits (beta, per-level mixes) train at lr * this: a handful of
+    # scalars that otherwise barely leave the uniform start in a short run
     weight_decay: float = 0.02  # decoupled weight decay; not applied to biases, norms and scalars
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
     warmup_steps: int = 100  # linear warmup from 0 to lr over this many optimizer steps

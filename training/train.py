@@ -54,6 +54,8 @@ COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 # Parameter-name prefixes of the pretrained backbones (the timm ViT and the transformers text encoder).
 BACKBONE_PREFIXES = ("vision.", "text.")
+# The kernel-weight logits: beta of the multi-kernel similarity and each fusion level's mix of local kernels.
+MIX_SUFFIXES = ("kernels.logits", "fusion.bias_logits")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,23 +161,23 @@ class EpochSampler(Sampler[int]):
 
 
 def param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
-    """AdamW groups: backbone vs new parameters (lr), and decay vs no decay (biases, norms, scalars)."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    """AdamW groups: backbone / new / kernel-mix parameters (lr), and decay vs no decay (biases, norms, scalars)."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        backbone = name.startswith(BACKBONE_PREFIXES)
+        kind = "backbone" if name.startswith(BACKBONE_PREFIXES) else "mix" if name.endswith(MIX_SUFFIXES) else "new"
         decay = p.ndim >= 2 and "norm" not in name.lower() and "embedding" not in name.lower()
-        groups.setdefault((backbone, decay), []).append(p)
+        groups.setdefault((kind, decay), []).append(p)
+    mult = {"backbone": cfg.optim.backbone_lr_mult, "mix": cfg.optim.mix_lr_mult, "new": 1.0}
     out = []
-    for (backbone, decay), params in sorted(groups.items()):
-        lr = cfg.optim.lr * (cfg.optim.backbone_lr_mult if backbone else 1.0)
+    for (kind, decay), params in sorted(groups.items()):
         out.append(
             {
                 "params": params,
-                "lr": lr,
+                "lr": cfg.optim.lr * mult[kind],
                 "weight_decay": cfg.optim.weight_decay if decay else 0.0,
-                "name": f"{'backbone' if backbone else 'new'}/{'decay' if decay else 'no_decay'}",
+                "name": f"{kind}/{'decay' if decay else 'no_decay'}",
             }
         )
     return out
