@@ -106,6 +106,9 @@ class LossConfig:
     itm_weight: float = 1.0  # binary matching on fused CLS with hard negatives
     entropy_weight: float = 0.01  # kernel-entropy regulariser (pushes beta away from a single kernel)
     temperature: float = 0.07  # initial ITC temperature (learned)
+    itm_negatives: str = "hard"  # ITM negatives from the batch: "hard" = sampled from S (ALBEF), "random" = uniform.
+    # Use "random" where a caption can be true of other images of the batch ("three shapes"): S-hard negatives of
+    # such captions are often true matches, and the mislabelled pairs stall ITM.
     hard_negative_itc: bool = True  # extra hard-negative captions (when given) also enter ITC as distractors
 
 
@@ -162,6 +165,8 @@ class MKLVisITAConfig:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:
             raise ConfigError(f"fusion.width ({self.fusion.width}) must be divisible by fusion.heads")
+        if self.loss.itm_negatives not in ("hard", "random"):
+            raise ConfigError(f"loss.itm_negatives must be 'hard' or 'random', not {self.loss.itm_negatives!r}")
         if self.text.max_length < 3:
             raise ConfigError("text.max_length must be at least 3 ([CLS], one word, [SEP])")
 

@@ -316,7 +316,10 @@ class MKLVisITA(
             img_idx, txt_idx = [ar], [ar]  # positives
             ids = ar if image_ids is None else image_ids
             if (ids[:, None] != ids[None, :]).any(-1).all():  # every image has another image to contrast with
-                neg_t, neg_i = sample_hard_negatives(sim.similarity.detach(), image_ids)
+                scores = sim.similarity.detach()
+                if cfg.itm_negatives == "random":
+                    scores = torch.zeros_like(scores)  # uniform over the other images' captions
+                neg_t, neg_i = sample_hard_negatives(scores, image_ids)
                 img_idx += [ar, neg_i]  # a hard caption for each image, a hard image for each caption
                 txt_idx += [neg_t, ar]
             texts, t_embs = txt, et

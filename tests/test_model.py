@@ -301,3 +301,14 @@ def test_a_batch_of_one_image_still_trains():
         neg_attention_mask=neg["attention_mask"],
     )
     assert "itm" in out.losses
+
+
+def test_itm_negatives_option_is_validated_and_used():
+    cfg = micro_config()
+    cfg.loss.itm_negatives = "random"
+    model = MKLVisITA(cfg).train()
+    pv, enc = _batch(model)
+    assert torch.isfinite(model(pv, enc["input_ids"], enc["attention_mask"]).losses["itm"])
+    cfg.loss.itm_negatives = "hardest"
+    with pytest.raises(ConfigError, match="itm_negatives"):
+        MKLVisITA(cfg)
