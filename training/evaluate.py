@@ -32,12 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from mklvisita.explain import shapes_pointing_metric
 from mklvisita.metrics import coco_5fold_1k, itm_prf, pairwise_accuracy, retrieval_metrics
 
 SHAPES_TEST_SIZE = 1000
 ExtraMetric = Callable[[Any, Any, "EvalData"], dict[str, float]]
 # Registered by other parts of the project (e.g. explanations: pointing_acc on shapes); name -> callable.
-EXTRA_METRICS: dict[str, ExtraMetric] = {}
+# pointing: pointing_acc (Grad-CAM) + pointing_acc_<method> and pointing_chance on shapes; {} on other data.
+EXTRA_METRICS: dict[str, ExtraMetric] = {"pointing": shapes_pointing_metric}
 
 
 @dataclass
