@@ -55,6 +55,7 @@ ASSETS_DIR = ROOT / "assets"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
 
 DEFAULT_CHECKPOINT = "embedded default"
+DEFAULT_LAYER = "default"  # fusion-layer choice meaning mklvisita.explain.default_layer
 CHECKPOINTS_ENV = "MKLVISITA_CHECKPOINTS"
 
 # Input limits: small enough that one request cannot hold a 2-CPU Space for long.
@@ -364,10 +365,11 @@ def _explanation(
         raise gr.Error(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if scale not in SCALES:
         raise gr.Error(f"Unknown scale {scale!r}; choose one of {', '.join(SCALES)}.")
-    layer = int(layer if layer not in (None, "") else -1)
+    # "default": the explain module's choice (the last layer whose word attention reaches the ITM head).
+    layer = None if layer in (None, "", DEFAULT_LAYER) else int(layer)
     n_layers = len(matcher.fusion_kernel_weights())
-    if n_layers and not -n_layers <= layer < n_layers:
-        raise gr.Error(f"Fusion layer {layer} does not exist; this checkpoint has {n_layers} (use -1 for the last).")
+    if layer is not None and n_layers and not -n_layers <= layer < n_layers:
+        raise gr.Error(f"Fusion layer {layer} does not exist; this checkpoint has {n_layers} (0 to {n_layers - 1}).")
 
     def compute() -> Any:
         return matcher.explain(img, caption, layer=layer, method=method, normalize=scale)
@@ -388,7 +390,7 @@ def explain(
     matcher: Matcher,
     image: Any,
     caption: str | None,
-    layer: int | str = -1,
+    layer: int | str = DEFAULT_LAYER,
     method: str = "gradcam",
     scale: str = "per_map",
     cache: ResultCache | None = None,
@@ -396,7 +398,7 @@ def explain(
     """Heatmaps for one image-caption pair: where the caption, and each of its words, looks in the image.
 
     Args:
-        layer: fusion layer (0-based; -1 is the last). method: "gradcam", "attention" or "kernel".
+        layer: fusion layer (0-based) or "default" (the layer whose word attention reaches the ITM head). method: "gradcam", "attention" or "kernel".
         scale: "per_map" (each map on its own scale) or "shared" (word maps on one scale, so they compare).
 
     Returns:
@@ -586,7 +588,7 @@ def model_info(matcher: Matcher) -> tuple:
 
 def layer_choices(matcher: Matcher) -> list[tuple[str, int]]:
     n = len(matcher.fusion_kernel_weights())
-    return [("last", -1)] + [(str(i + 1), i) for i in range(n)]
+    return [(DEFAULT_LAYER, DEFAULT_LAYER)] + [(str(i + 1), i) for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -669,7 +671,7 @@ def create_demo(
                         scale=3,
                     )
                     e_layer = gr.Dropdown(
-                        label="Fusion layer", choices=layer_choices(matcher), value=-1, elem_id="explain-layer", scale=1
+                        label="Fusion layer", choices=layer_choices(matcher), value=DEFAULT_LAYER, elem_id="explain-layer", scale=1
                     )
                     e_method = gr.Radio(list(METHODS), value="gradcam", label="Method", scale=2)
                     e_scale = gr.Radio([("per map", "per_map"), ("shared", "shared")], value="per_map", label="Scale")
@@ -814,7 +816,7 @@ def create_demo(
                     return (
                         choice,
                         f"Using **{choice}**.",
-                        gr.Dropdown(choices=layer_choices(entry.matcher), value=-1),
+                        gr.Dropdown(choices=layer_choices(entry.matcher), value=DEFAULT_LAYER),
                         *model_info(entry.matcher),
                     )
 

@@ -137,7 +137,7 @@ class Matcher:
             final = similarity.copy()
         return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
 
-    def explain(self, image: ImageInput, caption: str, layer: int = -1, method: str = "gradcam", **kwargs):
+    def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str = "gradcam", **kwargs):
         """Heatmaps for one pair in the original image's frame; see :func:`mklvisita.explain.explain_pair`."""
         from .explain import explain_pair
 

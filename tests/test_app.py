@@ -126,11 +126,11 @@ def test_explain_scale_and_word_selection(matcher) -> None:  # noqa: F811
     assert shared.word_heatmaps.max(axis=(1, 2)).min() < 1.0 - 1e-4
     cache = app.ResultCache()
     app.explain(matcher, str(SHAPES[2]), caption, cache=cache)
-    selected, kernels = app.select_word(matcher, str(SHAPES[2]), caption, -1, "gradcam", "per_map", "star", cache)
+    selected, kernels = app.select_word(matcher, str(SHAPES[2]), caption, app.DEFAULT_LAYER, "gradcam", "per_map", "star", cache)
     assert selected.selected_index == 6 and cache.sub("explain", 1).hits == 1  # reused, not recomputed
     assert len(kernels) == len([n for n in matcher.kernel_weights() if n.startswith("local/")])
     with pytest.raises(gr.Error, match="not a word of the explained caption"):
-        app.select_word(matcher, str(SHAPES[2]), caption, -1, "gradcam", "per_map", "circle", cache)
+        app.select_word(matcher, str(SHAPES[2]), caption, app.DEFAULT_LAYER, "gradcam", "per_map", "circle", cache)
 
 
 def test_explain_rejects_a_missing_fusion_layer_and_unknown_options(matcher) -> None:  # noqa: F811
@@ -293,7 +293,7 @@ def test_checkpoint_choice_in_the_model_tab(matcher) -> None:  # noqa: F811
     (choose,) = [fn.fn for fn in demo.fns.values() if fn.name == "choose"]
     chosen, status, layers, _global, _levels, table, card, metrics = choose("owner/model")
     assert chosen == "owner/model" and "owner/model" in status
-    assert [value for _, value in layers.choices][0] == -1
+    assert [value for _, value in layers.choices][0] == app.DEFAULT_LAYER
     assert len(table) == 1 + len(matcher.fusion_kernel_weights())
     with pytest.raises(gr.Error, match="not in this demo's allow-list"):
         choose("someone/else")

@@ -32,7 +32,7 @@ def test_match_endpoint_returns_the_handler_result(client: Client, server_matche
 
 def test_explain_matrix_and_search_endpoints(client: Client) -> None:
     heat, words, _word, kernels, info = client.predict(
-        handle_file(str(CAT)), "a tabby cat", -1, "gradcam", "per_map", api_name="/explain"
+        handle_file(str(CAT)), "a tabby cat", "default", "gradcam", "per_map", api_name="/explain"
     )
     assert heat and info["tokens"] == ["a", "tabby", "cat"] and [w["caption"] for w in words] == info["tokens"]
     assert kernels and all(k["caption"].startswith("local/") for k in kernels)

@@ -131,3 +131,10 @@ def test_score_is_thread_safe(tiny_checkpoint, images):
         np.testing.assert_allclose(r, serial, atol=1e-6)
     assert torch.is_grad_enabled()
     assert all(p.grad is None for p in m.model.parameters())
+
+
+def test_default_explanation_has_nonzero_word_maps(tiny_checkpoint, images):
+    """The last fusion layer's word attention never reaches the ITM head: the default must not pick it."""
+    e = Matcher.from_pretrained(tiny_checkpoint).explain(images[0], "a red square")
+    assert e.tokens == ["a", "red", "square"]
+    assert e.word_heatmaps.shape == (3, 30, 40) and (e.word_heatmaps.max(axis=(1, 2)) > 0).all()
