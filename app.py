@@ -398,7 +398,8 @@ def explain(
     """Heatmaps for one image-caption pair: where the caption, and each of its words, looks in the image.
 
     Args:
-        layer: fusion layer (0-based) or "default" (the layer whose word attention reaches the ITM head). method: "gradcam", "attention" or "kernel".
+        layer: fusion layer (0-based) or "default" (the layer whose word attention reaches the ITM head).
+        method: "gradcam", "attention" or "kernel".
         scale: "per_map" (each map on its own scale) or "shared" (word maps on one scale, so they compare).
 
     Returns:
@@ -671,7 +672,11 @@ def create_demo(
                         scale=3,
                     )
                     e_layer = gr.Dropdown(
-                        label="Fusion layer", choices=layer_choices(matcher), value=DEFAULT_LAYER, elem_id="explain-layer", scale=1
+                        label="Fusion layer",
+                        choices=layer_choices(matcher),
+                        value=DEFAULT_LAYER,
+                        elem_id="explain-layer",
+                        scale=1,
                     )
                     e_method = gr.Radio(list(METHODS), value="gradcam", label="Method", scale=2)
                     e_scale = gr.Radio([("per map", "per_map"), ("shared", "shared")], value="per_map", label="Scale")

@@ -126,7 +126,9 @@ def test_explain_scale_and_word_selection(matcher) -> None:  # noqa: F811
     assert shared.word_heatmaps.max(axis=(1, 2)).min() < 1.0 - 1e-4
     cache = app.ResultCache()
     app.explain(matcher, str(SHAPES[2]), caption, cache=cache)
-    selected, kernels = app.select_word(matcher, str(SHAPES[2]), caption, app.DEFAULT_LAYER, "gradcam", "per_map", "star", cache)
+    selected, kernels = app.select_word(
+        matcher, str(SHAPES[2]), caption, app.DEFAULT_LAYER, "gradcam", "per_map", "star", cache
+    )
     assert selected.selected_index == 6 and cache.sub("explain", 1).hits == 1  # reused, not recomputed
     assert len(kernels) == len([n for n in matcher.kernel_weights() if n.startswith("local/")])
     with pytest.raises(gr.Error, match="not a word of the explained caption"):
