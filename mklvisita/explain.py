@@ -463,7 +463,7 @@ def pointing_game(
 
 
 def shapes_pointing_metric(model: Any, processor: Any, data: Any, n: int | None = None) -> dict[str, float]:
-    """``training.evaluate`` extra-metric hook: :func:`pointing_game` on shapes data, nothing on other sets.
+    """``mklvisita.evaluation`` extra-metric hook: :func:`pointing_game` on shapes data, nothing on other sets.
 
     Register it with ``EXTRA_METRICS["pointing"] = shapes_pointing_metric``. Every scene of the evaluated split
     is used (about 2,300 phrases for the 1,000-scene test split: under a minute for the tiny model on a CPU).

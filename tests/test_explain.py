@@ -288,7 +288,7 @@ def test_pointing_game_on_shapes(model, processor):
     assert out["pointing_chance"] == pytest.approx(np.mean([o["mask"].mean() for o in objects]))
     assert set(out) == {"pointing_acc_kernel", "pointing_acc_rollout", "pointing_acc", "pointing_chance", "pointing_n"}
 
-    class Data:  # what training.evaluate hands to an extra metric
+    class Data:  # what mklvisita.evaluation hands to an extra metric
         source = ds
 
     assert shapes_pointing_metric(model, processor, Data(), n=1)["pointing_n"] == len(ds[0]["objects"])

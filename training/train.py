@@ -264,7 +264,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from training.evaluate import evaluate_model, load_eval_data
+    from mklvisita.evaluation import evaluate_model, load_eval_data
 
     out_dir = Path(cfg.output_dir)
     # accelerate only goes multi-process on CPUs when asked for the CPU; torchrun on a GPU-less host would otherwise
