@@ -414,7 +414,8 @@ def pointing_game(
 
     Returns:
         ``pointing_acc_<method>`` per method that the model supports (Grad-CAM and attention need fusion, the
-        kernel method local kernels), ``pointing_acc`` (= Grad-CAM, else the first method measured),
+        kernel method local kernels), ``pointing_acc`` (= Grad-CAM, else attention or kernel; never rollout, which
+        ignores the phrase),
         ``pointing_chance`` (mean mask area fraction: the hit rate of a uniformly random peak) and
         ``pointing_n`` (number of phrases).
     """
@@ -455,8 +456,11 @@ def pointing_game(
                 r, c = _peak(grid, model, p.box)
                 hits[m] += bool(mask[r, c])
     out = {f"pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
-    if usable:
-        out["pointing_acc"] = out[f"pointing_acc_{'gradcam' if 'gradcam' in usable else usable[0]}"]
+    # The headline number is a caption-dependent map (rollout is the same for every phrase): Grad-CAM when the model
+    # has fusion, else the first of attention / kernel measured; absent for a model with neither.
+    grounded = [m for m in ("gradcam", "attention", "kernel") if m in usable]
+    if grounded:
+        out["pointing_acc"] = out[f"pointing_acc_{grounded[0]}"]
     out["pointing_chance"] = float(np.mean(areas)) if areas else 0.0
     out["pointing_n"] = float(count)
     return out

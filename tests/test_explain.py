@@ -293,3 +293,17 @@ def test_pointing_game_on_shapes(model, processor):
 
     assert shapes_pointing_metric(model, processor, Data(), n=1)["pointing_n"] == len(ds[0]["objects"])
     assert shapes_pointing_metric(model, processor, object()) == {}
+
+
+def test_pointing_headline_is_never_the_caption_blind_rollout():
+    from conftest import micro_config
+
+    from mklvisita import MKLVisITA
+    from mklvisita.data import ShapesScenes
+    from mklvisita.inputs import Processor
+
+    cfg = micro_config()
+    cfg.kernels.sources, cfg.kernels.functions, cfg.fusion.enabled = ["global"], ["cosine"], False
+    model = MKLVisITA(cfg).eval()
+    out = pointing_game(model, Processor(model.config, model.tokenizer), ShapesScenes("test", size=1), n=1)
+    assert "pointing_acc_rollout" in out and "pointing_acc" not in out
