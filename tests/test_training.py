@@ -190,3 +190,42 @@ def test_evaluate_cli_writes_metrics(tmp_path: Path) -> None:
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "binding_acc", "i2t_map"):
         assert 0 <= result[key] <= (600 if key == "rsum" else 100)
     assert result["meta"]["n_images"] == 6 and result["meta"]["n_captions"] == 30 and result["meta"]["k"] == 3
+
+
+def test_push_to_hub_uploads_the_release_folder(tmp_path: Path, monkeypatch) -> None:
+    """No network here: the Hub client is replaced by a recorder; what matters is what would be sent."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id))
+    )
+
+    def upload_folder(self, repo_id, folder_path, **kw):
+        calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    train_mod.train(_cfg(tmp_path, "max_steps=1", "save_every=0", "data.eval="), push_to_hub="someone/mklvisita-test")
+    assert calls[0] == ("create", "someone/mklvisita-test")
+    assert calls[1][:2] == ("upload", "someone/mklvisita-test")
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(calls[1][2])
+
+
+def test_library_imports_neither_gradio_nor_accelerate() -> None:
+    """mklvisita/ never imports them (transformers may pull in accelerate on its own when it is installed)."""
+    import ast
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent / "mklvisita"
+    for file in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not [n for n in names if n.split(".")[0] in ("gradio", "accelerate")], f"{file.name} imports {names}"
+    code = (
+        "import sys, mklvisita, mklvisita.matcher, mklvisita.evaluation, mklvisita.figures, mklvisita.data;"
+        "assert 'gradio' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
