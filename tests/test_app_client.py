@@ -142,3 +142,17 @@ def test_launched_with_the_safe_defaults(server) -> None:  # noqa: F811
         c["props"]["choices"] for c in config["components"] if c["props"].get("label") == "Checkpoint (allow-list)"
     ]
     assert [value for _, value in checkpoint_choices[0]] == [app.DEFAULT_CHECKPOINT, "test-owner/extra-checkpoint"]
+
+
+def test_readme_client_snippet_runs_against_the_app(server, monkeypatch, capsys) -> None:  # noqa: F811
+    import re
+
+    _, url = server
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(from gradio_client.*?)```", text, re.S).group(1)
+    code = code.replace('Client("http://127.0.0.1:7860/")', f"Client({url!r}, verbose=False)")
+    monkeypatch.chdir(ROOT)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["info"]["tokens"] == ["a", "purple", "cross"]
+    assert capsys.readouterr().out.count("ITM") == 2
