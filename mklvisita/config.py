@@ -113,6 +113,20 @@ class LossConfig:
 
 
 @dataclass
+class RankingConfig:
+    """The ranking rule, one owner: Match, Matrix, Search, evaluation and training-time evaluation all read it.
+
+    final score = itm_weight * ITM + similarity_weight * S. Retrieval is a cascade: the global kernels (one matrix
+    product) keep ``candidates`` per query, the full multi-kernel S re-scores those, ITM re-ranks the top ``k``.
+    """
+
+    itm_weight: float = 1.0  # weight of the ITM match probability in the final score (ignored without fusion)
+    similarity_weight: float = 1.0  # weight of the multi-kernel similarity S in the final score
+    k: int = 16  # ITM re-ranks the top k per query (0 = similarity only)
+    candidates: int = 128  # cascade stage 1: global kernels keep this many per query (0 = all: exhaustive S)
+
+
+@dataclass
 class MKLVisITAConfig:
     """The whole model. ``tiny()`` and ``base()`` are the two presets."""
 
@@ -121,7 +135,7 @@ class MKLVisITAConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    itm_score_weight: float = 1.0  # final score = itm_score_weight * ITM + similarity (ranking and `score`)
+    ranking: RankingConfig = field(default_factory=RankingConfig)  # how scores combine and how deep retrieval re-ranks
 
     @classmethod
     def tiny(cls) -> MKLVisITAConfig:
@@ -145,12 +159,25 @@ class MKLVisITAConfig:
             fusion=FusionConfig(layers=6, width=768, heads=12),
         )
 
+    @property
+    def itm_score_weight(self) -> float:
+        """Deprecated alias of ``ranking.itm_weight`` (configs saved before the ranking section)."""
+        return self.ranking.itm_weight
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MKLVisITAConfig:
-        """Build a config from nested dicts; unknown, missing-type or ill-typed fields raise ConfigError."""
+        """Build a config from nested dicts; unknown, missing-type or ill-typed fields raise ConfigError.
+
+        Checkpoints written before the ``ranking`` section carry a top-level ``itm_score_weight``: it becomes
+        ``ranking.itm_weight``.
+        """
+        if isinstance(data, dict) and "itm_score_weight" in data:
+            data = dict(data)
+            legacy = data.pop("itm_score_weight")
+            data["ranking"] = {"itm_weight": legacy, **dict(data.get("ranking") or {})}
         return _from_dict(cls, data, "config")
 
     def validate(self) -> None:
