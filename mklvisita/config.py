@@ -110,6 +110,8 @@ class LossConfig:
     # Use "random" where a caption can be true of other images of the batch ("three shapes"): S-hard negatives of
     # such captions are often true matches, and the mislabelled pairs stall ITM.
     hard_negative_itc: bool = True  # extra hard-negative captions (when given) also enter ITC as distractors
+    itm_sampled: str = "both"  # negatives sampled from the batch for ITM besides the dataset's own hard negative:
+    # "both" = a caption per image and an image per caption (ALBEF), "text", "image" or "none" (pos : dataset 1:1)
 
 
 @dataclass
@@ -192,6 +194,10 @@ class MKLVisITAConfig:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:
             raise ConfigError(f"fusion.width ({self.fusion.width}) must be divisible by fusion.heads")
+        if self.loss.itm_sampled not in ("both", "text", "image", "none"):
+            raise ConfigError(
+                f"loss.itm_sampled must be 'both', 'text', 'image' or 'none', not {self.loss.itm_sampled!r}"
+            )
         if self.loss.itm_negatives not in ("hard", "random"):
             raise ConfigError(f"loss.itm_negatives must be 'hard' or 'random', not {self.loss.itm_negatives!r}")
         if self.text.max_length < 3:

@@ -6,31 +6,54 @@ import torch
 import torch.nn.functional as F
 
 
+def positives_mask(
+    batch: int, image_ids: torch.Tensor | None = None, positives: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
+    """(B, B) bool, [i, j] = caption j is true of image i; the diagonal is always true.
+
+    ``positives`` (from the task: shapes claims that hold, identical captions) wins; else ``image_ids`` makes the
+    captions of one image positives of each other; else only the diagonal.
+    """
+    if positives is not None:
+        pos = positives.to(device=device, dtype=torch.bool).clone()
+    elif image_ids is not None:
+        pos = image_ids[:, None] == image_ids[None, :]
+    else:
+        pos = torch.zeros(batch, batch, dtype=torch.bool, device=device)
+    pos.diagonal().fill_(True)
+    return pos
+
+
 def itc_loss(
     similarity: torch.Tensor,
     logit_scale: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     extra_text_similarity: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE on the multi-kernel similarity.
+    """Symmetric InfoNCE on the multi-kernel similarity, with multi-positive targets.
 
-    similarity (B, B): image i x caption j, caption i belongs to image i. ``image_ids`` (B,) makes every caption
-    of the same image a positive (soft targets), as when a batch holds two captions of one image.
-    ``extra_text_similarity`` (B, K): more captions that are negatives for every image (hard negatives).
+    similarity (B, B): image i x caption j, caption i belongs to image i. ``positives`` (B, B) bool marks every
+    caption that is true of an image (soft targets spread over them, and none of them is pushed away);
+    ``image_ids`` (B,) is the older, coarser form (captions of the same image). ``extra_text_similarity`` (B, K):
+    more captions (hard negatives) used as distractors; ``extra_mask`` (B, K) bool says which of them may serve
+    as a negative of image i (default: all).
     """
     b = similarity.shape[0]
-    if image_ids is None:
-        pos = torch.eye(b, device=similarity.device, dtype=similarity.dtype)
-    else:
-        pos = (image_ids[:, None] == image_ids[None, :]).to(similarity.dtype)
+    pos = positives_mask(b, image_ids, positives, similarity.device).to(similarity.dtype)
     targets = pos / pos.sum(-1, keepdim=True)
     i2t = similarity
     i2t_targets = targets
     if extra_text_similarity is not None:
-        i2t = torch.cat([similarity, extra_text_similarity], 1)
-        i2t_targets = F.pad(targets, (0, extra_text_similarity.shape[1]))
-    loss_i2t = -(F.log_softmax(i2t * logit_scale, -1) * i2t_targets).sum(-1).mean()
-    loss_t2i = -(F.log_softmax(similarity.T * logit_scale, -1) * targets.T).sum(-1).mean()
+        extra = extra_text_similarity
+        if extra_mask is not None:  # a distractor that is not a negative of this image is left out of its softmax
+            extra = extra.masked_fill(~extra_mask.bool(), float("-inf"))
+        i2t = torch.cat([similarity, extra], 1)
+        i2t_targets = F.pad(targets, (0, extra.shape[1]))
+    t_targets = pos.T / pos.T.sum(-1, keepdim=True)
+    loss_i2t = -(F.log_softmax(i2t * logit_scale, -1) * i2t_targets).nan_to_num().sum(-1).mean()
+    loss_t2i = -(F.log_softmax(similarity.T * logit_scale, -1) * t_targets).sum(-1).mean()
     return (loss_i2t + loss_t2i) / 2
 
 
@@ -48,26 +71,30 @@ def kernel_entropy_loss(entropy: torch.Tensor, num_kernels: int) -> torch.Tensor
 
 @torch.no_grad()
 def sample_hard_negatives(
-    similarity: torch.Tensor, image_ids: torch.Tensor | None = None, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALBEF-style hard negatives sampled from the similarity.
+    similarity: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    positives: torch.Tensor | None = None,
+    sharpness: float = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ALBEF-style hard negatives sampled from the similarity, never a positive.
 
-    Returns (neg_text_for_image (B,), neg_image_for_text (B,)): for image i a caption j drawn with probability
-    softmax(S[i]) over non-matching captions; for caption j an image likewise. Pairs of the same image are
-    excluded, so a batch needs at least two different images.
+    Returns (neg_text_for_image (B,), image_has_negative (B,), neg_image_for_text (B,), text_has_negative (B,)):
+    for image i a caption j drawn with probability softmax(sharpness * S[i]) over the captions that are not true
+    of it (``positives``, see :func:`positives_mask`); for caption j an image likewise. A row with no negative at
+    all (every caption of the batch holds for that image) gets ``has_negative = False`` and must be dropped.
     """
     b = similarity.shape[0]
-    if image_ids is None:
-        image_ids = torch.arange(b, device=similarity.device)
-    same = image_ids[:, None] == image_ids[None, :]
+    pos = positives_mask(b, image_ids, positives, similarity.device)
     s = similarity.float()
 
-    if not (~same).any(-1).all():
-        raise ValueError("hard-negative sampling needs at least two different images in the batch")
+    def draw(scores: torch.Tensor, blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ok = (~blocked).any(-1)
+        logits = (scores * sharpness).masked_fill(blocked, float("-inf"))
+        logits = torch.where(ok[:, None], logits, torch.zeros_like(logits))  # no negative: any draw, flagged
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1), ok
 
-    def draw(scores: torch.Tensor) -> torch.Tensor:
-        w = scores.softmax(-1).masked_fill(same, 0.0)
-        return torch.multinomial(w, 1, generator=generator).squeeze(-1)
-
-    # Scale sharpens the distribution toward the hardest negatives, as the trained logit scale does in ALBEF.
-    return draw(s * 10), draw(s.T * 10)
+    # Sharpness plays the role of ALBEF's trained logit scale: it tilts the draw toward the hardest negatives.
+    neg_t, ok_i = draw(s, pos)
+    neg_i, ok_t = draw(s.T, pos.T)
+    return neg_t, ok_i, neg_i, ok_t

@@ -31,7 +31,7 @@ from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder
 from .fusion import HierarchicalFusion, LayerAttentions
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
-from .losses import itc_loss, itm_loss, kernel_entropy_loss, sample_hard_negatives
+from .losses import itc_loss, itm_loss, kernel_entropy_loss, positives_mask, sample_hard_negatives
 from .tokenizer import builtin_tokenizer, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -287,8 +287,18 @@ class MKLVisITA(
         neg_input_ids: torch.Tensor | None = None,
         neg_attention_mask: torch.Tensor | None = None,
         return_loss: bool = True,
+        positives: torch.Tensor | None = None,
     ) -> MKLVisITAOutput:
-        """Caption i describes image i. ``neg_*``: one hard-negative caption per image (e.g. attributes swapped)."""
+        """Caption i describes image i; the losses are computed when ``return_loss``.
+
+        Args:
+            image_ids: (B,) captions of the same image are positives of each other (coarse form of ``positives``).
+            neg_input_ids, neg_attention_mask: one hard-negative caption per image (e.g. attributes swapped).
+            positives: (B, B) bool, [i, j] = caption j is true of image i (the task knows: shapes claims that
+                hold, identical captions). ITC spreads its targets over them and ITM never samples one as a
+                negative. With it, each image's own dataset negative is its only extra ITC distractor (another
+                image's negative may be true of it).
+        """
         cfg = self.config.loss
         img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
         ei, et = self.embed_image(img), self.embed_text(txt)
@@ -298,36 +308,44 @@ class MKLVisITA(
         if not return_loss:
             return MKLVisITAOutput(None, {}, sim.similarity, sim.contributions, sim.weights, logs)
 
+        b = pixel_values.shape[0]
+        ar = torch.arange(b, device=pixel_values.device)
+        pos = positives_mask(b, image_ids, positives, pixel_values.device)
         neg = en = None
         if neg_input_ids is not None:
             neg = self.encode_text(neg_input_ids, neg_attention_mask)
             en = self.embed_text(neg)
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        extra = self.similarity(ei, en).similarity if (en is not None and cfg.hard_negative_itc) else None
+        extra = extra_mask = None
+        if en is not None and cfg.hard_negative_itc:
+            extra = self.similarity(ei, en).similarity  # (B, B): image i x negative caption j
+            extra_mask = torch.eye(b, dtype=torch.bool, device=ar.device) if positives is not None else None
         losses = {
-            "itc": itc_loss(sim.similarity, scale, image_ids, extra),
+            "itc": itc_loss(sim.similarity, scale, extra_text_similarity=extra, positives=pos, extra_mask=extra_mask),
             "entropy": kernel_entropy_loss(entropy, self.kernels.num_kernels),
         }
         loss = cfg.itc_weight * losses["itc"] + cfg.entropy_weight * losses["entropy"]
+        logs["positives_per_image"] = float(pos.float().sum(-1).mean())
 
         if self.fusion is not None and cfg.itm_weight > 0:
-            b = pixel_values.shape[0]
-            ar = torch.arange(b, device=pixel_values.device)
-            img_idx, txt_idx = [ar], [ar]  # positives
-            ids = ar if image_ids is None else image_ids
-            if (ids[:, None] != ids[None, :]).any(-1).all():  # every image has another image to contrast with
+            img_idx, txt_idx = [ar], [ar]  # positives first
+            if cfg.itm_sampled != "none" and b > 1:
                 scores = sim.similarity.detach()
                 if cfg.itm_negatives == "random":
-                    scores = torch.zeros_like(scores)  # uniform over the other images' captions
-                neg_t, neg_i = sample_hard_negatives(scores, image_ids)
-                img_idx += [ar, neg_i]  # a hard caption for each image, a hard image for each caption
-                txt_idx += [neg_t, ar]
+                    scores = torch.zeros_like(scores)  # uniform over the captions that are not true of the image
+                neg_t, ok_i, neg_i, ok_t = sample_hard_negatives(scores, positives=pos)
+                if cfg.itm_sampled in ("both", "text"):  # a hard caption for each image
+                    img_idx.append(ar[ok_i])
+                    txt_idx.append(neg_t[ok_i])
+                if cfg.itm_sampled in ("both", "image"):  # a hard image for each caption
+                    img_idx.append(neg_i[ok_t])
+                    txt_idx.append(ar[ok_t])
             texts, t_embs = txt, et
             if neg is not None:  # the dataset's own hard negative caption of each image
                 texts, t_embs = TextFeatures.cat([txt, neg]), KernelEmbeddings.cat([et, en])
                 img_idx.append(ar)
                 txt_idx.append(ar + b)
-            if len(img_idx) == 1:  # positives only (one image, no negative captions): nothing to discriminate
+            if sum(len(i) for i in img_idx[1:]) == 0:  # positives only: nothing to discriminate
                 return MKLVisITAOutput(loss, losses, sim.similarity, sim.contributions, sim.weights, logs)
             ii, tt = torch.cat(img_idx), torch.cat(txt_idx)
             m = self.match(img.select(ii), texts.select(tt), ei.select(ii), t_embs.select(tt))
@@ -335,7 +353,11 @@ class MKLVisITA(
             labels[:b] = 1
             losses["itm"] = itm_loss(m.logits, labels)
             loss = loss + cfg.itm_weight * losses["itm"]
-            logs["itm_acc"] = float((m.logits.argmax(-1) == labels).float().mean())
+            hit = m.logits.argmax(-1) == labels
+            logs["itm_acc"] = float(hit.float().mean())
+            logs["itm_acc_pos"] = float(hit[:b].float().mean())
+            if neg is not None:
+                logs["itm_acc_dataset_neg"] = float(hit[-b:].float().mean())
         return MKLVisITAOutput(loss, losses, sim.similarity, sim.contributions, sim.weights, logs)
 
     # ---------------------------------------------------------------------------------------- checkpoints

@@ -130,13 +130,36 @@ def test_kernel_entropy_loss_and_hard_negatives():
     sim = torch.tensor([[1.0, 0.9, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.5, 1.0]])
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
-        t, i = sample_hard_negatives(sim, generator=g)
-        assert (t != torch.arange(3)).all() and (i != torch.arange(3)).all()
+        t, ok_i, i, ok_t = sample_hard_negatives(sim, generator=g)
+        assert (t != torch.arange(3)).all() and (i != torch.arange(3)).all() and ok_i.all() and ok_t.all()
     ids = torch.tensor([0, 0, 1])
-    t, i = sample_hard_negatives(sim, ids, generator=g)
+    t, _, i, _ = sample_hard_negatives(sim, ids, generator=g)
     assert t[0] == 2 and t[1] == 2  # the other caption of image 0 is never a negative for it
-    with pytest.raises(ValueError, match="two different images"):
-        sample_hard_negatives(sim, torch.zeros(3, dtype=torch.long))
+    _, ok_i, _, ok_t = sample_hard_negatives(sim, torch.zeros(3, dtype=torch.long))
+    assert not ok_i.any() and not ok_t.any()  # one image: no negative anywhere, every row flagged
+
+
+def test_positives_mask_keeps_true_captions_out_of_negatives():
+    # caption 2 is also true of image 0 (a shapes claim like "three shapes"): never a negative of image 0
+    pos = torch.tensor([[True, False, True], [False, True, False], [False, False, True]])
+    sim = torch.tensor([[0.0, -5.0, 5.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        t, ok_i, i, ok_t = sample_hard_negatives(sim, positives=pos, generator=g)
+        assert t[0] == 1 and ok_i.all() and ok_t.all()  # the only caption not true of image 0
+        assert i[2] == 1  # caption 2 holds for images 0 and 2: its negative image can only be 1
+    # ITC with the mask: scoring both true captions of image 0 alike beats preferring one of them
+    one = torch.tensor(1.0)
+    alike = torch.tensor([[5.0, -5.0, 5.0], [-5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+    prefer = torch.tensor([[5.0, -5.0, -5.0], [-5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+    assert itc_loss(alike, one, positives=pos) < itc_loss(prefer, one, positives=pos)
+    assert itc_loss(prefer, one) < itc_loss(alike, one)
+    # a dataset negative masked out for an image is no distractor for it
+    hard = torch.tensor([[9.0, -9.0, -9.0], [-9.0, -9.0, -9.0], [-9.0, -9.0, -9.0]])
+    own = torch.eye(3, dtype=torch.bool)
+    masked_out = itc_loss(torch.eye(3) * 10, one, extra_text_similarity=hard, extra_mask=~own)
+    assert masked_out < 1e-3
+    assert itc_loss(torch.eye(3) * 10, one, extra_text_similarity=hard, extra_mask=own) > masked_out + 0.04
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
