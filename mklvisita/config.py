@@ -23,9 +23,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """The timm ViT image encoder."""
+    """The timm image encoder: a ViT, a CNN, or a hybrid (transformer blocks over a CNN's feature map)."""
 
-    model_name: str = "vit_base_patch16_224"  # any timm ViT name (timm.create_model)
+    model_name: str = "vit_base_patch16_224"  # any timm model name (timm.create_model): a ViT or a CNN
     pretrained: bool = False  # load timm's pretrained weights (needs the network or a local file)
     pretrained_file: str | None = None  # local weights file for `pretrained` (offline / mirrored Hub weights)
     image_size: int = 224  # side of the square model input (images are letterboxed to it)
@@ -36,10 +36,19 @@ class VisionConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation mean
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalisation std
     pad_value: tuple[int, int, int] = (0, 0, 0)  # RGB of the letterbox padding
+    weights: str | None = None  # with `pretrained`: package:<pip name> | file:<path> | hf-hub:<repo id> (sha256
+    # pinned for packages, see mklvisita.pretrained); None = timm's own source (or `pretrained_file`)
+    timm_args: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for timm.create_model (any
+    # model's architecture overrides for random init, e.g. a small CNN's {"channels": [...]})
+    hybrid_layers: int = 0  # > 0 on a CNN: this many transformer blocks (CLS + position embeddings) over its final
+    # feature map, as the hybrids of the ViT paper; the fusion levels are then these blocks
+    hybrid_width: int | None = None  # width of the hybrid blocks; None = the CNN's final feature width
+    hybrid_heads: int | None = None  # attention heads of the hybrid blocks; None = width // 64 (at least 1)
+
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword overrides handed to ``timm.create_model``."""
-        kw: dict[str, Any] = {"img_size": self.image_size, "num_classes": 0}
+        kw: dict[str, Any] = {"img_size": self.image_size, "num_classes": 0, **self.timm_args}
         for key, name in (
             ("patch_size", "patch_size"),
             ("width", "embed_dim"),
@@ -63,6 +72,8 @@ class TextConfig:
     intermediate: int | None = None  # feed-forward size (built-in BERT only); None = 4 * width
     max_length: int = 32  # captions are truncated to this many tokens, [CLS] and [SEP] included
     extra_vocabulary: list[str] = field(default_factory=list)  # whole words added to the built-in tokenizer
+    weights: str | None = None  # with `pretrained`: package:<pip name> | file:<folder> | hf-hub:<repo id> naming a
+    # transformers folder (weights, config, tokenizer); loaded instead of `model_name`
     backbone_config: dict[str, Any] | None = None  # the encoder's transformers config, filled when the model is
     # built and saved with it, so a checkpoint rebuilds with no network (do not set by hand)
 

@@ -1,68 +1,288 @@
 """Thin adapters around the outside backbones, with one interface.
 
-``levels, pooled = encoder(inputs, levels=[...])``: ``levels`` maps a block index (0-based) to that block's token
-outputs, ``pooled`` is the CLS feature of the last block (after the final norm). Hierarchical fusion and the
-"mid" kernel source read intermediate blocks, so encoders return every level that was asked for, not only the
-last one.
+Decisions:
+    - The image side wraps any timm model through timm's public feature API (``forward_intermediates``,
+      ``forward_head``), never a private method, so a new timm release cannot silently change our forward.
+    - Levels of tokens: ``encoder(pixel_values, levels=[...])`` returns ``levels`` (level index -> (B, N, C_l)
+      tokens, prefix tokens first) and ``pooled``. Hierarchical fusion and the "mid" kernel source read
+      intermediate levels, so the encoder returns every level asked for, and the last level always.
+        * ViT (timm models with a ``patch_embed`` and prefix tokens): level i = the output of block i; the last
+          level is the normed final output; CLS (and register) tokens come first.
+        * CNN (any other timm model: ResNet, EfficientNet, ConvNeXt, ...): level i = feature stage i of
+          ``feature_info`` as a feature map flattened to positions, (B, C, H, W) -> (B, H*W, C), row-major; the
+          last level is the backbone's final feature map (``forward_features``, e.g. EfficientNet's head conv).
+          Earlier stages are average-pooled to the final map's grid: fusion carries one image stream from layer
+          to layer (img_l = img_{l-1} + proj_l(level_l)), which needs one token count, and the maps of every
+          level then share one grid. A CNN has no CLS: ``num_prefix_tokens = 0`` and ``pooled`` is timm's pooled
+          pre-logits feature (``forward_head(pre_logits=True)``).
+        * Hybrid (``VisionConfig.hybrid_layers > 0`` on a CNN): transformer blocks with a CLS token and learned
+          position embeddings over the CNN's final feature map, as the hybrid models of the original ViT paper
+          (the CNN is the patch embedding, "patch size 1"). Its levels are the hybrid blocks, so the model stays a
+          vision transformer: CLS pooling, attention rollout. The CNN's own final map and pooled feature remain
+          available (``backbone_map``, ``backbone_pooled``) for kernels that read the CNN directly.
+    - Widths and grids are per level (``widths``, ``grids``): CNN stages differ in width; the consumers (kernel
+      projections, fusion input projections, explanation grids) read them.
+    - Attention probabilities (``output_attentions=True``, transformers style) exist for ViT and hybrid blocks:
+      timm's fused attention never materialises them, so each block's attention input is recorded by a hook
+      registered once, active only inside a call that asks for it (a context variable, so concurrent calls on
+      other threads record nothing), and the probabilities are recomputed from the block's own ``qkv``.
+    - Pretrained weights: ``pretrained`` with ``weights`` (``package:``/``file:``/``hf-hub:`` spec) loads through
+      :mod:`mklvisita.pretrained` (sha256 pinned), strictly; else ``pretrained_file``, else timm's own source.
 """
 
 from __future__ import annotations
 
+import contextvars
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PretrainedConfig
 
 from .config import TextConfig, VisionConfig
 
+# The attention inputs of the current call, or None when no one asked (see the module docstring).
+_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("mklvisita_attention_inputs", default=None)
+
+
+def _record_attention_input(module: nn.Module, args: tuple) -> None:
+    inputs = _RECORDING.get()
+    if inputs is not None:
+        inputs.append((module, args[0]))
+
+
+def attention_probabilities(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The probabilities (B, heads, N, N) a timm ``Attention`` computes for its (already normed) input x (B, N, C)."""
+    if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "q_norm", "k_norm")):
+        raise ValueError(f"attention probabilities need timm attention with a fused qkv; got {type(attn).__name__}")
+    b, n, _ = x.shape
+    head_dim = getattr(attn, "head_dim", x.shape[-1] // attn.num_heads)
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)  # each (B, h, N, dh)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # (B, h, N, N)
+
+
+@dataclass
+class VisionOutput:
+    """What the image encoder returns."""
+
+    levels: dict[int, torch.Tensor]  # level -> (B, N_prefix + P, C_level), prefix tokens first
+    pooled: torch.Tensor  # (B, pooled_width): CLS of the last level (ViT, hybrid) or timm's pooled pre-logits (CNN)
+    attentions: list[torch.Tensor] | None = None  # per transformer block (B, heads, N, N), when asked for
+    backbone_map: torch.Tensor | None = None  # CNN / hybrid: the CNN's final feature map (B, P, C_cnn)
+    backbone_pooled: torch.Tensor | None = None  # CNN / hybrid: the CNN's pooled pre-logits feature (B, C_cnn)
+
+
+class HybridTransformer(nn.Module):
+    """Transformer blocks over a CNN feature map: per-position projection, CLS token, learned position embeddings."""
+
+    def __init__(self, in_width: int, width: int, layers: int, heads: int, positions: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"vision.hybrid_width ({width}) must be divisible by vision.hybrid_heads ({heads})")
+        self.proj = nn.Linear(in_width, width)  # a 1x1 convolution: the "patch embedding" of a 1-pixel patch
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + positions, width) * 0.02)
+        self.blocks = nn.ModuleList([Block(width, heads, qkv_bias=True) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, feature_map: torch.Tensor) -> list[torch.Tensor]:
+        """feature_map (B, P, C) -> every block's output (B, 1 + P, W); the last one normed."""
+        x = self.proj(feature_map)  # (B, P, W)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed  # (B, 1 + P, W)
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        outs[-1] = self.norm(x)
+        return outs
+
 
 class TimmImageEncoder(nn.Module):
-    """A timm Vision Transformer; any timm ViT name, ``pretrained`` on or off."""
+    """Any timm image model (ViT or CNN, optionally a hybrid), ``pretrained`` on or off.
+
+    Attributes:
+        kind: "vit", "cnn" or "hybrid".
+        depth: number of levels (ViT / hybrid blocks, CNN feature stages).
+        widths: channels of each level's tokens; ``width`` is the last level's.
+        grids: (H, W) of each level's positions; ``grid`` is the last level's.
+        pooled_width: width of ``pooled``.
+        num_prefix_tokens: CLS / register tokens before the positions (0 for a CNN).
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        kwargs = cfg.timm_kwargs()
-        if cfg.pretrained and cfg.pretrained_file:
-            # Weights from a local file (a mirrored Hub download): timm reads `file` before any Hub id.
-            kwargs["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file}
-        self.model = timm.create_model(cfg.model_name, pretrained=cfg.pretrained, **kwargs)
-        for attr in ("patch_embed", "blocks", "norm"):
-            if not hasattr(self.model, attr):
+        self.model = _create_timm_model(cfg)
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(
+                f"vision.model_name={cfg.model_name!r} has no forward_intermediates in this timm version; "
+                "choose a model that does (ViT, ResNet, EfficientNet, ConvNeXt, ...) or upgrade timm"
+            )
+        tokens = hasattr(self.model, "patch_embed") and hasattr(self.model, "num_prefix_tokens")
+        self.kind = "vit" if tokens else "cnn"
+        self.hybrid: HybridTransformer | None = None
+        if self.kind == "vit":
+            if cfg.hybrid_layers:
                 raise ValueError(
-                    f"vision.model_name={cfg.model_name!r} is not a plain ViT (no `{attr}`); use a timm ViT"
+                    f"vision.hybrid_layers puts transformer blocks over a CNN's feature map, but "
+                    f"{cfg.model_name!r} is already a vision transformer; set vision.hybrid_layers: 0"
                 )
-        self.width: int = self.model.embed_dim
-        self.depth: int = len(self.model.blocks)
-        self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 1)
-        self.grid: tuple[int, int] = tuple(self.model.patch_embed.grid_size)
-        if not getattr(self.model, "has_class_token", True):
-            raise ValueError(f"vision.model_name={cfg.model_name!r} has no class token; MKL-VisITA needs one")
+            self.backbone_depth = len(self.model.blocks)
+            self.num_prefix_tokens: int = int(self.model.num_prefix_tokens)
+            grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
+            self.widths = [int(self.model.embed_dim)] * self.backbone_depth
+            self.grids: list[tuple[int, int]] = [grid] * self.backbone_depth
+            self.pooled_width: int = int(getattr(self.model, "head_hidden_size", self.model.num_features))
+            self.attention_modules = [block.attn for block in self.model.blocks]
+        else:
+            self.backbone_depth = len(self.model.feature_info)
+            widths, grid, pooled_width = _probe_cnn(self.model, cfg.image_size)
+            self.num_prefix_tokens = 0
+            self.widths, self.grids, self.pooled_width = widths, [grid] * len(widths), pooled_width
+            self.attention_modules = []
+            if cfg.hybrid_layers:
+                width = cfg.hybrid_width or widths[-1]
+                heads = cfg.hybrid_heads or max(1, width // 64)
+                self.hybrid = HybridTransformer(widths[-1], width, cfg.hybrid_layers, heads, grid[0] * grid[1])
+                self.kind = "hybrid"
+                self.num_prefix_tokens = 1
+                self.widths, self.grids = [width] * cfg.hybrid_layers, [grid] * cfg.hybrid_layers
+                self.pooled_width = width
+                self.attention_modules = [block.attn for block in self.hybrid.blocks]
+        for attn in self.attention_modules:
+            attn.register_forward_pre_hook(_record_attention_input)
+        self.depth: int = len(self.widths)
+        self.width: int = self.widths[-1]
+        self.grid: tuple[int, int] = self.grids[-1]
+        if cfg.pretrained and cfg.weights:
+            self._load_weights(cfg)
 
-    def forward(
-        self, pixel_values: torch.Tensor, levels: list[int], return_block_inputs: bool = False
-    ) -> tuple[dict[int, torch.Tensor], torch.Tensor] | tuple[dict[int, torch.Tensor], torch.Tensor, list]:
+    @property
+    def has_attentions(self) -> bool:
+        """Whether ``output_attentions`` is available (ViT and hybrid blocks; not a plain CNN)."""
+        return bool(self.attention_modules)
+
+    def _load_weights(self, cfg: VisionConfig) -> None:
+        from .pretrained import vision_state_dict  # lazy: only a pretrained build needs it
+
+        state = vision_state_dict(cfg.weights, cfg.model_name)
+        # The classification head is not part of the encoder (num_classes=0): its weights are left out.
+        head = self.model.pretrained_cfg.get("classifier") or "head"
+        own = self.model.state_dict()
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(head + ".")}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"vision.weights={cfg.weights!r} does not fit {cfg.model_name!r}: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, mis-shaped {shapes[:3]}; check vision.model_name and image_size"
+            )
+        self.model.load_state_dict(state, strict=True)
+
+    def forward(self, pixel_values: torch.Tensor, levels: list[int], output_attentions: bool = False) -> VisionOutput:
+        """Tokens of the asked ``levels`` (and always the last), pooled feature, optionally attentions."""
+        if output_attentions and not self.has_attentions:
+            raise ValueError(
+                "output_attentions needs transformer blocks; this image encoder is a CNN "
+                "(use a ViT or vision.hybrid_layers > 0 for attention rollout)"
+            )
+        recorded: list = []
+        token = _RECORDING.set(recorded) if output_attentions else None
+        try:
+            forward = self._forward_vit if self.kind == "vit" else self._forward_cnn
+            out = forward(pixel_values, levels)
+        finally:
+            if token is not None:
+                _RECORDING.reset(token)
+        if output_attentions:
+            inputs = {id(m): x for m, x in recorded}
+            out.attentions = [attention_probabilities(m, inputs[id(m)]) for m in self.attention_modules]
+        return out
+
+    def _wanted(self, levels: list[int]) -> list[int]:
+        return sorted({lvl % self.depth for lvl in levels} | {self.depth - 1})
+
+    def _forward_vit(self, pixel_values: torch.Tensor, levels: list[int]) -> VisionOutput:
         m = self.model
-        x = m.patch_embed(pixel_values)  # (B, P, D)
-        x = m._pos_embed(x)  # (B, prefix + P, D), CLS first
-        x = m.patch_drop(x)
-        x = m.norm_pre(x)
-        wanted = {lvl % self.depth for lvl in levels}
-        out: dict[int, torch.Tensor] = {}
-        inputs = []
-        for i, block in enumerate(m.blocks):
-            if return_block_inputs:
-                inputs.append(x)
-            x = block(x)
-            if i in wanted and i != self.depth - 1:
-                out[i] = x
-        x = m.norm(x)  # the last level is always the normed output
-        out[self.depth - 1] = x
-        pooled = x[:, 0]  # (B, D) CLS
-        if return_block_inputs:
-            return out, pooled, inputs
-        return out, pooled
+        wanted = self._wanted(levels)
+        final, inter = m.forward_intermediates(
+            pixel_values, indices=wanted, return_prefix_tokens=True, norm=False, output_fmt="NLC"
+        )
+        tokens: dict[int, torch.Tensor] = {}
+        for lvl, item in zip(wanted, inter):
+            if isinstance(item, tuple):  # (patches (B, P, D), prefix (B, prefix, D))
+                item = torch.cat([item[1], item[0]], 1)  # (B, prefix + P, D)
+            tokens[lvl] = item
+        tokens[self.depth - 1] = final  # the last level is the normed output
+        return VisionOutput(tokens, m.forward_head(final, pre_logits=True))
+
+    def _forward_cnn(self, pixel_values: torch.Tensor, levels: list[int]) -> VisionOutput:
+        m = self.model
+        stages = self._wanted(levels) if self.hybrid is None else []
+        stages = [s for s in stages if s != self.backbone_depth - 1]
+        final, inter = m.forward_intermediates(pixel_values, indices=stages or [0], output_fmt="NCHW")
+        grid = final.shape[-2:]
+        fmap = final.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        pooled = m.forward_head(final, pre_logits=True)  # (B, C_pooled)
+        if self.hybrid is not None:
+            outs = self.hybrid(fmap)
+            tokens = {lvl: outs[lvl] for lvl in self._wanted(levels)}
+            return VisionOutput(tokens, outs[-1][:, 0], backbone_map=fmap, backbone_pooled=pooled)
+        tokens = {}
+        for lvl, x in zip(stages, inter):
+            x = F.adaptive_avg_pool2d(x, grid)  # (B, C_l, H, W) on the final grid
+            tokens[lvl] = x.flatten(2).transpose(1, 2)  # (B, H*W, C_l)
+        tokens[self.depth - 1] = fmap
+        return VisionOutput(tokens, pooled, backbone_map=fmap, backbone_pooled=pooled)
+
+
+def _create_timm_model(cfg: VisionConfig) -> nn.Module:
+    kwargs = cfg.timm_kwargs()
+    from_timm = cfg.pretrained and not cfg.weights  # `weights` are loaded by us, after the build
+    if from_timm and cfg.pretrained_file:
+        # Weights from a local file (a mirrored Hub download): timm reads `file` before any Hub id.
+        kwargs["pretrained_cfg_overlay"] = {"file": cfg.pretrained_file}
+    try:
+        try:
+            return timm.create_model(cfg.model_name, pretrained=from_timm, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            # A CNN takes any input size; only ViTs size their position embeddings by it.
+            kwargs.pop("img_size")
+            return timm.create_model(cfg.model_name, pretrained=from_timm, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(
+                f"vision.model_name={cfg.model_name!r} is not a timm model (see timm.list_models())"
+            ) from e
+        raise
+    except TypeError as e:
+        raise ValueError(
+            f"timm model {cfg.model_name!r} does not take the size overrides given ({e}); vision.patch_size, width, "
+            "depth and heads apply to ViTs, vision.timm_args to any model"
+        ) from e
+
+
+@torch.no_grad()
+def _probe_cnn(model: nn.Module, image_size: int) -> tuple[list[int], tuple[int, int], int]:
+    """Per-level widths, the final grid and the pooled width of a CNN, from one dry run (eval mode: BN untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
+        n = len(model.feature_info)
+        final, inter = model.forward_intermediates(x, indices=list(range(n)), output_fmt="NCHW")
+        pooled = model.forward_head(final, pre_logits=True)
+    finally:
+        model.train(was_training)
+    widths = [int(t.shape[1]) for t in inter[:-1]] + [int(final.shape[1])]
+    return widths, (int(final.shape[-2]), int(final.shape[-1])), int(pooled.shape[-1])
 
 
 class HFTextEncoder(nn.Module):
@@ -73,6 +293,9 @@ class HFTextEncoder(nn.Module):
         if hf_config is not None:
             # Rebuilding a saved checkpoint: the backbone config travels in our config.json, no network needed.
             self.model = _from_config(AutoConfig.for_model(**hf_config))
+        elif cfg.pretrained and cfg.weights:
+            folder = str(text_weights_folder(cfg.weights))
+            self.model = AutoModel.from_pretrained(folder, **_no_pooler(AutoConfig.from_pretrained(folder)))
         elif cfg.model_name is not None and cfg.pretrained:
             config = AutoConfig.from_pretrained(cfg.model_name)
             self.model = AutoModel.from_pretrained(cfg.model_name, **_no_pooler(config))
@@ -111,6 +334,13 @@ class HFTextEncoder(nn.Module):
         wanted = {lvl % self.depth for lvl in levels} | {self.depth - 1}
         tokens = {i: hidden[i] for i in sorted(wanted)}  # each (B, T, D)
         return tokens, hidden[-1][:, 0]
+
+
+def text_weights_folder(spec: str) -> Path:
+    """The transformers folder that ``TextConfig.weights`` names (weights, config and tokenizer)."""
+    from .pretrained import text_model_folder  # lazy: only a pretrained build needs it
+
+    return text_model_folder(spec)
 
 
 def _no_pooler(config: PretrainedConfig) -> dict[str, Any]:

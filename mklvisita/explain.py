@@ -10,6 +10,12 @@ Maps, all in the *original* image's pixel frame (the letterbox of preprocessing 
 - **Local-kernel maps**: each local base kernel's word x patch value ``K_m(word, patch)`` (unique to MKL: which
   patches each kernel thinks a word matches). The ``"kernel"`` method mixes them with the global weights beta.
 - **Attention rollout** over the ViT (Abnar & Zuidema 2020): an image-only saliency, the same for every caption.
+  Offered where the image encoder has transformer blocks (a ViT or a hybrid); a plain CNN has no attention to roll
+  out (``rollout`` is None, and asking for it by name is a ValueError).
+
+Everything is read from what the model returns (typed outputs): the encoder's attention probabilities
+(``encode_image(..., output_attentions=True)``), the fusion attentions of :meth:`MKLVisITA.match`, and the grid of
+each encoder level (``model.vision.grids``), so the maps work on ViT, CNN and hybrid backbones alike.
 
 Words are the caption's whitespace words; a word's map is the mean over its sub-word pieces, the caption's map the
 sum over all word pieces (no [CLS] / [SEP]). Normalisation: ``"per_map"`` divides every map by its own maximum;
@@ -30,7 +36,6 @@ import numpy as np
 import torch
 
 from .inputs import ImageInput, Letterbox, load_image
-from .model import ImageFeatures
 
 METHODS = ("gradcam", "attention", "kernel")
 POINTING_METHODS = ("gradcam", "attention", "kernel", "rollout")
@@ -51,7 +56,7 @@ class Explanation:
     method: str  # "gradcam", "attention" or "kernel"
     layer: int  # fusion layer of the maps (non-negative index); -1 for "kernel" on a model without fusion
     kernel_maps: dict[str, np.ndarray] = field(default_factory=dict)  # local kernel -> (n_words, H, W) in [0, 1]
-    rollout: np.ndarray | None = None  # (H, W) ViT attention rollout in [0, 1]; None if the ViT blocks do not allow it
+    rollout: np.ndarray | None = None  # (H, W) ViT attention rollout in [0, 1]; None for a CNN backbone
     pair_kernel_weights: dict[str, float] = field(default_factory=dict)  # effective beta of this pair (gate)
     head_heatmaps: np.ndarray | None = None  # (heads, n_words, H, W) when asked for (heads=True)
     fusion_kernel_weights: list[dict[str, float]] | None = None  # per fusion layer, weights over local kernels
@@ -66,7 +71,7 @@ class LayerMaps:
     word_heatmaps: np.ndarray  # (L, n_words, H, W) in [0, 1]
     caption_heatmaps: np.ndarray  # (L, H, W) in [0, 1]
     method: str
-    image_levels: list[int]  # the ViT block each fusion layer reads
+    image_levels: list[int]  # the encoder level each fusion layer reads
 
 
 # ------------------------------------------------------------------------------------------ building blocks
@@ -91,26 +96,6 @@ def attention_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     if rollout is None:
         raise ValueError("attention_rollout needs at least one layer of attention")
     return rollout
-
-
-def vit_attentions(model: Any, block_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Recompute every ViT block's self-attention probabilities (B, h, N, N) from the block inputs.
-
-    timm's fused attention never materialises the probabilities, so they are recomputed from the block's own
-    ``qkv`` / ``q_norm`` / ``k_norm`` / ``scale`` (read only; nothing on the block is changed).
-    """
-    out = []
-    for block, x in zip(model.vision.model.blocks, block_inputs):
-        attn = block.attn
-        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "q_norm", "k_norm")):
-            raise ValueError(f"attention rollout needs timm ViT blocks with a fused qkv; got {type(attn).__name__}")
-        x = block.norm1(x)
-        b, n, _ = x.shape
-        head_dim = getattr(attn, "head_dim", x.shape[-1] // attn.num_heads)
-        q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)  # each (B, h, N, dh)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        out.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))  # (B, h, N, N)
-    return out
 
 
 def _word_matrix(token_word: list[int | None], n_words: int) -> torch.Tensor:
@@ -155,11 +140,11 @@ def default_layer(model: Any) -> int:
     attention has a gradient; the words' own text->image attention there cannot change the score and its
     Grad-CAM is zero. (ALBEF likewise takes Grad-CAM from an inner layer.)
     """
-    return max(0, len(model.fusion.layers) - 2)
+    return max(0, len(model.fusion_levels) - 2)
 
 
 def _layer_index(model: Any, layer: int | None) -> int:
-    n = len(model.fusion.layers)
+    n = len(model.fusion_levels)
     if layer is None:
         return default_layer(model)
     if not -n <= layer < n:
@@ -180,7 +165,7 @@ class _Pass:
     t2i: list[torch.Tensor]  # per fusion layer (h, T, N), detached
     cams: list[torch.Tensor | None]  # per fusion layer (h, T, N) Grad-CAM, None where not asked for
     kernel_maps: torch.Tensor | None  # (n_local, T, P)
-    rollout: torch.Tensor | None  # (P,) CLS row over patches
+    rollout: torch.Tensor | None  # (P,) CLS row over patches; None for a CNN or when not asked
 
 
 def _run(
@@ -200,8 +185,8 @@ def _run(
         model.eval()  # dropout would make maps random
     try:
         with torch.enable_grad():
-            levels, pooled, block_inputs = model.vision(pv.to(device), model.image_levels, return_block_inputs=True)
-            img = ImageFeatures(levels, pooled)
+            rollout = rollout and model.vision.has_attentions
+            img = model.encode_image(pv.to(device), output_attentions=rollout)
             txt = model.encode_text(ids, mask)
             ei, et = model.embed_image(img), model.embed_text(txt)
             with torch.no_grad():
@@ -211,11 +196,8 @@ def _run(
                     kmaps = model.kernels.local_kernel_maps(ei, et)[0].float().cpu()  # (n, T, P)
                 roll = None
                 if rollout:
-                    try:
-                        r = attention_rollout([a.float() for a in vit_attentions(model, block_inputs)])  # (1, N, N)
-                        roll = r[0, 0, model.vision.num_prefix_tokens :].cpu()  # (P,)
-                    except ValueError:
-                        roll = None
+                    r = attention_rollout([a.detach().float() for a in img.attentions])  # (1, N, N)
+                    roll = r[0, 0, model.vision.num_prefix_tokens :].cpu()  # (P,) the CLS row over positions
             itm, t2i, cams = float("nan"), [], []
             if model.has_itm:
                 out = model.match(img, txt, ei, et)
@@ -274,8 +256,11 @@ def _words_and_caption(tok: torch.Tensor, p: _Pass) -> tuple[torch.Tensor, torch
     return words, caption
 
 
-def _grid(x: torch.Tensor, model: Any) -> np.ndarray:
-    gh, gw = model.vision.grid
+def _grid(x: torch.Tensor, model: Any, layer: int | None = None) -> np.ndarray:
+    """(..., P) -> (..., gh, gw) on the grid of fusion layer ``layer``'s image level (None: the last level, which the
+    local kernels and the rollout read)."""
+    level = -1 if layer is None else model.fusion_levels[layer]
+    gh, gw = model.vision.grids[level]
     return x.reshape(*x.shape[:-1], gh, gw).numpy()
 
 
@@ -331,9 +316,10 @@ def explain_pair(
         signed = False
         if heads:
             hw, _ = _words_and_caption(tok, p)  # (h, n_words, P)
-            head_maps = _normalise(_to_original(_grid(hw, model), box), "per_map")
-    word_maps = _normalise(_to_original(_grid(words, model), box), normalize, signed)
-    caption_map = _normalise(_to_original(_grid(cap, model), box), "per_map", signed)
+            head_maps = _normalise(_to_original(_grid(hw, model, li), box), "per_map")
+    grid_layer = None if method == "kernel" else li
+    word_maps = _normalise(_to_original(_grid(words, model, grid_layer), box), normalize, signed)
+    caption_map = _normalise(_to_original(_grid(cap, model, grid_layer), box), "per_map", signed)
 
     kernel_maps = {}
     if p.kernel_maps is not None:
@@ -379,22 +365,49 @@ def layer_maps(
     _check_options(method, normalize, ("gradcam", "attention"))
     if not model.has_itm:
         raise ValueError("layer_maps needs the fusion branch, which this model does not have (fusion.enabled = false)")
-    n = len(model.fusion.layers)
+    n = len(model.fusion_levels)
     p = _run(model, processor, image, caption, grad_layers=list(range(n)) if method == "gradcam" else [], rollout=False)
     words, caps = [], []
     for li in range(n):
         w, c = _words_and_caption(_token_maps(p, model, li, method).mean(0), p)
         words.append(w)
         caps.append(c)
-    word_maps = _normalise(_to_original(_grid(torch.stack(words), model), p.box), normalize)
-    caption_maps = _normalise(_to_original(_grid(torch.stack(caps), model), p.box), "per_map")
-    return LayerMaps(p.words, word_maps, caption_maps, method, list(model.fusion.image_levels))
+    # Every level of one encoder shares one grid (see mklvisita.encoders), so the layers stack.
+    word_grids = np.stack([_grid(w, model, i) for i, w in enumerate(words)])  # (L, n_words, gh, gw)
+    caption_grids = np.stack([_grid(c, model, i) for i, c in enumerate(caps)])  # (L, gh, gw)
+    word_maps = _normalise(_to_original(word_grids, p.box), normalize)
+    caption_maps = _normalise(_to_original(caption_grids, p.box), "per_map")
+    return LayerMaps(p.words, word_maps, caption_maps, method, list(model.fusion_levels))
+
+
+def _check_rollout(model: Any) -> None:
+    if not model.vision.has_attentions:
+        raise ValueError(
+            f"attention rollout needs transformer blocks, and this model's image encoder is a CNN "
+            f"({model.config.vision.model_name}); use a Grad-CAM, attention or kernel map instead, or a ViT / "
+            "hybrid backbone (vision.hybrid_layers > 0)"
+        )
+
+
+def image_rollout(model: Any, processor: Any, image: ImageInput) -> np.ndarray:
+    """Attention rollout of the image encoder: (H, W) in [0, 1] over the original image (caption-independent).
+
+    Raises:
+        ValueError: the image encoder is a CNN (no attention), or the image is invalid.
+    """
+    _check_rollout(model)
+    pv, boxes = processor.images([load_image(image)])
+    with torch.no_grad():
+        img = model.encode_image(pv.to(next(model.parameters()).device), output_attentions=True)
+        r = attention_rollout([a.float() for a in img.attentions])  # (1, N, N)
+    roll = r[0, 0, model.vision.num_prefix_tokens :].cpu()  # (P,) the CLS row over positions
+    return _normalise(_to_original(_grid(roll, model), boxes[0]), "per_map")
 
 
 # ------------------------------------------------------------------------------------------ pointing game
-def _peak(grid: torch.Tensor, model: Any, box: Letterbox) -> tuple[int, int]:
+def _peak(grid: torch.Tensor, model: Any, box: Letterbox, layer: int | None = None) -> tuple[int, int]:
     """(row, col) of the maximum of a patch map in the original frame."""
-    full = _to_original(_grid(grid, model), box)
+    full = _to_original(_grid(grid, model, layer), box)
     return np.unravel_index(int(np.argmax(full)), full.shape)
 
 
@@ -403,7 +416,7 @@ def pointing_game(
     processor: Any,
     dataset: Any,
     n: int | None = None,
-    methods: Sequence[str] = POINTING_METHODS,
+    methods: Sequence[str] | None = None,
     layer: int | None = None,
 ) -> dict[str, float]:
     """Does the peak of a phrase's caption map fall inside the object the phrase names?
@@ -412,20 +425,29 @@ def pointing_game(
     and ``objects`` [{"phrase", "mask"}]), every object phrase is explained against its scene and the peak
     (argmax, first on ties) of the caption map in the original frame is tested against the object's mask.
 
+    ``methods``: None = every method of :data:`POINTING_METHODS` the model supports; naming "rollout" for a CNN
+    backbone (no attention to roll out) is a ValueError.
+
     Returns:
         ``pointing_acc_<method>`` per method that the model supports (Grad-CAM and attention need fusion, the
-        kernel method local kernels), ``pointing_acc`` (= Grad-CAM, else attention or kernel; never rollout, which
-        ignores the phrase),
+        kernel method local kernels, rollout transformer blocks), ``pointing_acc`` (= Grad-CAM, else attention
+        or kernel; never rollout, which ignores the phrase),
         ``pointing_chance`` (mean mask area fraction: the hit rate of a uniformly random peak) and
         ``pointing_n`` (number of phrases).
     """
+    asked = methods is not None
+    methods = POINTING_METHODS if methods is None else methods
     for m in methods:
         if m not in POINTING_METHODS:
             raise ValueError(f"unknown pointing method {m!r}; choose from {', '.join(POINTING_METHODS)}")
+    if asked and "rollout" in methods:
+        _check_rollout(model)
     usable = [
         m
         for m in methods
-        if (m not in ("gradcam", "attention") or model.has_itm) and (m != "kernel" or "local" in model.kernels.sources)
+        if (m not in ("gradcam", "attention") or model.has_itm)
+        and (m != "kernel" or "local" in model.kernels.sources)
+        and (m != "rollout" or model.vision.has_attentions)
     ]
     li = _layer_index(model, layer) if model.has_itm else -1
     hits = {m: 0 for m in usable}
@@ -453,7 +475,7 @@ def pointing_game(
                     grid = _words_and_caption(_kernel_token_maps(p, model), p)[1]
                 else:
                     grid = _words_and_caption(_token_maps(p, model, li, m).mean(0), p)[1]
-                r, c = _peak(grid, model, p.box)
+                r, c = _peak(grid, model, p.box, li if m in ("gradcam", "attention") else None)
                 hits[m] += bool(mask[r, c])
     out = {f"pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
     # The headline number is a caption-dependent map (rollout is the same for every phrase): Grad-CAM when the model

@@ -119,13 +119,17 @@ class HierarchicalFusion(nn.Module):
         image_levels: list[int],
         num_local_kernels: int,
         num_prefix_tokens: int,
+        image_widths: list[int] | None = None,
     ):
+        """``image_widths``: the width of each fusion layer's image level (a CNN's stages differ); None = all
+        ``image_width``."""
         super().__init__()
         self.cfg = cfg
         self.image_levels = list(image_levels)
         self.num_prefix_tokens = num_prefix_tokens
         self.text_in = nn.Linear(text_width, cfg.width)
-        self.image_in = nn.ModuleList([nn.Linear(image_width, cfg.width) for _ in image_levels])
+        widths = image_widths or [image_width] * len(image_levels)
+        self.image_in = nn.ModuleList([nn.Linear(w, cfg.width) for w in widths])
         n = len(image_levels)
         self.layers = nn.ModuleList([FusionLayer(cfg, last=i == n - 1) for i in range(n)])
         self.norm = nn.LayerNorm(cfg.width)

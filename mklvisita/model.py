@@ -1,6 +1,6 @@
 """MKL-VisITA: the model.
 
-    image -> ViT (timm) -> tokens per block level + CLS
+    image -> timm ViT or CNN (or a hybrid) -> tokens per level (+ CLS) and a pooled feature
     text  -> transformers encoder -> tokens per layer + CLS
       |-> multi-kernel similarity S = sum_m beta_m K_m          (ITC: fast, all pairs, cacheable)
       '-> hierarchical two-way fusion, L layers -> fused CLS -> ITM head   (ITM: one pass per pair)
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, MKLVisITAConfig
-from .encoders import HFTextEncoder, TimmImageEncoder
+from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
 from .fusion import HierarchicalFusion, LayerAttentions
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import itc_loss, itm_loss, kernel_entropy_loss, positives_mask, sample_hard_negatives
@@ -46,22 +46,50 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ImageFeatures:
-    levels: dict[int, torch.Tensor]  # ViT block -> (B, N, Dv) tokens, prefix (CLS) first; the last block is normed
-    pooled: torch.Tensor  # (B, Dv) CLS of the last block
+    """The image encoder's output (transformers style): level tokens, pooled feature, optional attentions."""
+
+    levels: dict[int, torch.Tensor]  # level -> (B, N, C_level) tokens, prefix (CLS) first; the last level is normed
+    pooled: torch.Tensor  # (B, Dv) CLS of the last level (ViT, hybrid) or the CNN's pooled pre-logits feature
+    attentions: list[torch.Tensor] | None = None  # ViT / hybrid blocks' self-attention (B, heads, N, N), when asked
+    backbone_map: torch.Tensor | None = None  # CNN / hybrid: the CNN's final feature map (B, P, C_cnn)
+    backbone_pooled: torch.Tensor | None = None  # CNN / hybrid: the CNN's pooled pre-logits feature (B, C_cnn)
+
+    def _map(self, fn) -> ImageFeatures:
+        opt = lambda x: None if x is None else fn(x)  # noqa: E731
+        return ImageFeatures(
+            {k: fn(v) for k, v in self.levels.items()},
+            fn(self.pooled),
+            None if self.attentions is None else [fn(a) for a in self.attentions],
+            opt(self.backbone_map),
+            opt(self.backbone_pooled),
+        )
 
     def select(self, index) -> ImageFeatures:
-        return ImageFeatures({k: v[index] for k, v in self.levels.items()}, self.pooled[index])
+        return self._map(lambda x: x[index])
 
     def keep(self, levels: list[int]) -> ImageFeatures:
+        """Only the given levels (for caching fusion inputs); attentions and backbone extras are dropped."""
         return ImageFeatures({k: self.levels[k] for k in levels}, self.pooled)
 
     def to(self, device) -> ImageFeatures:
-        return ImageFeatures({k: v.to(device) for k, v in self.levels.items()}, self.pooled.to(device))
+        return self._map(lambda x: x.to(device))
 
     @staticmethod
     def cat(parts: list[ImageFeatures]) -> ImageFeatures:
+        def cat(get):
+            xs = [get(p) for p in parts]
+            return None if any(x is None for x in xs) else torch.cat(xs)
+
+        first = parts[0]
+        attentions = None
+        if first.attentions is not None and all(p.attentions is not None for p in parts):
+            attentions = [torch.cat([p.attentions[i] for p in parts]) for i in range(len(first.attentions))]
         return ImageFeatures(
-            {k: torch.cat([p.levels[k] for p in parts]) for k in parts[0].levels}, torch.cat([p.pooled for p in parts])
+            {k: torch.cat([p.levels[k] for p in parts]) for k in first.levels},
+            torch.cat([p.pooled for p in parts]),
+            attentions,
+            cat(lambda p: p.backbone_map),
+            cat(lambda p: p.backbone_pooled),
         )
 
 
@@ -151,15 +179,25 @@ class MKLVisITA(
         self.text = HFTextEncoder(config.text, vocab, config.text.backbone_config)
         config.text.backbone_config = self.text.backbone_config()
 
-        dv, dt = self.vision.width, self.text.width
+        dt = self.text.width
         k = config.kernels
         self.image_mid_level = (
             k.mid_image_level if k.mid_image_level is not None else max(0, self.vision.depth // 2 - 1)
         )
+        if not -self.vision.depth <= self.image_mid_level < self.vision.depth:
+            raise ConfigError(
+                f"kernels.mid_image_level={self.image_mid_level} is out of range for an image encoder of "
+                f"{self.vision.depth} levels"
+            )
+        self.image_mid_level %= self.vision.depth
         self.text_mid_level = k.mid_text_level if k.mid_text_level is not None else max(0, self.text.depth // 2 - 1)
-        self.kernels = MultiKernelSimilarity(
-            k, {"global": dv, "mid": dv, "local": dv}, {"global": dt, "mid": dt, "local": dt}
-        )
+        # Image widths per source: a CNN's levels differ in width (the mid stage vs the final map vs the pooled).
+        image_dims = {
+            "global": self.vision.pooled_width,
+            "mid": self.vision.widths[self.image_mid_level],
+            "local": self.vision.widths[-1],
+        }
+        self.kernels = MultiKernelSimilarity(k, image_dims, {"global": dt, "mid": dt, "local": dt})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.loss.temperature)))
 
         f = config.fusion
@@ -172,10 +210,19 @@ class MKLVisITA(
                 raise ConfigError(f"fusion.image_levels has {len(levels)} entries but fusion.layers = {f.layers}")
             bad = [lv for lv in levels if not -self.vision.depth <= lv < self.vision.depth]
             if bad:
-                raise ConfigError(f"fusion.image_levels {bad} out of range for a ViT of {self.vision.depth} blocks")
+                raise ConfigError(
+                    f"fusion.image_levels {bad} out of range for an image encoder of {self.vision.depth} levels"
+                )
+            levels = [lv % self.vision.depth for lv in levels]
             n_local = len(k.functions) if "local" in k.sources else 0
             self.fusion = HierarchicalFusion(
-                f, dv, dt, [lv % self.vision.depth for lv in levels], n_local, self.vision.num_prefix_tokens
+                f,
+                self.vision.width,
+                dt,
+                levels,
+                n_local,
+                self.vision.num_prefix_tokens,
+                image_widths=[self.vision.widths[lv] for lv in levels],
             )
             self.itm_head = nn.Linear(f.width, 2)
             # Weight of S in the match logit (S is within [-1, 1]; 5 makes a 0.4 gap in S worth 2 nats at init).
@@ -199,6 +246,11 @@ class MKLVisITA(
     def has_itm(self) -> bool:
         return self.fusion is not None
 
+    @property
+    def fusion_levels(self) -> list[int]:
+        """The image-encoder level each fusion layer reads, one per fusion layer ([] without fusion)."""
+        return list(self.fusion.image_levels) if self.fusion is not None else []
+
     def kernel_weights(self) -> torch.Tensor:
         """The learned global kernel weights beta (M,)."""
         return self.kernels.weights()
@@ -214,9 +266,11 @@ class MKLVisITA(
         return [n for n in self.kernels.names if n.startswith("local/")]
 
     # ------------------------------------------------------------------------------------------- encoders
-    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        levels, pooled = self.vision(pixel_values, self.image_levels)
-        return ImageFeatures(levels, pooled)
+    def encode_image(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> ImageFeatures:
+        """Level tokens and pooled feature; ``output_attentions`` adds the ViT (or hybrid) blocks' attention
+        probabilities, (B, heads, N, N) per block (a ValueError for a CNN backbone, which has none)."""
+        out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
+        return ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         levels, pooled = self.text(input_ids, attention_mask, [self.text_mid_level])
@@ -413,11 +467,13 @@ class MKLVisITA(
 
 
 def _spread(n: int, depth: int) -> list[int]:
-    """n fusion layers over a ViT of `depth` blocks, evenly spaced, the last one on the last block."""
+    """n fusion layers over an image encoder of `depth` levels, evenly spaced, the last one on the last level."""
     return [round((i + 1) * depth / n) - 1 for i in range(n)]
 
 
 def _build_tokenizer(config: MKLVisITAConfig):
+    if config.text.pretrained and config.text.weights:
+        return load_tokenizer(str(text_weights_folder(config.text.weights)))  # the folder ships its tokenizer
     if config.text.model_name is None:
         return builtin_tokenizer(config.text.extra_vocabulary, config.text.max_length)
     return load_tokenizer(config.text.model_name)

@@ -17,7 +17,6 @@ from mklvisita.explain import (
     layer_maps,
     pointing_game,
     shapes_pointing_metric,
-    vit_attentions,
 )
 from mklvisita.inputs import InvalidCaptionError, Letterbox, Processor
 
@@ -213,19 +212,26 @@ def test_rollout_rows_are_distributions_and_identity_is_fixed():
     torch.testing.assert_close(attention_rollout([eye, eye, eye]), torch.eye(5).expand(1, 5, 5))
 
 
-def test_recomputed_vit_attention_reproduces_the_block(model):
+def test_encoder_attentions_reproduce_each_vit_block(model):
+    """encode_image(output_attentions=True): probabilities that, applied to the values, give each block's output."""
     pv = torch.randn(1, 3, model.config.vision.image_size, model.config.vision.image_size)
-    with torch.no_grad():
-        _, _, inputs = model.vision(pv, model.image_levels, return_block_inputs=True)
-        atts = vit_attentions(model, inputs)
-        for block, x, a in zip(model.vision.model.blocks, inputs, atts):
-            attn = block.attn
-            xn = block.norm1(x)
-            b, n, c = xn.shape
-            v = attn.qkv(xn).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)[2]
-            mine = attn.proj((a @ v).transpose(1, 2).reshape(b, n, c))
-            torch.testing.assert_close(mine, attn(xn), atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+    inputs = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.vision.model.blocks]
+    try:
+        with torch.no_grad():
+            img = model.encode_image(pv, output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(img.attentions) == len(model.vision.model.blocks) == len(inputs)
+    for block, xn, a in zip(model.vision.model.blocks, inputs, img.attentions):
+        attn = block.attn
+        b, n, c = xn.shape
+        v = attn.qkv(xn).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)[2]
+        mine = attn.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+        torch.testing.assert_close(mine, attn(xn), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+    assert model.encode_image(pv).attentions is None  # only when asked
 
 
 # ------------------------------------------------------------------------------------------ errors, no fusion
