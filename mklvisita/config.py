@@ -13,7 +13,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-KERNEL_SOURCES = ("global", "local", "mid")
+LEARNED_SOURCES = ("global", "local", "mid")  # features with learned projection heads per kernel
+# Pretrained "concept" features (mklvisita.concepts): an ImageNet classifier's class probabilities mapped into the
+# sentence encoder's space; no projection heads. Need a CNN with a 1000-class head and a sentence encoder.
+CONCEPT_SOURCES = ("concept", "concept_class", "concept_local")
+KERNEL_SOURCES = LEARNED_SOURCES + CONCEPT_SOURCES
 KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
 
 
@@ -40,11 +44,12 @@ class VisionConfig:
     # pinned for packages, see mklvisita.pretrained); None = timm's own source (or `pretrained_file`)
     timm_args: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for timm.create_model (any
     # model's architecture overrides for random init, e.g. a small CNN's {"channels": [...]})
+    frozen: bool = False  # never trained (eval mode, no gradients); with a package: `weights`, a release folder leaves
+    # the backbone out and loading takes it from the package (sha256 checked)
     hybrid_layers: int = 0  # > 0 on a CNN: this many transformer blocks (CLS + position embeddings) over its final
     # feature map, as the hybrids of the ViT paper; the fusion levels are then these blocks
     hybrid_width: int | None = None  # width of the hybrid blocks; None = the CNN's final feature width
     hybrid_heads: int | None = None  # attention heads of the hybrid blocks; None = width // 64 (at least 1)
-
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword overrides handed to ``timm.create_model``."""
@@ -74,6 +79,8 @@ class TextConfig:
     extra_vocabulary: list[str] = field(default_factory=list)  # whole words added to the built-in tokenizer
     weights: str | None = None  # with `pretrained`: package:<pip name> | file:<folder> | hf-hub:<repo id> naming a
     # transformers folder (weights, config, tokenizer); loaded instead of `model_name`
+    frozen: bool = False  # never trained (no gradients); with `weights`, a release folder leaves the encoder out and
+    # loading takes it from `weights` (sha256 checked for packages)
     backbone_config: dict[str, Any] | None = None  # the encoder's transformers config, filled when the model is
     # built and saved with it, so a checkpoint rebuilds with no network (do not set by hand)
 
@@ -82,7 +89,7 @@ class TextConfig:
 class KernelConfig:
     """The multi-kernel learning module: base kernels = sources x functions, each with its own projections."""
 
-    sources: list[str] = field(default_factory=lambda: list(KERNEL_SOURCES))  # feature sources, see KERNEL_SOURCES
+    sources: list[str] = field(default_factory=lambda: list(LEARNED_SOURCES))  # feature sources, see KERNEL_SOURCES
     functions: list[str] = field(default_factory=lambda: list(KERNEL_FUNCTIONS))  # kernel functions
     proj_dim: int = 256  # width of each base kernel's projection heads
     poly_degree: float = 2.0  # initial polynomial degree
@@ -90,6 +97,9 @@ class KernelConfig:
     rbf_gamma: float = 1.0  # initial RBF gamma (learned as exp(theta) > 0)
     gate: bool = False  # pair-conditioned gate: beta(x, y) from the pooled features (else one global beta)
     mid_text_level: int | None = None  # text layer of the "mid" source (None = the middle layer)
+    concept_functions: list[str] = field(default_factory=lambda: ["cosine"])  # kernel functions of concept sources
+    concept_temperature: float = 0.5  # T of the image's class probabilities softmax(logits / T) (concept sources)
+    concept_text_temperature: float = 0.02  # tau of a caption's class distribution softmax(cos(caption, class) / tau)
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
 
 
@@ -198,7 +208,7 @@ class MKLVisITAConfig:
         for s in self.kernels.sources:
             if s not in KERNEL_SOURCES:
                 raise ConfigError(f"kernels.sources: unknown source {s!r}; choose from {list(KERNEL_SOURCES)}")
-        for f in self.kernels.functions:
+        for f in [*self.kernels.functions, *self.kernels.concept_functions]:
             if f not in KERNEL_FUNCTIONS:
                 raise ConfigError(f"kernels.functions: unknown function {f!r}; choose from {list(KERNEL_FUNCTIONS)}")
         if not self.kernels.sources or not self.kernels.functions:

@@ -10,6 +10,15 @@ Feature sources:
     mid     mean-pooled tokens of an intermediate level of each encoder
     local   word <-> patch late interaction: mean over words of the max over patches (FILIP / ColBERT)
 
+Concept sources (pretrained, no projection heads: both sides already live in the sentence encoder's space; see
+:mod:`mklvisita.concepts`, which computes their features):
+    concept        image: its classifier's class probabilities times the sentence embeddings of class prompts;
+                   text: the caption's mean-pooled sentence embedding
+    concept_class  sqrt of the image's class distribution <-> sqrt of the caption's (its cosine is the Bhattacharyya
+                   coefficient of the two distributions)
+    concept_local  per-position class probabilities x prompt embeddings <-> word tokens, late interaction as local
+Their kernel functions are ``KernelConfig.concept_functions``.
+
 Kernel functions act on the cosine c of the two L2-normalised projections:
     cosine   c
     poly     ((c + o) / (1 + o)) ** d,  o = 1 + softplus(theta) >= 1 keeps c + o > 0   (range (0, 1])
@@ -33,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import KernelConfig
+from .config import CONCEPT_SOURCES, KernelConfig
 
 
 class KernelFunction(nn.Module):
@@ -128,17 +137,21 @@ def make_kernel_function(name: str, cfg: KernelConfig) -> KernelFunction:
 class KernelEmbeddings:
     """Projected, L2-normalised features of one modality for every base kernel; cacheable for retrieval.
 
-    ``pooled[s]`` is (B, M_s, d) for the pooled sources (global, mid); ``local`` is (B, M_local, L, d) with
-    ``local_mask`` (B, L) marking real words (text) or patches (image); ``gate`` is (B, d_gate) or None.
+    ``pooled[s]`` is (B, M_s, d) for the pooled sources (global, mid, concept, concept_class); ``local`` is
+    (B, M_local, L, d) with ``local_mask`` (B, L) marking real words (text) or patches (image); ``gate`` is
+    (B, d_gate) or None; ``concept_local`` is (B, L_c, d_c) (one unprojected embedding per position, shared by the
+    concept_local kernels) with ``concept_mask`` (B, L_c).
     """
 
     pooled: dict[str, torch.Tensor]
     local: torch.Tensor | None
     local_mask: torch.Tensor | None
     gate: torch.Tensor | None
+    concept_local: torch.Tensor | None = None
+    concept_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        for t in [*self.pooled.values(), self.local]:
+        for t in [*self.pooled.values(), self.local, self.concept_local]:
             if t is not None:
                 return t.shape[0]
         return 0
@@ -148,7 +161,12 @@ class KernelEmbeddings:
             return None if t is None else t[index]
 
         return KernelEmbeddings(
-            {k: v[index] for k, v in self.pooled.items()}, pick(self.local), pick(self.local_mask), pick(self.gate)
+            {k: v[index] for k, v in self.pooled.items()},
+            pick(self.local),
+            pick(self.local_mask),
+            pick(self.gate),
+            pick(self.concept_local),
+            pick(self.concept_mask),
         )
 
     def to(self, device: torch.device | str) -> KernelEmbeddings:
@@ -156,7 +174,12 @@ class KernelEmbeddings:
             return None if t is None else t.to(device)
 
         return KernelEmbeddings(
-            {k: v.to(device) for k, v in self.pooled.items()}, mv(self.local), mv(self.local_mask), mv(self.gate)
+            {k: v.to(device) for k, v in self.pooled.items()},
+            mv(self.local),
+            mv(self.local_mask),
+            mv(self.gate),
+            mv(self.concept_local),
+            mv(self.concept_mask),
         )
 
     @staticmethod
@@ -168,11 +191,16 @@ class KernelEmbeddings:
             # Captions of different batches are padded to different lengths: pad to the longest.
             n = max(p.local.shape[2] for p in parts)
             parts = [_pad_local(p, n) for p in parts]
+        if parts[0].concept_local is not None:
+            n = max(p.concept_local.shape[1] for p in parts)
+            parts = [_pad_concept(p, n) for p in parts]
         return KernelEmbeddings(
             {k: torch.cat([p.pooled[k] for p in parts]) for k in parts[0].pooled},
             cat([p.local for p in parts]),
             cat([p.local_mask for p in parts]),
             cat([p.gate for p in parts]),
+            cat([p.concept_local for p in parts]),
+            cat([p.concept_mask for p in parts]),
         )
 
 
@@ -182,7 +210,16 @@ def _pad_local(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
         return e
     local = F.pad(e.local, (0, 0, 0, extra))
     mask = F.pad(e.local_mask, (0, extra))
-    return KernelEmbeddings(e.pooled, local, mask, e.gate)
+    return KernelEmbeddings(e.pooled, local, mask, e.gate, e.concept_local, e.concept_mask)
+
+
+def _pad_concept(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
+    extra = n - e.concept_local.shape[1]
+    if extra == 0:
+        return e
+    local = F.pad(e.concept_local, (0, 0, 0, extra))  # (B, n, d)
+    mask = F.pad(e.concept_mask, (0, extra))
+    return KernelEmbeddings(e.pooled, e.local, e.local_mask, e.gate, local, mask)
 
 
 @dataclass
@@ -198,21 +235,27 @@ class MultiKernelSimilarity(nn.Module):
     def __init__(self, cfg: KernelConfig, image_dims: dict[str, int], text_dims: dict[str, int]):
         super().__init__()
         self.cfg = cfg
-        self.sources = [s for s in ("global", "mid", "local") if s in cfg.sources]  # fixed order
+        order = ("global", "mid", "local", "concept", "concept_class", "concept_local")
+        self.sources = [s for s in order if s in cfg.sources]  # fixed order
         self.functions = list(cfg.functions)
         d = cfg.proj_dim
         self.image_proj = nn.ModuleDict()
         self.text_proj = nn.ModuleDict()
         self.kernel_fns = nn.ModuleDict()
         for s in self.sources:
+            if s in CONCEPT_SOURCES:  # pretrained features in one space already: no projection heads
+                self.kernel_fns[s] = nn.ModuleList([make_kernel_function(f, cfg) for f in cfg.concept_functions])
+                continue
             n = len(self.functions)
             # One Linear producing all n projections of a source at once: (D -> n * d), split afterwards.
             self.image_proj[s] = nn.Linear(image_dims[s], n * d)
             self.text_proj[s] = nn.Linear(text_dims[s], n * d)
             self.kernel_fns[s] = nn.ModuleList([make_kernel_function(f, cfg) for f in self.functions])
-        self.names = [f"{s}/{f}" for s in self.sources for f in self.functions]
+        self.names = [f"{s}/{fn.name}" for s in self.sources for fn in self.kernel_fns[s]]
         self.logits = nn.Parameter(torch.zeros(len(self.names)))  # beta = softmax(logits)
         if cfg.gate:
+            if "global" not in image_dims or "global" not in self.sources:
+                raise ValueError("kernels.gate reads the global features: add 'global' to kernels.sources")
             self.gate_image = nn.Linear(image_dims["global"], d)
             self.gate_text = nn.Linear(text_dims["global"], d)
             # Diagonal bilinear gate: g_m(x, y) = sum_k W_mk u_k v_k, an all-pairs product with no (Bi, Bt, d) tensor.
@@ -230,18 +273,32 @@ class MultiKernelSimilarity(nn.Module):
         self, proj: nn.ModuleDict, feats: dict[str, torch.Tensor], mask: torch.Tensor | None, gate: nn.Module | None
     ) -> KernelEmbeddings:
         n, d = len(self.functions), self.cfg.proj_dim
-        pooled, local = {}, None
+        pooled, local, concept_local = {}, None, None
         for s in self.sources:
+            if s == "concept_local":
+                concept_local = F.normalize(feats[s], dim=-1)  # (B, L, D): one embedding for all its kernels
+                continue
+            if s in CONCEPT_SOURCES:
+                x = F.normalize(feats[s], dim=-1)  # (B, D)
+                pooled[s] = x.unsqueeze(1).expand(-1, len(self.kernel_fns[s]), -1)  # (B, n_s, D), a view
+                continue
             x = proj[s](feats[s])
             if s == "local":
                 local = F.normalize(x.unflatten(-1, (n, d)).transpose(1, 2), dim=-1)  # (B, n, L, d)
             else:
                 pooled[s] = F.normalize(x.unflatten(-1, (n, d)), dim=-1)  # (B, n, d)
         g = F.normalize(gate(feats["global"]), dim=-1) if gate is not None else None
-        return KernelEmbeddings(pooled, local, mask if local is not None else None, g)
+        cmask = None
+        if concept_local is not None:
+            cmask = feats.get("concept_mask")
+            if cmask is None:
+                cmask = mask if mask is not None and mask.shape[1] == concept_local.shape[1] else None
+            if cmask is None:
+                cmask = torch.ones(concept_local.shape[:2], dtype=torch.bool, device=concept_local.device)
+        return KernelEmbeddings(pooled, local, mask if local is not None else None, g, concept_local, cmask)
 
     def embed_image(self, feats: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> KernelEmbeddings:
-        """feats: global (B, D), mid (B, D), local (B, P, D) patch tokens; mask (B, P) optional."""
+        """feats: global (B, D), mid (B, D), local (B, P, D) patch tokens (and concept sources); mask (B, P)."""
         if mask is None and "local" in feats:
             mask = torch.ones(feats["local"].shape[:2], dtype=torch.bool, device=feats["local"].device)
         return self._embed(self.image_proj, feats, mask, getattr(self, "gate_image", None))
@@ -254,7 +311,9 @@ class MultiKernelSimilarity(nn.Module):
         """K_m for every base kernel: (Bi, Bt, M), or (B, M) when ``pairwise`` (image k with text k)."""
         values = []
         for s in self.sources:
-            if s == "local":
+            if s == "concept_local":
+                values.append(self._concept_local_values(img, txt, pairwise))
+            elif s == "local":
                 cos = local_max_cosine(img.local, img.local_mask, txt.local, pairwise)  # (..., n, T)
                 k = torch.stack([fn(cos[..., i, :]) for i, fn in enumerate(self.kernel_fns[s])], -2)
                 w = txt.local_mask.float()  # (Bt, T)
@@ -269,6 +328,22 @@ class MultiKernelSimilarity(nn.Module):
                     cos = torch.einsum("ind,jnd->ijn", img.pooled[s], txt.pooled[s])  # (Bi, Bt, n)
                 values.append(torch.stack([fn(cos[..., i]) for i, fn in enumerate(self.kernel_fns[s])], -1))
         return torch.cat(values, -1)
+
+    def _concept_local_values(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool) -> torch.Tensor:
+        # One embedding per position, so the late interaction runs once (n = 1) for all concept_local kernels.
+        cos = local_max_cosine(
+            img.concept_local.unsqueeze(1), img.concept_mask, txt.concept_local.unsqueeze(1), pairwise
+        )[..., 0, :]  # (Bi, Bt, T) or (B, T)
+        w = txt.concept_mask.float()
+        w = w / w.sum(-1, keepdim=True).clamp_min(1.0)  # (Bt, T): mean over words
+        if not pairwise:
+            w = w.unsqueeze(0)
+        return torch.stack([(fn(cos) * w).sum(-1) for fn in self.kernel_fns["concept_local"]], -1)
+
+    def concept_local_maps(self, img: KernelEmbeddings, txt: KernelEmbeddings) -> torch.Tensor:
+        """Word x position values of every concept_local kernel for paired (image k, text k): (B, n_c, T, P)."""
+        cos = torch.einsum("bpd,btd->btp", img.concept_local, txt.concept_local)
+        return torch.stack([fn(cos) for fn in self.kernel_fns["concept_local"]], 1)
 
     def pair_weights(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool = False) -> torch.Tensor:
         """beta: (M,) without the gate; (Bi, Bt, M) or (B, M) with it."""

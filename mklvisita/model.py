@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .concepts import ConceptBridge, uses_concepts
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
 from .fusion import HierarchicalFusion, LayerAttentions
@@ -198,6 +199,17 @@ class MKLVisITA(
             "local": self.vision.widths[-1],
         }
         self.kernels = MultiKernelSimilarity(k, image_dims, {"global": dt, "mid": dt, "local": dt})
+        self.concepts: ConceptBridge | None = None
+        if uses_concepts(k):
+            cnn_width = int(getattr(self.vision.model, "num_features", 0))
+            self.concepts = ConceptBridge(k, cnn_width, dt)
+            if building and config.vision.pretrained and config.vision.weights:
+                self._fill_concept_classifier()
+            if building and tokenizer is not None:
+                self.concepts.fill_class_text(self._sentence_encoder(tokenizer))
+        for encoder, frozen in ((self.vision, config.vision.frozen), (self.text, config.text.frozen)):
+            if frozen:
+                encoder.requires_grad_(False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.loss.temperature)))
 
         f = config.fusion
@@ -284,12 +296,80 @@ class MKLVisITA(
     def _image_sources(self, img: ImageFeatures) -> dict[str, torch.Tensor]:
         p = self.vision.num_prefix_tokens
         last = img.levels[self.vision.depth - 1]
-        return {"global": img.pooled, "mid": img.levels[self.image_mid_level][:, p:].mean(1), "local": last[:, p:]}
+        out = {"global": img.pooled, "mid": img.levels[self.image_mid_level][:, p:].mean(1), "local": last[:, p:]}
+        if self.concepts is not None:
+            if img.backbone_pooled is None:
+                raise ConfigError("concept kernels need a CNN (or hybrid) image encoder with an ImageNet head")
+            out |= self.concepts.image_features(img.backbone_pooled, img.backbone_map)
+        return out
 
     def _text_sources(self, txt: TextFeatures) -> dict[str, torch.Tensor]:
         mask = txt.attention_mask.unsqueeze(-1).float()
         mid = (txt.levels[self.text_mid_level] * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return {"global": txt.pooled, "mid": mid, "local": txt.levels[self.text.depth - 1]}
+        last = txt.levels[self.text.depth - 1]
+        out = {"global": txt.pooled, "mid": mid, "local": last}
+        if self.concepts is not None:
+            # Mean over every real token, [CLS] and [SEP] included: how sentence-transformers pools.
+            sentence = (last * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, D)
+            out |= self.concepts.text_features(sentence, last)
+        return out
+
+    # ---------------------------------------------------------------------------- weights from the packages
+    def train(self, mode: bool = True) -> MKLVisITA:
+        """Frozen backbones stay in eval mode (a CNN's batch-norm statistics must not drift while heads train)."""
+        super().train(mode)
+        for encoder, frozen in ((self.vision, self.config.vision.frozen), (self.text, self.config.text.frozen)):
+            if frozen:
+                encoder.eval()
+        return self
+
+    def external_weight_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes that come from installed packages (frozen backbones) and are not saved."""
+        prefixes = []
+        if self.config.vision.frozen and self.config.vision.weights:
+            prefixes.append("vision.model.")
+            if self.concepts is not None:
+                prefixes += ["concepts.class_weight", "concepts.class_bias"]
+        if self.config.text.frozen and self.config.text.weights:
+            prefixes.append("text.model.")
+        return tuple(prefixes)
+
+    def fill_external_weights(self) -> None:
+        """Load the frozen backbones (and the concept classifier) from their packages, sha256 checked, strictly."""
+        from safetensors.torch import load_file as load_safetensors
+
+        from .pretrained import text_model_folder, vision_state_dict
+
+        prefixes = self.external_weight_prefixes()
+        if "vision.model." in prefixes:
+            state = vision_state_dict(self.config.vision.weights, self.config.vision.model_name)
+            own = self.vision.model.state_dict()
+            self.vision.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+            if self.concepts is not None:
+                self.concepts.load_classifier(state, self.vision.model.pretrained_cfg.get("classifier", "classifier"))
+        if "text.model." in prefixes:
+            folder = text_model_folder(self.config.text.weights)
+            state = load_safetensors(str(folder / "model.safetensors"))
+            own = self.text.model.state_dict()
+            self.text.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+    def _fill_concept_classifier(self) -> None:
+        from .pretrained import vision_state_dict
+
+        state = vision_state_dict(self.config.vision.weights, self.config.vision.model_name)
+        self.concepts.load_classifier(state, self.vision.model.pretrained_cfg.get("classifier", "classifier"))
+
+    def _sentence_encoder(self, tokenizer):
+        """texts -> mean-pooled last-layer embeddings (B, D) of this model's text encoder (class prompts)."""
+
+        @torch.no_grad()
+        def encode(texts: list[str]) -> torch.Tensor:
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+            last = self.text.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            return (last * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, D)
+
+        return encode
 
     def embed_image(self, img: ImageFeatures) -> KernelEmbeddings:
         """Every base kernel's image-side projection; cache these for retrieval."""
@@ -418,7 +498,8 @@ class MKLVisITA(
     def _save_pretrained(self, save_directory: Path) -> None:
         """config.json + model.safetensors + tokenizer files (called by ``save_pretrained`` / ``push_to_hub``)."""
         save_directory = Path(save_directory)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        skip = self.external_weight_prefixes()  # frozen backbones: the packages ship them
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith(skip)}
         save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "mklvisita"})
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
         self.tokenizer.save_pretrained(str(save_directory))
@@ -462,7 +543,8 @@ class MKLVisITA(
             raise CheckpointError(f"{folder / CONFIG_NAME}: text.backbone_config is missing; re-save the checkpoint")
         model = cls(arch, tokenizer=tokenizer)
         model.config = config
-        load_weights_strict(model, folder / WEIGHTS_NAME, map_location)
+        model.fill_external_weights()  # frozen backbones from their packages (sha256 checked); no-op otherwise
+        load_weights_strict(model, folder / WEIGHTS_NAME, map_location, skip=model.external_weight_prefixes())
         return model.eval()
 
 
@@ -521,14 +603,17 @@ def read_config(folder: Path) -> MKLVisITAConfig:
     return config
 
 
-def load_weights_strict(model: nn.Module, file: Path, map_location: str | torch.device = "cpu") -> None:
+def load_weights_strict(
+    model: nn.Module, file: Path, map_location: str | torch.device = "cpu", skip: tuple[str, ...] = ()
+) -> None:
+    """Every weight of ``model`` except those under ``skip`` (filled from packages) must be in ``file``."""
     try:
         state = load_file(str(file), device=str(map_location))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(
             f"{file} could not be read as safetensors ({e}); the file is damaged or incomplete"
         ) from e
-    expected = model.state_dict()
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
@@ -545,7 +630,8 @@ def load_weights_strict(model: nn.Module, file: Path, map_location: str | torch.
         problems.append(f"mis-shaped weights: {_few(shapes)}")
     if problems:
         raise CheckpointError(f"{file} does not fit the model of its config.json; " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    # Checked above: exactly the expected keys; the skipped ones were filled from their packages.
+    model.load_state_dict(state, strict=not skip)
 
 
 def _few(items: list[str], n: int = 5) -> str:

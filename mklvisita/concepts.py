@@ -1,0 +1,108 @@
+"""Concept features: a pretrained ImageNet classifier's classes as a bridge into the sentence encoder's space.
+
+Decisions:
+    - Image -> class probabilities p = softmax(classifier(pooled CNN feature) / T) -> sum_c p_c e_c, where e_c is
+      the unit sentence embedding of class c's prompts. Caption -> its mean-pooled sentence embedding (how
+      all-MiniLM-L6-v2 was trained to embed sentences). The "concept" kernel compares the two (DESIGN.md's bridge).
+    - "concept_class" compares distributions over the 1000 classes: sqrt(p) against sqrt(q), with
+      q = softmax(cos(caption, e_c) / tau); the cosine of two square-rooted distributions is their Bhattacharyya
+      coefficient. It rewards agreeing on *which* class rather than on a blurred average embedding.
+    - "concept_local": the classifier applied to every position of the CNN's final feature map (a linear head, so
+      per-position logits are well defined) gives per-position concept embeddings; captions give word tokens of
+      the same encoder's last layer. Late interaction over them yields per-word maps.
+    - Class prompts: for each ImageNet class, the ensemble (mean of unit embeddings, renormalised) of three
+      prompts built from timm's ImageNet synset lemmas and WordNet definitions: "<lemmas>", "<lemmas>: <definition>"
+      and "a photo of a <first lemma>, <definition>". Chosen, with T = 0.5 and tau = 0.02, on the tune half of the
+      Tux Paint photo stamps (mklvisita.tasks.tuxpaint), never on its test half.
+    - The classifier is a frozen copy of the backbone package's ImageNet head (buffers: not trained, not saved in
+      a release folder whose vision backbone comes from a package); the prompt embeddings are a buffer saved with
+      the checkpoint (computing them again needs ~3,000 encoder passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CONCEPT_SOURCES, KernelConfig
+
+NUM_CLASSES = 1000
+PROMPTS_PER_CLASS = 3
+
+
+def class_prompts() -> list[list[str]]:
+    """For each ImageNet-1k class (timm's index order), the prompts whose embeddings are averaged."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    prompts = []
+    for i in range(NUM_CLASSES):
+        lemmas = [w.strip() for w in info.index_to_description(i).split(",") if w.strip()]
+        definition = info.index_to_description(i, detailed=True).split(": ", 1)[-1]
+        names = ", ".join(lemmas)
+        prompts.append([names, f"{names}: {definition}", f"a photo of a {lemmas[0]}, {definition}"])
+    return prompts
+
+
+def uses_concepts(cfg: KernelConfig) -> bool:
+    return any(s in CONCEPT_SOURCES for s in cfg.sources)
+
+
+class ConceptBridge(nn.Module):
+    """Maps CNN features to class probabilities and both modalities' features to the concept sources."""
+
+    def __init__(self, cfg: KernelConfig, image_width: int, text_width: int, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.temperature = cfg.concept_temperature
+        self.text_temperature = cfg.concept_text_temperature
+        self.sources = [s for s in CONCEPT_SOURCES if s in cfg.sources]
+        # Buffers, not frozen parameters: DDP must not wait for a gradient that never comes.
+        self.register_buffer("class_weight", torch.zeros(num_classes, image_width))  # (K, C) ImageNet head
+        self.register_buffer("class_bias", torch.zeros(num_classes))  # (K,)
+        self.register_buffer("class_text", torch.zeros(num_classes, text_width))  # (K, D) unit prompt embeddings
+
+    def load_classifier(self, state: dict[str, torch.Tensor], prefix: str = "classifier") -> None:
+        """Copy the ImageNet head ``<prefix>.weight`` / ``<prefix>.bias`` of a timm state dict."""
+        for name, buf in (("weight", self.class_weight), ("bias", self.class_bias)):
+            key = f"{prefix}.{name}"
+            if key not in state or tuple(state[key].shape) != tuple(buf.shape):
+                got = tuple(state[key].shape) if key in state else "nothing"
+                raise ValueError(
+                    f"concept kernels need the backbone's {tuple(buf.shape)} ImageNet head {key}; the weights give "
+                    f"{got}. Use an ImageNet-1k classifier backbone with vision.weights set"
+                )
+            buf.copy_(state[key])
+
+    @torch.no_grad()
+    def fill_class_text(self, encode: Callable[[list[str]], torch.Tensor], batch_size: int = 256) -> None:
+        """class_text <- the renormalised mean of each class's unit prompt embeddings; ``encode`` (N,) -> (N, D)."""
+        prompts = class_prompts()
+        flat = [p for ps in prompts for p in ps]
+        emb = torch.cat(
+            [F.normalize(encode(flat[i : i + batch_size]).float(), dim=-1) for i in range(0, len(flat), batch_size)]
+        )  # (K * 3, D)
+        emb = emb.view(len(prompts), PROMPTS_PER_CLASS, -1).sum(1)  # (K, D)
+        self.class_text.copy_(F.normalize(emb, dim=-1))
+
+    def class_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., C) CNN features -> (..., K) ImageNet logits."""
+        return F.linear(features, self.class_weight, self.class_bias)
+
+    def image_features(self, pooled: torch.Tensor, feature_map: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """pooled (B, C), feature_map (B, P, C) -> the image side of each concept source."""
+        p = (self.class_logits(pooled) / self.temperature).softmax(-1)  # (B, K)
+        out = {"concept": p @ self.class_text, "concept_class": p.sqrt()}  # (B, D), (B, K)
+        if "concept_local" in self.sources:
+            if feature_map is None:
+                raise ValueError("kernels.sources 'concept_local' needs a CNN image encoder (its final feature map)")
+            pl = (self.class_logits(feature_map) / self.temperature).softmax(-1)  # (B, P, K)
+            out["concept_local"] = pl @ self.class_text  # (B, P, D)
+        return out
+
+    def text_features(self, sentence: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sentence (B, D) mean-pooled, tokens (B, T, D) -> the text side of each concept source."""
+        q = (F.normalize(sentence, dim=-1) @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, K)
+        return {"concept": sentence, "concept_class": q.sqrt(), "concept_local": tokens}
