@@ -37,6 +37,15 @@ ExtraMetric = Callable[[Any, Any, "EvalData"], dict[str, float]]
 EXTRA_METRICS: dict[str, ExtraMetric] = {"pointing": shapes_pointing_metric}
 
 
+def _tuxpaint_pointing(model: Any, processor: Any, data: EvalData) -> dict[str, float]:
+    from .tasks.tuxpaint import pointing_metric  # composites of 2-3 photo stamps; {} on other data
+
+    return pointing_metric(model, processor, data)
+
+
+EXTRA_METRICS["tuxpaint_pointing"] = _tuxpaint_pointing
+
+
 @dataclass
 class EvalData:
     """What one evaluation needs: images, captions, ground truth and (shapes) one hard negative per caption."""
@@ -68,6 +77,10 @@ def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> EvalData:
         if len(negatives) != len(rset.captions):
             raise RuntimeError(f"shapes {split}: {len(negatives)} negatives for {len(rset.captions)} captions")
         return EvalData(spec, split, rset.images, list(rset.captions), rset.txt2img, negatives, scenes)
+    if spec == "tuxpaint" or spec.startswith("tuxpaint:"):  # Tux Paint photo stamps: split test | tune | all
+        from .tasks import tuxpaint
+
+        return tuxpaint.load_eval_data(spec, split, limit)
     rset = load_retrieval_set(spec, split=split)
     if limit > 0 and limit < len(rset):
         rset = rset.subset(range(limit))

@@ -345,6 +345,22 @@ class MultiKernelSimilarity(nn.Module):
         cos = torch.einsum("bpd,btd->btp", img.concept_local, txt.concept_local)
         return torch.stack([fn(cos) for fn in self.kernel_fns["concept_local"]], 1)
 
+    @property
+    def word_map_names(self) -> list[str]:
+        """The kernels with a word x patch map (local and concept_local), in ``word_patch_maps`` order."""
+        return [n for n in self.names if n.startswith(("local/", "concept_local/"))]
+
+    def word_patch_maps(self, img: KernelEmbeddings, txt: KernelEmbeddings) -> torch.Tensor:
+        """Word x patch values of every kernel in ``word_map_names`` for paired inputs: (B, n_maps, T, P)."""
+        maps = []
+        if "local" in self.sources:
+            maps.append(self.local_kernel_maps(img, txt))
+        if "concept_local" in self.sources:
+            maps.append(self.concept_local_maps(img, txt))
+        if not maps:
+            raise ValueError("no kernel with word x patch maps: add 'local' or 'concept_local' to kernels.sources")
+        return torch.cat(maps, 1)
+
     def pair_weights(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool = False) -> torch.Tensor:
         """beta: (M,) without the gate; (Bi, Bt, M) or (B, M) with it."""
         if not self.cfg.gate:
