@@ -192,8 +192,8 @@ def _run(
             with torch.no_grad():
                 sim = model.similarity(ei, et, pairwise=True)
                 kmaps = None
-                if "local" in model.kernels.sources:
-                    kmaps = model.kernels.local_kernel_maps(ei, et)[0].float().cpu()  # (n, T, P)
+                if model.kernels.word_map_names:  # local and concept_local kernels
+                    kmaps = model.kernels.word_patch_maps(ei, et)[0].float().cpu()  # (n, T, P)
                 roll = None
                 if rollout:
                     r = attention_rollout([a.detach().float() for a in img.attentions])  # (1, N, N)
@@ -242,7 +242,8 @@ def _kernel_token_maps(p: _Pass, model: Any) -> torch.Tensor:
     if p.kernel_maps is None:
         raise ValueError("method='kernel' needs local kernels; this model's kernels.sources has no 'local'")
     beta = model.kernel_weights().detach().float().cpu()
-    local = torch.tensor([i for i, n in enumerate(model.kernel_names) if n.startswith("local/")])
+    word_maps = set(model.kernels.word_map_names)
+    local = torch.tensor([i for i, n in enumerate(model.kernel_names) if n in word_maps])
     w = beta[local] / beta[local].sum()
     return torch.einsum("ntp,n->tp", p.kernel_maps, w)
 
@@ -325,7 +326,7 @@ def explain_pair(
     if p.kernel_maps is not None:
         per_word, _ = _words_and_caption(p.kernel_maps, p)  # (n, n_words, P)
         full = _to_original(_grid(per_word, model), box)
-        for name, m in zip(model.local_kernel_names, full):
+        for name, m in zip(model.kernels.word_map_names, full):
             kernel_maps[name] = _normalise(m, normalize, signed=True)
     rollout = None
     if p.rollout is not None:
@@ -446,7 +447,7 @@ def pointing_game(
         m
         for m in methods
         if (m not in ("gradcam", "attention") or model.has_itm)
-        and (m != "kernel" or "local" in model.kernels.sources)
+        and (m != "kernel" or bool(model.kernels.word_map_names))
         and (m != "rollout" or model.vision.has_attentions)
     ]
     li = _layer_index(model, layer) if model.has_itm else -1
