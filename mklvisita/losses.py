@@ -48,11 +48,11 @@ def itc_loss(
     if extra_text_similarity is not None:
         extra = extra_text_similarity
         if extra_mask is not None:  # a distractor that is not a negative of this image is left out of its softmax
-            extra = extra.masked_fill(~extra_mask.bool(), float("-inf"))
+            extra = extra.masked_fill(~extra_mask.bool(), -1e4)  # finite: 0 x -inf would be NaN in the sum
         i2t = torch.cat([similarity, extra], 1)
         i2t_targets = F.pad(targets, (0, extra.shape[1]))
     t_targets = pos.T / pos.T.sum(-1, keepdim=True)
-    loss_i2t = -(F.log_softmax(i2t * logit_scale, -1) * i2t_targets).nan_to_num().sum(-1).mean()
+    loss_i2t = -(F.log_softmax(i2t * logit_scale, -1) * i2t_targets).sum(-1).mean()
     loss_t2i = -(F.log_softmax(similarity.T * logit_scale, -1) * t_targets).sum(-1).mean()
     return (loss_i2t + loss_t2i) / 2
 
