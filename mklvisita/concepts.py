@@ -30,11 +30,13 @@ from torch import nn
 from .config import CONCEPT_SOURCES, KernelConfig
 
 NUM_CLASSES = 1000
-PROMPTS_PER_CLASS = 3
 
 
-def class_prompts() -> list[list[str]]:
-    """For each ImageNet-1k class (timm's index order), the prompts whose embeddings are averaged."""
+def class_prompts(kind: str = "ensemble") -> list[list[str]]:
+    """For each ImageNet-1k class (timm's index order), the prompts whose embeddings are averaged.
+
+    ``kind`` "ensemble": the three prompts of the module docstring; "photo": "a photo of a <first lemma>" alone.
+    """
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
@@ -43,7 +45,10 @@ def class_prompts() -> list[list[str]]:
         lemmas = [w.strip() for w in info.index_to_description(i).split(",") if w.strip()]
         definition = info.index_to_description(i, detailed=True).split(": ", 1)[-1]
         names = ", ".join(lemmas)
-        prompts.append([names, f"{names}: {definition}", f"a photo of a {lemmas[0]}, {definition}"])
+        if kind == "photo":
+            prompts.append([f"a photo of a {lemmas[0]}"])
+        else:
+            prompts.append([names, f"{names}: {definition}", f"a photo of a {lemmas[0]}, {definition}"])
     return prompts
 
 
@@ -56,6 +61,7 @@ class ConceptBridge(nn.Module):
 
     def __init__(self, cfg: KernelConfig, image_width: int, text_width: int, num_classes: int = NUM_CLASSES):
         super().__init__()
+        self.prompts = cfg.concept_prompts
         self.temperature = cfg.concept_temperature
         self.text_temperature = cfg.concept_text_temperature
         self.sources = [s for s in CONCEPT_SOURCES if s in cfg.sources]
@@ -79,12 +85,12 @@ class ConceptBridge(nn.Module):
     @torch.no_grad()
     def fill_class_text(self, encode: Callable[[list[str]], torch.Tensor], batch_size: int = 256) -> None:
         """class_text <- the renormalised mean of each class's unit prompt embeddings; ``encode`` (N,) -> (N, D)."""
-        prompts = class_prompts()
+        prompts = class_prompts(self.prompts)
         flat = [p for ps in prompts for p in ps]
         emb = torch.cat(
             [F.normalize(encode(flat[i : i + batch_size]).float(), dim=-1) for i in range(0, len(flat), batch_size)]
         )  # (K * 3, D)
-        emb = emb.view(len(prompts), PROMPTS_PER_CLASS, -1).sum(1)  # (K, D)
+        emb = emb.view(len(prompts), len(prompts[0]), -1).sum(1)  # (K, prompts, D) -> (K, D)
         self.class_text.copy_(F.normalize(emb, dim=-1))
 
     def class_logits(self, features: torch.Tensor) -> torch.Tensor:

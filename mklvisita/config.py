@@ -98,6 +98,8 @@ class KernelConfig:
     gate: bool = False  # pair-conditioned gate: beta(x, y) from the pooled features (else one global beta)
     mid_text_level: int | None = None  # text layer of the "mid" source (None = the middle layer)
     concept_functions: list[str] = field(default_factory=lambda: ["cosine"])  # kernel functions of concept sources
+    concept_prompts: str = "ensemble"  # class prompts: "ensemble" (lemmas, definition, photo; mklvisita.concepts) or
+    # "photo" (only "a photo of a <first lemma>", the plain bridge)
     concept_temperature: float = 0.5  # T of the image's class probabilities softmax(logits / T) (concept sources)
     concept_text_temperature: float = 0.02  # tau of a caption's class distribution softmax(cos(caption, class) / tau)
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
@@ -211,6 +213,9 @@ class MKLVisITAConfig:
         for f in [*self.kernels.functions, *self.kernels.concept_functions]:
             if f not in KERNEL_FUNCTIONS:
                 raise ConfigError(f"kernels.functions: unknown function {f!r}; choose from {list(KERNEL_FUNCTIONS)}")
+        if self.kernels.concept_prompts not in ("ensemble", "photo"):
+            prompts = self.kernels.concept_prompts
+            raise ConfigError(f"kernels.concept_prompts must be 'ensemble' or 'photo', not {prompts!r}")
         if not self.kernels.sources or not self.kernels.functions:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:
