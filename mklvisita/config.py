@@ -135,6 +135,11 @@ class LossConfig:
     hard_negative_itc: bool = True  # extra hard-negative captions (when given) also enter ITC as distractors
     itm_sampled: str = "both"  # negatives sampled from the batch for ITM besides the dataset's own hard negative:
     # "both" = a caption per image and an image per caption (ALBEF), "text", "image" or "none" (pos : dataset 1:1)
+    patch_weight: float = 0.0  # dense supervision where the data has object masks (shapes): each patch of the last
+    # image level classifies its object's attributes (or background) through a small training-time linear head
+    patch_classes: list[int] = field(default_factory=list)  # classes of each attribute head, background included
+    grounding_weight: float = 0.0  # word grounding where the data says which object a word names (shapes): the
+    # word's text->image attention (every fusion layer, mean over heads) is pulled toward that object's patches
 
 
 @dataclass
@@ -224,6 +229,8 @@ class MKLVisITAConfig:
             raise ConfigError(
                 f"loss.itm_sampled must be 'both', 'text', 'image' or 'none', not {self.loss.itm_sampled!r}"
             )
+        if self.loss.patch_weight > 0 and not self.loss.patch_classes:
+            raise ConfigError("loss.patch_weight > 0 needs loss.patch_classes (classes of each attribute head)")
         if self.loss.itm_negatives not in ("hard", "random"):
             raise ConfigError(f"loss.itm_negatives must be 'hard' or 'random', not {self.loss.itm_negatives!r}")
         if self.text.max_length < 3:

@@ -98,3 +98,32 @@ def sample_hard_negatives(
     neg_t, ok_i = draw(s, pos)
     neg_i, ok_t = draw(s.T, pos.T)
     return neg_t, ok_i, neg_i, ok_t
+
+
+def dense_attribute_loss(heads: torch.nn.ModuleList, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the attribute heads over every patch.
+
+    tokens (B, P, C): patch tokens (no prefix); labels (B, A, P) long: attribute a of the object covering patch p
+    (the last class of each head = background).
+    """
+    terms = [F.cross_entropy(head(tokens).flatten(0, 1), labels[:, a].flatten()) for a, head in enumerate(heads)]
+    return torch.stack(terms).mean()
+
+
+def grounding_loss(attentions: list[torch.Tensor], targets: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Cross-entropy between a word's text->image attention and where the word's object is.
+
+    attentions: one (B, heads, T', N) text->image probability tensor per fusion layer (T' >= T: captions padded
+    together with negatives; N = prefix + P patches). targets (B, T, P): for a word that names an object, that
+    object's patch coverage normalised to sum 1; all-zero rows (other words, [CLS], padding) are not supervised.
+    """
+    has = targets.sum(-1) > 0  # (B, T)
+    if not has.any():
+        return targets.new_zeros(())
+    t = targets.shape[1]
+    total = targets.new_zeros(())
+    for a in attentions:
+        p = a.mean(1)[:, :t, num_prefix_tokens:]  # (B, T, P): mean over heads, patches only
+        ce = -(targets * torch.log(p + 1e-6)).sum(-1)  # (B, T)
+        total = total + (ce * has).sum() / has.sum()
+    return total / len(attentions)

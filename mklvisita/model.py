@@ -32,7 +32,15 @@ from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
 from .fusion import HierarchicalFusion, LayerAttentions
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
-from .losses import itc_loss, itm_loss, kernel_entropy_loss, positives_mask, sample_hard_negatives
+from .losses import (
+    dense_attribute_loss,
+    grounding_loss,
+    itc_loss,
+    itm_loss,
+    kernel_entropy_loss,
+    positives_mask,
+    sample_hard_negatives,
+)
 from .tokenizer import builtin_tokenizer, load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -242,6 +250,12 @@ class MKLVisITA(
         self.image_levels = sorted(
             {self.image_mid_level, self.vision.depth - 1, *(self.fusion.image_levels if self.fusion else [])}
         )
+        # Training-time dense supervision (loss.patch_weight): one linear head per attribute over the last level's
+        # patch tokens. Kept in the checkpoint (a release can be fine-tuned further); unused at inference.
+        self.patch_heads: nn.ModuleList | None = None
+        if config.loss.patch_weight > 0:
+            width = self.vision.widths[-1]
+            self.patch_heads = nn.ModuleList([nn.Linear(width, n) for n in config.loss.patch_classes])
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -422,6 +436,8 @@ class MKLVisITA(
         neg_attention_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         positives: torch.Tensor | None = None,
+        patch_labels: torch.Tensor | None = None,
+        word_targets: torch.Tensor | None = None,
     ) -> MKLVisITAOutput:
         """Caption i describes image i; the losses are computed when ``return_loss``.
 
@@ -432,6 +448,9 @@ class MKLVisITA(
                 hold, identical captions). ITC spreads its targets over them and ITM never samples one as a
                 negative. With it, each image's own dataset negative is its only extra ITC distractor (another
                 image's negative may be true of it).
+            patch_labels: (B, A, P) long, each patch's attribute classes (with ``loss.patch_weight``).
+            word_targets: (B, T, P) float, for each word that names an object a distribution over that object's
+                patches (zero rows elsewhere), for the grounding loss (with ``loss.grounding_weight``).
         """
         cfg = self.config.loss
         img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
@@ -460,6 +479,10 @@ class MKLVisITA(
         }
         loss = cfg.itc_weight * losses["itc"] + cfg.entropy_weight * losses["entropy"]
         logs["positives_per_image"] = float(pos.float().sum(-1).mean())
+        if self.patch_heads is not None and patch_labels is not None:
+            tokens = img.levels[self.vision.depth - 1][:, self.vision.num_prefix_tokens :]  # (B, P, C)
+            losses["patch"] = dense_attribute_loss(self.patch_heads, tokens, patch_labels)
+            loss = loss + cfg.patch_weight * losses["patch"]
 
         if self.fusion is not None and cfg.itm_weight > 0:
             img_idx, txt_idx = [ar], [ar]  # positives first
@@ -487,6 +510,10 @@ class MKLVisITA(
             labels[:b] = 1
             losses["itm"] = itm_loss(m.logits, labels)
             loss = loss + cfg.itm_weight * losses["itm"]
+            if cfg.grounding_weight > 0 and word_targets is not None:  # the first b pairs are the positives
+                t2i = [a.t2i[:b] for a in m.attentions]
+                losses["grounding"] = grounding_loss(t2i, word_targets, self.vision.num_prefix_tokens)
+                loss = loss + cfg.grounding_weight * losses["grounding"]
             hit = m.logits.argmax(-1) == labels
             logs["itm_acc"] = float(hit.float().mean())
             logs["itm_acc_pos"] = float(hit[:b].float().mean())

@@ -1,0 +1,133 @@
+"""Dense shapes targets (what each patch shows, which patches a word names) and the losses that read them."""
+
+import numpy as np
+import pytest
+import torch
+
+from mklvisita import MKLVisITA, MKLVisITAConfig
+from mklvisita.data import ShapesScenes
+from mklvisita.data.grounding import PATCH_CLASSES, claim_assignment, patch_attribute_labels, word_patch_targets
+from mklvisita.data.shapes import COLOURS, SHAPES, Claim, Desc, SceneObject, holds
+from mklvisita.inputs import Processor
+from mklvisita.losses import dense_attribute_loss, grounding_loss
+
+
+def _scene_with_two_objects():
+    ds = ShapesScenes(split="train", size=200, seed=3)
+    for i in range(len(ds)):
+        scene = ds.scene(i)
+        if len(scene.objects) >= 2 and any(c.kind == "relation" for c in scene.claims):
+            return ds, scene, ds.render(scene, i)
+    raise AssertionError("no two-object scene with a relation caption in 200 scenes")
+
+
+def test_patch_labels_follow_the_masks():
+    _, scene, item = _scene_with_two_objects()
+    labels = patch_attribute_labels(item["objects"], (8, 8))
+    assert labels.shape == (3, 64)
+    for a, n in enumerate(PATCH_CLASSES):
+        assert labels[a].min() >= 0 and labels[a].max() < n
+    for obj in item["objects"]:
+        # the patch under the object's centre is labelled with the object's colour and shape
+        cx, cy = obj["center"]
+        p = int(cy // 8) * 8 + int(cx // 8)
+        assert labels[0, p] == list(COLOURS).index(obj["colour"]) and labels[1, p] == SHAPES.index(obj["shape"])
+    corner_free = [
+        p
+        for p in range(64)
+        if not any(
+            o["mask"][(p // 8) * 8 : (p // 8) * 8 + 8, (p % 8) * 8 : (p % 8) * 8 + 8].any() for o in item["objects"]
+        )
+    ]
+    assert corner_free and (labels[0, corner_free] == PATCH_CLASSES[0] - 1).all()  # untouched patches: background
+
+
+def test_word_targets_point_each_description_at_the_object_that_makes_the_claim_true():
+    ds, scene, item = _scene_with_two_objects()
+    claim = next(c for c in scene.claims if c.kind == "relation")
+    cfg = MKLVisITAConfig.tiny()
+    model = MKLVisITA(cfg)
+    proc = Processor(model.config, model.tokenizer)
+    words, token_word = proc.words(claim.text())
+    masks = [o["mask"] for o in item["objects"]]
+    tgt = word_patch_targets(claim, scene.objects, masks, token_word, (8, 8), 64)
+    assert tgt.shape == (len(token_word), 64)
+    chosen = claim_assignment(claim, scene.objects, 64)
+    assert chosen is not None and holds(claim, scene.objects, 64)
+    for desc, j in zip(claim.descs, chosen):
+        shape_tokens = [t for t, w in enumerate(token_word) if w is not None and words[w] == desc.shape]
+        assert shape_tokens
+        row = tgt[shape_tokens[0]]
+        assert row.sum() == pytest.approx(1.0, abs=1e-5)
+        # the mass sits on the chosen object's patches, not on the other object's
+        other = [k for k in range(len(masks)) if k != j]
+        cov = masks[j].reshape(8, 8, 8, 8).mean((1, 3)).reshape(-1)
+        assert row[cov > 0].sum() == pytest.approx(1.0, abs=1e-5)
+        for k in other:
+            alone = (masks[k].reshape(8, 8, 8, 8).mean((1, 3)).reshape(-1) > 0) & (cov == 0)
+            assert row[alone].sum() == 0
+    rel_tokens = [
+        t for t, w in enumerate(token_word) if w is not None and words[w] in ("left", "right", "above", "below")
+    ]
+    assert all(tgt[t].sum() == 0 for t in rel_tokens)  # relation words name no object
+
+
+def test_existential_reading_picks_the_object_that_fits():
+    # two stars; "a star to the left of a circle" holds through the left star only
+    objs = [
+        SceneObject("star", "red", "small", 10, 30, 6, 0),
+        SceneObject("circle", "blue", "small", 32, 30, 6, 0),
+        SceneObject("star", "green", "small", 54, 30, 6, 0),
+    ]
+    claim = Claim("relation", (Desc("star"), Desc("circle")), relation="left")
+    assert claim_assignment(claim, objs, 64) == (0, 1)
+    claim = Claim("relation", (Desc("star"), Desc("circle")), relation="right")
+    assert claim_assignment(claim, objs, 64) == (2, 1)
+    assert claim_assignment(Claim("count", count=3), objs, 64) == ()  # nothing to assign
+
+
+def test_losses_reward_the_right_patches_and_classes():
+    targets = torch.zeros(1, 3, 4)
+    targets[0, 1, 2] = 1.0  # token 1 names the object on patch 2
+    good = torch.full((1, 2, 3, 5), 0.05)
+    good[0, :, 1, 3] = 0.8  # prefix token first: patch 2 is key 3
+    bad = torch.full((1, 2, 3, 5), 0.2)
+    assert grounding_loss([good], targets, 1) < grounding_loss([bad], targets, 1)
+    assert float(grounding_loss([bad], torch.zeros(1, 3, 4), 1)) == 0.0  # nothing to supervise
+    heads = torch.nn.ModuleList([torch.nn.Linear(4, 3)])
+    tokens = torch.randn(2, 5, 4)
+    labels = torch.randint(0, 3, (2, 1, 5))
+    assert torch.isfinite(dense_attribute_loss(heads, tokens, labels))
+
+
+def test_model_trains_with_dense_targets():
+    cfg = MKLVisITAConfig.tiny()
+    cfg.loss.patch_weight, cfg.loss.patch_classes, cfg.loss.grounding_weight = 1.0, PATCH_CLASSES, 1.0
+    model = MKLVisITA(cfg)
+    proc = Processor(model.config, model.tokenizer)
+    ds = ShapesScenes(split="train", size=4, seed=0)
+    items = [ds[i] for i in range(4)]
+    caps = [it["captions"][0] for it in items]
+    pv, _ = proc.images([it["image"] for it in items])
+    enc = proc.captions(caps)
+    grid = model.vision.grids[-1] if hasattr(model.vision, "grids") else (8, 8)
+    labels = torch.from_numpy(np.stack([patch_attribute_labels(it["objects"], grid) for it in items]))
+    t = enc["input_ids"].shape[1]
+    targets = []
+    for i, it in enumerate(items):
+        _, tw = proc.words(caps[i])
+        tw = tw + [None] * (t - len(tw))
+        sc = ds.scene(i)
+        targets.append(word_patch_targets(sc.claims[0], sc.objects, [o["mask"] for o in it["objects"]], tw, grid, 64))
+    out = model(
+        pv,
+        enc["input_ids"],
+        enc["attention_mask"],
+        patch_labels=labels,
+        word_targets=torch.from_numpy(np.stack(targets)),
+    )
+    assert {"patch", "itc", "itm"} <= set(out.losses)
+    if any(tt.sum() > 0 for tt in targets):
+        assert float(out.losses["grounding"]) > 0
+    out.loss.backward()
+    assert model.patch_heads[0].weight.grad is not None
