@@ -80,13 +80,18 @@ class ShapesPairs(Dataset):
         return len(self.scenes) * self.per_scene
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        scene, k = divmod(index, self.per_scene)
-        item = self.scenes[scene]
+        scene_index, k = divmod(index, self.per_scene)
+        scene = self.scenes.scene(scene_index)
+        item = self.scenes.render(scene, scene_index)
         return {
             "image": item["image"],
             "caption": item["captions"][k],
             "negative": item["negatives"][k],
-            "image_id": scene,
+            "image_id": scene_index,
+            # what the collate needs for the positives mask and the dense targets
+            "claim": scene.claims[k],
+            "scene_objects": scene.objects,
+            "objects": item["objects"],
         }
 
 
@@ -121,19 +126,63 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
 
 
 class Collate:
-    """Preprocess a list of items into model inputs with the shared :class:`mklvisita.inputs.Processor`."""
+    """Preprocess a list of items into model inputs with the shared :class:`mklvisita.inputs.Processor`.
 
-    def __init__(self, processor: Any, hard_negatives: bool):
+    Besides pixels and tokens: ``positives`` (B, B) bool, [i, j] = caption j is true of image i. Shapes items carry
+    their claim and scene, and a claim is checked against every scene of the batch (``holds``); other data count a
+    caption as true of an image when it is one of that image's captions or the same text (nothing else). With
+    ``dense`` (shapes only): ``patch_labels`` (B, 3, P) and ``word_targets`` (B, T, P) for the dense losses
+    (:mod:`mklvisita.data.grounding`), on the model's last-level patch grid ``grid``.
+    """
+
+    def __init__(self, processor: Any, hard_negatives: bool, dense: bool = False, grid: tuple[int, int] | None = None):
         self.processor, self.hard_negatives = processor, hard_negatives
+        self.dense, self.grid = dense, grid
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixel_values, _ = self.processor.images([it["image"] for it in items])  # (B, 3, S, S)
-        batch = {"pixel_values": pixel_values, **self.processor.captions([it["caption"] for it in items])}
-        batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+        captions = [it["caption"] for it in items]
+        batch = {"pixel_values": pixel_values, **self.processor.captions(captions)}
+        ids = [it["image_id"] for it in items]
+        batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
+        batch["positives"] = self.positives(items)
         if self.hard_negatives and all(it["negative"] is not None for it in items):
             neg = self.processor.captions([it["negative"] for it in items])
             batch["neg_input_ids"], batch["neg_attention_mask"] = neg["input_ids"], neg["attention_mask"]
+        if self.dense and all("claim" in it for it in items):
+            batch.update(self.dense_targets(items, batch["input_ids"].shape[1]))
         return batch
+
+    @staticmethod
+    def positives(items: list[dict[str, Any]]) -> torch.Tensor:
+        if all("claim" in it for it in items):
+            from mklvisita.data.shapes import holds
+
+            size = items[0]["image"].width
+            rows = [[holds(c["claim"], it["scene_objects"], size) for c in items] for it in items]
+            pos = torch.tensor(rows, dtype=torch.bool)
+        else:
+            ids = torch.tensor([it["image_id"] for it in items])
+            text = [" ".join(it["caption"].lower().split()) for it in items]
+            same_text = torch.tensor([[a == b for b in text] for a in text], dtype=torch.bool)
+            pos = (ids[:, None] == ids[None, :]) | same_text
+        pos.diagonal().fill_(True)
+        return pos
+
+    def dense_targets(self, items: list[dict[str, Any]], length: int) -> dict[str, torch.Tensor]:
+        import numpy as np
+
+        from mklvisita.data.grounding import patch_attribute_labels, word_patch_targets
+
+        labels, targets = [], []
+        for it in items:
+            labels.append(patch_attribute_labels(it["objects"], self.grid))
+            _, token_word = self.processor.words(it["caption"])
+            token_word = (token_word + [None] * length)[:length]
+            masks = [o["mask"] for o in it["objects"]]
+            size = it["image"].width
+            targets.append(word_patch_targets(it["claim"], it["scene_objects"], masks, token_word, self.grid, size))
+        return {"patch_labels": torch.from_numpy(np.stack(labels)), "word_targets": torch.from_numpy(np.stack(targets))}
 
 
 class EpochSampler(Sampler[int]):
@@ -250,6 +299,18 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, epoch: 
 # -------------------------------------------------------------------------------------------------- train
 
 
+def resolve_mixed_precision(requested: str) -> str:
+    """The recipes' bf16 / fp16 are GPU settings; with no GPU the run trains in fp32 and says so, instead of failing
+    (fp16 needs a GPU) or crawling through CPU autocast (bf16)."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    gpu = torch.cuda.is_available() or (mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available())
+    if requested == "no" or gpu:
+        return requested
+    print(f"mixed_precision={requested}: no GPU found, training in fp32", file=sys.stderr)
+    return "no"
+
+
 def build_model_and_processor(cfg: RunConfig) -> tuple[Any, Any]:
     from mklvisita import MKLVisITA
     from mklvisita.inputs import Processor
@@ -273,7 +334,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     accelerator = Accelerator(
         cpu=multi_cpu,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
@@ -290,7 +351,12 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=Collate(processor, cfg.data.hard_negatives),
+        collate_fn=Collate(
+            processor,
+            cfg.data.hard_negatives,
+            dense=model.config.loss.patch_weight > 0 or model.config.loss.grounding_weight > 0,
+            grid=model.vision.grid,
+        ),
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds must not consume the global RNG
     )
