@@ -304,7 +304,7 @@ def resolve_mixed_precision(requested: str) -> str:
     (fp16 needs a GPU) or crawling through CPU autocast (bf16)."""
     mps = getattr(torch.backends, "mps", None)
     xpu = getattr(torch, "xpu", None)
-    gpu = torch.cuda.is_available() or (mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available())
+    gpu = torch.cuda.is_available() or any(d is not None and d.is_available() for d in (mps, xpu))
     if requested == "no" or gpu:
         return requested
     print(f"mixed_precision={requested}: no GPU found, training in fp32", file=sys.stderr)
