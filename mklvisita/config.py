@@ -117,6 +117,8 @@ class FusionConfig:
     dropout: float = 0.0  # dropout in attention and feed-forward
     image_levels: list[int] | None = None  # ViT block (0-based) feeding each fusion layer; None = evenly spaced
     affinity_bias: bool = True  # bias text->image attention logits by the local multi-kernel affinity
+    image_positions: bool = False  # add each patch's fixed 2-D position (sin/cos, a learned projection per layer) to
+    # the fusion's image stream, so relations ("left of", "above") compare where two words' objects are
     itm_similarity: bool = True  # add the pair's multi-kernel similarity (learned weight) to the ITM match logit, so
     # the matching head starts from what ITC knows and fusion learns what S cannot see (binding, relations)
 

@@ -17,6 +17,7 @@ come from the model itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,19 @@ class FusionOutput:
     attentions: list[LayerAttentions]
 
 
+def grid_positions(grid: tuple[int, int], num_prefix_tokens: int, frequencies: int = 4) -> torch.Tensor:
+    """Fixed 2-D position features of a (gh, gw) patch grid, row-major, prefix tokens first: (prefix + P, 4F).
+
+    sin/cos of (x, y) in [0, 1] at F frequencies; prefix tokens (CLS) have none. Relations ("to the left of")
+    are comparisons of where two words' objects are, so fusion gets positions it can read directly.
+    """
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, gh), torch.linspace(0, 1, gw), indexing="ij")
+    k = torch.arange(1, frequencies + 1, dtype=torch.float32) * math.pi / 2  # (F,)
+    feats = [f(c.reshape(-1, 1) * k) for c in (xs, ys) for f in (torch.sin, torch.cos)]  # each (P, F)
+    return F.pad(torch.cat(feats, -1), (0, 0, num_prefix_tokens, 0))  # (prefix + P, 4F)
+
+
 class HierarchicalFusion(nn.Module):
     """L fusion layers; layer l reads image level ``image_levels[l]``."""
 
@@ -120,9 +134,10 @@ class HierarchicalFusion(nn.Module):
         num_local_kernels: int,
         num_prefix_tokens: int,
         image_widths: list[int] | None = None,
+        image_grids: list[tuple[int, int]] | None = None,
     ):
         """``image_widths``: the width of each fusion layer's image level (a CNN's stages differ); None = all
-        ``image_width``."""
+        ``image_width``. ``image_grids``: each level's patch grid, needed with ``cfg.image_positions``."""
         super().__init__()
         self.cfg = cfg
         self.image_levels = list(image_levels)
@@ -133,6 +148,14 @@ class HierarchicalFusion(nn.Module):
         n = len(image_levels)
         self.layers = nn.ModuleList([FusionLayer(cfg, last=i == n - 1) for i in range(n)])
         self.norm = nn.LayerNorm(cfg.width)
+        self.image_pos: nn.ModuleList | None = None
+        if cfg.image_positions:
+            if image_grids is None:
+                raise ValueError("fusion.image_positions needs the image levels' grids")
+            for i, g in enumerate(image_grids):
+                self.register_buffer(f"grid_pos_{i}", grid_positions(g, num_prefix_tokens), persistent=False)
+            n_feat = self.get_buffer("grid_pos_0").shape[-1]
+            self.image_pos = nn.ModuleList([nn.Linear(n_feat, cfg.width) for _ in image_levels])
         self.use_bias = cfg.affinity_bias and num_local_kernels > 0
         if self.use_bias:
             # Per-layer mix over the local kernels, and a per-layer scale (starts at 1: the bias is on from step 0).
@@ -156,6 +179,8 @@ class HierarchicalFusion(nn.Module):
         attentions = []
         for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
             x = proj(image_levels[level])  # (B, N, W)
+            if self.image_pos is not None:  # each layer its own projection of the fixed 2-D positions
+                x = x + self.image_pos[i](self.get_buffer(f"grid_pos_{i}"))  # (N, W) broadcast over B
             img = x if img is None else img + x
             bias = None
             if self.use_bias and affinity_fn is not None:

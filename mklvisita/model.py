@@ -243,6 +243,7 @@ class MKLVisITA(
                 n_local,
                 self.vision.num_prefix_tokens,
                 image_widths=[self.vision.widths[lv] for lv in levels],
+                image_grids=[self.vision.grids[lv] for lv in levels],
             )
             self.itm_head = nn.Linear(f.width, 2)
             # Weight of S in the match logit (S is within [-1, 1]; 5 makes a 0.4 gap in S worth 2 nats at init).

@@ -133,27 +133,18 @@ def test_model_trains_with_dense_targets():
     assert model.patch_heads[0].weight.grad is not None
 
 
-def test_collate_positives_and_dense_targets():
-    from training.train import Collate, ShapesPairs
+def test_fusion_image_positions():
+    from mklvisita.fusion import grid_positions
 
-    model = MKLVisITA(MKLVisITAConfig.tiny())
+    pos = grid_positions((8, 8), 1)
+    assert pos.shape == (65, 16) and float(pos[0].abs().sum()) == 0.0  # the CLS has no position
+    assert len({tuple(r.round(decimals=4).tolist()) for r in pos[1:]}) == 64  # every patch its own code
+    cfg = MKLVisITAConfig.tiny()
+    cfg.fusion.image_positions = True
+    model = MKLVisITA(cfg)
     proc = Processor(model.config, model.tokenizer)
-    pairs = ShapesPairs("train", 40, 0)
-    items = [pairs[i] for i in range(0, 200, 5)]  # one caption of each of 40 scenes
-    batch = Collate(proc, True, dense=True, grid=model.vision.grid)(items)
-    pos = batch["positives"]
-    brute = torch.tensor([[holds(b["claim"], a["scene_objects"], 64) for b in items] for a in items])
-    assert torch.equal(pos, brute) and pos.diagonal().all()
-    assert pos.sum() > len(items)  # shapes captions ("two shapes", "a blue star") hold for other scenes too
-    assert batch["patch_labels"].shape == (40, 3, 64)
-    assert batch["word_targets"].shape == (40, batch["input_ids"].shape[1], 64)
-    # real data: captions of the same image and identical captions, nothing else
-    real = [
-        {"image": items[0]["image"], "caption": c, "negative": None, "image_id": i}
-        for c, i in (("A dog runs.", 0), ("a dog  runs.", 1), ("A cat sleeps.", 2), ("A puppy plays.", 0))
-    ]
-    pos = Collate.positives(real)
-    expected = torch.tensor(
-        [[True, True, False, True], [True, True, False, False], [False, False, True, False], [True, False, False, True]]
-    )
-    assert torch.equal(pos, expected)
+    pv = torch.randn(2, 3, 64, 64)
+    enc = proc.captions(["a red circle to the left of a blue square", "a blue square"])
+    out = model(pv, enc["input_ids"], enc["attention_mask"])
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.fusion.image_pos.parameters())
