@@ -40,6 +40,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PretrainedConfig
@@ -138,7 +139,10 @@ class TimmImageEncoder(nn.Module):
             self.widths = [int(self.model.embed_dim)] * self.backbone_depth
             self.grids: list[tuple[int, int]] = [grid] * self.backbone_depth
             self.pooled_width: int = int(getattr(self.model, "head_hidden_size", self.model.num_features))
-            self.attention_modules = [block.attn for block in self.model.blocks]
+            # Probabilities are recomputed from q and k, which is exact only for timm's plain attention (a relative
+            # position bias, say, would be missed): other attention classes offer no attentions.
+            attns = [block.attn for block in self.model.blocks]
+            self.attention_modules = attns if all(type(a) is Attention for a in attns) else []
         else:
             self.backbone_depth = len(self.model.feature_info)
             widths, grid, pooled_width = _probe_cnn(self.model, cfg.image_size)
@@ -187,9 +191,10 @@ class TimmImageEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, levels: list[int], output_attentions: bool = False) -> VisionOutput:
         """Tokens of the asked ``levels`` (and always the last), pooled feature, optionally attentions."""
         if output_attentions and not self.has_attentions:
+            what = "a CNN" if self.kind == "cnn" else "a ViT whose attention is not timm's plain Attention"
             raise ValueError(
-                "output_attentions needs transformer blocks; this image encoder is a CNN "
-                "(use a ViT or vision.hybrid_layers > 0 for attention rollout)"
+                f"output_attentions needs timm transformer blocks with plain attention; this image encoder is {what} "
+                "(use a timm ViT, or vision.hybrid_layers > 0 on a CNN, for attention rollout)"
             )
         recorded: list = []
         token = _RECORDING.set(recorded) if output_attentions else None
@@ -210,9 +215,8 @@ class TimmImageEncoder(nn.Module):
     def _forward_vit(self, pixel_values: torch.Tensor, levels: list[int]) -> VisionOutput:
         m = self.model
         wanted = self._wanted(levels)
-        final, inter = m.forward_intermediates(
-            pixel_values, indices=wanted, return_prefix_tokens=True, norm=False, output_fmt="NLC"
-        )
+        prefix = {"return_prefix_tokens": True} if self.num_prefix_tokens else {}
+        final, inter = m.forward_intermediates(pixel_values, indices=wanted, norm=False, output_fmt="NLC", **prefix)
         tokens: dict[int, torch.Tensor] = {}
         for lvl, item in zip(wanted, inter):
             if isinstance(item, tuple):  # (patches (B, P, D), prefix (B, prefix, D))
@@ -226,9 +230,10 @@ class TimmImageEncoder(nn.Module):
         stages = self._wanted(levels) if self.hybrid is None else []
         stages = [s for s in stages if s != self.backbone_depth - 1]
         final, inter = m.forward_intermediates(pixel_values, indices=stages or [0], output_fmt="NCHW")
+        pooled = m.forward_head(final, pre_logits=True)  # (B, C_pooled); forward_head takes the model's own layout
+        final = _nchw(m, final)
         grid = final.shape[-2:]
         fmap = final.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
-        pooled = m.forward_head(final, pre_logits=True)  # (B, C_pooled)
         if self.hybrid is not None:
             outs = self.hybrid(fmap)
             tokens = {lvl: outs[lvl] for lvl in self._wanted(levels)}
@@ -269,6 +274,11 @@ def _create_timm_model(cfg: VisionConfig) -> nn.Module:
         ) from e
 
 
+def _nchw(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A final feature map in (B, C, H, W): Swin, MambaOut and the like keep theirs channels-last."""
+    return x.permute(0, 3, 1, 2) if getattr(model, "output_fmt", "NCHW") == "NHWC" else x
+
+
 @torch.no_grad()
 def _probe_cnn(model: nn.Module, image_size: int) -> tuple[list[int], tuple[int, int], int]:
     """Per-level widths, the final grid and the pooled width of a CNN, from one dry run (eval mode: BN untouched)."""
@@ -279,6 +289,7 @@ def _probe_cnn(model: nn.Module, image_size: int) -> tuple[list[int], tuple[int,
         n = len(model.feature_info)
         final, inter = model.forward_intermediates(x, indices=list(range(n)), output_fmt="NCHW")
         pooled = model.forward_head(final, pre_logits=True)
+        final = _nchw(model, final)
     finally:
         model.train(was_training)
     widths = [int(t.shape[1]) for t in inter[:-1]] + [int(final.shape[1])]

@@ -384,9 +384,9 @@ def layer_maps(
 def _check_rollout(model: Any) -> None:
     if not model.vision.has_attentions:
         raise ValueError(
-            f"attention rollout needs transformer blocks, and this model's image encoder is a CNN "
-            f"({model.config.vision.model_name}); use a Grad-CAM, attention or kernel map instead, or a ViT / "
-            "hybrid backbone (vision.hybrid_layers > 0)"
+            f"attention rollout needs transformer blocks, and this model's image encoder "
+            f"({model.config.vision.model_name}) is a CNN or has no plain timm attention; use a Grad-CAM, attention "
+            "or kernel map instead, or a ViT / hybrid backbone (vision.hybrid_layers > 0)"
         )
 
 

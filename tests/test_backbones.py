@@ -128,6 +128,27 @@ def test_train_step_reaches_every_parameter_and_reloads(built, tmp_path):
     torch.testing.assert_close(a.pooled, b.pooled)
 
 
+@pytest.mark.parametrize(
+    "name, kind, rollout",
+    [
+        ("test_convnext", "cnn", False),  # four stages, LayerNorm CNN
+        ("test_mambaout", "cnn", False),  # its final feature map is channels-last (B, H, W, C)
+        ("test_vit_relpos", "vit", False),  # no CLS token; relative-position attention gives no probabilities
+    ],
+)
+def test_more_timm_families_score_and_explain(name, kind, rollout):
+    cfg = micro_config()
+    v = cfg.vision
+    v.model_name, v.image_size, v.patch_size, v.width, v.depth, v.heads = name, 64, None, None, None, None
+    model = MKLVisITA(cfg).eval()
+    assert model.vision.kind == kind and model.vision.has_attentions == rollout
+    r = Matcher(model).score([_image(40, 30)], CAPTIONS)
+    assert np.isfinite(r.itm).all() and np.isfinite(r.similarity).all()
+    e = Matcher(model).explain(_image(40, 30), CAPTIONS[0])
+    assert e.word_heatmaps.shape == (3, 30, 40) and np.isfinite(e.word_heatmaps).all()
+    assert (e.rollout is not None) == rollout
+
+
 def test_vit_config_cannot_be_a_hybrid():
     cfg = _config("vit")
     cfg.vision.hybrid_layers = 1
