@@ -388,7 +388,7 @@ def write_figure_set(
         write(
             "fusion_kernel_weights",
             lambda: plot_fusion_kernel_weights(
-                e0.fusion_kernel_weights, image_levels=list(model.fusion.image_levels), figure=True
+                e0.fusion_kernel_weights, image_levels=model.fusion_levels, figure=True
             ),
         )
     names = list(e0.contributions)
