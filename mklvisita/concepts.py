@@ -8,8 +8,12 @@ Decisions:
       q = softmax(cos(caption, e_c) / tau); the cosine of two square-rooted distributions is their Bhattacharyya
       coefficient. It rewards agreeing on *which* class rather than on a blurred average embedding.
     - "concept_local": the classifier applied to every position of the CNN's final feature map (a linear head, so
-      per-position logits are well defined) gives per-position concept embeddings; captions give word tokens of
-      the same encoder's last layer. Late interaction over them yields per-word maps.
+      per-position logits are well defined, as in class activation maps) against each word's class distribution
+      q_w = softmax(cos(token_w, e_c) / tau) from the encoder's last-layer token. Both are centred over the classes,
+      so their cosine is the correlation between "which classes this position shows" and "which classes this word
+      names"; late interaction (mean over words of the max over positions) as for the local kernels, and the
+      word x position values are the per-word maps. (Chosen on the tune half and on the four example photos over
+      the plain per-position bridge, whose maps were flat: softmax-then-average blurs a position's evidence.)
     - Class prompts: for each ImageNet class, the ensemble (mean of unit embeddings, renormalised) of three
       prompts built from timm's ImageNet synset lemmas and WordNet definitions: "<lemmas>", "<lemmas>: <definition>"
       and "a photo of a <first lemma>, <definition>". Chosen, with T = 0.5 and tau = 0.02, on the tune half of the
@@ -104,11 +108,15 @@ class ConceptBridge(nn.Module):
         if "concept_local" in self.sources:
             if feature_map is None:
                 raise ValueError("kernels.sources 'concept_local' needs a CNN image encoder (its final feature map)")
-            pl = (self.class_logits(feature_map) / self.temperature).softmax(-1)  # (B, P, K)
-            out["concept_local"] = pl @ self.class_text  # (B, P, D)
+            logits = self.class_logits(feature_map)  # (B, P, K)
+            out["concept_local"] = logits - logits.mean(-1, keepdim=True)  # centred over classes
         return out
 
     def text_features(self, sentence: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """sentence (B, D) mean-pooled, tokens (B, T, D) -> the text side of each concept source."""
         q = (F.normalize(sentence, dim=-1) @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, K)
-        return {"concept": sentence, "concept_class": q.sqrt(), "concept_local": tokens}
+        out = {"concept": sentence, "concept_class": q.sqrt()}
+        if "concept_local" in self.sources:
+            qw = (F.normalize(tokens, dim=-1) @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, T, K)
+            out["concept_local"] = qw - 1.0 / qw.shape[-1]  # centred over classes
+        return out

@@ -16,7 +16,8 @@ Concept sources (pretrained, no projection heads: both sides already live in the
                    text: the caption's mean-pooled sentence embedding
     concept_class  sqrt of the image's class distribution <-> sqrt of the caption's (its cosine is the Bhattacharyya
                    coefficient of the two distributions)
-    concept_local  per-position class probabilities x prompt embeddings <-> word tokens, late interaction as local
+    concept_local  per-position class logits <-> each word's class distribution (both centred: a correlation),
+                   late interaction as local
 Their kernel functions are ``KernelConfig.concept_functions``.
 
 Kernel functions act on the cosine c of the two L2-normalised projections:

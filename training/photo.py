@@ -35,7 +35,7 @@ from mklvisita.config import FusionConfig, KernelConfig, MKLVisITAConfig, Rankin
 
 CONCEPT_SOURCES = ["concept", "concept_class", "concept_local"]
 # beta over (concept/cosine, concept_class/cosine, concept_local/cosine), chosen by --tune on the tune half.
-CHOSEN_WEIGHTS = (0.5, 0.2, 0.3)
+CHOSEN_WEIGHTS = (0.5, 0.1, 0.4)
 TUNE_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 CARD = """---
