@@ -204,3 +204,8 @@ def pointing_metric(model: Any, processor: Any, data: Any, n: int | None = None)
 
     scenes = CompositeScenes(source.stamps, n=POINTING_SCENES if n is None else n)  # module global: tests shrink it
     return pointing_game(model, processor, scenes)
+
+
+def extra_metrics(model: Any, processor: Any, data: Any) -> dict[str, float]:
+    """The task interface's extra metrics (:mod:`mklvisita.tasks`): the composite pointing game."""
+    return pointing_metric(model, processor, data)
