@@ -3,6 +3,7 @@
     python -m training.photo --out assets/mklvisita-photo            # the shipped photo checkpoint
     python -m training.photo --bridge --out runs/photo-bridge         # the issue's bridge alone, for comparison
     python -m training.photo --tune --out runs/photo-tune             # re-run the choice of kernel weights
+    python -m training.photo --check-examples assets/mklvisita-photo  # the example photos: caption ranks, word maps
 
 Decisions:
     - Backbones: EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, ImageNet-1k) and all-MiniLM-L6-v2, both frozen
@@ -119,12 +120,55 @@ def tune(model, processor) -> tuple[float, ...]:
     return best
 
 
+# The example photos' main nouns and the boxes (x0, y0, x1, y1 as fractions of the image) of those objects, drawn by
+# eye on assets/examples (a check of where per-word maps peak, not a benchmark).
+EXAMPLE_NOUNS = {
+    "cat.jpg": ("cat", (0.0, 0.0, 0.9, 1.0)),
+    "coffee.jpg": ("cup", (0.25, 0.0, 0.65, 0.6)),
+    "astronaut.jpg": ("astronaut", (0.1, 0.1, 0.75, 1.0)),
+    "rocket.jpg": ("rocket", (0.42, 0.2, 0.6, 0.95)),
+}
+
+
+def check_examples(checkpoint: str) -> list[dict]:
+    """Each example photo against the eight example photo captions: the rank of its own caption (1 = first), and
+    where the per-word map of its main noun peaks (inside the object's box or not)."""
+    from mklvisita import Matcher
+
+    root = Path(__file__).resolve().parent.parent / "assets" / "examples"
+    examples = [e for e in json.loads((root / "examples.json").read_text())["examples"] if e["kind"] == "photo"]
+    captions = list(dict.fromkeys(c for e in examples for c in e["captions"]))
+    matcher = Matcher.from_pretrained(checkpoint)
+    scores = matcher.score([root / e["image"] for e in examples], captions).score  # (n_photos, n_captions)
+    rows = []
+    for e, row in zip(examples, scores):
+        own = captions.index(e["captions"][0])
+        rank = 1 + int((row > row[own]).sum())
+        noun, (x0, y0, x1, y1) = EXAMPLE_NOUNS[e["image"]]
+        ex = matcher.explain(root / e["image"], e["captions"][0], method="kernel")
+        heat = ex.word_heatmaps[ex.tokens.index(noun)]  # (H, W)
+        r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        y, x = float((r + 0.5) / heat.shape[0]), float((c + 0.5) / heat.shape[1])
+        inside = bool(x0 <= x <= x1 and y0 <= y <= y1)
+        top = captions[int(row.argmax())]
+        rows.append({"image": e["image"], "own_caption_rank": rank, "of": len(captions), "top": top, "noun": noun,
+                     "peak_xy": [round(x, 2), round(y, 2)], "peak_on_object": inside})  # fmt: skip
+        print(json.dumps(rows[-1]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.photo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="release folder to write")
+    parser.add_argument("--out", help="release folder to write")
+    parser.add_argument("--check-examples", metavar="CHECKPOINT", help="only check the example photos on a checkpoint")
     parser.add_argument("--bridge", action="store_true", help="the plain bridge alone (one cosine concept kernel)")
     parser.add_argument("--tune", action="store_true", help="choose beta on the Tux Paint tune half (needs stamps)")
     args = parser.parse_args(argv)
+    if args.check_examples:
+        check_examples(args.check_examples)
+        return 0
+    if not args.out:
+        parser.error("--out is required")
 
     from mklvisita.inputs import Processor
     from mklvisita.model import MKLVisITA
