@@ -1,10 +1,17 @@
 """Shared fixtures. Every test runs offline on the CPU."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Rendered shapes scenes (mklvisita.tasks.shapes) go to a per-session folder, never the user's cache.
+if "MKLVISITA_CACHE" not in os.environ:
+    os.environ["MKLVISITA_CACHE"] = tempfile.mkdtemp(prefix="mklvisita-cache-")
+    atexit.register(shutil.rmtree, os.environ["MKLVISITA_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -41,6 +41,8 @@ class DataConfig:
     train_split: str = "train"  # split of `train` (Karpathy: "train" also takes "restval" where the reader offers it)
     train_size: int = 20000  # shapes only: number of procedurally generated training scenes
     shapes_seed: int = 0  # shapes only: the scene generator's seed (scenes are deterministic given it)
+    cache_dir: str = ""  # shapes only: where training scenes are rendered once ("" = $MKLVISITA_CACHE or
+    # ~/.cache/mklvisita); keyed by split, size, seed and image size, so runs share it
     eval: str = "shapes"  # spec evaluated during training; "" = no evaluation
     eval_split: str = "val"  # split of `eval` used during training (the final numbers come from training.evaluate)
     eval_limit: int = 200  # images evaluated during training (0 = the whole split)

@@ -65,124 +65,15 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------------------------------------------ data
 
 
-class ShapesPairs(Dataset):
-    """Shapes training pairs: item i = caption ``i % C`` of scene ``i // C`` with its hard-negative caption."""
-
-    def __init__(self, split: str, size: int, seed: int, image_size: int = 64, captions_per_image: int = 5):
-        from mklvisita.data import ShapesScenes
-
-        self.scenes = ShapesScenes(
-            split=split, size=size, seed=seed, image_size=image_size, captions_per_image=captions_per_image
-        )
-        self.per_scene = captions_per_image
-
-    def __len__(self) -> int:
-        return len(self.scenes) * self.per_scene
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        scene_index, k = divmod(index, self.per_scene)
-        scene = self.scenes.scene(scene_index)
-        item = self.scenes.render(scene, scene_index)
-        return {
-            "image": item["image"],
-            "caption": item["captions"][k],
-            "negative": item["negatives"][k],
-            "image_id": scene_index,
-            # what the collate needs for the positives mask and the dense targets
-            "claim": scene.claims[k],
-            "scene_objects": scene.objects,
-            "objects": item["objects"],
-        }
-
-
-class RetrievalPairs(Dataset):
-    """A real benchmark's training pairs (one per caption); images are opened here, in the workers."""
-
-    def __init__(self, spec: str, split: str):
-        from mklvisita.data import load_retrieval_set
-
-        self.set = load_retrieval_set(spec, split=split)
-
-    def __len__(self) -> int:
-        return len(self.set.captions)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image_id = int(self.set.txt2img[index])
-        return {
-            "image": self.set.load_image(image_id),
-            "caption": self.set.captions[index],
-            "negative": None,
-            "image_id": image_id,
-        }
-
-
 def build_train_dataset(cfg: RunConfig) -> Dataset:
-    spec = cfg.data.train
-    if spec in ("shapes", "shapes-compositional"):
-        if spec == "shapes-compositional":
-            raise RunConfigError("data.train: shapes-compositional is a held-out test split; train on 'shapes'")
-        return ShapesPairs(cfg.data.train_split, cfg.data.train_size, cfg.data.shapes_seed)
-    return RetrievalPairs(spec, cfg.data.train_split)
+    """The task's training pairs (:mod:`mklvisita.tasks`: the data spec names the task)."""
+    from mklvisita.tasks import PairOptions, TaskError, get_task
 
-
-class Collate:
-    """Preprocess a list of items into model inputs with the shared :class:`mklvisita.inputs.Processor`.
-
-    Besides pixels and tokens: ``positives`` (B, B) bool, [i, j] = caption j is true of image i. Shapes items carry
-    their claim and scene, and a claim is checked against every scene of the batch (``holds``); other data count a
-    caption as true of an image when it is one of that image's captions or the same text (nothing else). With
-    ``dense`` (shapes only): ``patch_labels`` (B, 3, P) and ``word_targets`` (B, T, P) for the dense losses
-    (:mod:`mklvisita.data.grounding`), on the model's last-level patch grid ``grid``.
-    """
-
-    def __init__(self, processor: Any, hard_negatives: bool, dense: bool = False, grid: tuple[int, int] | None = None):
-        self.processor, self.hard_negatives = processor, hard_negatives
-        self.dense, self.grid = dense, grid
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixel_values, _ = self.processor.images([it["image"] for it in items])  # (B, 3, S, S)
-        captions = [it["caption"] for it in items]
-        batch = {"pixel_values": pixel_values, **self.processor.captions(captions)}
-        ids = [it["image_id"] for it in items]
-        batch["image_ids"] = torch.tensor(ids, dtype=torch.long)
-        batch["positives"] = self.positives(items)
-        if self.hard_negatives and all(it["negative"] is not None for it in items):
-            neg = self.processor.captions([it["negative"] for it in items])
-            batch["neg_input_ids"], batch["neg_attention_mask"] = neg["input_ids"], neg["attention_mask"]
-        if self.dense and all("claim" in it for it in items):
-            batch.update(self.dense_targets(items, batch["input_ids"].shape[1]))
-        return batch
-
-    @staticmethod
-    def positives(items: list[dict[str, Any]]) -> torch.Tensor:
-        if all("claim" in it for it in items):
-            from mklvisita.data.shapes import holds
-
-            size = items[0]["image"].width
-            rows = [[holds(c["claim"], it["scene_objects"], size) for c in items] for it in items]
-            pos = torch.tensor(rows, dtype=torch.bool)
-        else:
-            ids = torch.tensor([it["image_id"] for it in items])
-            text = [" ".join(it["caption"].lower().split()) for it in items]
-            same_text = torch.tensor([[a == b for b in text] for a in text], dtype=torch.bool)
-            pos = (ids[:, None] == ids[None, :]) | same_text
-        pos.diagonal().fill_(True)
-        return pos
-
-    def dense_targets(self, items: list[dict[str, Any]], length: int) -> dict[str, torch.Tensor]:
-        import numpy as np
-
-        from mklvisita.data.grounding import patch_attribute_labels, word_patch_targets
-
-        labels, targets = [], []
-        for it in items:
-            labels.append(patch_attribute_labels(it["objects"], self.grid))
-            _, token_word = self.processor.words(it["caption"])
-            token_word = (token_word + [None] * length)[:length]
-            masks = [o["mask"] for o in it["objects"]]
-            size = it["image"].width
-            targets.append(word_patch_targets(it["claim"], it["scene_objects"], masks, token_word, self.grid, size))
-        return {"patch_labels": torch.from_numpy(np.stack(labels)), "word_targets": torch.from_numpy(np.stack(targets))}
+    options = PairOptions(size=cfg.data.train_size, seed=cfg.data.shapes_seed, cache_dir=cfg.data.cache_dir)
+    try:
+        return get_task(cfg.data.train).train_pairs(cfg.data.train, cfg.data.train_split, options)
+    except TaskError as e:
+        raise RunConfigError(f"data.train: {e}") from e
 
 
 class EpochSampler(Sampler[int]):
@@ -326,6 +217,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     from tqdm.auto import tqdm
 
     from mklvisita.evaluation import evaluate_model, load_eval_data
+    from mklvisita.tasks import TrainCollate, get_task
 
     out_dir = Path(cfg.output_dir)
     # accelerate only goes multi-process on CPUs when asked for the CPU; torchrun on a GPU-less host would otherwise
@@ -351,8 +243,9 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=Collate(
+        collate_fn=TrainCollate(
             processor,
+            get_task(cfg.data.train),
             cfg.data.hard_negatives,
             dense=model.config.loss.patch_weight > 0 or model.config.loss.grounding_weight > 0,
             grid=model.vision.grid,

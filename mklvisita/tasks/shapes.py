@@ -1,0 +1,230 @@
+"""The shapes task: generated scenes for training, their positives from claims, binding and pointing for evaluation.
+
+Decisions:
+
+- **Scenes are rendered once.** Training reads a disk cache of the scenes (:func:`cached_scenes`): uint8 pixels
+  (N, S, S, 3), a per-pixel object label map (N, S, S) (0 = background, k + 1 = object k; masks are disjoint) and the
+  scene structures (objects, claims, negatives), built once with a progress message and memory-mapped after that.
+  The key is (split, size, seed, image size, captions per scene, objects, noise) plus a hash of the generator's
+  source, so an edit of ``mklvisita/data/shapes.py`` never reads stale scenes. The folder is written under a
+  temporary name and renamed when complete: an interrupted build is never read.
+- **Cache location**: ``PairOptions.cache_dir``, else ``$MKLVISITA_CACHE``, else ``~/.cache/mklvisita``.
+- **Positives from claims**: caption j is true of image i when ``holds(claim_j, objects_i)``; the diagonal holds
+  by construction. Items carry ``claim``, ``scene_objects`` and ``image_size`` for it.
+- **Negative kinds for evaluation**: the generator's swap / reverse / change, with a changed count ("two shapes" ->
+  "three shapes") reported apart as ``count``.
+- **Extra metrics**: the phrase pointing game (``pointing_acc``) and the word pointing game (``word_pointing_acc``:
+  in each multi-object caption, the maps of each object's colour word and shape word must peak inside it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data.shapes import SHAPES_VOCABULARY, Claim, Desc, Scene, SceneObject, ShapesScenes, holds
+from . import PairOptions, TaskError
+
+VOCABULARY = SHAPES_VOCABULARY
+CACHE_ENV = "MKLVISITA_CACHE"
+CACHE_FORMAT = 2  # bump when the cache's files change
+TEST_SIZE = 1000  # scenes of the held-out test splits (5 captions each)
+SPLIT_OF_SPEC = {"shapes": None, "shapes-compositional": "test_compositional"}
+
+
+# --------------------------------------------------------------------------------------------------- cache
+@dataclass
+class CachedScenes:
+    """A ShapesScenes rendered once: everything its items hold, as arrays."""
+
+    pixels: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N, S, S) uint8: 0 background, k + 1 object k
+    scene_tuples: list[tuple]  # see _scene_tuple
+    image_size: int
+
+    def scene(self, index: int) -> Scene:
+        return _scene(self.scene_tuples[index])
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mklvisita")
+
+
+def _generator_hash() -> str:
+    from ..data import shapes
+
+    return hashlib.sha256(Path(shapes.__file__).read_bytes()).hexdigest()[:12]
+
+
+def cache_key(scenes: ShapesScenes) -> str:
+    s = scenes
+    return (
+        f"{s.split}-n{s.size}-seed{s.seed}-px{s.image_size}-c{s.captions_per_image}-o{s.max_objects}"
+        f"-z{s.noise_std:g}-{_generator_hash()}-f{CACHE_FORMAT}"
+    )
+
+
+# Scenes are pickled as plain tuples: unpickling 20,000 scenes of frozen dataclasses takes seconds, tuples a fraction.
+def _claim_tuple(c: Claim) -> tuple:
+    return (c.kind, tuple((d.shape, d.colour, d.size) for d in c.descs), c.relation, c.count, c.template)
+
+
+def _claim(t: tuple) -> Claim:
+    kind, descs, relation, count, template = t
+    return Claim(kind, tuple(Desc(*d) for d in descs), relation, count, template)
+
+
+def _scene_tuple(s: Scene) -> tuple:
+    objects = tuple((o.shape, o.colour, o.size, o.cx, o.cy, o.radius, o.angle) for o in s.objects)
+    claims = tuple(_claim_tuple(c) for c in s.claims)
+    return objects, claims, tuple(_claim_tuple(c) for c in s.negative_claims), tuple(s.negative_kinds), s.background
+
+
+def _scene(t: tuple) -> Scene:
+    objects, claims, negatives, kinds, background = t
+    return Scene(
+        [SceneObject(*o) for o in objects],
+        [_claim(c) for c in claims],
+        [_claim(c) for c in negatives],
+        list(kinds),
+        background,
+    )
+
+
+def _load(folder: Path, image_size: int) -> CachedScenes:
+    with (folder / "scenes.pkl").open("rb") as f:
+        scenes = pickle.load(f)  # written by _build below, never downloaded
+    pixels = np.load(folder / "pixels.npy", mmap_mode="r")
+    labels = np.load(folder / "labels.npy", mmap_mode="r")
+    return CachedScenes(pixels, labels, scenes, image_size)
+
+
+def _build(scenes: ShapesScenes, tmp: Path) -> None:
+    n, s = len(scenes), scenes.image_size
+    tmp.mkdir(parents=True)
+    pixels = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, s, s))
+    structures = []
+    t0, every = time.perf_counter(), max(1, n // 10)
+    for i in range(n):
+        scene = scenes.scene(i)
+        item = scenes.render(scene, i)
+        pixels[i] = np.asarray(item["image"], dtype=np.uint8)
+        for k, obj in enumerate(item["objects"]):
+            labels[i][obj["mask"]] = k + 1
+        structures.append(_scene_tuple(scene))
+        if (i + 1) % every == 0 or i + 1 == n:
+            print(f"shapes cache: {i + 1}/{n} scenes ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    pixels.flush()
+    labels.flush()
+    del pixels, labels
+    with (tmp / "scenes.pkl").open("wb") as f:
+        pickle.dump(structures, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def cached_scenes(scenes: ShapesScenes, cache_dir: str | os.PathLike | None = None) -> CachedScenes:
+    """The scenes rendered into the cache (built on first use, with a progress message on stderr)."""
+    folder = cache_root(cache_dir) / "shapes" / cache_key(scenes)
+    if not folder.is_dir():
+        print(f"shapes cache: rendering {len(scenes)} {scenes.split} scenes once into {folder}", file=sys.stderr)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        _build(scenes, tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same folder first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _load(folder, scenes.image_size)
+
+
+def object_dicts(scene: Scene, labels: np.ndarray) -> list[dict[str, Any]]:
+    """The ``objects`` entries of a rendered item, masks from the label map."""
+    return [
+        {
+            "phrase": o.phrase,
+            "mask": labels == k + 1,
+            "colour": o.colour,
+            "shape": o.shape,
+            "size": o.size,
+            "center": (o.cx, o.cy),
+            "radius": o.radius,
+        }
+        for k, o in enumerate(scene.objects)
+    ]
+
+
+# -------------------------------------------------------------------------------------------------- training
+class ShapesTrainPairs(Dataset):
+    """Item i = caption ``i % C`` of scene ``i // C`` with its hard negative, read from the scene cache.
+
+    Items: ``image`` (uint8 (S, S, 3)), ``caption``, ``negative``, ``image_id`` (the scene), ``claim``,
+    ``scene_objects`` (the scene's :class:`SceneObject` list), ``objects`` (dicts with masks, as rendered items
+    have) and ``image_size``.
+    """
+
+    def __init__(self, split: str, size: int, seed: int, image_size: int = 64, cache_dir: str = ""):
+        self.scenes = ShapesScenes(split=split, size=size, seed=seed, image_size=image_size)
+        self.per_scene = self.scenes.captions_per_image
+        self.cache = cached_scenes(self.scenes, cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.scenes) * self.per_scene
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene_index, k = divmod(index, self.per_scene)
+        scene = self.cache.scene(scene_index)
+        return {
+            "image": np.array(self.cache.pixels[scene_index]),  # a copy: torch must not see a read-only memmap
+            "caption": scene.claims[k].text(),
+            "negative": scene.negative_claims[k].text(),
+            "image_id": scene_index,
+            "claim": scene.claims[k],
+            "scene_objects": scene.objects,
+            "objects": object_dicts(scene, np.asarray(self.cache.labels[scene_index])),
+            "image_size": self.cache.image_size,
+        }
+
+
+def train_pairs(spec: str, split: str, options: PairOptions) -> ShapesTrainPairs:
+    if spec != "shapes":
+        raise TaskError(f"{spec} is a held-out test split; train on 'shapes'")
+    return ShapesTrainPairs(split, options.size, options.seed, options.image_size, options.cache_dir)
+
+
+def positives(items: list[dict[str, Any]]) -> torch.Tensor:
+    """(B, B) bool: ``[i, j]`` = claim j holds for scene i (diagonal True)."""
+    size = int(items[0]["image_size"])
+    rows = [[holds(c["claim"], it["scene_objects"], size) for c in items] for it in items]
+    pos = torch.tensor(rows, dtype=torch.bool)
+    pos.diagonal().fill_(True)
+    return pos
+
+
+def dense_targets(
+    items: list[dict[str, Any]], processor: Any, length: int, grid: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """``patch_labels`` (B, 3, P) and ``word_targets`` (B, T, P) for the dense losses (mklvisita.data.grounding)."""
+    from ..data.grounding import patch_attribute_labels, word_patch_targets
+
+    labels, targets = [], []
+    for it in items:
+        labels.append(patch_attribute_labels(it["objects"], grid))
+        _, token_word = processor.words(it["caption"])
+        token_word = (token_word + [None] * length)[:length]
+        masks = [o["mask"] for o in it["objects"]]
+        targets.append(
+            word_patch_targets(it["claim"], it["scene_objects"], masks, token_word, grid, int(it["image_size"]))
+        )
+    return {"patch_labels": torch.from_numpy(np.stack(labels)), "word_targets": torch.from_numpy(np.stack(targets))}

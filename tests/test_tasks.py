@@ -1,0 +1,98 @@
+"""Tasks: the spec registry, the shapes scene cache, positives masks and the training collate."""
+
+import numpy as np
+import pytest
+import torch
+
+from mklvisita import MKLVisITA, MKLVisITAConfig
+from mklvisita.data import ShapesScenes, holds
+from mklvisita.inputs import Processor
+from mklvisita.tasks import PairOptions, TaskError, TrainCollate, caption_positives, get_task, pixel_values_uint8
+from mklvisita.tasks.shapes import ShapesTrainPairs, cache_key
+
+
+def test_registry_resolves_every_spec_form_in_one_place():
+    assert get_task("shapes").name == "shapes" and get_task("shapes-compositional").name == "shapes"
+    for spec in ("karpathy:/d/a.json:/d/img", "lavis:/d/a.json:/d/img", "hf:nlphuji/flickr30k"):
+        assert get_task(spec).name == "retrieval"
+    assert get_task("tuxpaint").name == "tuxpaint" and get_task("tuxpaint:/some/folder").name == "tuxpaint"
+    with pytest.raises(TaskError, match="accepted forms"):
+        get_task("coco")
+    with pytest.raises(TaskError, match="held-out test split"):
+        get_task("shapes-compositional").train_pairs("shapes-compositional", "train")
+    with pytest.raises(TaskError, match="evaluation only"):
+        get_task("tuxpaint").train_pairs("tuxpaint", "train")
+    assert "circle" in get_task("shapes").vocabulary and get_task("hf:x").vocabulary == []
+
+
+def test_cached_pairs_equal_freshly_rendered_scenes(tmp_path):
+    pairs = ShapesTrainPairs("train", 6, seed=3, cache_dir=str(tmp_path))
+    again = ShapesTrainPairs("train", 6, seed=3, cache_dir=str(tmp_path))  # read back from disk
+    fresh = ShapesScenes("train", size=6, seed=3)
+    assert len(list((tmp_path / "shapes").iterdir())) == 1  # one complete folder, no .tmp left
+    for index in (0, 7, 29):
+        scene, k = divmod(index, 5)
+        ref = fresh[scene]
+        for item in (pairs[index], again[index]):
+            assert np.array_equal(item["image"], np.asarray(ref["image"]))
+            assert item["caption"] == ref["captions"][k] and item["negative"] == ref["negatives"][k]
+            assert item["image_id"] == scene and item["image_size"] == 64
+            for got, want in zip(item["objects"], ref["objects"], strict=True):
+                assert np.array_equal(got["mask"], want["mask"]) and got["phrase"] == want["phrase"]
+    # the key changes with anything that changes the scenes
+    keys = {cache_key(ShapesScenes("train", size=6, seed=s, image_size=px)) for s in (3, 4) for px in (48, 64)}
+    assert len(keys) == 4
+
+
+def test_uint8_fast_path_equals_the_processor():
+    model = MKLVisITA(MKLVisITAConfig.tiny())
+    proc = Processor(model.config, model.tokenizer)
+    arrays = [np.asarray(ShapesScenes("val", size=2)[i]["image"]) for i in range(2)]
+    fast = pixel_values_uint8(arrays, proc)
+    slow, _ = proc.images(arrays)
+    assert torch.allclose(fast, slow, atol=1e-6)
+    assert pixel_values_uint8([a[:32, :32] for a in arrays], proc) is None  # not at the model's size: no shortcut
+
+
+def test_shapes_positives_against_brute_force_holds(tmp_path):
+    pairs = get_task("shapes").train_pairs("shapes", "train", PairOptions(size=40, seed=0, cache_dir=str(tmp_path)))
+    items = [pairs[i] for i in range(0, 200, 5)]  # one caption of each of 40 scenes
+    pos = get_task("shapes").positives(items)
+    # brute force from scratch: re-generate every scene and evaluate every claim on every scene
+    scenes = ShapesScenes("train", size=40, seed=0)
+    structs = [scenes.scene(i) for i in range(40)]
+    brute = torch.tensor([[holds(b.claims[0], a.objects, 64) for b in structs] for a in structs])
+    assert torch.equal(pos, brute) and pos.diagonal().all()
+    assert int(pos.sum()) == int(brute.sum()) > len(items)  # "two shapes", "a blue star" hold for other scenes too
+
+
+def test_caption_positives_are_same_image_or_identical_text():
+    items = [
+        {"caption": c, "image_id": i}
+        for c, i in (("A dog runs.", 0), ("a dog  runs.", 1), ("A cat sleeps.", 2), ("A puppy plays.", 0))
+    ]
+    expected = torch.tensor(
+        [
+            [True, True, False, True],
+            [True, True, False, False],  # image 1 has only "a dog runs."
+            [False, False, True, False],
+            [True, True, False, True],  # image 0 (again) also has "A dog runs.", so caption 1 is true of it
+        ]
+    )
+    assert torch.equal(caption_positives(items), expected)
+    assert get_task("hf:x").positives(items).equal(expected)
+
+
+def test_collate_gives_positives_and_dense_targets(tmp_path):
+    model = MKLVisITA(MKLVisITAConfig.tiny())
+    proc = Processor(model.config, model.tokenizer)
+    task = get_task("shapes")
+    pairs = task.train_pairs("shapes", "train", PairOptions(size=8, seed=0, cache_dir=str(tmp_path)))
+    items = [pairs[i] for i in range(8)]
+    batch = TrainCollate(proc, task, hard_negatives=True, dense=True, grid=model.vision.grid)(items)
+    assert batch["pixel_values"].shape == (8, 3, 64, 64) and batch["positives"].shape == (8, 8)
+    assert batch["positives"][:5, :5].all()  # five captions of scene 0
+    assert batch["neg_input_ids"].shape[0] == 8
+    assert batch["patch_labels"].shape == (8, 3, 64)
+    assert batch["word_targets"].shape == (8, batch["input_ids"].shape[1], 64)
+    assert float(batch["word_targets"].sum()) > 0
