@@ -129,3 +129,28 @@ def test_concept_local_needs_a_cnn():
     pv, ids, mask = _inputs(m)
     with pytest.raises(ValueError, match="CNN"):
         m.embed_image(m.encode_image(pv[:, :, :32, :32]))
+
+
+def test_shipped_photo_folder_holds_no_backbone_weights():
+    from safetensors import safe_open
+
+    with safe_open("assets/mklvisita-photo/model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith(("vision.model.", "text.model.", "concepts.class_weight")) for k in keys)
+
+
+@pytest.mark.slow
+def test_shipped_photo_checkpoint_loads_from_the_packages_and_knows_a_cat():
+    from PIL import Image
+
+    from mklvisita import Matcher
+
+    matcher = Matcher.from_pretrained("assets/mklvisita-photo")
+    assert matcher.model.kernel_names == ["concept/cosine", "concept_class/cosine", "concept_local/cosine"]
+    captions = ["a tabby cat lying on a rug", "a cup of coffee on a saucer", "a rocket lifting off from a launch pad"]
+    result = matcher.score(["assets/examples/cat.jpg"], captions)
+    assert int(result.score[0].argmax()) == 0
+    explained = matcher.explain("assets/examples/cat.jpg", captions[0], method="kernel")
+    width, height = Image.open("assets/examples/cat.jpg").size
+    assert explained.word_heatmaps.shape == (len(explained.tokens), height, width)
+    assert set(explained.kernel_maps) == {"concept_local/cosine"}
