@@ -229,3 +229,15 @@ def test_library_imports_neither_gradio_nor_accelerate() -> None:
         "assert 'gradio' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_config_extends_merges_sections_and_refuses_loops(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("batch_size: 8\noptim:\n  lr: 1.0e-3\n  warmup_steps: 5\nmax_steps: 3\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\noptim:\n  lr: 2.0e-3\noutput_dir: runs/child\n")
+    cfg = load_config(tmp_path / "child.yaml", ["max_steps=4"])
+    assert (cfg.batch_size, cfg.optim.lr, cfg.optim.warmup_steps, cfg.max_steps) == (8, 2e-3, 5, 4)
+    assert cfg.output_dir == "runs/child"
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(RunConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")

@@ -6,7 +6,8 @@ Keys are dotted paths into :class:`RunConfig` (``batch_size``, ``optim.lr``, ``d
 config (``model.fusion.enabled``), whose defaults come from the preset named by ``model_preset``
 (``MKLVisITAConfig.tiny()`` / ``.base()``). Values are parsed as YAML and checked against the field's type; an
 unknown key is an error that names it and suggests the closest known keys. The resolved config is written with
-every run (``config.yaml`` and ``config.json`` in the output directory).
+every run (``config.yaml`` and ``config.json`` in the output directory). A YAML file may start from another with
+``extends: <file>`` (the ablation configs extend ``shapes.yaml``).
 """
 
 from __future__ import annotations
@@ -286,12 +287,37 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def _deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = (
+            _deep_update(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+        )
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a run-config file; ``extends: <file>`` (relative to this file) is read first and this
+    file's keys are deep-merged onto it (sections merge key by key, lists and scalars replace)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run config {str(path)!r} not found; see training/configs/ for examples")
+    raw = _yaml(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RunConfigError(f"{path.name}: expected a mapping of config keys, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise RunConfigError(f"{path.name}: extends must name one YAML file, got {parent!r}")
+    base_path = (path.parent / parent).resolve()
+    if base_path in _seen:
+        raise RunConfigError(f"{path.name}: extends loops back to {parent!r}")
+    return _deep_update(read_yaml(base_path, (*_seen, path.resolve())), raw)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config (None = defaults) and apply ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"run config {str(path)!r} not found; see training/configs/ for examples")
-        raw = _yaml(path.read_text()) or {}
+    """Load a YAML run config (None = defaults; ``extends:`` see :func:`read_yaml`) and apply ``key=value``
+    overrides."""
+    raw = read_yaml(path) if path is not None else {}
     return from_dict(apply_overrides(raw, overrides or []))
