@@ -4,15 +4,21 @@ The protocol (DESIGN.md): two-stage retrieval from :mod:`mklvisita.retrieval` (s
 ranks everything, the ITM head re-scores the top k, final = itm_weight x ITM + similarity), then
 :func:`mklvisita.metrics.retrieval_metrics` (R@1/5/10 both ways, RSUM, r_mean, median/mean rank, mAP). With the
 fusion branch enabled, ITM precision/recall/F1 at 0.5 on positive and hard-negative pairs. A 5,000-image set (COCO
-5K test) also gets the 5-fold 1K numbers, prefixed ``1k_``. Shapes adds ``binding_acc``: the fraction of captions
-whose final pairwise score with their own image beats their hard negative's (ties count as misses), and
-``pointing_acc`` through :data:`EXTRA_METRICS`.
+5K test) also gets the 5-fold 1K numbers, prefixed ``1k_``.
 
-Data specs for :func:`load_eval_data`: ``shapes`` (held-out shapes test split: 1,000 scenes x 5 captions),
-``shapes-compositional`` (the held-out colour-shape pairs), ``karpathy:<json>:<image root>``,
-``lavis:<json>:<image root>``, ``hf:<dataset id>``.
+Data with hard negatives (shapes) adds binding: each caption's score with its own image against its hard negative's
+(ties count as misses), for three scores, overall and per negative kind (shapes: ``swap`` attributes swapped between
+objects, ``reverse`` relation reversed, ``change`` one attribute changed, ``count`` the count changed):
 
-``extra_metrics`` is the hook for metrics that need the model and the data: each callable gets
+- ``binding_acc`` / ``binding_acc_<kind>``: the final score (itm_weight x ITM + similarity), the headline;
+- ``binding_acc_itm`` / ``binding_acc_<kind>_itm``: the ITM probability alone (fusion models only);
+- ``binding_acc_sim`` / ``binding_acc_<kind>_sim``: the multi-kernel similarity S alone;
+- ``binding_n_<kind>``: the number of captions of that kind.
+
+Data specs resolve through :func:`mklvisita.tasks.get_task` (``shapes``, ``shapes-compositional``,
+``karpathy:<json>:<image root>``, ``lavis:<json>:<image root>``, ``hf:<dataset id>``, ``tuxpaint[:<folder>]``); the
+task adds its own metrics (shapes: ``pointing_acc`` and ``word_pointing_acc`` with their chance levels, see
+:mod:`mklvisita.tasks.shapes`). ``EXTRA_METRICS`` remains a hook for metrics from elsewhere: each callable gets
 ``(model, processor, data)`` and returns a dict merged into the result.
 """
 
@@ -27,23 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .explain import shapes_pointing_metric
 from .metrics import coco_5fold_1k, itm_prf, pairwise_accuracy, retrieval_metrics
 
-SHAPES_TEST_SIZE = 1000
 ExtraMetric = Callable[[Any, Any, "EvalData"], dict[str, float]]
-# Registered by other parts of the project (e.g. explanations: pointing_acc on shapes); name -> callable.
-# pointing: pointing_acc (Grad-CAM) + pointing_acc_<method> and pointing_chance on shapes; {} on other data.
-EXTRA_METRICS: dict[str, ExtraMetric] = {"pointing": shapes_pointing_metric}
-
-
-def _tuxpaint_pointing(model: Any, processor: Any, data: EvalData) -> dict[str, float]:
-    from .tasks.tuxpaint import pointing_metric  # composites of 2-3 photo stamps; {} on other data
-
-    return pointing_metric(model, processor, data)
-
-
-EXTRA_METRICS["tuxpaint_pointing"] = _tuxpaint_pointing
+# Metrics registered from outside the tasks; name -> callable (the task's own metrics need no registration).
+EXTRA_METRICS: dict[str, ExtraMetric] = {}
 
 
 @dataclass
@@ -57,34 +51,31 @@ class EvalData:
     txt2img: np.ndarray  # (n_captions,) image index of each caption
     negatives: list[str] | None = None  # shapes: the hard negative of each caption
     source: Any = field(default=None, repr=False)  # the underlying RetrievalSet / ShapesScenes, for extra metrics
-
-    @property
-    def is_shapes(self) -> bool:
-        return self.name.startswith("shapes")
+    negative_kinds: list[str] | None = None  # how each negative was made (shapes: swap, reverse, change, count)
+    k: int | None = None  # the task's default ITM re-ranking depth (None: the evaluator's default)
 
 
 def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> EvalData:
-    """Resolve a data spec; ``limit`` > 0 keeps the first ``limit`` images and all their captions."""
-    from .data import ShapesScenes, load_retrieval_set, shapes_retrieval_set
+    """Resolve a data spec through its task; ``limit`` > 0 keeps the first ``limit`` images and their captions."""
+    from .tasks import get_task
 
-    if spec in ("shapes", "shapes-compositional"):
-        if spec == "shapes-compositional":
-            split = "test_compositional"
-        size = limit if limit > 0 else SHAPES_TEST_SIZE
-        rset = shapes_retrieval_set(split=split, size=size)
-        scenes = ShapesScenes(split=split, size=size)
-        negatives = [n.text() for i in range(size) for n in scenes.scene(i).negative_claims]
-        if len(negatives) != len(rset.captions):
-            raise RuntimeError(f"shapes {split}: {len(negatives)} negatives for {len(rset.captions)} captions")
-        return EvalData(spec, split, rset.images, list(rset.captions), rset.txt2img, negatives, scenes)
-    if spec == "tuxpaint" or spec.startswith("tuxpaint:"):  # Tux Paint photo stamps: split test | tune | all
-        from .tasks import tuxpaint
+    return get_task(spec).load_eval_data(spec, split, limit)
 
-        return tuxpaint.load_eval_data(spec, split, limit)
-    rset = load_retrieval_set(spec, split=split)
-    if limit > 0 and limit < len(rset):
-        rset = rset.subset(range(limit))
-    return EvalData(spec, split, rset.images, list(rset.captions), rset.txt2img, None, rset)
+
+def binding_metrics(
+    pos: np.ndarray, neg: np.ndarray, kinds: Sequence[str] | None = None, suffix: str = ""
+) -> dict[str, float]:
+    """``binding_acc<suffix>`` and, per kind, ``binding_acc_<kind><suffix>``: the share of captions whose score
+    (pos) beats their hard negative's (neg); ties are misses. With no suffix also ``binding_n_<kind>``."""
+    out = {f"binding_acc{suffix}": pairwise_accuracy(pos, neg)}
+    if kinds is not None:
+        kinds = np.asarray(kinds)
+        for kind in sorted(set(kinds.tolist())):
+            sel = kinds == kind
+            out[f"binding_acc_{kind}{suffix}"] = pairwise_accuracy(pos[sel], neg[sel])
+            if not suffix:
+                out[f"binding_n_{kind}"] = float(sel.sum())
+    return out
 
 
 @torch.no_grad()
@@ -134,7 +125,8 @@ def evaluate_model(
         k: re-rank the top k by ITM (0 = similarity only; forced to 0 for a model without fusion).
         itm_weight: final score = itm_weight * ITM + similarity (re-ranking and binding_acc).
         batch_size: encoding batch size.
-        extra_metrics: name -> ``fn(model, processor, data) -> dict``; defaults to :data:`EXTRA_METRICS`.
+        extra_metrics: name -> ``fn(model, processor, data) -> dict``; defaults to the task's own metrics plus
+            :data:`EXTRA_METRICS`.
 
     Returns:
         flat dict of floats (see the module docstring for the keys).
@@ -160,10 +152,12 @@ def evaluate_model(
         pos_sim, pos_itm = pair_scores(model, image_bank, text_bank, caption_image, captions)
         neg_sim, neg_itm = pair_scores(model, image_bank, neg_bank, caption_image, captions)
         pos, neg = pos_sim, neg_sim
+        kinds = data.negative_kinds
         if fusion:
             pos, neg = itm_weight * pos_itm + pos_sim, itm_weight * neg_itm + neg_sim
             metrics |= itm_prf(np.concatenate([pos_itm, neg_itm]), np.r_[np.ones(len(pos)), np.zeros(len(neg))])
-        metrics["binding_acc"] = pairwise_accuracy(pos, neg)
+            metrics |= binding_metrics(pos_itm, neg_itm, kinds, "_itm")
+        metrics |= binding_metrics(pos, neg, kinds) | binding_metrics(pos_sim, neg_sim, kinds, "_sim")
     elif fusion:
         # Real sets: each caption with its image, and with the wrong image the similarity ranks highest.
         sim_t2i = np.array(scores.similarity, dtype=np.float64).T  # (n_txt, n_img)
@@ -173,7 +167,11 @@ def evaluate_model(
         _, neg_itm = pair_scores(model, image_bank, text_bank, hardest, captions)
         metrics |= itm_prf(np.concatenate([pos_itm, neg_itm]), np.r_[np.ones(len(pos_itm)), np.zeros(len(neg_itm))])
 
-    for name, fn in (EXTRA_METRICS if extra_metrics is None else extra_metrics).items():
+    if extra_metrics is None:
+        from .tasks import get_task
+
+        extra_metrics = {"task": get_task(data.name).extra_metrics, **EXTRA_METRICS}
+    for name, fn in extra_metrics.items():
         try:
             metrics |= {key: float(v) for key, v in fn(model, processor, data).items()}
         except Exception as e:  # an optional metric must not lose the retrieval numbers

@@ -489,13 +489,60 @@ def pointing_game(
     return out
 
 
-def shapes_pointing_metric(model: Any, processor: Any, data: Any, n: int | None = None) -> dict[str, float]:
-    """``mklvisita.evaluation`` extra-metric hook: :func:`pointing_game` on shapes data, nothing on other sets.
+def word_pointing_hits(word_maps: np.ndarray, targets: Sequence[tuple[int, np.ndarray]]) -> list[bool]:
+    """For each (word index, mask) target: does the peak (argmax, first on ties) of that word's map fall in the mask?
 
-    Register it with ``EXTRA_METRICS["pointing"] = shapes_pointing_metric``. Every scene of the evaluated split
-    is used (about 2,300 phrases for the 1,000-scene test split: under a minute for the tiny model on a CPU).
+    ``word_maps``: (n_words, H, W) over the same frame as the masks (H, W). A word index past the maps (cut off by
+    truncation) is a miss.
     """
-    source = getattr(data, "source", data)
-    if not (hasattr(source, "__getitem__") and type(source).__name__ == "ShapesScenes"):
-        return {}
-    return pointing_game(model, processor, source, n=n)
+    hits = []
+    for w, mask in targets:
+        if not 0 <= w < len(word_maps):
+            hits.append(False)
+            continue
+        r, c = np.unravel_index(int(np.argmax(word_maps[w])), word_maps[w].shape)
+        hits.append(bool(np.asarray(mask, dtype=bool)[r, c]))
+    return hits
+
+
+def word_pointing_game(
+    model: Any, processor: Any, examples: Any, methods: Sequence[str] | None = None, layer: int | None = None
+) -> dict[str, float]:
+    """Does each named word's map peak inside the object it names?
+
+    ``examples``: an iterable of dicts with ``image``, ``caption`` and ``targets`` [(whitespace word index, mask
+    (H, W) bool over the original image)]. One pass per caption; each word's map is the mean over its pieces.
+
+    Returns:
+        ``word_pointing_acc_<method>`` per usable method of gradcam / attention / kernel, ``word_pointing_acc`` (the
+        first of those measured), ``word_pointing_chance`` (mean mask area fraction: a uniformly random peak's hit
+        rate) and ``word_pointing_n`` (number of words).
+    """
+    methods = METHODS if methods is None else methods
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown word pointing method {m!r}; choose from {', '.join(METHODS)}")
+    usable = [
+        m for m in methods if (m != "kernel" or bool(model.kernels.word_map_names)) and (m == "kernel" or model.has_itm)
+    ]
+    li = _layer_index(model, layer) if model.has_itm else -1
+    hits = {m: 0 for m in usable}
+    areas, count = [], 0
+    for ex in examples:
+        targets = list(ex["targets"])
+        if not targets:
+            continue
+        p = _run(model, processor, ex["image"], ex["caption"], [li] if "gradcam" in usable else [], rollout=False)
+        areas += [float(np.asarray(mask, dtype=bool).mean()) for _, mask in targets]
+        count += len(targets)
+        for m in usable:
+            tok = _kernel_token_maps(p, model) if m == "kernel" else _token_maps(p, model, li, m).mean(0)
+            words, _ = _words_and_caption(tok, p)  # (n_words, P)
+            full = _to_original(_grid(words, model, None if m == "kernel" else li), p.box)  # (n_words, H, W)
+            hits[m] += sum(word_pointing_hits(full, targets))
+    out = {f"word_pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
+    if usable:
+        out["word_pointing_acc"] = out[f"word_pointing_acc_{usable[0]}"]
+    out["word_pointing_chance"] = float(np.mean(areas)) if areas else 0.0
+    out["word_pointing_n"] = float(count)
+    return out

@@ -16,8 +16,9 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBa
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-# Frequent words of image captions (COCO/Flickr style) and of the shapes scenes; whole words keep captions
-# short and make per-word explanations map one token to one word most of the time.
+# Frequent words of image captions (COCO/Flickr style), a superset of the shapes captions' words (a test holds
+# it to that, so the tokenizer needs no import of a task); whole words keep captions short and make per-word
+# explanations map one token to one word most of the time. Append only: a word's position is its token id.
 CAPTION_WORDS = """
 a an the and or of on in at to with without from by for near next beside behind above below under over
 between left right top bottom middle center centre front back side up down inside outside around across
@@ -35,6 +36,7 @@ grass field tree trees park sky mountain hill wall window door sign light lights
 ball frisbee kite surfboard skateboard skis umbrella hat shirt jacket dress bag
 sitting standing walking running playing holding riding eating looking wearing jumping lying laying
 flying swimming smiling talking carrying watching waiting parked covered filled made
+single
 """.split()
 
 
@@ -54,13 +56,7 @@ def _vocabulary(extra_words: list[str]) -> list[str]:
 
 def builtin_tokenizer(extra_words: list[str] | None = None, max_length: int = 32) -> BertTokenizerFast:
     """The offline WordPiece tokenizer of built-in text encoders (deterministic for the same words)."""
-    try:
-        from .data.shapes import SHAPES_VOCABULARY  # whole words of the shapes captions
-
-        words = [*SHAPES_VOCABULARY, *(extra_words or [])]
-    except ImportError:  # the shapes module is optional for the tokenizer
-        words = list(extra_words or [])
-    vocab = {tok: i for i, tok in enumerate(_vocabulary(words))}
+    vocab = {tok: i for i, tok in enumerate(_vocabulary(list(extra_words or [])))}
     tok = BertTokenizerFast(vocab=vocab, do_lower_case=True, strip_accents=True)
     tok.model_max_length = max_length
     return tok

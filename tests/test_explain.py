@@ -16,7 +16,8 @@ from mklvisita.explain import (
     grad_cam,
     layer_maps,
     pointing_game,
-    shapes_pointing_metric,
+    word_pointing_game,
+    word_pointing_hits,
 )
 from mklvisita.inputs import InvalidCaptionError, Letterbox, Processor
 
@@ -294,11 +295,27 @@ def test_pointing_game_on_shapes(model, processor):
     assert out["pointing_chance"] == pytest.approx(np.mean([o["mask"].mean() for o in objects]))
     assert set(out) == {"pointing_acc_kernel", "pointing_acc_rollout", "pointing_acc", "pointing_chance", "pointing_n"}
 
-    class Data:  # what mklvisita.evaluation hands to an extra metric
-        source = ds
 
-    assert shapes_pointing_metric(model, processor, Data(), n=1)["pointing_n"] == len(ds[0]["objects"])
-    assert shapes_pointing_metric(model, processor, object()) == {}
+def test_word_pointing_hits_on_a_synthetic_map():
+    maps = np.zeros((3, 8, 8), dtype=np.float32)
+    maps[0, 1, 1] = 1.0  # word 0 peaks at (1, 1)
+    maps[1, 6, 5] = 2.0  # word 1 peaks at (6, 5)
+    maps[2] = 0.5  # a flat map peaks at its first pixel (0, 0)
+    left, right = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    left[:, :4], right[:, 4:] = True, True
+    targets = [(0, left), (1, right), (1, left), (2, left), (2, right), (7, left)]  # word 7 was cut off: a miss
+    assert word_pointing_hits(maps, targets) == [True, True, False, True, False, False]
+
+
+def test_word_pointing_game_counts_words_and_chance(model, processor):
+    full, empty = np.full((24, 40), True), np.full((24, 40), False)
+    examples = [{"image": _image(40, 24, seed=0), "caption": "a red circle and a blue square", "targets": []}]
+    examples.append({"image": _image(40, 24, seed=1), "caption": "a red circle", "targets": [(1, full), (2, empty)]})
+    out = word_pointing_game(model, processor, examples)
+    for m in ("gradcam", "attention", "kernel"):
+        assert out[f"word_pointing_acc_{m}"] == 0.5  # the full mask is always hit, the empty one never
+    assert out["word_pointing_n"] == 2 and out["word_pointing_chance"] == 0.5
+    assert out["word_pointing_acc"] == out["word_pointing_acc_gradcam"]
 
 
 def test_pointing_headline_is_never_the_caption_blind_rollout():

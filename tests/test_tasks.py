@@ -96,3 +96,89 @@ def test_collate_gives_positives_and_dense_targets(tmp_path):
     assert batch["patch_labels"].shape == (8, 3, 64)
     assert batch["word_targets"].shape == (8, batch["input_ids"].shape[1], 64)
     assert float(batch["word_targets"].sum()) > 0
+
+
+def test_builtin_tokenizer_keeps_every_shapes_word_whole_without_importing_the_task():
+    from mklvisita.data import SHAPES_VOCABULARY
+    from mklvisita.tokenizer import _vocabulary, builtin_tokenizer
+
+    tok = builtin_tokenizer()
+    assert all(tok.tokenize(w) == [w] for w in SHAPES_VOCABULARY)
+    # the same ids as when the tokenizer appended the shapes vocabulary itself (trained checkpoints stay valid)
+    assert tok.get_vocab() == {t: i for i, t in enumerate(_vocabulary(list(SHAPES_VOCABULARY)))}
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def test_binding_by_kind_on_a_hand_made_case():
+    from mklvisita.evaluation import binding_metrics
+
+    pos = np.array([0.9, 0.2, 0.5, 0.7, 0.6, 0.4])
+    neg = np.array([0.1, 0.3, 0.5, 0.2, 0.1, 0.8])  # wins: yes, no, tie (a miss), yes, yes, no
+    kinds = ["swap", "swap", "reverse", "change", "count", "count"]
+    out = binding_metrics(pos, neg, kinds)
+    assert out["binding_acc"] == pytest.approx(3 / 6)
+    assert (out["binding_acc_swap"], out["binding_acc_reverse"]) == (0.5, 0.0)
+    assert (out["binding_acc_change"], out["binding_acc_count"]) == (1.0, 0.5)
+    assert out["binding_n_swap"] == 2 and out["binding_n_count"] == 2
+    itm = binding_metrics(pos, neg, kinds, "_itm")
+    assert itm["binding_acc_swap_itm"] == 0.5 and not any(k.startswith("binding_n") for k in itm)
+
+
+def test_shapes_eval_data_reports_count_negatives_apart():
+    data = get_task("shapes").load_eval_data("shapes", "test", limit=30)
+    scenes = ShapesScenes("test", size=30)
+    claims = [c for i in range(30) for c in scenes.scene(i).claims]
+    assert len(data.negative_kinds) == len(data.captions) == len(claims) == 150 and data.k == 16
+    for claim, kind in zip(claims, data.negative_kinds):
+        assert (kind == "count") == (claim.kind == "count")
+    assert {"swap", "reverse", "change", "count"} <= set(data.negative_kinds)
+    assert get_task("shapes-compositional").load_eval_data("shapes-compositional", limit=2).split == (
+        "test_compositional"
+    )
+
+
+def test_word_pointing_targets_are_the_colour_and_shape_words_of_each_named_object():
+    from mklvisita.data.grounding import claim_assignment
+    from mklvisita.tasks.shapes import word_pointing_examples
+
+    scenes = ShapesScenes("test", size=20)
+    examples = list(word_pointing_examples(scenes))
+    assert examples and all(len(ex["targets"]) >= 2 for ex in examples)
+    for ex in examples:
+        words = ex["caption"].split()
+        for w, mask in ex["targets"]:
+            assert words[w] in {"red", "green", "blue", "yellow", "purple", "orange", "white"} | {
+                "circle",
+                "square",
+                "triangle",
+                "star",
+                "cross",
+                "diamond",
+            }
+            assert mask.any()
+    # one by hand: the first example's shape words point at the objects the claim is about
+    i = next(i for i in range(20) if any(len(c.descs) >= 2 for c in scenes.scene(i).claims))
+    scene, item = scenes.scene(i), scenes[i]
+    claim = next(c for c in scene.claims if len(c.descs) >= 2)
+    chosen = claim_assignment(claim, scene.objects, 64)
+    ex = examples[0]
+    assert ex["caption"] == claim.text()
+    shape_targets = [(w, m) for w, m in ex["targets"] if ex["caption"].split()[w] in {o.shape for o in scene.objects}]
+    for (w, mask), j in zip(shape_targets, chosen):
+        assert np.array_equal(mask, item["objects"][j]["mask"]) and ex["caption"].split()[w] == scene.objects[j].shape
+
+
+def test_shapes_evaluation_gives_per_kind_binding_and_both_pointing_games(tmp_path):
+    from conftest import micro_config
+
+    from mklvisita.evaluation import evaluate_model, load_eval_data
+
+    model = MKLVisITA(micro_config()).eval()
+    data = load_eval_data("shapes", "test", limit=4)
+    out = evaluate_model(model, Processor(model.config, model.tokenizer), data, k=3)
+    for kind in set(data.negative_kinds):
+        for suffix in ("", "_itm", "_sim"):
+            assert 0.0 <= out[f"binding_acc_{kind}{suffix}"] <= 1.0
+    assert {"binding_acc", "binding_acc_itm", "binding_acc_sim", "pointing_acc", "word_pointing_acc"} <= set(out)
+    assert 0.0 < out["word_pointing_chance"] < 0.1 and 0.0 < out["pointing_chance"] < 0.1
+    assert out["word_pointing_n"] > 0

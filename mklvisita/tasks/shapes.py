@@ -25,6 +25,7 @@ import pickle
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,73 @@ def dense_targets(
             word_patch_targets(it["claim"], it["scene_objects"], masks, token_word, grid, int(it["image_size"]))
         )
     return {"patch_labels": torch.from_numpy(np.stack(labels)), "word_targets": torch.from_numpy(np.stack(targets))}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def negative_kind(claim: Claim, kind: str) -> str:
+    """The generator's negative kind, with a changed count reported as ``count``."""
+    return "count" if claim.kind == "count" else kind
+
+
+def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> Any:
+    """``shapes`` (split ``test`` by default) or ``shapes-compositional``: 1,000 scenes x 5 captions, each caption
+    with its hard negative and the negative's kind; ``limit`` > 0 keeps the first ``limit`` scenes."""
+    from ..data import shapes_retrieval_set
+    from ..evaluation import EvalData
+
+    if spec not in SPLIT_OF_SPEC:
+        raise TaskError(f"unknown shapes spec {spec!r}; use 'shapes' or 'shapes-compositional'")
+    split = SPLIT_OF_SPEC[spec] or split
+    size = limit if limit > 0 else TEST_SIZE
+    rset = shapes_retrieval_set(split=split, size=size)
+    scenes = ShapesScenes(split=split, size=size)
+    structures = [scenes.scene(i) for i in range(size)]
+    negatives = [n.text() for s in structures for n in s.negative_claims]
+    kinds = [negative_kind(c, k) for s in structures for c, k in zip(s.claims, s.negative_kinds)]
+    if len(negatives) != len(rset.captions):
+        raise RuntimeError(f"shapes {split}: {len(negatives)} negatives for {len(rset.captions)} captions")
+    return EvalData(
+        spec, split, rset.images, list(rset.captions), rset.txt2img, negatives, scenes, negative_kinds=kinds, k=16
+    )
+
+
+def word_pointing_examples(scenes: ShapesScenes, n: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every caption that names two or more objects, with the colour word and the shape word of each named object
+    as targets (whitespace word index, the object's mask), for :func:`mklvisita.explain.word_pointing_game`."""
+    from ..data.grounding import claim_assignment
+
+    for i in range(len(scenes) if n is None else min(n, len(scenes))):
+        scene = scenes.scene(i)
+        claims = [c for c in scene.claims if len(c.descs) >= 2]
+        if not claims:
+            continue
+        item = scenes.render(scene, i)
+        for claim in claims:
+            chosen = claim_assignment(claim, scene.objects, scenes.image_size)
+            if chosen is None:  # cannot happen for a true generated caption
+                continue
+            words, cursor, targets = claim.text().split(), 0, []
+            for desc, j in zip(claim.descs, chosen):
+                phrase = desc.text().split()[1:]  # without the article
+                start = next((s for s in range(cursor, len(words)) if words[s : s + len(phrase)] == phrase), None)
+                if start is None:  # cannot happen for generator captions
+                    break
+                cursor = start + len(phrase)
+                mask = item["objects"][j]["mask"]
+                if desc.colour is not None:
+                    targets.append((start + phrase.index(desc.colour), mask))
+                targets.append((start + phrase.index(desc.shape), mask))
+            yield {"image": item["image"], "caption": claim.text(), "targets": targets}
+
+
+def extra_metrics(model: Any, processor: Any, data: Any) -> dict[str, float]:
+    """Phrase pointing game (``pointing_acc``, ``pointing_chance``, per method) and word pointing game
+    (``word_pointing_acc``, ``word_pointing_chance``, per method) on the evaluated scenes."""
+    from ..explain import pointing_game, word_pointing_game
+
+    scenes = getattr(data, "source", None)
+    if not isinstance(scenes, ShapesScenes):
+        return {}
+    return pointing_game(model, processor, scenes) | word_pointing_game(
+        model, processor, word_pointing_examples(scenes)
+    )
