@@ -239,6 +239,12 @@ class MKLVisITAConfig:
             raise ConfigError("text.max_length must be at least 3 ([CLS], one word, [SEP])")
 
 
+def load_dataclass(cls: type, data: Any, where: str = "config") -> Any:
+    """The project's one strict dataclass loader (model configs here, run configs in ``training.config``): nested
+    mappings -> ``cls``; an unknown field, or a value of the wrong type, is a :class:`ConfigError` naming its path."""
+    return _from_dict(cls, data, where)
+
+
 def _from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")

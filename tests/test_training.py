@@ -144,7 +144,7 @@ def test_cli_rejects_unknown_override_with_suggestion(capsys: pytest.CaptureFixt
     assert "optim.lrr" in err and "'optim.lr'" in err
     with pytest.raises(RunConfigError, match="model.fusion.enabled"):
         load_config(SHAPES_YAML, ["model.fusion.enable=false"])
-    with pytest.raises(RunConfigError, match="batch_size: expected int"):
+    with pytest.raises(RunConfigError, match="batch_size: expected an integer"):
         load_config(SHAPES_YAML, ["batch_size=many"])
 
 

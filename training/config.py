@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import json
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from mklvisita.config import MKLVisITAConfig
+from mklvisita.config import ConfigError, MKLVisITAConfig, load_dataclass
 
 MODEL_PRESETS = ("tiny", "base", "base-pretrained", "default")
 
 
-class RunConfigError(ValueError):
+class RunConfigError(ConfigError):
     """A run-config key is unknown or its value has the wrong type."""
 
 
@@ -188,48 +187,12 @@ def _dotted(d: dict[str, Any], prefix: str) -> list[str]:
     return out
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints pass for floats, lists for tuples."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        return _coerce(args[0], value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RunConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise RunConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        return [_coerce(args[0] if args else Any, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RunConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    checks = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
-    if tp in checks:
-        if not isinstance(value, checks[tp]) or (tp is not bool and isinstance(value, bool)):
-            raise RunConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return tp(value)
-    return value
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise RunConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in hints:
-            raise RunConfigError(_unknown(path, _known_keys(RunConfig)))
-        kwargs[key] = _coerce(hints[key], value, path)
-    return cls(**kwargs)
+def _build(raw: dict[str, Any]) -> RunConfig:
+    """Typed RunConfig through the library's strict loader (one loader for model and run configs)."""
+    try:
+        return load_dataclass(RunConfig, raw, "config")
+    except ConfigError as e:
+        raise RunConfigError(str(e)) from None
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -275,7 +238,7 @@ def _field_type(dotted: str) -> Any:
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a typed, validated :class:`RunConfig` (the model section is checked against the preset too)."""
-    cfg = _build(RunConfig, raw or {}, "")
+    cfg = _build(raw or {})
     cfg.model_config().validate()
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise RunConfigError(f"mixed_precision: expected no | fp16 | bf16, got {cfg.mixed_precision!r}")
