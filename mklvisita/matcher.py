@@ -22,7 +22,11 @@ from .inputs import ImageInput, InvalidCaptionError, InvalidImageError, Processo
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, two_stage_scores
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "mklvisita-shapes"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# The embedded checkpoints by name: "shapes" (tiny ViT trained on shapes scenes) and "photo" (concept kernels on the
+# pip-installed EfficientNet-Lite0 + MiniLM; its backbones come from their packages).
+EMBEDDED = {"shapes": ASSETS / "mklvisita-shapes", "photo": ASSETS / "mklvisita-photo"}
+DEFAULT_CHECKPOINT = EMBEDDED["shapes"]  # Matcher.default() with no name (the demo's default)
 DEFAULT_ENV = "MKLVISITA_DEFAULT_CHECKPOINT"  # overrides the embedded checkpoint's folder
 
 
@@ -105,9 +109,12 @@ class Matcher:
         return cls(model, card=card, metrics=metrics, source=str(name_or_path))
 
     @classmethod
-    def default(cls, device: str | torch.device | None = None) -> Matcher:
-        """The embedded checkpoint shipped in ``assets/`` (trained on shapes scenes; loads with no network)."""
-        folder = Path(os.environ.get(DEFAULT_ENV, DEFAULT_CHECKPOINT))
+    def default(cls, name: str | None = None, device: str | torch.device | None = None) -> Matcher:
+        """An embedded checkpoint shipped in ``assets/`` (loads with no network): ``name`` "shapes" or "photo"
+        (see :data:`EMBEDDED`); None = the demo's default (``$MKLVISITA_DEFAULT_CHECKPOINT`` overrides its folder)."""
+        if name is not None and name not in EMBEDDED:
+            raise ValueError(f"unknown embedded checkpoint {name!r}; choose from {sorted(EMBEDDED)}")
+        folder = EMBEDDED[name] if name is not None else Path(os.environ.get(DEFAULT_ENV, DEFAULT_CHECKPOINT))
         if not (folder / "model.safetensors").is_file():
             raise CheckpointError(
                 f"the embedded default checkpoint is missing ({folder}). Train it with "

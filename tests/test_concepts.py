@@ -145,7 +145,7 @@ def test_shipped_photo_checkpoint_loads_from_the_packages_and_knows_a_cat():
 
     from mklvisita import Matcher
 
-    matcher = Matcher.from_pretrained("assets/mklvisita-photo")
+    matcher = Matcher.default("photo")
     assert matcher.model.kernel_names == ["concept/cosine", "concept_class/cosine", "concept_local/cosine"]
     captions = ["a tabby cat lying on a rug", "a cup of coffee on a saucer", "a rocket lifting off from a launch pad"]
     result = matcher.score(["assets/examples/cat.jpg"], captions)
@@ -154,3 +154,11 @@ def test_shipped_photo_checkpoint_loads_from_the_packages_and_knows_a_cat():
     width, height = Image.open("assets/examples/cat.jpg").size
     assert explained.word_heatmaps.shape == (len(explained.tokens), height, width)
     assert set(explained.kernel_maps) == {"concept_local/cosine"}
+
+
+def test_default_names_the_embedded_checkpoints():
+    from mklvisita.matcher import EMBEDDED, Matcher
+
+    assert EMBEDDED["photo"].name == "mklvisita-photo" and (EMBEDDED["photo"] / "config.json").is_file()
+    with pytest.raises(ValueError, match="photo"):
+        Matcher.default("holiday-snaps")
