@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mklvisita.data import RetrievalSet, load_hf, load_karpathy, load_lavis, load_retrieval_set
+from mklvisita.data import RetrievalSet, load_hf, load_karpathy, load_lavis, load_retrieval_set, shapes_retrieval_set
 
 
 def _png(path, colour):
@@ -113,7 +113,7 @@ def test_spec_parsing(tmp_path):
     for bad in ("coco:x.json:img", "karpathy:", f"karpathy:{path}", "nonsense"):
         with pytest.raises(ValueError, match="karpathy:<json>:<image root>"):
             load_retrieval_set(bad)
-    shapes = load_retrieval_set("shapes", split="test")
+    shapes = shapes_retrieval_set(split="test")
     assert len(shapes) == 1000 and len(shapes.captions) == 5000 and shapes.load_image(3).size == (64, 64)
 
 

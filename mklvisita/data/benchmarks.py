@@ -30,9 +30,7 @@ import numpy as np
 from PIL import Image
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
-SPEC_FORMS = (
-    "'karpathy:<json>:<image root>', 'lavis:<json or folder>:<image root>', 'hf:<dataset id or path>', 'shapes'"
-)
+SPEC_FORMS = "'karpathy:<json>:<image root>', 'lavis:<json or folder>:<image root>', 'hf:<dataset id or path>'"
 _CHECK_FIRST = 8  # image files checked at load time; enough to catch a wrong image root
 
 
@@ -389,10 +387,9 @@ def _split_json_spec(rest: str, spec: str) -> tuple[str, str]:
 
 
 def load_retrieval_set(spec: str, split: str = "test") -> RetrievalSet:
-    """Load a retrieval set from a spec string: one of ``SPEC_FORMS``."""
+    """Load a real retrieval set from a spec string: one of ``SPEC_FORMS`` (the reader of the retrieval task; which
+    task a spec belongs to is decided by :func:`mklvisita.tasks.get_task`)."""
     scheme, _, rest = spec.partition(":")
-    if scheme == "shapes":
-        return shapes_retrieval_set(split=split)
     if scheme in ("karpathy", "lavis") and rest:
         json_path, root = _split_json_spec(rest, spec)
         reader = load_karpathy if scheme == "karpathy" else load_lavis
