@@ -172,8 +172,10 @@ def evaluate_model(
 
         extra_metrics = {"task": get_task(data.name).extra_metrics, **EXTRA_METRICS}
     for name, fn in extra_metrics.items():
+        t_extra = time.perf_counter()
         try:
             metrics |= {key: float(v) for key, v in fn(model, processor, data).items()}
+            metrics[f"time_{name}_metrics_s"] = time.perf_counter() - t_extra
         except Exception as e:  # an optional metric must not lose the retrieval numbers
             print(f"warning: extra metric {name!r} failed: {e}", file=sys.stderr)
     metrics |= {f"time_{key}_s": float(v) for key, v in getattr(scores, "timings", {}).items()}

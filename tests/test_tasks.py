@@ -182,3 +182,16 @@ def test_shapes_evaluation_gives_per_kind_binding_and_both_pointing_games(tmp_pa
     assert {"binding_acc", "binding_acc_itm", "binding_acc_sim", "pointing_acc", "word_pointing_acc"} <= set(out)
     assert 0.0 < out["word_pointing_chance"] < 0.1 and 0.0 < out["pointing_chance"] < 0.1
     assert out["word_pointing_n"] > 0
+
+
+def test_evaluate_cli_limit_and_no_extra(tiny_checkpoint, tmp_path):
+    import json
+
+    from training.evaluate import main
+
+    out = tmp_path / "m.json"
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", "shapes", "--limit", "3", "--k", "2", "--out", str(out)]
+    assert main([*args, "--no-extra"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["meta"]["n_images"] == 3 and "binding_acc_sim" in metrics
+    assert not any("pointing" in key for key in metrics)
