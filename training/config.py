@@ -73,6 +73,7 @@ class EvalConfig:
     itm_weight: float = 1.0  # final score = itm_weight * ITM probability + similarity
     batch_size: int = 64  # encoding batch size
     every_steps: int = 0  # also evaluate every N optimizer steps (0 = only at the end of each epoch)
+    extra_metrics: bool = True  # also the task's extra metrics (shapes: phrase and word pointing games, minutes)
 
 
 @dataclass

@@ -298,6 +298,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
                 k=cfg.eval.k,
                 itm_weight=cfg.eval.itm_weight,
                 batch_size=cfg.eval.batch_size,
+                extra_metrics=None if cfg.eval.extra_metrics else {},
             )
             history.append({"step": step, **metrics})
             (out_dir / "metrics.json").write_text(json.dumps(history, indent=2) + "\n")
