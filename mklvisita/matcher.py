@@ -144,9 +144,15 @@ class Matcher:
             final = similarity.copy()
         return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
 
-    def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str = "gradcam", **kwargs):
-        """Heatmaps for one pair in the original image's frame; see :func:`mklvisita.explain.explain_pair`."""
+    def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str | None = None, **kwargs):
+        """Heatmaps for one pair in the original image's frame; see :func:`mklvisita.explain.explain_pair`.
+
+        ``method`` None: Grad-CAM when the model has the fusion branch, else the kernel maps (the photo checkpoint).
+        """
         from .explain import explain_pair
+
+        if method is None:
+            method = "gradcam" if self.model.has_itm else "kernel"
 
         return explain_pair(self.model, self.processor, image, caption, layer=layer, method=method, **kwargs)
 
