@@ -121,6 +121,9 @@ class FusionConfig:
     # the fusion's image stream, so relations ("left of", "above") compare where two words' objects are
     itm_similarity: bool = True  # add the pair's multi-kernel similarity (learned weight) to the ITM match logit, so
     # the matching head starts from what ITC knows and fusion learns what S cannot see (binding, relations)
+    image_pool: int = 1  # > 1: the caption-aware image update runs at p x p-pooled patches (the caption-independent
+    # stream and the text->image maps stay at every patch); 1 = every token, the original (costly) fusion
+    image_mlp_ratio: float | None = None  # feed-forward expansion of the image stream; None = mlp_ratio, 0 = none
 
 
 @dataclass
@@ -178,7 +181,7 @@ class MKLVisITAConfig:
             ),
             text=TextConfig(width=128, layers=2, heads=4, max_length=24),
             kernels=KernelConfig(proj_dim=64),
-            fusion=FusionConfig(layers=2, width=128, heads=4),
+            fusion=FusionConfig(layers=2, width=128, heads=4, image_pool=2, image_mlp_ratio=1.0),
         )
 
     @classmethod
@@ -188,7 +191,7 @@ class MKLVisITAConfig:
             vision=VisionConfig(model_name="vit_base_patch16_224", pretrained=pretrained, image_size=224),
             text=TextConfig(model_name="bert-base-uncased" if pretrained else None, pretrained=pretrained),
             kernels=KernelConfig(proj_dim=256),
-            fusion=FusionConfig(layers=6, width=768, heads=12),
+            fusion=FusionConfig(layers=6, width=768, heads=12, image_pool=2, image_mlp_ratio=0.0),
         )
 
     @property

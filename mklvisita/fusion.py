@@ -13,6 +13,21 @@ learned of the caption in layer l is not lost when layer l + 1 brings in a new l
 be biased by the word x patch affinity of the local kernels, mixed by each layer's own kernel weights (the
 "kernel weights per fusion level" the demo shows). Every attention returns its probabilities so explanations
 come from the model itself.
+
+Decisions on cost (a pair's fusion pass used to cost more than both encoders, its image stream running once per
+caption over every token):
+
+- The caption-independent part of the image stream (each level's projection, and with ``image_pool`` > 1 the
+  text->image keys and values of it) is computed once per image; ``image_index`` maps pairs to images.
+- ``image_pool`` = p > 1 splits the image stream in two: the caption-independent stream at every token, and the
+  caption-aware update carried at p x p-pooled patches (CLS kept). Text->image keys and values are the shared
+  stream's plus the upsampled projection of the update (``kv_delta``), so words still attend to every patch (full
+  maps for explanations) while the per-caption image work is on N / p^2 tokens. Still two-way: the image reads the
+  caption in every layer and what it read changes what the words see.
+- ``image_mlp_ratio`` shrinks (or, at 0, drops) the image stream's feed-forward.
+- With ``output_attentions=False`` attention runs through ``scaled_dot_product_attention`` and the last layer's
+  text stream is computed for the [CLS] row only (the one row the ITM head reads); the same numbers, no maps.
+The dataclass defaults (p = 1, image MLP = mlp_ratio) are the original architecture, weight for weight.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ from .config import FusionConfig
 
 
 class Attention(nn.Module):
-    """Multi-head attention that returns its probabilities (B, heads, Tq, Tk)."""
+    """Multi-head attention that returns its probabilities (B, heads, Tq, Tk) when asked."""
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -39,13 +54,33 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, ctx: torch.Tensor, key_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, Tq, W) attends to ctx (B, Tk, W); key_mask (B, Tk) True = attend; bias (B, Tq, Tk) added to logits."""
+        self,
+        x: torch.Tensor,
+        ctx: torch.Tensor | None,
+        key_mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        need_weights: bool = True,
+        kv: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, Tq, W) attends to ctx (B, Tk, W), or to precomputed ``kv`` = self.kv(ctx) (B, Tk, 2W); key_mask
+        (B, Tk) True = attend; bias (B, Tq, Tk) added to logits. Probabilities come back only if ``need_weights``."""
         b, tq, w = x.shape
         h = self.heads
+        kv = self.kv(ctx) if kv is None else kv
         q = self.q(x).view(b, tq, h, w // h).transpose(1, 2)  # (B, h, Tq, dh)
-        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, Tk, dh)
+        k, v = kv.view(b, kv.shape[1], 2, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, Tk, dh)
+        if not need_weights:
+            mask = None
+            if bias is not None:
+                mask = bias.unsqueeze(1).to(q.dtype)  # (B, 1, Tq, Tk)
+            if key_mask is not None:
+                keep = key_mask[:, None, None, :].bool()  # (B, 1, 1, Tk)
+                lo = torch.finfo(q.dtype).min
+                mask = torch.zeros_like(keep, dtype=q.dtype) if mask is None else mask
+                mask = mask.masked_fill(~keep, lo)
+            p = self.drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh)
+            return self.out(out.transpose(1, 2).reshape(b, tq, w)), None
         logits = (q @ k.transpose(-2, -1)) * (w // h) ** -0.5  # (B, h, Tq, Tk)
         if bias is not None:
             logits = logits + bias.unsqueeze(1)
@@ -65,14 +100,34 @@ class MLP(nn.Sequential):
 @dataclass
 class LayerAttentions:
     t2i: torch.Tensor  # (B, heads, T, N): text queries over image tokens (CLS + patches)
-    i2t: torch.Tensor  # (B, heads, N, T): image queries over text tokens
+    i2t: torch.Tensor  # (B, heads, N', T): image queries over text tokens (N' = N, or the pooled tokens)
     t2t: torch.Tensor  # (B, heads, T, T): text self-attention
+
+
+def pool_tokens(x: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -> torch.Tensor:
+    """(B, prefix + gh*gw, W) -> (B, prefix + ceil(gh/p)*ceil(gw/p), W): patches averaged over p x p windows."""
+    b, _, w = x.shape
+    gh, gw = grid
+    patches = x[:, prefix:].transpose(1, 2).reshape(b, w, gh, gw)  # (B, W, gh, gw)
+    pooled = F.avg_pool2d(patches, p, p, ceil_mode=True)  # (B, W, gh', gw'); edge windows average what they hold
+    return torch.cat([x[:, :prefix], pooled.flatten(2).transpose(1, 2)], 1)  # (B, prefix + gh'*gw', W)
+
+
+def unpool_tokens(y: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -> torch.Tensor:
+    """Inverse shape of :func:`pool_tokens`: each pooled patch copied to the p x p patches of its window."""
+    b, _, w = y.shape
+    gh, gw = grid
+    ph, pw = -(-gh // p), -(-gw // p)
+    patches = y[:, prefix:].reshape(b, ph, pw, w)  # (B, gh', gw', W)
+    patches = patches.repeat_interleave(p, 1).repeat_interleave(p, 2)[:, :gh, :gw]  # (B, gh, gw, W)
+    return torch.cat([y[:, :prefix], patches.reshape(b, gh * gw, w)], 1)  # (B, prefix + gh*gw, W)
 
 
 class FusionLayer(nn.Module):
     def __init__(self, cfg: FusionConfig, last: bool = False):
         super().__init__()
         w, h, r, p = cfg.width, cfg.heads, cfg.mlp_ratio, cfg.dropout
+        r_img = r if cfg.image_mlp_ratio is None else cfg.image_mlp_ratio
         self.norm_i1, self.norm_t1 = nn.LayerNorm(w), nn.LayerNorm(w)
         self.i2t = Attention(w, h, p)
         self.norm_t2 = nn.LayerNorm(w)
@@ -83,30 +138,87 @@ class FusionLayer(nn.Module):
         self.mlp_t = MLP(w, r, p)
         # The last layer's image stream is read by no one after its text->image attention: no image MLP there
         # (it would be parameters without gradients, which DDP refuses).
-        self.norm_i3 = None if last else nn.LayerNorm(w)
-        self.mlp_i = None if last else MLP(w, r, p)
+        has_mlp = not last and r_img > 0
+        self.norm_i3 = nn.LayerNorm(w) if has_mlp else None
+        self.mlp_i = MLP(w, r_img, p) if has_mlp else None
+        # image_pool > 1: keys/values of the caption-aware update, added to the shared stream's (see module doc).
+        self.pooled = cfg.image_pool > 1
+        self.norm_d = nn.LayerNorm(w) if self.pooled else None
+        self.kv_delta = nn.Linear(w, 2 * w, bias=False) if self.pooled else None
 
-    def forward(
-        self, txt: torch.Tensor, img: torch.Tensor, txt_mask: torch.Tensor, bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions]:
-        t = self.norm_t1(txt)
-        d, a_i2t = self.i2t(self.norm_i1(img), t, txt_mask)
-        img = img + d
+    def _text_self_and_cross(
+        self,
+        txt: torch.Tensor,
+        txt_mask: torch.Tensor,
+        t2i_kv: torch.Tensor,
+        bias: torch.Tensor | None,
+        need: bool,
+        cls_only: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """txt <- + SelfAttn, + CrossAttn(text -> image keys/values), + MLP. ``cls_only``: the [CLS] row only."""
         t = self.norm_t2(txt)
-        d, a_t2t = self.self_attn(t, t, txt_mask)
-        txt = txt + d
-        d, a_t2i = self.t2i(self.norm_t3(txt), self.norm_i2(img), None, bias)
+        q = t[:, :1] if cls_only else t  # (B, 1 or T, W): other rows are read by no one after the last layer
+        d, a_t2t = self.self_attn(q, t, txt_mask, need_weights=need)
+        txt = (txt[:, :1] if cls_only else txt) + d
+        if cls_only and bias is not None:
+            bias = bias[:, :1]  # (B, 1, N)
+        d, a_t2i = self.t2i(self.norm_t3(txt), None, None, bias, need_weights=need, kv=t2i_kv)
         txt = txt + d
         txt = txt + self.mlp_t(self.norm_t4(txt))
+        return txt, a_t2i, a_t2t
+
+    def forward(
+        self,
+        txt: torch.Tensor,
+        img: torch.Tensor,
+        txt_mask: torch.Tensor,
+        bias: torch.Tensor | None,
+        need_weights: bool = True,
+        cls_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions | None]:
+        """Full-token image stream (image_pool = 1): txt (B, T, W), img (B, N, W) -> updated txt, img."""
+        t = self.norm_t1(txt)
+        d, a_i2t = self.i2t(self.norm_i1(img), t, txt_mask, need_weights=need_weights)
+        img = img + d
+        kv = self.t2i.kv(self.norm_i2(img))  # (B, N, 2W)
+        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, kv, bias, need_weights, cls_only)
         if self.mlp_i is not None:
             img = img + self.mlp_i(self.norm_i3(img))
-        return txt, img, LayerAttentions(a_t2i, a_i2t, a_t2t)
+        return txt, img, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None
+
+    def forward_pooled(
+        self,
+        txt: torch.Tensor,
+        shared: torch.Tensor,
+        delta: torch.Tensor | None,
+        pool: tuple[tuple[int, int], int, int],
+        index: torch.Tensor | None,
+        txt_mask: torch.Tensor,
+        bias: torch.Tensor | None,
+        need_weights: bool = True,
+        cls_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions | None]:
+        """image_pool > 1: shared (Bi, N, W) caption-independent stream, one row per image (``index`` (B,) maps
+        pairs to them); delta (B, M, W) the caption-aware update at pooled tokens (None before the first layer)."""
+        grid, prefix, p = pool
+        low = pool_tokens(shared, grid, prefix, p)  # (Bi, M, W)
+        u = low if index is None else low[index]  # (B, M, W)
+        u = u if delta is None else u + delta
+        d, a_i2t = self.i2t(self.norm_i1(u), self.norm_t1(txt), txt_mask, need_weights=need_weights)
+        delta = d if delta is None else delta + d
+        u = u + d
+        kv = self.t2i.kv(self.norm_i2(shared))  # (Bi, N, 2W): once per image
+        kv = (kv if index is None else kv[index]) + unpool_tokens(self.kv_delta(self.norm_d(delta)), grid, prefix, p)
+        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, kv, bias, need_weights, cls_only)
+        if self.mlp_i is not None:
+            delta = delta + self.mlp_i(self.norm_i3(u))
+        return txt, delta, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None
 
 
 @dataclass
 class FusionOutput:
     cls: torch.Tensor  # (B, W) fused text CLS, input of the ITM head
-    attentions: list[LayerAttentions]
+    attentions: list[LayerAttentions]  # one per layer; [] when the forward was asked for no attentions
 
 
 def grid_positions(grid: tuple[int, int], num_prefix_tokens: int, frequencies: int = 4) -> torch.Tensor:
@@ -137,11 +249,17 @@ class HierarchicalFusion(nn.Module):
         image_grids: list[tuple[int, int]] | None = None,
     ):
         """``image_widths``: the width of each fusion layer's image level (a CNN's stages differ); None = all
-        ``image_width``. ``image_grids``: each level's patch grid, needed with ``cfg.image_positions``."""
+        ``image_width``. ``image_grids``: each level's patch grid, needed with ``cfg.image_positions`` and
+        ``cfg.image_pool`` > 1."""
         super().__init__()
         self.cfg = cfg
         self.image_levels = list(image_levels)
         self.num_prefix_tokens = num_prefix_tokens
+        if cfg.image_pool < 1:
+            raise ValueError(f"fusion.image_pool must be >= 1 (1 = every token), got {cfg.image_pool}")
+        if cfg.image_pool > 1 and image_grids is None:
+            raise ValueError("fusion.image_pool > 1 needs the image levels' grids")
+        self.image_grids = [tuple(g) for g in image_grids] if image_grids is not None else None
         self.text_in = nn.Linear(text_width, cfg.width)
         widths = image_widths or [image_width] * len(image_levels)
         self.image_in = nn.ModuleList([nn.Linear(w, cfg.width) for w in widths])
@@ -172,20 +290,39 @@ class HierarchicalFusion(nn.Module):
         text_tokens: torch.Tensor,
         text_mask: torch.Tensor,
         affinity_fn=None,
+        image_index: torch.Tensor | None = None,
+        output_attentions: bool = True,
     ) -> FusionOutput:
-        """image_levels: block -> (B, N, Dv); text_tokens (B, T, Dt); affinity_fn(weights) -> (B, T, P) or None."""
+        """image_levels: block -> (Bi, N, Dv); text_tokens (B, T, Dt); affinity_fn(weights) -> (B, T, P) or None.
+
+        ``image_index`` (B,): pair b reads image ``image_index[b]`` (caption-independent work once per image); None =
+        pair b reads image b. ``output_attentions=False``: no attention maps (fused attention, [CLS]-only last layer).
+        """
         txt = self.text_in(text_tokens)  # (B, T, W)
-        img = None
+        pooled = self.cfg.image_pool > 1
+        img = None  # image_pool = 1: (B, N, W) image stream; > 1: (Bi, N, W) caption-independent stream
+        delta = None  # image_pool > 1: (B, M, W) caption-aware update at pooled tokens
         attentions = []
+        n = len(self.layers)
         for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
-            x = proj(image_levels[level])  # (B, N, W)
+            x = proj(image_levels[level])  # (Bi, N, W): once per image
             if self.image_pos is not None:  # each layer its own projection of the fixed 2-D positions
-                x = x + self.image_pos[i](self.get_buffer(f"grid_pos_{i}"))  # (N, W) broadcast over B
+                x = x + self.image_pos[i](self.get_buffer(f"grid_pos_{i}"))  # (N, W) broadcast over Bi
+            if not pooled and image_index is not None:
+                x = x[image_index]  # (B, N, W)
             img = x if img is None else img + x
             bias = None
             if self.use_bias and affinity_fn is not None:
                 aff = affinity_fn(self.level_weights()[i]) * self.bias_scale[i]  # (B, T, P)
                 bias = F.pad(aff, (self.num_prefix_tokens, 0))  # no bias on the CLS / register keys
-            txt, img, att = layer(txt, img, text_mask, bias)
-            attentions.append(att)
+            cls_only = not output_attentions and i == n - 1
+            if pooled:
+                pool = (self.image_grids[i], self.num_prefix_tokens, self.cfg.image_pool)
+                txt, delta, att = layer.forward_pooled(
+                    txt, img, delta, pool, image_index, text_mask, bias, output_attentions, cls_only
+                )
+            else:
+                txt, img, att = layer(txt, img, text_mask, bias, output_attentions, cls_only)
+            if att is not None:
+                attentions.append(att)
         return FusionOutput(self.norm(txt[:, 0]), attentions)

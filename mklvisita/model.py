@@ -405,21 +405,32 @@ class MKLVisITA(
         txt: TextFeatures,
         img_emb: KernelEmbeddings | None = None,
         txt_emb: KernelEmbeddings | None = None,
+        image_index: torch.Tensor | None = None,
+        output_attentions: bool = True,
     ) -> MatchOutput:
-        """ITM for image k with text k through the fusion layers; attentions come back for explanations."""
+        """ITM for image k with text k through the fusion layers; attentions come back for explanations.
+
+        ``image_index`` (B,): pair k is image ``image_index[k]`` of ``img`` / ``img_emb`` (the fusion's
+        caption-independent work runs once per image); None = image k. ``output_attentions=False`` returns no
+        attention maps (cheaper: fused attention, [CLS]-only last layer).
+        """
         if self.fusion is None:
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
         affinity = None
         if self.fusion.use_bias or self.itm_similarity_weight is not None:
             img_emb = self.embed_image(img) if img_emb is None else img_emb
             txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
+            if image_index is not None:
+                img_emb = img_emb.select(image_index)
         if self.fusion.use_bias:
 
             def affinity(weights: torch.Tensor) -> torch.Tensor:
                 aff = self.kernels.local_affinity(img_emb, txt_emb, weights)  # (B, T, P)
                 return aff * txt_emb.local_mask.unsqueeze(-1)  # rows of [CLS]/[SEP]/padding get no bias
 
-        out = self.fusion(img.levels, txt.levels[self.text.depth - 1], txt.attention_mask, affinity)
+        out = self.fusion(
+            img.levels, txt.levels[self.text.depth - 1], txt.attention_mask, affinity, image_index, output_attentions
+        )
         logits = self.itm_head(out.cls)  # (B, 2)
         if self.itm_similarity_weight is not None:
             s = self.similarity(img_emb, txt_emb, pairwise=True).similarity  # (B,)

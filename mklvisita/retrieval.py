@@ -121,9 +121,11 @@ def match_pairs(
     for i in range(0, len(image_index), batch_size):
         ii = image_index[i : i + batch_size].to(dev)
         tt = text_index[i : i + batch_size].to(dev)
-        img = images.features.select(ii)
+        uniq, inv = torch.unique(ii, return_inverse=True)  # the fusion's image-only work once per image
+        img = images.features.select(uniq)
         txt = texts.features.select(tt)
-        m = model.match(img, txt, images.embeddings.select(ii), texts.embeddings.select(tt))
+        emb_i, emb_t = images.embeddings.select(uniq), texts.embeddings.select(tt)
+        m = model.match(img, txt, emb_i, emb_t, image_index=inv, output_attentions=False)
         out.append(m.prob.float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

@@ -61,6 +61,7 @@ def test_fusion_returns_attentions_of_every_layer_on_its_level():
     cfg = micro_config()
     cfg.vision.depth = 4
     cfg.fusion.layers = 2
+    cfg.fusion.image_pool = 1  # image queries at every token (the pooled image stream: tests/test_fusion.py)
     model = MKLVisITA(cfg).eval()
     assert model.fusion.image_levels == [1, 3]  # early fusion layers read lower ViT blocks
     pv, enc = _batch(model, 2)

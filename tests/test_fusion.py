@@ -1,0 +1,107 @@
+"""The cheaper fusion paths (shared image work, pooled image stream, no-map fast path) and the shipped checkpoint."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import micro_config
+
+from mklvisita import Matcher, MKLVisITA
+from mklvisita.config import FusionConfig
+from mklvisita.fusion import pool_tokens, unpool_tokens
+from mklvisita.inputs import Processor
+from mklvisita.matcher import EMBEDDED
+
+CAPTIONS = [
+    "a red circle",
+    "a blue square to the left of a green triangle",
+    "two shapes",
+    "a yellow star",
+    "a purple circle above a red square",
+]
+IMAGES = ["shapes_001.png", "shapes_004.png"]
+# Matcher.score of the shipped shapes checkpoint on IMAGES x CAPTIONS, recorded with the fusion code it was trained
+# with (before image_pool / image_mlp_ratio / the no-map fast path existed): the new code must reproduce them.
+RECORDED_ITM = [
+    [0.000332, 0.002435, 0.011336, 0.000663, 0.000924],
+    [0.000180, 0.000208, 0.014952, 0.393855, 0.000690],
+]
+RECORDED_SIMILARITY = [
+    [0.186658, 0.586749, 0.561654, 0.295950, 0.388303],
+    [0.091183, 0.109736, 0.578104, 0.639309, 0.344404],
+]
+
+
+def test_config_defaults_are_the_original_fusion():
+    cfg = FusionConfig()
+    assert cfg.image_pool == 1 and cfg.image_mlp_ratio is None
+
+
+@pytest.mark.skipif(not (EMBEDDED["shapes"] / "model.safetensors").is_file(), reason="no shipped shapes checkpoint")
+def test_shipped_shapes_checkpoint_scores_as_recorded():
+    m = Matcher.default("shapes")
+    assert m.config.fusion.image_pool == 1  # a config.json without the new fields loads with the defaults
+    examples = EMBEDDED["shapes"].parent / "examples"
+    r = m.score([str(examples / name) for name in IMAGES], CAPTIONS)
+    np.testing.assert_allclose(r.itm, RECORDED_ITM, rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(r.similarity, RECORDED_SIMILARITY, rtol=1e-4, atol=2e-6)
+
+
+def _pairs(model, n_img=2, captions=CAPTIONS):
+    torch.manual_seed(1)
+    s = model.config.vision.image_size
+    enc = Processor(model.config, model.tokenizer).captions(captions)
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(n_img, 3, s, s))
+        txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    return img, txt
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_fast_path_and_shared_images_give_the_same_match(pool):
+    cfg = micro_config()
+    cfg.fusion = dataclasses.replace(cfg.fusion, image_pool=pool, image_mlp_ratio=1.0, image_positions=True)
+    torch.manual_seed(0)
+    model = MKLVisITA(cfg).eval()
+    img, txt = _pairs(model)
+    ii = torch.tensor([0, 1, 1, 0, 1])  # pair k: image ii[k], caption k
+    with torch.no_grad():
+        full = model.match(img.select(ii), txt)  # every pair its own copy of the image, with maps
+        shared = model.match(img, txt, image_index=ii, output_attentions=False)
+        shared_maps = model.match(img, txt, image_index=ii)
+    assert torch.isfinite(full.logits).all()
+    torch.testing.assert_close(shared.logits, full.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_maps.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert shared.attentions == [] and len(full.attentions) == cfg.fusion.layers
+    gh, gw = model.vision.grid
+    n, t = 1 + gh * gw, txt.attention_mask.shape[1]
+    m = 1 + -(-gh // pool) * -(-gw // pool)
+    for a in full.attentions:
+        assert a.t2i.shape == (5, cfg.fusion.heads, t, n)  # words still see every patch: full maps
+        assert a.i2t.shape == (5, cfg.fusion.heads, m, t)
+        torch.testing.assert_close(a.t2i.sum(-1), torch.ones(5, cfg.fusion.heads, t), atol=1e-5, rtol=0)
+
+
+def test_pooled_fusion_trains_every_parameter():
+    torch.manual_seed(0)
+    model = MKLVisITA(micro_config()).train()  # the tiny preset's pooled image stream and small image MLP
+    assert model.config.fusion.image_pool == 2
+    img, txt = _pairs(model, 1, CAPTIONS[:2])
+    m = model.match(img, txt, image_index=torch.tensor([0, 0]))
+    m.logits.sum().backward()
+    layer = model.fusion.layers[0]
+    for p in (layer.kv_delta.weight, layer.norm_d.weight, layer.mlp_i[0].weight, layer.i2t.q.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0  # the image's caption-aware update reaches ITM
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (5, 3)])
+def test_pool_unpool_shapes_and_means(grid):
+    x = torch.randn(2, 1 + grid[0] * grid[1], 6)
+    low = pool_tokens(x, grid, 1, 2)  # (2, 1 + ceil(gh/2) * ceil(gw/2), 6)
+    assert low.shape == (2, 1 + -(-grid[0] // 2) * -(-grid[1] // 2), 6)
+    torch.testing.assert_close(low[:, 0], x[:, 0])  # the CLS token is kept as is
+    torch.testing.assert_close(low[:, 1], x[:, 1:][:, [0, 1, grid[1], grid[1] + 1]].mean(1))  # first 2 x 2 window
+    up = unpool_tokens(low, grid, 1, 2)
+    assert up.shape == x.shape
+    torch.testing.assert_close(pool_tokens(up, grid, 1, 2), low)  # pooling undoes unpooling
