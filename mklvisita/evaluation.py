@@ -24,6 +24,7 @@ task adds its own metrics (shapes: ``pointing_acc`` and ``word_pointing_acc`` wi
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -111,10 +112,11 @@ def evaluate_model(
     model: Any,
     processor: Any,
     data: EvalData,
-    k: int = 128,
-    itm_weight: float = 1.0,
+    k: int | None = None,
+    itm_weight: float | None = None,
     batch_size: int = 64,
     extra_metrics: dict[str, ExtraMetric] | None = None,
+    candidates: int | None = None,
 ) -> dict[str, float]:
     """Two-stage retrieval + the full protocol on ``data``; the trainer and the CLI both call this.
 
@@ -122,8 +124,11 @@ def evaluate_model(
         model: an MKLVisITA model (eval mode is set here and restored afterwards).
         processor: the model's :class:`mklvisita.inputs.Processor`.
         data: from :func:`load_eval_data`.
-        k: re-rank the top k by ITM (0 = similarity only; forced to 0 for a model without fusion).
-        itm_weight: final score = itm_weight * ITM + similarity (re-ranking and binding_acc).
+        k: re-rank the top k by ITM (0 = similarity only; forced to 0 for a model without fusion); None = the
+            model's ``config.ranking.k``.
+        itm_weight: final score = itm_weight * ITM + similarity (re-ranking and binding_acc); None = the model's
+            ``config.ranking.itm_weight``.
+        candidates: cascade stage 1 keeps this many per query (0 = exhaustive S); None = the model's ranking.
         batch_size: encoding batch size.
         extra_metrics: name -> ``fn(model, processor, data) -> dict``; defaults to the task's own metrics plus
             :data:`EXTRA_METRICS`.
@@ -131,7 +136,7 @@ def evaluate_model(
     Returns:
         flat dict of floats (see the module docstring for the keys).
     """
-    from .retrieval import encode_captions, encode_images, two_stage_scores
+    from .retrieval import encode_captions, encode_images, retrieve
 
     was_training = model.training
     model.eval()
@@ -139,7 +144,13 @@ def evaluate_model(
     t0 = time.perf_counter()
     image_bank = encode_images(model, processor, data.images, batch_size=batch_size)
     text_bank = encode_captions(model, processor, data.captions, batch_size=batch_size)
-    scores = two_stage_scores(model, image_bank, text_bank, k=k if fusion else 0, itm_weight=itm_weight)
+    overrides = {"k": k, "itm_weight": itm_weight, "candidates": candidates}
+    ranking = dataclasses.replace(model.config.ranking, **{f: v for f, v in overrides.items() if v is not None})
+    itm_weight = ranking.itm_weight
+    t_retrieval = time.perf_counter()
+    scores = retrieve(model, image_bank, text_bank, ranking)
+    metrics_time = {"time_retrieval_s": time.perf_counter() - t_retrieval}  # the stages, not the encoding
+    metrics_time |= {f"pairs_{stage}": float(n) for stage, n in scores.pairs.items()}
     metrics = retrieval_metrics(scores.i2t, data.txt2img, scores.t2i)
     if len(data.images) == 5000:  # COCO 5K test: also the 5-fold 1K protocol
         metrics |= {f"1k_{key}": v for key, v in coco_5fold_1k(scores.i2t, data.txt2img, scores.t2i).items()}
@@ -178,7 +189,7 @@ def evaluate_model(
             metrics[f"time_{name}_metrics_s"] = time.perf_counter() - t_extra
         except Exception as e:  # an optional metric must not lose the retrieval numbers
             print(f"warning: extra metric {name!r} failed: {e}", file=sys.stderr)
-    metrics |= {f"time_{key}_s": float(v) for key, v in getattr(scores, "timings", {}).items()}
+    metrics |= {f"time_{key}_s": float(v) for key, v in getattr(scores, "timings", {}).items()} | metrics_time
     metrics["time_total_s"] = time.perf_counter() - t0
     model.train(was_training)
     return metrics

@@ -7,6 +7,7 @@ Matcher can serve several threads at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -20,7 +21,7 @@ import torch
 
 from .inputs import ImageInput, InvalidCaptionError, InvalidImageError, Processor, check_caption
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
-from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, two_stage_scores
+from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The embedded checkpoints by name: "shapes" (tiny ViT trained on shapes scenes) and "photo" (concept kernels on the
@@ -36,7 +37,8 @@ class ScoreResult:
     similarity: np.ndarray  # (n_images, n_captions) multi-kernel similarity S
     kernel_contributions: np.ndarray  # (n_images, n_captions, n_kernels) beta_m K_m; sums over kernels to S
     kernel_names: list[str]
-    score: np.ndarray  # (n_images, n_captions) itm_score_weight * ITM + S (S alone without fusion)
+    score: np.ndarray  # (n_images, n_captions) ranking.itm_weight * ITM + ranking.similarity_weight * S (S alone
+    # without fusion)
 
 
 @dataclass
@@ -45,7 +47,8 @@ class SearchResult:
     scores: list[float]  # final score of each
     itm: list[float]  # ITM probability of each (NaN without fusion / outside the re-ranked set)
     similarity: list[float]  # stage-1 similarity of each
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: encode query, similarity, rerank
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: encode query, global, similarity, rerank
+    pairs: dict[str, int] = field(default_factory=dict)  # pairs scored per retrieval stage
 
 
 @dataclass
@@ -76,7 +79,6 @@ class Matcher:
         self.card = card
         self.metrics = metrics or {}
         self.source = source
-        self.rerank_k = 16  # search: how many stage-1 candidates the ITM head re-scores
 
     @property
     def config(self):
@@ -138,7 +140,7 @@ class Matcher:
             ii = torch.arange(n_i).repeat_interleave(n_t)
             tt = torch.arange(n_t).repeat(n_i)
             itm = match_pairs(self.model, images_bank, texts_bank, ii, tt, batch_size).view(n_i, n_t).numpy()
-            final = self.config.itm_score_weight * itm + similarity
+            final = self.config.ranking.itm_weight * itm + self.config.ranking.similarity_weight * similarity
         else:
             itm = np.full_like(similarity, np.nan)
             final = similarity.copy()
@@ -181,32 +183,43 @@ class Matcher:
         return TextIndex(encode_captions(self.model, self.processor, captions, batch_size), captions)
 
     def search_images(self, index: ImageIndex, text: str, top_k: int = 5) -> SearchResult:
-        """Text -> the best images of an index: stage 1 ranks all, ITM re-scores the top max(rerank_k, top_k)."""
+        """Text -> the best images of an index by the cascade of ``config.ranking`` (ITM re-scores the top
+        max(ranking.k, top_k))."""
         t0 = time.perf_counter()
         query = encode_captions(self.model, self.processor, [check_caption(text)])
         t_enc = time.perf_counter() - t0
-        s = two_stage_scores(
-            self.model, index.bank, query, k=max(self.rerank_k, top_k), itm_weight=self.config.itm_score_weight
-        )
-        return self._top(s.t2i[0], s.similarity[:, 0], top_k, {"encode_query": t_enc, **s.timings})
+        s = retrieve(self.model, index.bank, query, self._ranking(top_k))
+        return self._top(s.t2i[0], s.similarity[:, 0], top_k, {"encode_query": t_enc, **s.timings}, s.pairs)
 
     def search_captions(self, index: TextIndex, image: ImageInput, top_k: int = 5) -> SearchResult:
         """Image -> the best captions of an index."""
         t0 = time.perf_counter()
         query = encode_images(self.model, self.processor, [image])
         t_enc = time.perf_counter() - t0
-        s = two_stage_scores(
-            self.model, query, index.bank, k=max(self.rerank_k, top_k), itm_weight=self.config.itm_score_weight
-        )
-        return self._top(s.i2t[0], s.similarity[0], top_k, {"encode_query": t_enc, **s.timings})
+        s = retrieve(self.model, query, index.bank, self._ranking(top_k))
+        return self._top(s.i2t[0], s.similarity[0], top_k, {"encode_query": t_enc, **s.timings}, s.pairs)
 
-    def _top(self, final: np.ndarray, sim: np.ndarray, top_k: int, timings: dict[str, float]) -> SearchResult:
+    def _ranking(self, top_k: int):
+        """The model's ranking rule, re-ranking (and keeping as candidates) at least ``top_k``."""
+        r = self.config.ranking
+        k = max(r.k, top_k) if r.k > 0 else 0
+        return dataclasses.replace(r, k=k, candidates=max(r.candidates, k) if r.candidates > 0 else 0)
+
+    def _top(
+        self, final: np.ndarray, sim: np.ndarray, top_k: int, timings: dict[str, float], pairs: dict[str, int]
+    ) -> SearchResult:
         order = np.argsort(-final, kind="stable")[: max(1, top_k)]
-        # The top k always lie inside the re-scored set, so final = w * ITM + S there and ITM can be read back.
-        w = self.config.itm_score_weight
-        itm = [(float(final[i]) - float(sim[i])) / w if self.model.has_itm and w else float("nan") for i in order]
+        # The top k always lie inside the re-scored set, so final = w * ITM + w_s * S there and ITM can be read back.
+        w, ws = self.config.ranking.itm_weight, self.config.ranking.similarity_weight
+        rescored = self.model.has_itm and w and self.config.ranking.k > 0
+        itm = [(float(final[i]) - ws * float(sim[i])) / w if rescored else float("nan") for i in order]
         return SearchResult(
-            [int(i) for i in order], [float(final[i]) for i in order], itm, [float(sim[i]) for i in order], timings
+            [int(i) for i in order],
+            [float(final[i]) for i in order],
+            itm,
+            [float(sim[i]) for i in order],
+            timings,
+            pairs,
         )
 
 

@@ -1,12 +1,21 @@
-"""Two-stage retrieval on cached features (ALBEF / BLIP protocol).
+"""Retrieval on cached features: a cascade whose cost grows linearly in the gallery (ALBEF / BLIP protocol).
 
-Stage 1: the multi-kernel similarity S ranks every candidate from cached per-kernel embeddings (one matrix
-product per pooled kernel, late interaction over cached tokens for the local ones). Stage 2: the fusion/ITM
-head re-scores the top k of each query; final score = itm_weight * ITM + S. Entries outside the top k keep S's
-order, shifted below every re-scored one. Cost: N_img + N_txt encodings plus k * (N_img + N_txt) fusion passes
-(pairs shared by both directions are scored once), not N_img * N_txt.
+Decisions:
 
-The evaluation command, the trainer's per-epoch evaluation and the Matcher's search all call these functions.
+- Stage 1 (``global``): the pooled kernels (global, mid, concept sources) are linearised into one vector per item,
+  the concatenation of sqrt(beta_m) * u_m over pooled kernels m, so one inner product is sum_m beta_m cos_m, a
+  first-order stand-in for their part of S (every kernel function is non-decreasing in the cosine). One matrix
+  product over cached, normalised embeddings (or a FAISS inner-product index, ``faiss-cpu`` being an optional
+  dependency, for galleries past ``FAISS_MIN``; the exact torch product is the fallback) keeps ``candidates`` per
+  query, both directions.
+- Stage 2 (``similarity``): the full multi-kernel S, local late interaction included, only on those pairs.
+- Stage 3 (``rerank``): the ITM head re-scores each query's top ``k`` by S; pairs shared by both directions once.
+- final = itm_weight * ITM + similarity_weight * S on the re-ranked pairs (``mklvisita.config.RankingConfig``, the
+  one owner of these numbers). Pairs outside a stage keep the order of the stage that dropped them, below every
+  pair that went further.
+- ``candidates`` = 0 (or a model with no pooled kernel) is the exhaustive two-stage protocol: S on every pair.
+
+The evaluation command, the trainer's evaluation and the Matcher's search all call :func:`retrieve`.
 """
 
 from __future__ import annotations
@@ -18,11 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .config import RankingConfig
 from .inputs import ImageInput, Processor
 from .kernels import KernelEmbeddings
 from .model import ImageFeatures, MKLVisITA, TextFeatures
 
 OUTSIDE_TOP_K = -100.0  # added to S outside the re-ranked top k (S and ITM are both within [-1, 2])
+OUTSIDE_CANDIDATES = -1000.0  # added to the stage-1 score outside the candidates (below every re-scored pair)
+FAISS_MIN = 20_000  # galleries at least this large search a FAISS index (when faiss is installed)
 
 
 @dataclass
@@ -49,7 +61,8 @@ class RetrievalScores:
     t2i: np.ndarray  # (n_txt, n_img) final scores ranking images for each caption
     similarity: np.ndarray  # (n_img, n_txt) stage-1 multi-kernel similarity
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    itm_pairs: int = 0  # fusion passes made in stage 2
+    itm_pairs: int = 0  # fusion passes made in the re-ranking stage
+    pairs: dict[str, int] = field(default_factory=dict)  # pairs scored per stage (global, similarity, itm)
 
 
 def _device(model: MKLVisITA) -> torch.device:
@@ -131,15 +144,22 @@ def match_pairs(
 
 
 def two_stage_scores(
-    model: MKLVisITA, images: ImageBank, texts: TextBank, k: int = 128, itm_weight: float = 1.0, batch_size: int = 128
+    model: MKLVisITA,
+    images: ImageBank,
+    texts: TextBank,
+    k: int = 128,
+    itm_weight: float = 1.0,
+    batch_size: int = 128,
+    similarity_weight: float = 1.0,
 ) -> RetrievalScores:
-    """Rank with S, re-score each query's top k with ITM. k = 0 (or a model without fusion): S only."""
+    """Exhaustive: rank with S on every pair, re-score each query's top k with ITM. k = 0 (or no fusion): S only."""
     t0 = time.perf_counter()
     sim = similarity_matrix(model, images, texts)  # (n_img, n_txt)
     timings = {"similarity": time.perf_counter() - t0}
+    pairs = {"similarity": sim.numel()}
     if k <= 0 or not model.has_itm:
         s = sim.numpy()
-        return RetrievalScores(s.copy(), s.T.copy(), s, timings)
+        return RetrievalScores(s.copy(), s.T.copy(), s, timings, 0, pairs)
 
     t1 = time.perf_counter()
     n_img, n_txt = sim.shape
@@ -150,7 +170,7 @@ def two_stage_scores(
     pair_t = torch.cat([top_t.flatten(), torch.arange(n_txt).repeat(kt)])
     pair_id, inverse = torch.unique(pair_i * n_txt + pair_t, return_inverse=True)  # both directions share pairs
     prob = match_pairs(model, images, texts, pair_id // n_txt, pair_id % n_txt, batch_size)
-    final = itm_weight * prob + sim.flatten()[pair_id]
+    final = itm_weight * prob + similarity_weight * sim.flatten()[pair_id]
 
     i2t = sim + OUTSIDE_TOP_K
     t2i = sim.T.clone() + OUTSIDE_TOP_K
@@ -159,4 +179,150 @@ def two_stage_scores(
     i2t[pair_i[:n1], pair_t[:n1]] = final[first]
     t2i[pair_t[n1:], pair_i[n1:]] = final[second]
     timings["rerank"] = time.perf_counter() - t1
-    return RetrievalScores(i2t.numpy(), t2i.numpy(), sim.numpy(), timings, int(len(pair_id)))
+    pairs["itm"] = int(len(pair_id))
+    return RetrievalScores(i2t.numpy(), t2i.numpy(), sim.numpy(), timings, int(len(pair_id)), pairs)
+
+
+# ---------------------------------------------------------------------------------------------------- cascade
+def global_vectors(model: MKLVisITA, emb: KernelEmbeddings) -> torch.Tensor | None:
+    """(B, D): sqrt(beta_m) * u_m over the pooled kernels, concatenated; u . v = sum_m beta_m cos_m. None when the
+    model has no pooled kernel (its S is all late interaction: the cascade has no cheap first stage)."""
+    beta = model.kernels.weights().detach()  # (M,)
+    names = model.kernel_names
+    parts = []
+    for source, u in emb.pooled.items():  # u (B, n_s, d), unit rows
+        idx = [i for i, name in enumerate(names) if name.startswith(source + "/")]
+        w = beta[idx].to(u.dtype).sqrt()  # (n_s,)
+        parts.append((u * w[None, :, None]).flatten(1))  # (B, n_s * d)
+    return torch.cat(parts, -1).float() if parts else None
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def top_candidates(
+    queries: torch.Tensor, gallery: torch.Tensor, n: int, use_faiss: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` best gallery rows per query by inner product: (scores, indices), each (Q, n).
+
+    ``use_faiss`` None = FAISS for galleries of at least FAISS_MIN rows when it is installed; the exact torch product
+    otherwise (a flat FAISS index is exact too, so both give the same candidates up to ties)."""
+    n = min(n, len(gallery))
+    faiss = _faiss() if use_faiss in (None, True) else None
+    if use_faiss and faiss is None:
+        raise ValueError("use_faiss=True needs faiss: pip install 'mklvisita[faiss]' (or faiss-cpu)")
+    if faiss is not None and (use_faiss or len(gallery) >= FAISS_MIN):
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        index.add(np.ascontiguousarray(gallery.cpu().numpy(), dtype=np.float32))
+        d, i = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), n)
+        return torch.from_numpy(d), torch.from_numpy(i).long()
+    out = [(queries[j : j + 1024] @ gallery.T).topk(n, dim=1) for j in range(0, len(queries), 1024)]
+    return torch.cat([o.values for o in out]).cpu(), torch.cat([o.indices for o in out]).cpu()
+
+
+@torch.inference_mode()
+def pair_similarity(
+    model: MKLVisITA, images: ImageBank, texts: TextBank, ii: torch.Tensor, tt: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """Full multi-kernel S of the pairs (ii[k], tt[k]): (K,)."""
+    dev = _device(model)
+    out = [
+        model.similarity(
+            images.embeddings.select(ii[j : j + chunk].to(dev)),
+            texts.embeddings.select(tt[j : j + chunk].to(dev)),
+            pairwise=True,
+        )
+        .similarity.float()
+        .cpu()
+        for j in range(0, len(ii), chunk)
+    ]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def cascade_scores(
+    model: MKLVisITA,
+    images: ImageBank,
+    texts: TextBank,
+    ranking: RankingConfig,
+    batch_size: int = 128,
+    use_faiss: bool | None = None,
+) -> RetrievalScores:
+    """Global kernels keep ``ranking.candidates`` per query, S re-scores them, ITM re-ranks the top ``ranking.k``.
+
+    The returned ``similarity`` holds S on the candidate pairs and the stage-1 score plus OUTSIDE_CANDIDATES
+    elsewhere; ``i2t`` / ``t2i`` rank every pair (see the module doc for the order of pairs dropped by a stage)."""
+    dev = _device(model)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        gi, gt = global_vectors(model, images.embeddings), global_vectors(model, texts.embeddings)
+    if gi is None or ranking.candidates <= 0:
+        k = ranking.k if model.has_itm else 0
+        return two_stage_scores(model, images, texts, k, ranking.itm_weight, batch_size, ranking.similarity_weight)
+    n_img, n_txt = len(images), len(texts)
+    ci, ct = min(ranking.candidates, n_txt), min(ranking.candidates, n_img)
+    with torch.inference_mode():
+        dense = use_faiss is not True and n_img * n_txt <= 50_000_000  # the full stage-1 matrix fits: rank all pairs
+        if dense:
+            g = torch.cat([gi[j : j + 1024].to(dev) @ gt.to(dev).T for j in range(0, n_img, 1024)]).cpu()
+            top_t = g.topk(ci, dim=1).indices  # (n_img, ci)
+            top_i = g.topk(ct, dim=0).indices.T  # (n_txt, ct)
+            base = g + OUTSIDE_CANDIDATES
+        else:
+            _, top_t = top_candidates(gi, gt, ci, use_faiss)
+            _, top_i = top_candidates(gt, gi, ct, use_faiss)
+            base = torch.full((n_img, n_txt), 2 * OUTSIDE_CANDIDATES)
+    t1 = time.perf_counter()
+    timings = {"global": t1 - t0}
+    pairs = {"global": n_img * n_txt if dense else (n_img + n_txt) * max(ci, ct)}
+
+    # Stage 2: S on the union of both directions' candidates.
+    pair_i = torch.cat([torch.arange(n_img).repeat_interleave(ci), top_i.flatten()])
+    pair_t = torch.cat([top_t.flatten(), torch.arange(n_txt).repeat_interleave(ct)])
+    pair_id = torch.unique(pair_i * n_txt + pair_t)
+    ii, tt = pair_id // n_txt, pair_id % n_txt
+    s = pair_similarity(model, images, texts, ii, tt)
+    sim = base.clone()
+    sim[ii, tt] = s
+    t2 = time.perf_counter()
+    timings["similarity"] = t2 - t1
+    pairs["similarity"] = int(len(pair_id))
+    sim_np = sim.numpy()
+    if ranking.k <= 0 or not model.has_itm:
+        return RetrievalScores(sim_np.copy(), sim_np.T.copy(), sim_np, timings, 0, pairs)
+
+    # Stage 3: ITM on each query's top k by S among its candidates (S is -1000 + g outside them).
+    ki, kt = min(ranking.k, ci), min(ranking.k, ct)
+    cand_s_i = sim.gather(1, top_t)  # (n_img, ci)
+    rk_t = top_t.gather(1, cand_s_i.topk(ki, dim=1).indices)  # (n_img, ki)
+    cand_s_t = sim.T.gather(1, top_i)  # (n_txt, ct)
+    rk_i = top_i.gather(1, cand_s_t.topk(kt, dim=1).indices)  # (n_txt, kt)
+    r_i = torch.cat([torch.arange(n_img).repeat_interleave(ki), rk_i.flatten()])
+    r_t = torch.cat([rk_t.flatten(), torch.arange(n_txt).repeat_interleave(kt)])
+    rid, inverse = torch.unique(r_i * n_txt + r_t, return_inverse=True)
+    prob = match_pairs(model, images, texts, rid // n_txt, rid % n_txt, batch_size)
+    final = ranking.itm_weight * prob + ranking.similarity_weight * sim.flatten()[rid]
+    i2t = sim + OUTSIDE_TOP_K
+    t2i = sim.T.clone() + OUTSIDE_TOP_K
+    n1 = n_img * ki
+    i2t[r_i[:n1], r_t[:n1]] = final[inverse[:n1]]
+    t2i[r_t[n1:], r_i[n1:]] = final[inverse[n1:]]
+    timings["rerank"] = time.perf_counter() - t2
+    pairs["itm"] = int(len(rid))
+    return RetrievalScores(i2t.numpy(), t2i.numpy(), sim_np, timings, int(len(rid)), pairs)
+
+
+def retrieve(
+    model: MKLVisITA,
+    images: ImageBank,
+    texts: TextBank,
+    ranking: RankingConfig | None = None,
+    batch_size: int = 128,
+    use_faiss: bool | None = None,
+) -> RetrievalScores:
+    """Score every image against every caption by the model's ranking rule (``model.config.ranking`` by default)."""
+    return cascade_scores(model, images, texts, ranking or model.config.ranking, batch_size, use_faiss)

@@ -69,8 +69,8 @@ class OptimConfig:
 class EvalConfig:
     """Retrieval evaluation during training (and the defaults of training.evaluate)."""
 
-    k: int = 16  # re-rank the top k by the ITM head (0 = similarity only)
-    itm_weight: float = 1.0  # final score = itm_weight * ITM probability + similarity
+    k: int | None = None  # re-rank the top k by the ITM head (0 = similarity only); None = the model's ranking.k
+    itm_weight: float | None = None  # final score = itm_weight * ITM + similarity; None = the model's ranking
     batch_size: int = 64  # encoding batch size
     every_steps: int = 0  # also evaluate every N optimizer steps (0 = only at the end of each epoch)
     extra_metrics: bool = True  # also the task's extra metrics (shapes: phrase and word pointing games, minutes)

@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="shapes | shapes-compositional | karpathy:<json>:<root> | ...")
     parser.add_argument("--split", default="test", help="split of --data (default: test)")
     parser.add_argument("--out", required=True, help="where to write the metrics JSON")
-    parser.add_argument("--k", type=int, default=None, help="re-rank top k by ITM (default: 16 shapes, 128, 256 COCO)")
-    parser.add_argument("--itm-weight", type=float, default=1.0, help="final score = w * ITM + similarity")
+    parser.add_argument("--k", type=int, default=None, help="re-rank top k by ITM (default: the model's ranking.k)")
+    parser.add_argument(
+        "--itm-weight", type=float, default=None, help="final score = w * ITM + similarity (default: ranking's)"
+    )
+    parser.add_argument(
+        "--candidates", type=int, default=None, help="cascade: global kernels keep N per query; 0 = exhaustive S"
+    )
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
     parser.add_argument(
         "--no-extra", action="store_true", help="skip the task's extra metrics (shapes: the pointing games)"
@@ -53,17 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     matcher = Matcher.from_pretrained(args.checkpoint, revision=args.revision)
     model = matcher.model.to(args.device)
     data = load_eval_data(args.data, args.split, args.limit)
-    k = args.k
-    if k is None:
-        k = data.k or (256 if len(data.images) >= 5000 else 128)  # the task's default (shapes: 16)
+    ranking = model.config.ranking  # the one owner of k and the weights; the flags override it
+    k = ranking.k if args.k is None else args.k
+    itm_weight = ranking.itm_weight if args.itm_weight is None else args.itm_weight
+    candidates = ranking.candidates if args.candidates is None else args.candidates
     metrics = evaluate_model(
         model,
         matcher.processor,
         data,
         k=k,
-        itm_weight=args.itm_weight,
+        itm_weight=itm_weight,
         batch_size=args.batch_size,
         extra_metrics={} if args.no_extra else None,
+        candidates=candidates,
     )
     result = {
         **metrics,
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             "n_images": len(data.images),
             "n_captions": len(data.captions),
             "k": k if model.has_itm else 0,
-            "itm_weight": args.itm_weight,
+            "itm_weight": itm_weight,
+            "candidates": candidates,
             "command": "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
         },
     }
