@@ -1,0 +1,39 @@
+"""benchmarks.run --quick: every benchmark runs and saves a table of the expected shape (no time is asserted)."""
+
+import json
+
+import pytest
+
+from benchmarks import run
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return run.main(["--quick", "--out", str(out), "--only", ",".join(run.BENCHMARKS)]), out
+
+
+def test_every_benchmark_saves_its_json(summary):
+    s, out = summary
+    assert set(s["results"]) == set(run.BENCHMARKS)
+    for name in run.BENCHMARKS:
+        saved = json.loads((out / f"{name}.json").read_text())
+        assert saved["quick"] and saved["rows"] and saved["machine"]["cpu_count"] >= 1
+    assert json.loads((out / "summary.json").read_text())["results"].keys() == s["results"].keys()
+
+
+def test_rows_have_the_documented_columns(summary):
+    r = summary[0]["results"]
+    lat = r["latency"]["rows"][0]
+    assert {"match_p50_ms", "match_p95_ms", "dual_p50_ms", "match_over_dual", "explain_p95_ms"} <= set(lat)
+    assert lat["match_p50_ms"] > 0 and lat["match_over_dual"] > 0
+    assert r["flops"]["rows"][0]["of_matmul"] == 1.0 and r["flops"]["rows"][1]["gflop"] > 0
+    sizes = r["retrieval_scaling"]["rows"]
+    assert [row["images"] for row in sizes] == [8, 16] and all(row["captions"] == 5 * row["images"] for row in sizes)
+    assert {"global_s", "similarity_s", "rerank_s", "similarity_pairs", "itm_pairs", "exhaustive_similarity_s"} <= set(
+        sizes[0]
+    )
+    mem = r["memory"]["rows"][0]
+    assert mem["requests"] == 40 and mem["rss_mb"] > 0
+    step = r["training_step"]["rows"][0]
+    assert {"data_ms", "preprocess_ms", "forward_ms", "backward_ms", "optimizer_ms", "steps_per_s"} <= set(step)
