@@ -1,6 +1,7 @@
 """Run every benchmark in one process, one after another, and save each one's JSON plus a summary.
 
     python -m benchmarks.run [--quick] [--out docs/results/benchmarks] [--threads N] [--only latency,flops,...]
+        [--sizes 100,250,500,1000,2000]
 
 Decisions: one run measures everything so ratios between rows hold on a noisy machine; each benchmark keeps its own
 module (``latency``, ``flops``, ``retrieval_scaling``, ``memory``, ``training_step``) and can run alone;
@@ -24,6 +25,7 @@ BENCHMARKS = ["latency", "flops", "retrieval_scaling", "memory", "training_step"
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--only", default=None, help="comma-separated subset of: " + ", ".join(BENCHMARKS + ["demo_load"]))
+    p.add_argument("--sizes", default=None, help="retrieval_scaling gallery sizes (default: its own, 100 ... 2,000)")
     args = p.parse_args(argv)
     setup(args)
     only = set(args.only.split(",")) if args.only else None
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in BENCHMARKS:
         if only is None or name in only:
-            results[name] = importlib.import_module(f"benchmarks.{name}").main(common)
+            extra = ["--sizes", args.sizes] if name == "retrieval_scaling" and args.sizes and not args.quick else []
+            results[name] = importlib.import_module(f"benchmarks.{name}").main(common + extra)
     if (ROOT / "benchmarks" / "demo_load.py").is_file() and (only is None or "demo_load" in only):
         # Its own process: it starts a server and clients, and its RSS must not include the benchmarks above.
         code = subprocess.call([sys.executable, "-m", "benchmarks.demo_load", *common], cwd=ROOT)

@@ -227,21 +227,20 @@ def top_candidates(
 
 @torch.inference_mode()
 def pair_similarity(
-    model: MKLVisITA, images: ImageBank, texts: TextBank, ii: torch.Tensor, tt: torch.Tensor, chunk: int = 4096
+    model: MKLVisITA, images: ImageBank, texts: TextBank, ii: torch.Tensor, tt: torch.Tensor
 ) -> torch.Tensor:
-    """Full multi-kernel S of the pairs (ii[k], tt[k]): (K,)."""
+    """Full multi-kernel S of the pairs (ii[k], tt[k]), ``ii`` sorted: (K,).
+
+    Grouped by image: each image against its own captions through the all-pairs path (one matrix product per image
+    for the late interaction), so no image's patch tokens are copied once per pair."""
     dev = _device(model)
-    out = [
-        model.similarity(
-            images.embeddings.select(ii[j : j + chunk].to(dev)),
-            texts.embeddings.select(tt[j : j + chunk].to(dev)),
-            pairwise=True,
-        )
-        .similarity.float()
-        .cpu()
-        for j in range(0, len(ii), chunk)
-    ]
-    return torch.cat(out) if out else torch.zeros(0)
+    out = torch.empty(len(ii))
+    starts = torch.searchsorted(ii, torch.arange(len(images) + 1))  # pairs of image i: starts[i] .. starts[i + 1]
+    for i in torch.unique_consecutive(ii).tolist():
+        a, b = int(starts[i]), int(starts[i + 1])
+        s = model.similarity(images.embeddings.select(slice(i, i + 1)), texts.embeddings.select(tt[a:b].to(dev)))
+        out[a:b] = s.similarity[0].float().cpu()
+    return out
 
 
 def cascade_scores(
