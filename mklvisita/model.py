@@ -7,7 +7,8 @@
 
 ``forward`` computes the training losses when asked; inference goes through ``encode_*`` / ``embed_*`` /
 ``similarity`` / ``match`` so that retrieval can cache each side once. Checkpoints are one folder:
-``config.json`` + ``model.safetensors`` + tokenizer files, loaded strictly (see :meth:`MKLVisITA.from_pretrained`).
+``config.json`` + ``model.safetensors`` + tokenizer files, saved crash-safely and loaded strictly (the IO lives in
+:mod:`mklvisita.checkpoint`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin, snapshot_download
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from . import checkpoint
+from .checkpoint import (  # re-exported: the checkpoint IO moved to mklvisita.checkpoint
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_weights_strict,
+    read_config,
+)
+from .checkpoint import resolve as resolve_checkpoint
 from .concepts import ConceptBridge, uses_concepts
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
@@ -42,15 +50,6 @@ from .losses import (
     sample_hard_negatives,
 )
 from .tokenizer import builtin_tokenizer, load_tokenizer
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "README.md", *("*" + s for s in PICKLE_SUFFIXES)]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, not ours, or does not fit the model; the message names the problem."""
 
 
 @dataclass
@@ -534,12 +533,27 @@ class MKLVisITA(
         return MKLVisITAOutput(loss, losses, sim.similarity, sim.contributions, sim.weights, logs)
 
     # ---------------------------------------------------------------------------------------- checkpoints
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        files: dict[str, str | bytes] | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Save crash-safely (:func:`mklvisita.checkpoint.save`): config.json + model.safetensors + tokenizer files,
+        plus ``files`` by name (a card ``README.md``, ``metrics.json``); nothing of an older checkpoint is kept."""
+        checkpoint.save(save_directory, self._save_pretrained, files)
+        if push_to_hub:
+            return self.push_to_hub(repo_id=repo_id or Path(save_directory).name, **push_to_hub_kwargs)
+        return None
+
     def _save_pretrained(self, save_directory: Path) -> None:
-        """config.json + model.safetensors + tokenizer files (called by ``save_pretrained`` / ``push_to_hub``)."""
+        """config.json + model.safetensors + tokenizer files into a fresh folder."""
         save_directory = Path(save_directory)
-        skip = self.external_weight_prefixes()  # frozen backbones: the packages ship them
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if not k.startswith(skip)}
-        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "mklvisita"})
+        # frozen backbones are skipped: the packages ship them
+        checkpoint.save_weights(self, save_directory, skip=self.external_weight_prefixes())
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
         self.tokenizer.save_pretrained(str(save_directory))
 
@@ -570,16 +584,22 @@ class MKLVisITA(
             local_files_only=local_files_only,
         )
         config = read_config(folder)
+        checkpoint.check_tokenizer_file(folder)
         try:
             tokenizer = load_tokenizer(str(folder))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{folder}: the tokenizer files could not be loaded ({e})") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{folder.name}: the tokenizer files could not be loaded ({type(e).__name__}); copy the tokenizer "
+                "files of the run that trained the checkpoint, or save it again"
+            ) from e
         # Build the architecture only: the weights come from the checkpoint, never from timm / the Hub.
         arch = copy.deepcopy(config)
         arch.vision.pretrained = False
         arch.text.pretrained = False
         if arch.text.backbone_config is None:
-            raise CheckpointError(f"{folder / CONFIG_NAME}: text.backbone_config is missing; re-save the checkpoint")
+            raise CheckpointError(
+                f"{folder.name}/{CONFIG_NAME}: text.backbone_config is missing; re-save the checkpoint"
+            )
         model = cls(arch, tokenizer=tokenizer)
         model.config = config
         model.fill_external_weights()  # frozen backbones from their packages (sha256 checked); no-op otherwise
@@ -598,81 +618,3 @@ def _build_tokenizer(config: MKLVisITAConfig):
     if config.text.model_name is None:
         return builtin_tokenizer(config.text.extra_vocabulary, config.text.max_length)
     return load_tokenizer(config.text.model_name)
-
-
-def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None = None, **hub_kwargs) -> Path:
-    """A local folder as is; anything else is a Hub id, downloaded (or taken from the cache) at ``revision``."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; a checkpoint is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-    name = str(name_or_path)
-    if name.count("/") > 1 or name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1):
-        raise CheckpointError(f"checkpoint folder not found: {name}")
-    try:
-        folder = snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, **hub_kwargs)
-    except Exception as e:  # huggingface_hub raises many types (offline, 404, auth); all mean "not available"
-        raise CheckpointError(
-            f"could not get checkpoint {name!r} (revision {revision or 'main'}) from the Hugging Face Hub: "
-            f"{type(e).__name__}: {e}. Check the id, the revision and the network (HF_HUB_OFFLINE)."
-        ) from e
-    return Path(folder)
-
-
-def read_config(folder: Path) -> MKLVisITAConfig:
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{folder} holds pickle weights ({', '.join(pickles)}); pickle can run code when loaded and is refused. "
-            f"Convert the weights to {WEIGHTS_NAME}."
-        )
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder} has no {name}: it is not a complete MKL-VisITA checkpoint")
-    try:
-        data = json.loads((folder / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME} is not valid JSON ({e})") from e
-    try:
-        config = MKLVisITAConfig.from_dict(data)
-        config.validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from e
-    return config
-
-
-def load_weights_strict(
-    model: nn.Module, file: Path, map_location: str | torch.device = "cpu", skip: tuple[str, ...] = ()
-) -> None:
-    """Every weight of ``model`` except those under ``skip`` (filled from packages) must be in ``file``."""
-    try:
-        state = load_file(str(file), device=str(map_location))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"{file} could not be read as safetensors ({e}); the file is damaged or incomplete"
-        ) from e
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing weights: {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected weights: {_few(unexpected)}")
-    if shapes:
-        problems.append(f"mis-shaped weights: {_few(shapes)}")
-    if problems:
-        raise CheckpointError(f"{file} does not fit the model of its config.json; " + "; ".join(problems))
-    # Checked above: exactly the expected keys; the skipped ones were filled from their packages.
-    model.load_state_dict(state, strict=not skip)
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
