@@ -25,8 +25,9 @@ caption over every token):
   maps for explanations) while the per-caption image work is on N / p^2 tokens. Still two-way: the image reads the
   caption in every layer and what it read changes what the words see.
 - ``image_mlp_ratio`` shrinks (or, at 0, drops) the image stream's feed-forward.
-- With ``output_attentions=False`` attention runs through ``scaled_dot_product_attention`` and the last layer's
-  text stream is computed for the [CLS] row only (the one row the ITM head reads); the same numbers, no maps.
+- With ``output_attentions=False`` attention runs through ``scaled_dot_product_attention``, the padding columns no
+  caption of the batch uses are dropped (captions come padded to ``text.max_length``) and the last layer's text
+  stream is computed for the [CLS] row only (the one row the ITM head reads); the same numbers, no maps.
 The dataclass defaults (p = 1, image MLP = mlp_ratio) are the original architecture, weight for weight.
 """
 
@@ -298,6 +299,10 @@ class HierarchicalFusion(nn.Module):
         ``image_index`` (B,): pair b reads image ``image_index[b]`` (caption-independent work once per image); None =
         pair b reads image b. ``output_attentions=False``: no attention maps (fused attention, [CLS]-only last layer).
         """
+        t_used = None
+        if not output_attentions:  # no maps to return: drop the padding columns no caption of the batch uses
+            t_used = int(text_mask.bool().any(0).nonzero().max()) + 1 if text_mask.bool().any() else 1
+            text_tokens, text_mask = text_tokens[:, :t_used], text_mask[:, :t_used]  # (B, T', Dt), (B, T')
         txt = self.text_in(text_tokens)  # (B, T, W)
         pooled = self.cfg.image_pool > 1
         img = None  # image_pool = 1: (B, N, W) image stream; > 1: (Bi, N, W) caption-independent stream
@@ -314,6 +319,7 @@ class HierarchicalFusion(nn.Module):
             bias = None
             if self.use_bias and affinity_fn is not None:
                 aff = affinity_fn(self.level_weights()[i]) * self.bias_scale[i]  # (B, T, P)
+                aff = aff if t_used is None else aff[:, :t_used]
                 bias = F.pad(aff, (self.num_prefix_tokens, 0))  # no bias on the CLS / register keys
             cls_only = not output_attentions and i == n - 1
             if pooled:
