@@ -371,6 +371,9 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
         accelerator.end_training()
         return {}
     if accelerator.is_main_process:
+        if not metrics:  # a finished run resumed with --resume latest: its final evaluation is in the history
+            final = [h for h in history if h.get("step") == step]
+            metrics = {k: v for k, v in final[-1].items() if k != "step"} if final else {}
         release = out_dir / "release"
         write_release(accelerator.unwrap_model(model), processor, cfg, metrics, release, total_steps)
         if push_to_hub:
@@ -388,12 +391,14 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
 def write_release(
     model: Any, processor: Any, cfg: RunConfig, metrics: dict[str, float], release: Path, steps: int
 ) -> None:
-    """Weights + tokenizer (save_pretrained), metrics.json and a model card with the config and the metrics."""
-    model.save_pretrained(str(release))
+    """Weights + tokenizer, metrics.json (when evaluated) and a model card, written as one crash-safe save (a kill
+    leaves the previous release or this one whole, never a card or metrics of another run)."""
+    files = {"README.md": model_card(cfg, metrics, steps)}
+    if metrics:
+        files["metrics.json"] = json.dumps(metrics, indent=2) + "\n"
+    model.save_pretrained(str(release), files=files)
     if not any(release.glob("tokenizer*")):
         processor.save_pretrained(release)
-    (release / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (release / "README.md").write_text(model_card(cfg, metrics, steps))
 
 
 def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int) -> str:
