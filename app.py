@@ -48,7 +48,7 @@ from PIL import Image
 from mklvisita import Matcher, figures
 from mklvisita.explain import METHODS
 from mklvisita.explain import NORMALIZE as SCALES
-from mklvisita.inputs import load_image
+from mklvisita.inputs import MAX_CAPTION_CHARS, MAX_CAPTIONS, load_image
 
 ROOT = Path(__file__).resolve().parent
 ASSETS_DIR = ROOT / "assets"
@@ -58,11 +58,10 @@ DEFAULT_CHECKPOINT = "embedded default"
 DEFAULT_LAYER = "default"  # fusion-layer choice meaning mklvisita.explain.default_layer
 CHECKPOINTS_ENV = "MKLVISITA_CHECKPOINTS"
 
-# Input limits: small enough that one request cannot hold a 2-CPU Space for long.
-MAX_CAPTIONS = 16  # Match tab
+# Input limits: small enough that one request cannot hold a 2-CPU Space for long. The caption length and the Match
+# tab's number of captions are the library's (mklvisita.inputs), shared with the CLI.
 MAX_MATRIX_IMAGES = 8
 MAX_MATRIX_CAPTIONS = 8
-MAX_CAPTION_CHARS = 300  # longer text would be truncated by the tokenizer anyway; refuse instead of guessing
 MAX_GALLERY_IMAGES = 32  # Search tab, user uploads
 MAX_GALLERY_CAPTIONS = 128
 MAX_TOP_K = 16
@@ -651,9 +650,8 @@ def create_demo(
                         m_image = gr.Image(label="Image", height=320, elem_id="match-image", **IMAGE_UPLOAD)
                         m_captions = gr.Textbox(
                             lines=6,
-                            label=f"Captions, one per line (up to {MAX_CAPTIONS})",
+                            label=f"Captions, one per line (up to {MAX_CAPTIONS}, {MAX_CAPTION_CHARS} characters each)",
                             placeholder="a red circle left of a blue square\na green triangle",
-                            max_length=MAX_CAPTIONS * (MAX_CAPTION_CHARS + 1),
                             elem_id="match-captions",
                         )
                         m_button = gr.Button("Match", variant="primary", elem_id="match-button")

@@ -1,7 +1,10 @@
 """Scoring from the shell.
 
-    python -m mklvisita score IMAGE [IMAGE ...] --caption TEXT [--caption TEXT ...] [--checkpoint DIR|HUB_ID]
+    python -m mklvisita score IMAGE|FOLDER [...] --caption TEXT [--caption TEXT ...] [--checkpoint DIR|HUB_ID]
         [--revision REV] [--json]
+
+A folder stands for the images in it (by name). The limits are the library's (mklvisita.inputs): at most
+MAX_IMAGES images and MAX_CAPTIONS captions of at most MAX_CAPTION_CHARS characters, as in the app.
 
 Prints a table of ITM probability and similarity per (image, caption) pair, or JSON with ``--json``. Without
 ``--checkpoint`` the embedded default is used. Exit status 2 on bad input, with the reason on stderr.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -20,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mklvisita", description="MKL-VisITA image-text matching")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score images against captions")
-    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("images", nargs="+", help="image files or folders of images")
     s.add_argument("--caption", "-c", action="append", required=True, help="a caption (repeat for several)")
     s.add_argument("--checkpoint", help="checkpoint folder or Hugging Face Hub id (default: the embedded one)")
     s.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
@@ -43,11 +47,39 @@ def _table(images: list[str], captions: list[str], r) -> str:
     return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths), *map(fmt, rows[1:])])
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """Folders -> their image files, sorted by name; files as given."""
+    out: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(f.path for f in os.scandir(p) if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise ValueError(f"{os.path.basename(os.path.normpath(p))} holds no image files")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _check_limits(images: list[str], captions: list[str]) -> None:
+    from .inputs import MAX_CAPTIONS, MAX_IMAGES
+
+    if len(images) > MAX_IMAGES:
+        raise ValueError(f"{len(images)} images given; the limit is {MAX_IMAGES}. Score them in several calls.")
+    if len(captions) > MAX_CAPTIONS:
+        raise ValueError(f"{len(captions)} captions given; the limit is {MAX_CAPTIONS}. Score them in several calls.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from . import Matcher
 
     try:
+        args.images = _expand(args.images)
+        _check_limits(args.images, args.caption)
         matcher = (
             Matcher.from_pretrained(args.checkpoint, revision=args.revision) if args.checkpoint else (Matcher.default())
         )

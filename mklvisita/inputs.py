@@ -6,9 +6,14 @@ animated images reduced to their first frame, tiny / huge / extreme aspect ratio
 cropped away and every map the model makes can be mapped back exactly onto the original image
 (:meth:`Letterbox.to_original`). Images above :data:`MAX_PIXELS` are refused before decoding (decompression bombs).
 
-Captions: stripped; empty or whitespace-only is an error; any unicode is accepted; captions longer than the model's
-``text.max_length`` tokens are truncated (and at most :data:`MAX_CAPTION_CHARS` characters are tokenised at all,
-so an endless caption costs nothing). Tokenising happens here, never inside ``forward``.
+Captions: stripped; empty, whitespace-only, longer than :data:`MAX_CAPTION_CHARS` characters, holding lone
+surrogates, or reducing to no tokens (zero-width spaces, NULs) is an error; any other unicode is accepted; captions
+longer than the model's ``text.max_length`` tokens are truncated. Text that looks like a special token ("[SEP]",
+"[MASK]") is read as plain text, never as the special token. Tokenising happens here, never inside ``forward``.
+
+Limits live here, once: the library, the CLI and the app apply the same ones (:data:`MAX_CAPTION_CHARS`,
+:data:`MAX_CAPTIONS`, :data:`MAX_IMAGES`). Error messages name the file the user gave by its base name, never a
+server path.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import MKLVisITAConfig
 
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger images are refused before they are decoded
-MAX_CAPTION_CHARS = 2000  # characters of a caption that are tokenised; the model sees at most text.max_length tokens
+MAX_CAPTION_CHARS = 300  # a caption's length; longer text is refused (the model sees at most text.max_length tokens)
+MAX_CAPTIONS = 16  # captions of one request in the CLI and the app's Match tab
+MAX_IMAGES = 8  # images of one request in the CLI and the app's Matrix tab
 
 ImageInput = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
 
@@ -45,18 +52,22 @@ def load_image(image: ImageInput) -> Image.Image:
         return _from_array(image)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise InvalidImageError(f"{path.name} is a folder, not an image file. Give the image files in it.")
         if not path.is_file():
-            raise InvalidImageError(f"image file not found: {path}. Check the path.")
+            raise InvalidImageError(f"image file not found: {path.name}. Check the path.")
         try:
             opened = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise InvalidImageError(f"{path.name} is too large to decode safely. Downscale it first.") from e
         except (UnidentifiedImageError, OSError) as e:
-            raise InvalidImageError(
-                f"{path.name} is not an image PIL can read ({e}). Use a PNG, JPEG, WebP, ..."
-            ) from e
+            raise InvalidImageError(f"{path.name} is not an image that can be read. Use a PNG, JPEG, WebP, ...") from e
         return _normalise(opened, path.name)
     if isinstance(image, (bytes, bytearray)):
         try:
             opened = Image.open(io.BytesIO(image))
+        except Image.DecompressionBombError as e:
+            raise InvalidImageError("the uploaded image is too large to decode safely. Downscale it first.") from e
         except (UnidentifiedImageError, OSError) as e:
             raise InvalidImageError("the uploaded bytes are not an image (PNG, JPEG, WebP, ... expected)") from e
         return _normalise(opened, "the image")
@@ -85,9 +96,9 @@ def _normalise(img: Image.Image, name: str) -> Image.Image:
         img.load()
         img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as e:
-        raise InvalidImageError(f"{name} is too large to decode safely ({e}). Downscale it first.") from e
+        raise InvalidImageError(f"{name} is too large to decode safely. Downscale it first.") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise InvalidImageError(f"{name} is truncated or corrupt and could not be decoded ({e}).") from e
+        raise InvalidImageError(f"{name} is truncated or corrupt and could not be decoded.") from e
     return _to_rgb(img)
 
 
@@ -126,13 +137,29 @@ def _from_array(a: np.ndarray) -> Image.Image:
 
 
 def check_caption(caption: Any) -> str:
-    """Validate one caption: text, not empty. Returns it stripped. Raises InvalidCaptionError."""
+    """Validate one caption: text, not empty, at most MAX_CAPTION_CHARS characters, encodable. Returns it stripped.
+    Raises InvalidCaptionError."""
     if not isinstance(caption, str):
         raise InvalidCaptionError(f"a caption must be text, got {type(caption).__name__}")
     text = caption.strip()
     if not text:
         raise InvalidCaptionError("a caption is empty; type a few words describing the image")
+    if len(text) > MAX_CAPTION_CHARS:
+        raise InvalidCaptionError(
+            f"a caption is {len(text):,} characters long; the limit is {MAX_CAPTION_CHARS}. Shorten it."
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidCaptionError("a caption holds invalid characters (lone surrogates); retype it") from e
     return text
+
+
+def check_batch_size(batch_size: Any) -> int:
+    """A positive int (bool refused). Raises ValueError."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
+    return batch_size
 
 
 @dataclass(frozen=True)
@@ -194,10 +221,21 @@ class Processor:
             captions = [captions]
         if not captions:
             raise InvalidCaptionError("no caption given")
-        texts = [check_caption(c)[:MAX_CAPTION_CHARS] for c in captions]
+        texts = [check_caption(c) for c in captions]
         enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.config.text.max_length, return_tensors="pt"
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.config.text.max_length,
+            return_tensors="pt",
+            split_special_tokens=True,  # "[SEP]" typed in a caption is text
+            return_special_tokens_mask=True,
         )
+        content = (enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()).any(dim=1)  # (B,)
+        for i in (~content).nonzero().flatten().tolist():
+            raise InvalidCaptionError(
+                f"caption {i + 1} has no words the model can read (only spaces or invisible characters); retype it"
+            )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def words(self, caption: str) -> tuple[list[str], list[int | None]]:
@@ -206,7 +244,7 @@ class Processor:
         Sub-word pieces (and punctuation split off a word) map back to their whitespace word; special tokens map
         to None. Words cut off by truncation are not returned.
         """
-        text = check_caption(caption)[:MAX_CAPTION_CHARS]
+        text = check_caption(caption)
         spans, start = [], None
         for i, ch in enumerate(text + " "):
             if ch.isspace():
@@ -215,7 +253,13 @@ class Processor:
                     start = None
             elif start is None:
                 start = i
-        enc = self.tokenizer(text, truncation=True, max_length=self.config.text.max_length, return_offsets_mapping=True)
+        enc = self.tokenizer(
+            text,
+            truncation=True,
+            max_length=self.config.text.max_length,
+            return_offsets_mapping=True,
+            split_special_tokens=True,
+        )
         token_word: list[int | None] = []
         for a, b in enc["offset_mapping"]:
             if a == b:  # special tokens ([CLS], [SEP]) cover no characters

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inputs import ImageInput, InvalidCaptionError, InvalidImageError, Processor, check_caption
+from .inputs import ImageInput, InvalidCaptionError, InvalidImageError, Processor, check_batch_size, check_caption
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
 
@@ -129,6 +129,7 @@ class Matcher:
     def score(self, images: Sequence[ImageInput], captions: Sequence[str], batch_size: int = 64) -> ScoreResult:
         """Score every image against every caption. Each image and caption is encoded once."""
         images, captions = _as_list(images, "image"), _as_list(captions, "caption")
+        batch_size = check_batch_size(batch_size)
         images_bank = encode_images(self.model, self.processor, images, batch_size)
         texts_bank = encode_captions(self.model, self.processor, captions, batch_size)
         n_i, n_t = len(images), len(captions)
