@@ -68,6 +68,7 @@ MAX_TOP_K = 16
 MAX_SIDE = 512  # larger uploads are shrunk first: the model sees 64-224 px, and heatmaps are kept at this size
 MAX_FILE_SIZE = "10mb"
 QUEUE_MAX_SIZE = 16
+CACHE_SECONDS = 600  # uploads and output images live this long in gradio's temp folder (a Space's disk stays bounded)
 MAX_LOADED = 2  # checkpoints held in memory at once (the default is always one of them)
 CACHE_ENTRIES = 64
 EXPLAIN_CACHE_ENTRIES = 3  # an explanation holds full-size maps per word and per kernel: tens of MB each
@@ -611,6 +612,7 @@ def create_demo(
     *,
     loader: Callable[[str], Matcher] = load_checkpoint,
     examples_dir: Path = EXAMPLES_DIR,
+    cache_seconds: int = CACHE_SECONDS,
 ) -> gr.Blocks:
     """Build the demo around a loaded Matcher.
 
@@ -639,7 +641,8 @@ def create_demo(
         wrapper.__signature__ = inspect.Signature([params[0].replace(name="checkpoint", annotation=str), *params[1:]])
         return user_errors(wrapper)
 
-    with gr.Blocks(title="MKL-VisITA demo") as demo:
+    # Gradio's own cache deletion bounds the temp folder: every cache_seconds, uploads and outputs older than that go.
+    with gr.Blocks(title="MKL-VisITA demo", delete_cache=(cache_seconds, cache_seconds)) as demo:
         checkpoint = gr.State(DEFAULT_CHECKPOINT)
         gr.Markdown(INTRO)
         with gr.Tabs():
