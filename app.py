@@ -48,7 +48,7 @@ from PIL import Image
 from mklvisita import Matcher, figures
 from mklvisita.explain import METHODS
 from mklvisita.explain import NORMALIZE as SCALES
-from mklvisita.inputs import MAX_CAPTION_CHARS, MAX_CAPTIONS, load_image
+from mklvisita.inputs import MAX_CAPTION_CHARS, MAX_CAPTIONS, check_whole_number, load_image
 
 ROOT = Path(__file__).resolve().parent
 ASSETS_DIR = ROOT / "assets"
@@ -366,8 +366,14 @@ def _explanation(
     if scale not in SCALES:
         raise gr.Error(f"Unknown scale {scale!r}; choose one of {', '.join(SCALES)}.")
     # "default": the explain module's choice (the last layer whose word attention reaches the ITM head).
-    layer = None if layer in (None, "", DEFAULT_LAYER) else int(layer)
     n_layers = len(matcher.fusion_kernel_weights())
+    if layer in (None, "", DEFAULT_LAYER):
+        layer = None
+    else:
+        try:
+            layer = check_whole_number(layer, "the fusion layer", -99, 99)  # whether it exists: checked below
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
     if layer is not None and n_layers and not -n_layers <= layer < n_layers:
         raise gr.Error(f"Fusion layer {layer} does not exist; this checkpoint has {n_layers} (0 to {n_layers - 1}).")
 
@@ -520,7 +526,10 @@ def search(
     has_text, has_image = bool((query_text or "").strip()), query_image not in (None, "")
     if not has_text and not has_image:
         raise gr.Error("Enter a text query (searches images), upload a query image (searches captions), or both.")
-    top_k = int(top_k)
+    try:
+        top_k = check_whole_number(top_k, "top k", 1, MAX_TOP_K)
+    except ValueError as e:
+        raise gr.Error(str(e)) from e
     if not 1 <= top_k <= MAX_TOP_K:
         raise gr.Error(f"top k must be between 1 and {MAX_TOP_K}.")
     example_gallery = example_gallery or load_example_gallery()

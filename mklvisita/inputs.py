@@ -155,6 +155,24 @@ def check_caption(caption: Any) -> str:
     return text
 
 
+def check_whole_number(value: Any, name: str, low: int, high: int) -> int:
+    """A whole number in [low, high]: ints, integral floats and digit strings; bools, 1.5 and "abc" refused."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    if isinstance(value, str):
+        value = value.strip()
+        number = int(value) if value.lstrip("-").isdigit() else None
+    elif isinstance(value, float):
+        number = int(value) if value.is_integer() else None
+    elif isinstance(value, int):
+        number = value
+    else:
+        number = None
+    if number is None or not low <= number <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return number
+
+
 def check_batch_size(batch_size: Any) -> int:
     """A positive int (bool refused). Raises ValueError."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

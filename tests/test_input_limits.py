@@ -95,3 +95,27 @@ def _shapes() -> Path:
     from mklvisita.matcher import EMBEDDED
 
     return EMBEDDED["shapes"]
+
+
+@pytest.mark.parametrize("value", ["abc", 1.5, True, None, [1], 0, 17])
+def test_whole_numbers_refuse_text_fractions_and_bools(value) -> None:
+    from mklvisita.inputs import check_whole_number
+
+    with pytest.raises(ValueError, match="top k must be a whole number from 1 to 16"):
+        check_whole_number(value, "top k", 1, 16)
+
+
+def test_whole_numbers_accept_ints_integral_floats_and_digits() -> None:
+    from mklvisita.inputs import check_whole_number
+
+    assert [check_whole_number(v, "k", -2, 5) for v in (3, 3.0, " 3 ", "-1")] == [3, 3, 3, -1]
+
+
+@pytest.mark.parametrize("layer", ["abc", 1.5, True])
+def test_app_refuses_bad_layers_plainly(matcher: Matcher, layer) -> None:
+    import gradio as gr
+
+    import app
+
+    with pytest.raises((ValueError, gr.Error), match="fusion layer must be a whole number"):  # not silently 1
+        app.explain(matcher, str(EXAMPLES / "cat.jpg"), "a cat", layer=layer)
