@@ -7,7 +7,9 @@ A folder stands for the images in it (by name). The limits are the library's (mk
 MAX_IMAGES images and MAX_CAPTIONS captions of at most MAX_CAPTION_CHARS characters, as in the app.
 
 Prints a table of ITM probability and similarity per (image, caption) pair, or JSON with ``--json``. Without
-``--checkpoint`` the embedded default is used. Exit status 2 on bad input, with the reason on stderr.
+``--checkpoint`` the demo's default is used (``Matcher.default()``: the embedded photo checkpoint); ``--checkpoint
+shapes`` or ``--checkpoint photo`` names an embedded one (a folder of that name in the working directory wins). Exit
+status 2 on bad input, with the reason on stderr.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score images against captions")
     s.add_argument("images", nargs="+", help="image files or folders of images")
     s.add_argument("--caption", "-c", action="append", required=True, help="a caption (repeat for several)")
-    s.add_argument("--checkpoint", help="checkpoint folder or Hugging Face Hub id (default: the embedded one)")
+    s.add_argument(
+        "--checkpoint",
+        help="checkpoint folder, Hugging Face Hub id, or an embedded one by name: photo (the default) or shapes",
+    )
     s.add_argument("--revision", help="Hub revision (branch, tag or commit) to pin")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
@@ -73,16 +78,23 @@ def _check_limits(images: list[str], captions: list[str]) -> None:
         raise ValueError(f"{len(captions)} captions given; the limit is {MAX_CAPTIONS}. Score them in several calls.")
 
 
+def _load(checkpoint: str | None, revision: str | None):
+    """The Matcher of ``--checkpoint``: None = the demo's default; an embedded name unless a folder has that name."""
+    from .matcher import EMBEDDED, Matcher
+
+    if checkpoint is None:
+        return Matcher.default()
+    if checkpoint in EMBEDDED and not os.path.isdir(checkpoint):
+        return Matcher.default(checkpoint)
+    return Matcher.from_pretrained(checkpoint, revision=revision)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from . import Matcher
-
     try:
         args.images = _expand(args.images)
         _check_limits(args.images, args.caption)
-        matcher = (
-            Matcher.from_pretrained(args.checkpoint, revision=args.revision) if args.checkpoint else (Matcher.default())
-        )
+        matcher = _load(args.checkpoint, args.revision)
         r = matcher.score(args.images, args.caption)
     except ValueError as e:  # InvalidImageError, InvalidCaptionError, CheckpointError
         print(f"error: {e}", file=sys.stderr)

@@ -27,7 +27,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The embedded checkpoints by name: "shapes" (tiny ViT trained on shapes scenes) and "photo" (concept kernels on the
 # pip-installed EfficientNet-Lite0 + MiniLM; its backbones come from their packages).
 EMBEDDED = {"shapes": ASSETS / "mklvisita-shapes", "photo": ASSETS / "mklvisita-photo"}
-DEFAULT_CHECKPOINT = EMBEDDED["shapes"]  # Matcher.default() with no name (the demo's default)
+DEFAULT_NAME = "photo"  # Matcher.default() with no name: the demo's default (real photographs, offline)
+DEFAULT_CHECKPOINT = EMBEDDED[DEFAULT_NAME]
 DEFAULT_ENV = "MKLVISITA_DEFAULT_CHECKPOINT"  # overrides the embedded checkpoint's folder
 
 
@@ -112,16 +113,28 @@ class Matcher:
 
     @classmethod
     def default(cls, name: str | None = None, device: str | torch.device | None = None) -> Matcher:
-        """An embedded checkpoint shipped in ``assets/`` (loads with no network): ``name`` "shapes" or "photo"
-        (see :data:`EMBEDDED`); None = the demo's default (``$MKLVISITA_DEFAULT_CHECKPOINT`` overrides its folder)."""
+        """An embedded checkpoint shipped in ``assets/`` (loads with no network).
+
+        Args:
+            name: "photo" (concept kernels on the pip-installed EfficientNet-Lite0 + MiniLM: real photographs) or
+                "shapes" (the tiny ViT trained on shapes scenes; much cheaper to load, which tests and quick
+                benchmarks want). None = the demo's default, :data:`DEFAULT_NAME` ("photo", as ``python app.py``
+                shows); ``$MKLVISITA_DEFAULT_CHECKPOINT`` overrides its folder (never a named one's).
+            device: where to put the model.
+        """
         if name is not None and name not in EMBEDDED:
             raise ValueError(f"unknown embedded checkpoint {name!r}; choose from {sorted(EMBEDDED)}")
         folder = EMBEDDED[name] if name is not None else Path(os.environ.get(DEFAULT_ENV, DEFAULT_CHECKPOINT))
         if not (folder / "model.safetensors").is_file():
+            rebuild = {
+                "shapes": "`python -m training.train --config training/configs/shapes.yaml` and copy the run's "
+                "release folder there",
+                "photo": "`python -m training.photo --out assets/mklvisita-photo`",
+            }[name or DEFAULT_NAME]
             raise CheckpointError(
-                f"the embedded default checkpoint is missing ({folder}). Train it with "
-                "`python -m training.train --config training/configs/shapes.yaml` and copy the run's release "
-                f"folder there, or set {DEFAULT_ENV}."
+                f"the embedded {name or 'default'} checkpoint is missing ({folder.name}). Rebuild it with {rebuild}"
+                + ("" if name else f", or set {DEFAULT_ENV}")
+                + "."
             )
         return cls.from_pretrained(folder, device=device)
 

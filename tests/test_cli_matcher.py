@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 from mklvisita import InvalidCaptionError, InvalidImageError, Matcher
 from mklvisita.__main__ import main
+from mklvisita.matcher import EMBEDDED
 from mklvisita.model import CheckpointError
 
 
@@ -138,3 +140,45 @@ def test_default_explanation_has_nonzero_word_maps(tiny_checkpoint, images):
     e = Matcher.from_pretrained(tiny_checkpoint).explain(images[0], "a red square")
     assert e.tokens == ["a", "red", "square"]
     assert e.word_heatmaps.shape == (3, 30, 40) and (e.word_heatmaps.max(axis=(1, 2)) > 0).all()
+
+
+@pytest.fixture
+def loads(tiny_checkpoint, monkeypatch):
+    """Record the folder every Matcher.from_pretrained call asks for; answer with the micro model (cheap)."""
+    monkeypatch.delenv("MKLVISITA_DEFAULT_CHECKPOINT", raising=False)
+    micro = Matcher.from_pretrained(tiny_checkpoint)
+    asked = []
+
+    def fake(cls, name_or_path, revision=None, device=None, **kw):
+        asked.append(Path(name_or_path))
+        return micro
+
+    monkeypatch.setattr(Matcher, "from_pretrained", classmethod(fake))
+    return asked
+
+
+def test_default_is_the_demos_photo_checkpoint(loads):
+    """DESIGN: Matcher.default() is the demo's default, the photo checkpoint; named ones are unchanged."""
+    Matcher.default()
+    Matcher.default("photo")
+    Matcher.default("shapes")
+    assert loads == [EMBEDDED["photo"], EMBEDDED["photo"], EMBEDDED["shapes"]]
+    photo = json.loads((EMBEDDED["photo"] / "config.json").read_text())
+    assert photo["vision"]["model_name"] == "tf_efficientnet_lite0"
+    with pytest.raises(ValueError, match="unknown embedded checkpoint"):
+        Matcher.default("holiday-snaps")
+
+
+def test_cli_defaults_to_the_photo_checkpoint_and_takes_embedded_names(loads, images, capsys):
+    assert main(["score", images[0], "-c", "a red square"]) == 0
+    assert main(["score", images[0], "-c", "a red square", "--checkpoint", "shapes"]) == 0
+    assert main(["score", images[0], "-c", "a red square", "--checkpoint", "photo"]) == 0
+    assert loads == [EMBEDDED["photo"], EMBEDDED["shapes"], EMBEDDED["photo"]]
+    assert len(capsys.readouterr().out.splitlines()) == 3 * 3
+
+
+def test_missing_embedded_checkpoint_message_names_no_server_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("MKLVISITA_DEFAULT_CHECKPOINT", str(tmp_path / "none"))
+    with pytest.raises(CheckpointError) as err:
+        Matcher.default()
+    assert str(tmp_path) not in str(err.value) and "training.photo" in str(err.value)
