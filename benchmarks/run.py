@@ -4,7 +4,8 @@
         [--sizes 100,250,500,1000,2000]
 
 Decisions: one run measures everything so ratios between rows hold on a noisy machine; each benchmark keeps its own
-module (``latency``, ``flops``, ``retrieval_scaling``, ``memory``, ``training_step``) and can run alone;
+module (``latency``, ``flops``, ``retrieval_scaling``, ``memory``, ``training_step``, ``explain_memory``, which
+runs its cases in child processes of its own) and can run alone;
 ``benchmarks/demo_load.py`` (the demo under concurrent clients, written with the demo) runs last, in its own
 process, when it exists. The summary (``summary.json``) holds every table and the machine.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, machine, parser, setup
 
-BENCHMARKS = ["latency", "flops", "retrieval_scaling", "memory", "training_step"]
+BENCHMARKS = ["latency", "flops", "retrieval_scaling", "memory", "training_step", "explain_memory"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,6 +17,14 @@ Everything is read from what the model returns (typed outputs): the encoder's at
 (``encode_image(..., output_attentions=True)``), the fusion attentions of :meth:`MKLVisITA.match`, and the grid of
 each encoder level (``model.vision.grids``), so the maps work on ViT, CNN and hybrid backbones alike.
 
+Resolution: maps cover the original image's frame, at its own size up to :data:`MAP_MAX_SIDE` (1,024) pixels on the
+longer side; a larger image gets maps scaled down to that (aspect ratio kept: ``Explanation.map_size``), and
+:meth:`Explanation.full_size` upsamples one map to the image's own size on demand. The maps come from a patch grid of
+at most a few dozen cells a side, so more pixels add no information, only memory: at 16 MP, ten words and four local
+kernels, full-size float32 maps were ~3 GB (7.8 GB peak with the copies made on the way). ``max_side=None`` keeps
+the old behaviour (every map at the image's size) for a caller who wants it and has the memory. Overlays
+(:func:`mklvisita.figures.overlay`) resize a map to the image they are drawn on, so capped maps align as before.
+
 Words are the caption's whitespace words; a word's map is the mean over its sub-word pieces, the caption's map the
 sum over all word pieces (no [CLS] / [SEP]). Normalisation: ``"per_map"`` divides every map by its own maximum;
 ``"shared"`` divides all word maps by the largest of them, so words can be compared (the caption map always uses
@@ -34,12 +42,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .inputs import ImageInput, Letterbox, load_image
+from .inputs import ImageInput, Letterbox, check_whole_number, load_image
 
 METHODS = ("gradcam", "attention", "kernel")
 POINTING_METHODS = ("gradcam", "attention", "kernel", "rollout")
 NORMALIZE = ("per_map", "shared")
+MAP_MAX_SIDE = 1024  # maps' longer side in pixels at most (None in a call = the image's own size); see the docstring
 
 
 @dataclass
@@ -47,8 +57,9 @@ class Explanation:
     """Everything :func:`explain_pair` computes for one image and one caption. All numpy, detached."""
 
     tokens: list[str]  # the caption's words (whitespace split; words cut off by truncation are dropped)
-    word_heatmaps: np.ndarray  # (n_words, H, W) float32 in [0, 1], H x W = the original image
-    caption_heatmap: np.ndarray  # (H, W) in [0, 1]
+    word_heatmaps: np.ndarray  # (n_words, H, W) float32 in [0, 1] over the original image's frame; H x W = the image's
+    # size, or scaled down to a longer side of max_side (MAP_MAX_SIDE) pixels for a larger image (see map_size)
+    caption_heatmap: np.ndarray  # (H, W) in [0, 1], same frame and size
     kernel_weights: dict[str, float]  # global beta, sums to 1
     itm: float  # match probability; nan for a model without fusion
     similarity: float  # multi-kernel similarity S of this pair
@@ -61,6 +72,15 @@ class Explanation:
     head_heatmaps: np.ndarray | None = None  # (heads, n_words, H, W) when asked for (heads=True)
     fusion_kernel_weights: list[dict[str, float]] | None = None  # per fusion layer, weights over local kernels
     image_size: tuple[int, int] = (0, 0)  # (W, H) of the original image
+    map_size: tuple[int, int] = (0, 0)  # (W, H) of every map: image_size, or scaled down to max_side
+
+    def full_size(self, heatmap: np.ndarray) -> np.ndarray:
+        """Map(s) (..., h, w) of this explanation upsampled (bilinear) to the image's own size (..., H, W), float32.
+
+        Only needed for an image larger than ``max_side``; costs memory in proportion to the image, so ask for the
+        maps you show, one at a time.
+        """
+        return _resize(np.asarray(heatmap, dtype=np.float32), self.image_size)
 
 
 @dataclass
@@ -108,22 +128,40 @@ def _word_matrix(token_word: list[int | None], n_words: int) -> torch.Tensor:
 
 
 def _normalise(maps: np.ndarray, mode: str, signed: bool = False) -> np.ndarray:
-    """Scale maps (..., H, W) into [0, 1]: each map by its own max (per_map) or all by the largest (shared)."""
-    maps = maps.astype(np.float32, copy=True)
+    """Scale maps (..., H, W) into [0, 1]: each map by its own max (per_map) or all by the largest (shared).
+
+    In place when ``maps`` is float32 (the fresh arrays of :func:`_to_original`): no full-size copy is made.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
     axes = (-2, -1) if mode == "per_map" else tuple(range(maps.ndim))
     if signed:
         maps -= maps.min(axis=axes, keepdims=True)
     else:
-        maps = np.clip(maps, 0.0, None)  # bilinear resizing of >= 0 maps stays >= 0, up to rounding
+        np.clip(maps, 0.0, None, out=maps)  # bilinear resizing of >= 0 maps stays >= 0, up to rounding
     top = maps.max(axis=axes, keepdims=True)
-    return np.where(top > 1e-12, maps / np.maximum(top, 1e-12), 0.0).astype(np.float32)
+    np.divide(maps, np.maximum(top, 1e-12), out=maps)
+    maps *= top > 1e-12  # an all-zero map stays zero
+    return maps
 
 
-def _to_original(grids: np.ndarray, box: Letterbox) -> np.ndarray:
-    """(..., gh, gw) maps over the model input -> (..., H, W) over the original image."""
+def _resize(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(..., h, w) float32 -> (..., H, W) for ``size`` = (W, H), bilinear, one map at a time into one array."""
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    out = np.empty((len(flat), size[1], size[0]), np.float32)
+    for i, m in enumerate(flat):
+        out[i] = np.asarray(Image.fromarray(m, mode="F").resize(size, Image.Resampling.BILINEAR))
+    return out.reshape(*maps.shape[:-2], size[1], size[0])
+
+
+def _to_original(grids: np.ndarray, box: Letterbox, max_side: int | None = None) -> np.ndarray:
+    """(..., gh, gw) maps over the model input -> (..., H, W) float32 over the original image's frame, at most
+    ``max_side`` pixels on the longer side (None: the image's own size). One output array, filled map by map."""
+    w, h = box.map_size(max_side)
     flat = grids.reshape(-1, *grids.shape[-2:])
-    out = np.stack([box.to_original(g) for g in flat]) if len(flat) else np.zeros((0, box.height, box.width))
-    return out.reshape(*grids.shape[:-2], box.height, box.width).astype(np.float32)
+    out = np.empty((len(flat), h, w), np.float32)  # (n, H, W)
+    for i, g in enumerate(flat):
+        out[i] = box.to_original(g, (w, h))
+    return out.reshape(*grids.shape[:-2], h, w)
 
 
 def _check_options(method: str, normalize: str, methods: Sequence[str] = METHODS) -> None:
@@ -131,6 +169,13 @@ def _check_options(method: str, normalize: str, methods: Sequence[str] = METHODS
         raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(methods)}")
     if normalize not in NORMALIZE:
         raise ValueError(f"unknown normalize={normalize!r}; choose 'per_map' or 'shared'")
+
+
+def _check_max_side(max_side: Any) -> int | None:
+    """None, or a whole number of pixels from 16 up (a map smaller than that shows nothing)."""
+    if max_side is None:
+        return None
+    return check_whole_number(max_side, "max_side", 16, 1_000_000)
 
 
 def default_layer(model: Any) -> int:
@@ -276,6 +321,7 @@ def explain_pair(
     method: str = "gradcam",
     normalize: str = "per_map",
     heads: bool = False,
+    max_side: int | None = MAP_MAX_SIDE,
 ) -> Explanation:
     """Explain one image-caption pair.
 
@@ -289,15 +335,19 @@ def explain_pair(
         method: "gradcam", "attention" (raw text->image attention) or "kernel" (local-kernel maps mixed by beta).
         normalize: "per_map" or "shared" (all word maps on one scale).
         heads: also return per-head maps (``head_heatmaps``; Grad-CAM / attention only).
+        max_side: the maps' longer side at most (pixels); an image within it gets maps at its own size. None = the
+            image's own size always (memory in proportion to the image: n_words x H x W float32 per map kind).
 
     Returns:
-        :class:`Explanation`; maps are float32 in [0, 1] over the original image's H x W.
+        :class:`Explanation`; maps are float32 in [0, 1] over the original image's frame, ``map_size`` (W, H) =
+        ``image_size`` or scaled down to ``max_side`` (:meth:`Explanation.full_size` upsamples one on demand).
 
     Raises:
         ValueError: unknown option, a layer out of range, Grad-CAM / attention on a model without fusion, or
             invalid image / caption (:class:`~mklvisita.inputs.InvalidImageError` / ``InvalidCaptionError``).
     """
     _check_options(method, normalize)
+    max_side = _check_max_side(max_side)
     if method in ("gradcam", "attention") and not model.has_itm:
         raise ValueError(
             f"method={method!r} needs the fusion/ITM branch, which this model does not have "
@@ -317,20 +367,20 @@ def explain_pair(
         signed = False
         if heads:
             hw, _ = _words_and_caption(tok, p)  # (h, n_words, P)
-            head_maps = _normalise(_to_original(_grid(hw, model, li), box), "per_map")
+            head_maps = _normalise(_to_original(_grid(hw, model, li), box, max_side), "per_map")
     grid_layer = None if method == "kernel" else li
-    word_maps = _normalise(_to_original(_grid(words, model, grid_layer), box), normalize, signed)
-    caption_map = _normalise(_to_original(_grid(cap, model, grid_layer), box), "per_map", signed)
+    word_maps = _normalise(_to_original(_grid(words, model, grid_layer), box, max_side), normalize, signed)
+    caption_map = _normalise(_to_original(_grid(cap, model, grid_layer), box, max_side), "per_map", signed)
 
     kernel_maps = {}
     if p.kernel_maps is not None:
         per_word, _ = _words_and_caption(p.kernel_maps, p)  # (n, n_words, P)
-        full = _to_original(_grid(per_word, model), box)
+        full = _to_original(_grid(per_word, model), box, max_side)  # (n, n_words, H, W)
         for name, m in zip(model.kernels.word_map_names, full):
             kernel_maps[name] = _normalise(m, normalize, signed=True)
     rollout = None
     if p.rollout is not None:
-        rollout = _normalise(_to_original(_grid(p.rollout, model), box), "per_map")
+        rollout = _normalise(_to_original(_grid(p.rollout, model), box, max_side), "per_map")
 
     fkw = model.fusion_kernel_weights()
     fusion_weights = None
@@ -353,17 +403,27 @@ def explain_pair(
         head_heatmaps=head_maps,
         fusion_kernel_weights=fusion_weights,
         image_size=(box.width, box.height),
+        map_size=box.map_size(max_side),
     )
 
 
 def layer_maps(
-    model: Any, processor: Any, image: ImageInput, caption: str, *, method: str = "gradcam", normalize: str = "per_map"
+    model: Any,
+    processor: Any,
+    image: ImageInput,
+    caption: str,
+    *,
+    method: str = "gradcam",
+    normalize: str = "per_map",
+    max_side: int | None = MAP_MAX_SIDE,
 ) -> LayerMaps:
     """Word and caption maps of every fusion layer (one forward and one gradient for all of them).
 
-    ``normalize="shared"`` puts all layers' word maps on one scale; "per_map" scales each map alone.
+    ``normalize="shared"`` puts all layers' word maps on one scale; "per_map" scales each map alone. ``max_side`` as
+    in :func:`explain_pair`.
     """
     _check_options(method, normalize, ("gradcam", "attention"))
+    max_side = _check_max_side(max_side)
     if not model.has_itm:
         raise ValueError("layer_maps needs the fusion branch, which this model does not have (fusion.enabled = false)")
     n = len(model.fusion_levels)
@@ -376,8 +436,8 @@ def layer_maps(
     # Every level of one encoder shares one grid (see mklvisita.encoders), so the layers stack.
     word_grids = np.stack([_grid(w, model, i) for i, w in enumerate(words)])  # (L, n_words, gh, gw)
     caption_grids = np.stack([_grid(c, model, i) for i, c in enumerate(caps)])  # (L, gh, gw)
-    word_maps = _normalise(_to_original(word_grids, p.box), normalize)
-    caption_maps = _normalise(_to_original(caption_grids, p.box), "per_map")
+    word_maps = _normalise(_to_original(word_grids, p.box, max_side), normalize)
+    caption_maps = _normalise(_to_original(caption_grids, p.box, max_side), "per_map")
     return LayerMaps(p.words, word_maps, caption_maps, method, list(model.fusion_levels))
 
 
@@ -390,19 +450,21 @@ def _check_rollout(model: Any) -> None:
         )
 
 
-def image_rollout(model: Any, processor: Any, image: ImageInput) -> np.ndarray:
-    """Attention rollout of the image encoder: (H, W) in [0, 1] over the original image (caption-independent).
+def image_rollout(model: Any, processor: Any, image: ImageInput, max_side: int | None = MAP_MAX_SIDE) -> np.ndarray:
+    """Attention rollout of the image encoder: (H, W) in [0, 1] over the original image (caption-independent), at
+    most ``max_side`` pixels on the longer side as in :func:`explain_pair`.
 
     Raises:
         ValueError: the image encoder is a CNN (no attention), or the image is invalid.
     """
     _check_rollout(model)
+    max_side = _check_max_side(max_side)
     pv, boxes = processor.images([load_image(image)])
     with torch.no_grad():
         img = model.encode_image(pv.to(next(model.parameters()).device), output_attentions=True)
         r = attention_rollout([a.float() for a in img.attentions])  # (1, N, N)
     roll = r[0, 0, model.vision.num_prefix_tokens :].cpu()  # (P,) the CLS row over positions
-    return _normalise(_to_original(_grid(roll, model), boxes[0]), "per_map")
+    return _normalise(_to_original(_grid(roll, model), boxes[0], max_side), "per_map")
 
 
 # ------------------------------------------------------------------------------------------ pointing game

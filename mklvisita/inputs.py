@@ -199,12 +199,22 @@ class Letterbox:
         iw, ih = max(1, round(width * scale)), max(1, round(height * scale))
         return cls(width, height, size, scale, (size - iw) // 2, (size - ih) // 2, iw, ih)
 
-    def to_original(self, grid: np.ndarray) -> np.ndarray:
-        """A map over the model input (any resolution, e.g. the patch grid) -> the original image's H x W."""
+    def map_size(self, max_side: int | None = None) -> tuple[int, int]:
+        """(W, H) of maps in the original frame: the image's own size, or scaled down (aspect ratio kept) so the
+        longer side is at most ``max_side`` pixels (None: no limit)."""
+        if max_side is None or max(self.width, self.height) <= max_side:
+            return self.width, self.height
+        scale = max_side / max(self.width, self.height)
+        return max(1, round(self.width * scale)), max(1, round(self.height * scale))
+
+    def to_original(self, grid: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """A map over the model input (any resolution, e.g. the patch grid) -> the original image's frame: H x W,
+        or ``size`` = (W, H) for the same frame at another resolution (see :meth:`map_size`). float32."""
         grid = np.asarray(grid, dtype=np.float32)
         full = Image.fromarray(grid, mode="F").resize((self.size, self.size), Image.Resampling.BILINEAR)
         inner = full.crop((self.pad_x, self.pad_y, self.pad_x + self.inner_w, self.pad_y + self.inner_h))
-        return np.asarray(inner.resize((self.width, self.height), Image.Resampling.BILINEAR), dtype=np.float32)
+        size = size or (self.width, self.height)
+        return np.asarray(inner.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 class Processor:

@@ -163,6 +163,10 @@ class Matcher:
     def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str | None = None, **kwargs):
         """Heatmaps for one pair in the original image's frame; see :func:`mklvisita.explain.explain_pair`.
 
+        Maps are at the image's size up to ``max_side`` (default :data:`mklvisita.explain.MAP_MAX_SIDE`, 1,024) pixels
+        on the longer side, scaled down beyond it, so a 16 MP image costs no more memory than a 1 MP one;
+        ``Explanation.full_size`` upsamples a map on demand, ``max_side=None`` keeps every map at full size.
+
         ``method`` None: Grad-CAM when the model has the fusion branch, else the kernel maps (the photo checkpoint).
         """
         from .explain import explain_pair

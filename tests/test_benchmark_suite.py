@@ -10,13 +10,14 @@ from benchmarks import run
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return run.main(["--quick", "--out", str(out), "--only", ",".join(run.BENCHMARKS)]), out
+    in_process = [b for b in run.BENCHMARKS if b != "explain_memory"]  # that one has its own test below
+    return run.main(["--quick", "--out", str(out), "--only", ",".join(in_process)]), out
 
 
 def test_every_benchmark_saves_its_json(summary):
     s, out = summary
-    assert set(s["results"]) == set(run.BENCHMARKS)
-    for name in run.BENCHMARKS:
+    assert set(s["results"]) == set(run.BENCHMARKS) - {"explain_memory"}
+    for name in s["results"]:
         saved = json.loads((out / f"{name}.json").read_text())
         assert saved["quick"] and saved["rows"] and saved["machine"]["cpu_count"] >= 1
     assert json.loads((out / "summary.json").read_text())["results"].keys() == s["results"].keys()
@@ -37,3 +38,18 @@ def test_rows_have_the_documented_columns(summary):
     assert mem["requests"] == 40 and mem["rss_mb"] > 0
     step = r["training_step"]["rows"][0]
     assert {"data_ms", "preprocess_ms", "forward_ms", "backward_ms", "optimizer_ms", "steps_per_s"} <= set(step)
+
+
+@pytest.mark.slow  # two child processes, each importing torch
+def test_explain_memory_quick_reports_capped_maps(tmp_path):
+    from benchmarks import explain_memory
+
+    out = explain_memory.main(["--quick", "--cases", "default,full", "--out", str(tmp_path)])
+    capped, full = out["rows"]
+    assert json.loads((tmp_path / "explain_memory.json").read_text())["rows"] == out["rows"]
+    for row in out["rows"]:
+        assert "error" not in row, row
+        assert {"peak_rss_mb", "rss_before_mb", "explain_extra_mb", "explain_s", "maps_mb"} <= set(row)
+        assert row["peak_rss_mb"] >= row["rss_before_mb"] > 0 and row["dtype"] == "float32"
+    assert capped["word_heatmaps_shape"] == [10, 768, 1024]  # the quick image is 1,200 x 900
+    assert full["word_heatmaps_shape"] == [10, 900, 1200] and full["maps_mb"] > capped["maps_mb"]

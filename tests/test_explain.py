@@ -10,10 +10,12 @@ from PIL import Image
 
 from mklvisita import MKLVisITA
 from mklvisita.explain import (
+    MAP_MAX_SIDE,
     attention_rollout,
     default_layer,
     explain_pair,
     grad_cam,
+    image_rollout,
     layer_maps,
     pointing_game,
     word_pointing_game,
@@ -330,3 +332,54 @@ def test_pointing_headline_is_never_the_caption_blind_rollout():
     model = MKLVisITA(cfg).eval()
     out = pointing_game(model, Processor(model.config, model.tokenizer), ShapesScenes("test", size=1), n=1)
     assert "pointing_acc_rollout" in out and "pointing_acc" not in out
+
+
+# ------------------------------------------------------------------------------------------ large images (issue 10)
+def _explain_numpy_peak(model, processor, image, **kwargs):
+    """The explanation and the peak of numpy memory (tracemalloc traces every numpy allocation) during the call."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        e = explain_pair(model, processor, image, CAPTION, **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return e, peak
+
+
+def test_maps_of_a_large_image_are_capped_and_cost_what_a_capped_image_costs(model, processor):
+    """Maps in the original frame must not cost memory in proportion to the image (issue 10: 7.8 GB at 16 MP)."""
+    n = len(CAPTION.split())
+    big, _ = _explain_numpy_peak(model, processor, _image(400, 300), heads=True)  # warm-up: lazy one-off allocations
+    big, peak_big = _explain_numpy_peak(model, processor, _image(4000, 3000), heads=True)
+    small, peak_small = _explain_numpy_peak(model, processor, _image(MAP_MAX_SIDE, MAP_MAX_SIDE * 3 // 4), heads=True)
+    w, h = MAP_MAX_SIDE, MAP_MAX_SIDE * 3 // 4  # the frame kept, scaled down to MAP_MAX_SIDE on its longer side
+    assert big.image_size == (4000, 3000) and big.map_size == (w, h) == small.map_size
+    maps = [big.word_heatmaps, big.caption_heatmap, big.rollout, big.head_heatmaps, *big.kernel_maps.values()]
+    assert big.word_heatmaps.shape == (n, h, w) and all(m.shape[-2:] == (h, w) for m in maps)
+    assert all(m.dtype == np.float32 and m.min() >= 0 and m.max() <= 1 for m in maps)
+    # A 12 MP image costs the same numpy memory as a 0.8 MP one (deterministic: bytes allocated, not time), and the
+    # peak is the returned maps plus one transient map kind at most.
+    assert peak_big <= peak_small * 1.02 + 2**20
+    assert peak_big <= 1.5 * sum(m.nbytes for m in maps)
+    assert sum(m.nbytes for m in maps) < n * 4000 * 3000 * 4  # less than one full-size float32 map per word
+    full = big.full_size(big.caption_heatmap)  # on demand, one map at the image's own size
+    assert full.shape == (3000, 4000) and full.dtype == np.float32 and 0 <= full.min() and full.max() <= 1
+
+
+def test_max_side_none_keeps_the_image_size_and_bad_values_are_refused(model, processor):
+    img = _image(300, 200)
+    capped = explain_pair(model, processor, img, CAPTION, max_side=64)
+    assert capped.word_heatmaps.shape[1:] == (43, 64) and capped.map_size == (64, 43)
+    assert capped.full_size(capped.word_heatmaps).shape == capped.word_heatmaps.shape[:1] + (200, 300)
+    full = explain_pair(model, processor, img, CAPTION, max_side=None)
+    assert full.word_heatmaps.shape[1:] == (200, 300) and full.map_size == full.image_size == (300, 200)
+    # The same maps at another resolution: upsampled back, the capped ones match the full-size ones.
+    np.testing.assert_allclose(capped.full_size(capped.word_heatmaps), full.word_heatmaps, atol=0.05)
+    np.testing.assert_allclose(capped.full_size(capped.caption_heatmap), full.caption_heatmap, atol=0.05)
+    assert layer_maps(model, processor, img, CAPTION, max_side=64).word_heatmaps.shape[-2:] == (43, 64)
+    assert image_rollout(model, processor, img, max_side=64).shape == (43, 64)
+    for bad in (0, -5, 2.5, "abc", True):
+        with pytest.raises(ValueError, match="max_side"):
+            explain_pair(model, processor, img, CAPTION, max_side=bad)
