@@ -108,6 +108,28 @@ def overlay(image: ImageInput, heatmap: np.ndarray, alpha: float = 0.5, cmap: st
     return Image.fromarray((out * 255.0).round().astype(np.uint8), "RGB")
 
 
+def overlay_transparent(
+    image: ImageInput,
+    heatmap: np.ndarray,
+    cmap: str = "inferno",
+    max_alpha: float = 0.75,
+    floor: float = 0.35,
+) -> Image.Image:
+    """Blend a [0, 1] heatmap over an image with a perceptual colormap, opaque only where the map is high.
+
+    The colour's opacity grows with the map, from 0 at ``floor`` (and below) to ``max_alpha`` at 1, so the image
+    shows through unchanged wherever the map is low and its own colours can still be checked (a uniform blend, as
+    :func:`overlay` does, tints the whole picture). The heatmap is resized to the image when its shape differs.
+    """
+    img = load_image(image)
+    h = np.clip(np.nan_to_num(_fit(heatmap, img.size)), 0.0, 1.0)  # (H, W)
+    colours = matplotlib.colormaps[cmap](h)[..., :3]  # (H, W, 3) in [0, 1]
+    alpha = max_alpha * np.clip((h - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0)[..., None]  # (H, W, 1)
+    base = np.asarray(img, dtype=np.float32) / 255.0
+    out = (1.0 - alpha) * base + alpha * colours
+    return Image.fromarray((out * 255.0).round().astype(np.uint8), "RGB")
+
+
 def _show_heatmap(ax, img: Image.Image, heatmap: np.ndarray, cmap: str, alpha: float, title: str | None):
     ax.imshow(img)
     im = ax.imshow(_fit(heatmap, img.size), cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)

@@ -1,4 +1,4 @@
-"""Fixtures shared by the app tests: a tiny random checkpoint, its Matcher, and the demo launched on localhost.
+"""Fixtures shared by the app tests: a tiny random checkpoint, the embedded ones, and the demo launched on localhost.
 
 Imported by name from tests/test_app*.py (tests/conftest.py belongs to the lead).
 """
@@ -48,22 +48,33 @@ def matcher(app_checkpoint: Path):
 
 
 @pytest.fixture(scope="session")
-def server_matcher(matcher):
-    """The embedded default when it is there (a meaningful screenshot), else the tiny random checkpoint."""
+def photo_matcher():
     from mklvisita import Matcher
 
-    try:
-        return Matcher.default()
-    except Exception:  # before the embedded checkpoint lands, default() raises
-        return matcher
+    return Matcher.default("photo")
 
 
 @pytest.fixture(scope="session")
-def server(server_matcher, matcher) -> Iterator[tuple]:
+def shapes_matcher():
+    from mklvisita import Matcher
+
+    return Matcher.default("shapes")
+
+
+@pytest.fixture(scope="session")
+def server_matcher(photo_matcher):
+    """The demo's default checkpoint as the server runs it: the embedded photo checkpoint."""
+    return photo_matcher
+
+
+@pytest.fixture(scope="session")
+def server(server_matcher, shapes_matcher, matcher) -> Iterator[tuple]:
     """The demo, launched once per test session on a free localhost port with the production launch settings."""
     import app
 
     def loader(spec: str):
+        if spec == "shapes":
+            return shapes_matcher
         if spec != ALLOWED_EXTRA:
             raise AssertionError(f"the registry asked to load {spec!r}, which is not allow-listed")
         return matcher

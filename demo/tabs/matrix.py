@@ -1,0 +1,70 @@
+"""The Matrix tab's layout: several images × several captions, the score matrix and the best matches.
+
+The handler lives in `demo/matrix.py`.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..inputs import MAX_MATRIX_CAPTIONS, MAX_MATRIX_IMAGES
+from ..matrix import SCORE_KINDS, MatrixView, matrix
+from ..ui import FIGURE, MODEL_CALL, PRIVATE, Context, with_checkpoint
+
+
+def show(view: MatrixView) -> tuple:
+    return view.figure, view.best, view.result
+
+
+def build(ctx: Context) -> None:
+    with gr.Tab("Matrix", id="matrix"):
+        with gr.Row():
+            with gr.Column(scale=2, min_width=360):
+                x_files = gr.File(
+                    file_count="multiple",
+                    file_types=["image"],
+                    label=f"Images (up to {MAX_MATRIX_IMAGES})",
+                    elem_id="matrix-images",
+                )
+                x_captions = gr.Textbox(lines=6, label=f"Captions, one per line (up to {MAX_MATRIX_CAPTIONS})")
+                x_kind = gr.Radio(
+                    list(SCORE_KINDS),
+                    value="score",
+                    label="Score",
+                    info="score: the ranking score Match and Search use; itm: match probability; similarity: S",
+                )
+                x_button = gr.Button("Score matrix", variant="primary")
+            with gr.Column(scale=3, min_width=480):
+                gr.Markdown("**Score matrix**")
+                # no label over the figure: it would cover the first row's name and cell
+                x_plot = gr.Image(show_label=False, interactive=False, elem_id="matrix-plot", **FIGURE)
+                x_best = gr.Dataframe(
+                    label="Best match per image and per caption",
+                    wrap=True,
+                    column_widths=["18%", "36%", "34%", "12%"],
+                    interactive=False,
+                    elem_id="matrix-best",
+                )
+                with gr.Accordion("All scores (JSON)", open=False):
+                    x_json = gr.JSON(show_label=False)
+        x_button.click(
+            with_checkpoint(ctx.registry, matrix, show),
+            [ctx.checkpoint, x_files, x_captions, x_kind],
+            [x_plot, x_best, x_json],
+            api_name="matrix",
+            **MODEL_CALL,
+        )
+        if ctx.examples:
+            chosen = ctx.examples[: min(MAX_MATRIX_IMAGES, MAX_MATRIX_CAPTIONS)]
+            gr.Examples(
+                [
+                    [
+                        [str(ctx.examples_dir / e["image"]) for e in chosen],
+                        "\n".join(dict.fromkeys(e["captions"][0] for e in chosen)),
+                    ]
+                ],
+                inputs=[x_files, x_captions],
+                label="Example: the example images against each one's first caption",
+                elem_id="matrix-examples",
+                **PRIVATE,
+            )

@@ -1,0 +1,56 @@
+"""The Search tab's layout: text → images and image → captions over the example gallery or your uploads.
+
+The handler lives in `demo/search.py`.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..inputs import MAX_GALLERY_CAPTIONS, MAX_GALLERY_IMAGES, MAX_TOP_K
+from ..search import SearchView, search
+from ..ui import IMAGE_CALL, IMAGE_UPLOAD, Context, with_checkpoint
+
+
+def show(view: SearchView) -> tuple:
+    return view.images, view.captions, view.timings
+
+
+def build(ctx: Context) -> None:
+    with gr.Tab("Search", id="search"):
+        gr.Markdown(
+            "Searches the example gallery shipped in `assets/` unless you upload images or captions. "
+            "Stage 1 ranks every candidate by the similarity S on cached embeddings; stage 2 re-scores the top k "
+            "with the fusion (ITM) head where the checkpoint has one. Results are ordered by **score**, the same "
+            "ranking rule as the Match tab."
+        )
+        with gr.Row():
+            with gr.Column(scale=2, min_width=360):
+                s_text = gr.Textbox(label="Text query → images", placeholder="a cup of coffee")
+                s_image = gr.Image(label="Image query → captions", height=200, **IMAGE_UPLOAD)
+                s_k = gr.Slider(1, MAX_TOP_K, value=5, step=1, label="top k")
+                with gr.Accordion("Your own gallery (optional)", open=False):
+                    s_files = gr.File(
+                        file_count="multiple",
+                        file_types=["image"],
+                        label=f"Gallery images (up to {MAX_GALLERY_IMAGES})",
+                    )
+                    s_captions = gr.Textbox(lines=4, label=f"Gallery captions (up to {MAX_GALLERY_CAPTIONS})")
+                s_button = gr.Button("Search", variant="primary")
+            with gr.Column(scale=3, min_width=480):
+                s_images = gr.Gallery(label="Top images", columns=3, height=320, object_fit="contain")
+                s_caps = gr.Dataframe(
+                    label="Top captions",
+                    wrap=True,
+                    column_widths=["9%", "55%", "12%", "12%", "12%"],
+                    interactive=False,
+                )
+                with gr.Accordion("Time per stage (ms)", open=False):
+                    s_time = gr.JSON(show_label=False)
+        s_button.click(
+            with_checkpoint(ctx.registry, search, show, example_gallery=ctx.example_gallery),
+            [ctx.checkpoint, s_text, s_image, s_files, s_captions, s_k],
+            [s_images, s_caps, s_time],
+            api_name="search",
+            **IMAGE_CALL,
+        )
