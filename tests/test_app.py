@@ -227,10 +227,19 @@ def test_explain_overlays_one_heatmap_per_word_at_the_image_size(matcher) -> Non
 
 
 def test_a_new_explanation_resets_the_word_gallery(matcher) -> None:  # noqa: F811
+    from demo.tabs.match import leave_preview
+
+    demo = app.create_demo(matcher, loader=lambda spec: matcher)
+    explains = [fn for fn in demo.fns.values() if fn.name == "explain"]
+    assert len(explains) >= 6  # Match, each example, each explain control, a checkpoint switch
+    gallery = [b for b in demo.blocks.values() if isinstance(b, gr.Gallery) and b.elem_id == "word-maps"][0]
+    for fn in explains:  # every explanation is preceded by a step that takes the word gallery out of its preview
+        before = [d for d in demo.fns.values() if d.fn is leave_preview and fn.trigger_after == d._id]
+        assert before and before[0].outputs == [gallery], fn
+    assert leave_preview().selected_index is None
     view = explain(matcher, str(SHAPES[1]), "a purple cross")
-    _heat, gallery, word, _kernels, _info = show_explanation(view)
-    assert gallery.selected_index is None  # out of any preview of the previous caption's words
-    assert word.value == view.word == "a" and word.choices == [(w, w) for w in ("a", "purple", "cross")]
+    _heat, words, word, _kernels, _info = show_explanation(view)
+    assert word.value == view.word == "a" == words[0][1]  # the word selector starts where the grid does
 
 
 def test_heatmaps_leave_the_photo_visible_where_the_map_is_low() -> None:

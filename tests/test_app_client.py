@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import httpx
@@ -10,8 +11,18 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-import app
-from tests.app_fixtures import CAT, ROOT, SHAPES, app_checkpoint, matcher, server, server_matcher  # noqa: F401
+from demo.match import match
+from tests.app_fixtures import (  # noqa: F401
+    CAT,
+    ROOT,
+    SHAPES,
+    app_checkpoint,
+    matcher,
+    photo_matcher,
+    server,
+    server_matcher,
+    shapes_matcher,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,26 +34,26 @@ def client(server) -> Client:  # noqa: F811
 def test_match_endpoint_returns_the_handler_result(client: Client, server_matcher) -> None:  # noqa: F811
     captions = "a purple cross\na yellow star\na red circle"
     table, _plot, result, _selector = client.predict(handle_file(str(SHAPES[0])), captions, api_name="/match")
-    expected = app.match(server_matcher, str(SHAPES[0]), captions)[2]
+    expected = match(server_matcher, str(SHAPES[0]), captions).result
     assert [row["caption"] for row in result["ranking"]] == [row["caption"] for row in expected["ranking"]]
     for got, want in zip(result["ranking"], expected["ranking"]):
-        assert got["itm"] == pytest.approx(want["itm"], abs=1e-5)
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
     assert [row[1] for row in table["data"]] == [row["caption"] for row in expected["ranking"]]
 
 
 def test_explain_matrix_and_search_endpoints(client: Client) -> None:
     heat, words, _word, kernels, info = client.predict(
-        handle_file(str(CAT)), "a tabby cat", "default", "gradcam", "per_map", api_name="/explain"
+        handle_file(str(CAT)), "a tabby cat", "default", "kernel", "per_map", api_name="/explain"
     )
     assert heat and info["tokens"] == ["a", "tabby", "cat"] and [w["caption"] for w in words] == info["tokens"]
-    assert kernels and all(k["caption"].startswith("local/") for k in kernels)
+    assert kernels and all("local" in k["caption"].split("/")[0] for k in kernels)  # photo: concept_local/cosine
     _plot, best, scores = client.predict(
         [handle_file(str(p)) for p in SHAPES[:2]], "a purple cross\na yellow star", "similarity", api_name="/matrix"
     )
     assert len(scores["similarity"]) == 2 and len(scores["similarity"][0]) == 2
     assert len(best["data"]) == 4
     images, captions, timings = client.predict("a yellow star", None, None, "", 2, api_name="/search")
-    assert len(images) == 2 and all(image["caption"].startswith(f"#{i}") for i, image in enumerate(images, 1))
+    assert len(images) == 2 and all(image["caption"].startswith(f"#{i} score") for i, image in enumerate(images, 1))
     assert captions["data"] in ([], [["", "", "", "", ""]], [[]])  # no query image: no caption results
     assert any(key.startswith("text→image") for key in timings)
 
@@ -71,10 +82,11 @@ def test_bad_input_is_a_clear_error_and_the_app_keeps_serving(client: Client, tm
         client.predict(handle_file(str(CAT)), "a cat " * 2000, api_name="/match")
     fake = tmp_path / "fake.png"
     fake.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
-    with pytest.raises(AppError, match="image"):
+    with pytest.raises(AppError, match="image") as info:
         client.predict(handle_file(str(fake)), "a cat", api_name="/match")
+    assert "fake.png" in str(info.value) and "/tmp" not in str(info.value) and "gradio" not in str(info.value)
     with pytest.raises(AppError, match="limit is 8"):
-        client.predict([handle_file(str(CAT))] * 9, "a cat", "itm", api_name="/matrix")
+        client.predict([handle_file(str(CAT))] * 9, "a cat", "score", api_name="/matrix")
     result = client.predict(handle_file(str(CAT)), "a cat", api_name="/match")[2]  # still serving
     assert result["ranking"][0]["caption"] == "a cat"
 
@@ -141,7 +153,7 @@ def test_launched_with_the_safe_defaults(server) -> None:  # noqa: F811
     checkpoint_choices = [
         c["props"]["choices"] for c in config["components"] if c["props"].get("label") == "Checkpoint (allow-list)"
     ]
-    assert [value for _, value in checkpoint_choices[0]] == [app.DEFAULT_CHECKPOINT, "test-owner/extra-checkpoint"]
+    assert [value for _, value in checkpoint_choices[0]] == ["photo", "shapes", "test-owner/extra-checkpoint"]
 
 
 def test_readme_client_snippet_runs_against_the_app(server, monkeypatch, capsys) -> None:  # noqa: F811
@@ -154,5 +166,30 @@ def test_readme_client_snippet_runs_against_the_app(server, monkeypatch, capsys)
     monkeypatch.chdir(ROOT)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["info"]["tokens"] == ["a", "purple", "cross"]
-    assert capsys.readouterr().out.count("ITM") == 2
+    assert scope["info"]["tokens"] == ["a", "tabby", "cat"]
+    assert capsys.readouterr().out.count("score") == 2
+
+
+def test_user_errors_log_one_line_and_faults_their_traceback(
+    client: Client,
+    server_matcher,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="mklvisita.demo"):
+        with pytest.raises(AppError, match="at least one caption"):
+            client.predict(handle_file(str(CAT)), "  \n ", api_name="/match")
+    lines = [r for r in caplog.records if r.name == "mklvisita.demo"]
+    assert len(lines) == 1 and lines[0].exc_info is None and "at least one caption" in lines[0].getMessage()
+    assert "Traceback" not in capfd.readouterr().err  # a user error is no fault: no traceback in the server log
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a real fault")
+
+    monkeypatch.setattr(server_matcher, "score", broken)
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(CAT)), "a fault is not cached", api_name="/match")
+    err = capfd.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a real fault" in err  # a real fault keeps its traceback

@@ -31,9 +31,13 @@ def show_match(view: MatchView) -> tuple:
 
 def show_explanation(view: ExplainView) -> tuple:
     words = [w for _, w in view.words]
-    # A fresh gallery leaves any preview of the previous caption's words (selected_index=None: the grid).
-    gallery = gr.Gallery(value=view.words, selected_index=None)
-    return view.caption_map, gallery, gr.Dropdown(choices=words, value=view.word), view.kernels, view.info
+    return view.caption_map, view.words, gr.Dropdown(choices=words, value=view.word), view.kernels, view.info
+
+
+def leave_preview() -> Any:
+    """Before a new explanation: the per-word gallery back to its grid, out of any preview of an old word (the word
+    selector is reset to the new caption's first word with it)."""
+    return gr.Gallery(selected_index=None)
 
 
 def show_word(picked: tuple[int, list]) -> tuple:
@@ -135,11 +139,12 @@ def build(ctx: Context) -> dict[str, Any]:
     match_fn = with_checkpoint(registry, match, show_match)
     explain_fn = with_checkpoint(registry, explain, show_explanation)
     word_fn = with_checkpoint(registry, select_word, show_word)
-    m_button.click(match_fn, m_inputs, m_outputs, api_name="match", **IMAGE_CALL).success(
+    reset = {"fn": leave_preview, "inputs": None, "outputs": [e_words], "queue": False, **PRIVATE}
+    m_button.click(match_fn, m_inputs, m_outputs, api_name="match", **IMAGE_CALL).success(**reset).success(
         explain_fn, e_inputs, e_outputs, api_name="explain", **IMAGE_CALL
     )
     for control in (e_caption, e_layer, e_method, e_scale):
-        control.input(explain_fn, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
+        control.input(**reset).then(explain_fn, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
     e_word.input(word_fn, [*e_inputs, e_word], [e_words, e_kernels], **PRIVATE, **IMAGE_CALL)
 
     def picked(event: gr.SelectData) -> str:
@@ -179,11 +184,11 @@ def build(ctx: Context) -> dict[str, Any]:
 
     ctx.selector.input(switch_fn, [ctx.selector], switch_outputs, **PRIVATE, **MODEL_CALL).success(
         rematch, m_inputs, m_outputs, **PRIVATE, **IMAGE_CALL
-    ).success(reexplain, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
+    ).success(**reset).success(reexplain, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
     if ctx.examples:
         examples.load_input_event.then(switch_fn, [ctx.selector], switch_outputs, **PRIVATE, **MODEL_CALL).success(
             match_fn, m_inputs, m_outputs, **PRIVATE, **IMAGE_CALL
-        ).success(explain_fn, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
+        ).success(**reset).success(explain_fn, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
     return {"layer": e_layer, "method": e_method}
 
 
