@@ -96,7 +96,7 @@ def _fmt(v: Any) -> str:
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)"
-    columns = columns or list(rows[0])
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first seen first
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

@@ -1,0 +1,291 @@
+"""The demo under load: latency and throughput under concurrent gradio_client clients, then RSS and the temp folder
+after many sequential requests with distinct images.
+
+    python -m benchmarks.demo_load [--quick] [--clients 16] [--requests 50] [--sequential 1000] [--first 100]
+        [--url URL --pid PID --temp-dir DIR]
+
+Decisions:
+
+- The app is launched as users launch it, ``python app.py --port <free port>``, in its own process with
+  ``GRADIO_TEMP_DIR`` set to a fresh folder, so the figures do not depend on how ``app.py`` is organised inside and
+  the temp folder holds only this run's files. ``--url/--pid/--temp-dir`` measure an app that is already running
+  instead (the load-and-fault test shares its app this way).
+- Phase 1, concurrency: ``--clients`` threads, each with its own ``gradio_client.Client``, send ``--requests``
+  ``/match`` requests each (the example photos and shapes, their captions); p50/p95 of each request's latency as the
+  client sees it (queueing included: the app runs one model call at a time) and throughput = requests / wall time.
+- Phase 2, memory: ``--sequential`` requests one after another, each with an image never seen before (random
+  noise with a coloured square, 320 x 240 PNG, seeded by the request number), alternating ``/match`` and
+  ``/explain``, so every input-keyed cache sees only misses. The app process's RSS (psutil) after ``--first``
+  requests and after all of them, and the temp folder's file count and size at both marks. Bounded = RSS growth
+  within 10-15% (issues 9 and 10) and a temp folder that stops growing once gradio's cache deletion runs (every
+  ``app.CACHE_SECONDS``; a run shorter than that sees the folder grow by the uploads and outputs of the run).
+- ``--quick``: 2 clients x 3 requests, 6 sequential (mark after 3): a test checks the output's shape, not a time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import ROOT, parser, report, setup
+
+EXAMPLES = ROOT / "assets" / "examples"
+REQUESTS = [  # (image, captions): the examples a visitor clicks first
+    ("cat.jpg", "a cat\na dog\na cup of coffee"),
+    ("coffee.jpg", "a cup of coffee\na rocket\na cat"),
+    ("rocket.jpg", "a rocket taking off\nan astronaut\na cat"),
+    ("shapes_004.png", "a large purple cross and a yellow star\na small red circle"),
+]
+
+
+# ------------------------------------------------------------------------------------------ the app process
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(temp_dir: Path, log: Path, port: int | None = None, args: tuple[str, ...] = ()) -> tuple[Any, str]:
+    """``python app.py --port P`` with GRADIO_TEMP_DIR = temp_dir, output to ``log``; returns (Popen, url)."""
+    port = port or free_port()
+    env = {
+        **os.environ,
+        "GRADIO_TEMP_DIR": str(temp_dir),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port), *args], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: Any, url: str, log: Path, timeout: float = 600.0) -> None:
+    """Poll until the app answers (it loads its checkpoint first); raise with the log's tail if it exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the app exited with {proc.returncode} before serving:\n{tail}")
+        try:
+            if httpx.get(f"{url}/config", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"the app did not answer within {timeout:.0f} s")
+
+
+def stop_app(proc: Any) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def folder_stats(folder: Path) -> tuple[int, int]:
+    """(files, bytes) under a folder, recursively."""
+    files = size = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                size += os.path.getsize(os.path.join(root, name))
+                files += 1
+            except OSError:  # deleted meanwhile by gradio's cache deletion
+                pass
+    return files, size
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+# ------------------------------------------------------------------------------------------ the phases
+def _client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False)
+
+
+def match_once(client: Any, image: Path | str, captions: str) -> dict:
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(image)), captions, api_name="/match")[2]
+
+
+def concurrent_phase(url: str, clients: int, requests: int) -> dict[str, Any]:
+    """``clients`` threads x ``requests`` /match calls; latencies (s) of the answered ones and the failures."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def work(k: int) -> None:
+        client = _client(url)
+        barrier.wait()
+        for i in range(requests):
+            image, captions = REQUESTS[(k + i) % len(REQUESTS)]
+            t = time.perf_counter()
+            try:
+                match_once(client, EXAMPLES / image, captions)
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+            except Exception as e:  # counted, reported
+                with lock:
+                    failures.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    ms = np.asarray(latencies) * 1000
+    return {
+        "clients": clients,
+        "requests": clients * requests,
+        "answered": len(latencies),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p95_ms": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
+        "throughput_rps": len(latencies) / wall,
+        "wall_s": wall,
+    }
+
+
+def distinct_image(i: int, path: Path) -> Path:
+    """A 320 x 240 PNG no request has sent before: seeded noise with a coloured square."""
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    a = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    y, x = rng.integers(0, 160), rng.integers(0, 240)
+    a[y : y + 80, x : x + 80] = rng.integers(0, 256, 3, dtype=np.uint8)
+    Image.fromarray(a).save(path)
+    return path
+
+
+def sequential_phase(url: str, pid: int | None, temp_dir: Path | None, n: int, first: int) -> dict[str, Any]:
+    """``n`` requests with distinct images, /match and /explain alternating; RSS and temp folder at two marks."""
+    from gradio_client import handle_file
+
+    client = _client(url)
+    marks: dict[int, dict[str, float]] = {}
+    failures: list[str] = []
+    latencies: list[float] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for i in range(n):
+            path = distinct_image(i, Path(scratch) / f"distinct_{i:05d}.png")
+            t = time.perf_counter()
+            try:
+                if i % 2 == 0:
+                    match_once(client, path, "a coloured square\na photo of a cat\nnoise")
+                else:
+                    client.predict(
+                        handle_file(str(path)), "a coloured square", "default", "kernel", "per_map", api_name="/explain"
+                    )
+                latencies.append(time.perf_counter() - t)
+            except Exception as e:  # counted, reported
+                failures.append(f"{type(e).__name__}: {e}")
+            path.unlink()
+            if i + 1 in (first, n):
+                files, size = folder_stats(temp_dir) if temp_dir else (0, 0)
+                marks[i + 1] = {
+                    "rss_mb": rss_mb(pid) if pid else float("nan"),
+                    "temp_files": files,
+                    "temp_mb": size / 2**20,
+                }
+    a, b = marks[first], marks[n]
+    return {
+        "requests": n,
+        "failed": len(failures),
+        "failures": failures[:5],
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        "first": first,
+        "rss_first_mb": a["rss_mb"],
+        "rss_mb": b["rss_mb"],
+        "rss_growth": b["rss_mb"] / a["rss_mb"] if a["rss_mb"] else float("nan"),
+        "temp_files_first": a["temp_files"],
+        "temp_files": b["temp_files"],
+        "temp_mb_first": a["temp_mb"],
+        "temp_mb": b["temp_mb"],
+    }
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict:
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=50, help="requests per client in the concurrent phase")
+    p.add_argument("--sequential", type=int, default=1000, help="requests with distinct images, one at a time")
+    p.add_argument("--first", type=int, default=100, help="the early RSS mark of the sequential phase")
+    p.add_argument("--url", default=None, help="measure an app already running here instead of starting one")
+    p.add_argument("--pid", type=int, default=None, help="with --url: the app's process id (for its RSS)")
+    p.add_argument("--temp-dir", default=None, help="with --url: its GRADIO_TEMP_DIR")
+    args = p.parse_args(argv)
+    setup(args)
+    if args.quick:
+        args.clients, args.requests, args.sequential, args.first = 2, 3, 6, 3
+    first = min(args.first, args.sequential)
+
+    proc, work = None, None
+    if args.url:
+        url, pid = args.url.rstrip("/"), args.pid
+        temp_dir = Path(args.temp_dir) if args.temp_dir else None
+    else:
+        work = tempfile.TemporaryDirectory(prefix="demo-load-")
+        temp_dir, log = Path(work.name) / "gradio", Path(work.name) / "app.log"
+        temp_dir.mkdir()
+        proc, url = start_app(temp_dir, log)
+        pid = proc.pid
+    try:
+        if proc is not None:
+            t = time.perf_counter()
+            wait_ready(proc, url, log)
+            start_s = time.perf_counter() - t
+        rest = {"rss_at_rest_mb": rss_mb(pid) if pid else float("nan")}
+        conc = concurrent_phase(url, args.clients, args.requests)
+        conc["rss_after_mb"] = rss_mb(pid) if pid else float("nan")
+        seq = sequential_phase(url, pid, temp_dir, args.sequential, first)
+        alive = proc is None or proc.poll() is None
+    finally:
+        if proc is not None:
+            stop_app(proc)
+        if work is not None:
+            work.cleanup()
+    rows = [
+        {"phase": "concurrent /match", **{k: v for k, v in conc.items() if k != "failures"}},
+        {"phase": "sequential, distinct images", **{k: v for k, v in seq.items() if k != "failures"}},
+    ]
+    extra = {
+        **rest,
+        "app_started_s": start_s if proc is not None else None,
+        "still_serving": alive,
+        "failures": conc["failures"] + seq["failures"],
+        "settings": {k: getattr(args, k) for k in ("clients", "requests", "sequential")} | {"first": first},
+    }
+    return report("demo_load", args, rows, extra)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
