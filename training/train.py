@@ -34,6 +34,7 @@ Decisions:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,12 +43,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from training.config import RunConfig, RunConfigError, load_config
+
+if TYPE_CHECKING:
+    from mklvisita.config import RankingConfig
 
 CHECKPOINT_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
@@ -393,7 +397,7 @@ def write_release(
 ) -> None:
     """Weights + tokenizer, metrics.json (when evaluated) and a model card, written as one crash-safe save (a kill
     leaves the previous release or this one whole, never a card or metrics of another run)."""
-    files = {"README.md": model_card(cfg, metrics, steps)}
+    files = {"README.md": model_card(cfg, metrics, steps, model.config.ranking, fusion=model.has_itm)}
     if metrics:
         files["metrics.json"] = json.dumps(metrics, indent=2) + "\n"
     model.save_pretrained(str(release), files=files)
@@ -401,8 +405,31 @@ def write_release(
         processor.save_pretrained(release)
 
 
-def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int) -> str:
+def effective_ranking(cfg: RunConfig, ranking: RankingConfig) -> RankingConfig:
+    """The ranking rule the run's evaluation used: the model's ``ranking`` with the run's ``eval.k`` and
+    ``eval.itm_weight`` where they are set (None = the model's own, as :func:`mklvisita.evaluation.evaluate_model`)."""
+    overrides = {"k": cfg.eval.k, "itm_weight": cfg.eval.itm_weight}
+    return dataclasses.replace(ranking, **{f: v for f, v in overrides.items() if v is not None})
+
+
+def _ranking_sentence(r: RankingConfig, fusion: bool) -> str:
+    cascade = f"{r.candidates} candidates per query from the global kernels" if r.candidates else "exhaustive S"
+    if not fusion or r.k == 0:
+        why = "(no fusion head)" if not fusion else "(k = 0)"
+        return f"similarity only {why}, {cascade}, final score = {r.similarity_weight:g} x similarity"
+    return (
+        f"{cascade}, the ITM head re-ranks the top k = {r.k}, "
+        f"final score = {r.itm_weight:g} x ITM + {r.similarity_weight:g} x similarity"
+    )
+
+
+def model_card(
+    cfg: RunConfig, metrics: dict[str, float], steps: int, ranking: RankingConfig, fusion: bool = True
+) -> str:
+    """The release's README.md. ``ranking``: the model's ``config.ranking`` (the card states the effective rule,
+    with the run's eval overrides applied); ``fusion``: whether the model has the ITM head."""
     rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in metrics.items()) or "| (no evaluation) | |"
+    rule = _ranking_sentence(effective_ranking(cfg, ranking), fusion)
     import yaml
 
     return f"""---
@@ -420,9 +447,9 @@ Load it with `mklvisita.Matcher.from_pretrained("<this folder or Hub id>")`.
 ## Metrics
 
 Measured at the end of training on `{cfg.data.eval or "(none)"}` split `{cfg.data.eval_split}`
-({"all images" if cfg.data.eval_limit == 0 else f"first {cfg.data.eval_limit} images"}), two-stage retrieval with
-k = {cfg.eval.k}, final score = {cfg.eval.itm_weight} x ITM + similarity. Recall@K and mAP are percentages; accuracies
-are fractions. Full test-split numbers come from `python -m training.evaluate`.
+({"all images" if cfg.data.eval_limit == 0 else f"first {cfg.data.eval_limit} images"}), retrieval by the model's
+ranking rule: {rule}. Recall@K and mAP are percentages; accuracies are fractions. Full test-split numbers come from
+`python -m training.evaluate`.
 
 | metric | value |
 | --- | --- |
