@@ -57,7 +57,7 @@ def layer_choices(matcher: Matcher) -> list[tuple[str, int | str]]:
     """(label, value) pairs: "default", then "fusion layer 1..L" (1-based labels, 0-based values as the API takes)."""
     n = len(matcher.fusion_kernel_weights())
     if not n:
-        return [(f"{DEFAULT_LAYER} (no fusion layers: kernel maps)", DEFAULT_LAYER)]
+        return [(f"{DEFAULT_LAYER} (no fusion layers)", DEFAULT_LAYER)]
     default = f"{DEFAULT_LAYER} (= fusion layer {max(0, n - 2) + 1})"  # mklvisita.explain.default_layer
     return [(default, DEFAULT_LAYER)] + [(f"fusion layer {i + 1}", i) for i in range(n)]
 

@@ -134,7 +134,9 @@ def test_match_in_the_browser(browser, server, server_matcher, matcher, tmp_path
     page.locator("#word-maps img").first.wait_for(state="visible")
     assert page.locator("#explain-caption input").input_value() == ranked[0]  # the top caption is explained
 
-    save_small_png(page.screenshot(), screenshot)  # the viewport: inputs, ranking, heatmaps
+    page.set_viewport_size({"width": 1400, "height": 2300})  # tall enough for the heatmaps below the examples
+    page.wait_for_timeout(500)
+    save_small_png(page.screenshot(), screenshot)  # the viewport: inputs, ranking, examples, heatmaps
     assert 0 < screenshot.stat().st_size <= SCREENSHOT_MAX_BYTES
     page.close()
 
