@@ -189,9 +189,12 @@ def default_layer(model: Any) -> int:
 
 
 def _layer_index(model: Any, layer: int | None) -> int:
+    """A fusion layer given as a whole number (negative counts from the last; "1" accepted, 1.5 / True / "abc"
+    refused) -> its non-negative index; None -> :func:`default_layer`."""
     n = len(model.fusion_levels)
     if layer is None:
         return default_layer(model)
+    layer = check_whole_number(layer, "layer", -1_000_000, 1_000_000)
     if not -n <= layer < n:
         raise ValueError(f"layer={layer} is out of range: this model has {n} fusion layers (0..{n - 1}, or -1)")
     return layer % n
@@ -348,6 +351,8 @@ def explain_pair(
     """
     _check_options(method, normalize)
     max_side = _check_max_side(max_side)
+    if not isinstance(heads, (bool, np.bool_)):
+        raise ValueError(f"heads must be True or False, got {heads!r}")
     if method in ("gradcam", "attention") and not model.has_itm:
         raise ValueError(
             f"method={method!r} needs the fusion/ITM branch, which this model does not have "

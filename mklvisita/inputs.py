@@ -127,6 +127,8 @@ def _from_array(a: np.ndarray) -> Image.Image:
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
         raise InvalidImageError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {a.shape}")
     _check_size(a.shape[1], a.shape[0], "the image array")
+    if a.dtype.kind not in "buif":  # object, complex, strings, ...
+        raise InvalidImageError(f"an image array must hold real numbers (0-255 or 0-1), got dtype {a.dtype}")
     if a.dtype != np.uint8:
         a = np.asarray(a, dtype=np.float64)
         if not np.isfinite(a).all():

@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inputs import ImageInput, InvalidCaptionError, InvalidImageError, Processor, check_batch_size, check_caption
+from .inputs import (
+    ImageInput,
+    InvalidCaptionError,
+    InvalidImageError,
+    Processor,
+    check_batch_size,
+    check_caption,
+    check_whole_number,
+)
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
 
@@ -98,6 +106,8 @@ class Matcher:
         **hub_kwargs,
     ) -> Matcher:
         """Load a checkpoint folder or Hub id (pinned at ``revision``): model, tokenizer, card and metrics."""
+        if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+            raise CheckpointError(f"a checkpoint is a folder or a Hub id (owner/name), got {name_or_path!r}")
         folder = resolve_checkpoint(name_or_path, revision=revision, **hub_kwargs)
         model = MKLVisITA.from_pretrained(folder)
         if device is not None:
@@ -193,16 +203,18 @@ class Matcher:
 
     # ----------------------------------------------------------------------------------------------- search
     def index_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> ImageIndex:
-        images = _as_list(images, "image")
+        images, batch_size = _as_list(images, "image"), check_batch_size(batch_size)
         return ImageIndex(encode_images(self.model, self.processor, images, batch_size), len(images))
 
     def index_captions(self, captions: Sequence[str], batch_size: int = 256) -> TextIndex:
-        captions = [check_caption(c) for c in _as_list(captions, "caption")]
+        captions, batch_size = [check_caption(c) for c in _as_list(captions, "caption")], check_batch_size(batch_size)
         return TextIndex(encode_captions(self.model, self.processor, captions, batch_size), captions)
 
     def search_images(self, index: ImageIndex, text: str, top_k: int = 5) -> SearchResult:
         """Text -> the best images of an index by the cascade of ``config.ranking`` (ITM re-scores the top
-        max(ranking.k, top_k))."""
+        max(ranking.k, top_k)). ``top_k``: a whole number from 1 (more than the index holds returns all of it)."""
+        _check_index(index, ImageIndex, "search_images", "index_images")
+        top_k = _check_top_k(top_k)
         t0 = time.perf_counter()
         query = encode_captions(self.model, self.processor, [check_caption(text)])
         t_enc = time.perf_counter() - t0
@@ -210,7 +222,9 @@ class Matcher:
         return self._top(s.t2i[0], s.similarity[:, 0], top_k, {"encode_query": t_enc, **s.timings}, s.pairs)
 
     def search_captions(self, index: TextIndex, image: ImageInput, top_k: int = 5) -> SearchResult:
-        """Image -> the best captions of an index."""
+        """Image -> the best captions of an index (``top_k`` as in :meth:`search_images`)."""
+        _check_index(index, TextIndex, "search_captions", "index_captions")
+        top_k = _check_top_k(top_k)
         t0 = time.perf_counter()
         query = encode_images(self.model, self.processor, [image])
         t_enc = time.perf_counter() - t0
@@ -239,6 +253,15 @@ class Matcher:
             timings,
             pairs,
         )
+
+
+def _check_index(index: Any, kind: type, method: str, maker: str) -> None:
+    if not isinstance(index, kind):
+        raise ValueError(f"{method} searches a {kind.__name__} (from Matcher.{maker}), got {type(index).__name__}")
+
+
+def _check_top_k(top_k: Any) -> int:
+    return check_whole_number(top_k, "top_k", 1, 1_000_000)
 
 
 def _as_list(items: Any, what: str) -> list:

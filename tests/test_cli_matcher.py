@@ -182,3 +182,45 @@ def test_missing_embedded_checkpoint_message_names_no_server_path(tmp_path, monk
     with pytest.raises(CheckpointError) as err:
         Matcher.default()
     assert str(tmp_path) not in str(err.value) and "training.photo" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def micro(tiny_checkpoint):
+    return Matcher.from_pretrained(tiny_checkpoint)
+
+
+_IMG = Image.new("RGB", (40, 30), "red")
+MISUSE = {  # each raised a TypeError, KeyError, AttributeError or IndexError (or passed silently) before
+    "layer 'abc'": lambda m: m.explain(_IMG, "a red square", layer="abc"),
+    "layer 1.5": lambda m: m.explain(_IMG, "a red square", layer=1.5),
+    "layer True": lambda m: m.explain(_IMG, "a red square", layer=True),
+    "heads 'x'": lambda m: m.explain(_IMG, "a red square", heads="x"),
+    "top_k 'abc'": lambda m: m.search_images(m.index_images([_IMG]), "a red square", top_k="abc"),
+    "top_k 1.5": lambda m: m.search_images(m.index_images([_IMG]), "a red square", top_k=1.5),
+    "top_k None": lambda m: m.search_images(m.index_images([_IMG]), "a red square", top_k=None),
+    "top_k 0": lambda m: m.search_captions(m.index_captions(["a red square"]), _IMG, top_k=0),
+    "top_k -3": lambda m: m.search_captions(m.index_captions(["a red square"]), _IMG, top_k=-3),
+    "text index to search_images": lambda m: m.search_images(m.index_captions(["a"]), "a red square"),
+    "image index to search_captions": lambda m: m.search_captions(m.index_images([_IMG]), _IMG),
+    "index_images batch_size -1": lambda m: m.index_images([_IMG], batch_size=-1),
+    "index_captions batch_size 0": lambda m: m.index_captions(["a"], batch_size=0),
+    "object array": lambda m: m.score([np.array([["a"]], dtype=object)], ["a"]),
+    "complex array": lambda m: m.score([np.zeros((4, 4, 3), complex)], ["a"]),
+    "checkpoint 5": lambda m: Matcher.from_pretrained(5),
+    "checkpoint ''": lambda m: Matcher.from_pretrained(""),
+}
+
+
+@pytest.mark.parametrize("case", MISUSE)
+def test_library_misuse_is_a_value_error_with_a_plain_message(micro, case):
+    with pytest.raises(ValueError) as err:
+        MISUSE[case](micro)
+    message = str(err.value)
+    assert message and "/" not in message.replace("owner/name", ""), message  # no path, no traceback text
+
+
+def test_whole_number_layers_and_top_k_still_work(micro):
+    assert micro.explain(_IMG, "a red square", layer="1").layer == 1
+    assert micro.explain(_IMG, "a red square", layer=-1).layer == len(micro.model.fusion_levels) - 1
+    r = micro.search_images(micro.index_images([_IMG, _IMG]), "a red square", top_k=5.0)
+    assert len(r.indices) == 2  # more than the gallery holds: all of it
