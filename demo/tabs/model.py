@@ -34,7 +34,11 @@ def build(ctx: Context) -> tuple[list, Callable]:
             # the figures carry their own titles: a component label would cover them
             k_plot = gr.Image(show_label=False, interactive=False, elem_id="model-weights", **FIGURE)
             k_levels = gr.Image(show_label=False, interactive=False, elem_id="model-levels", **FIGURE)
-        k_table = gr.Dataframe(label="Kernel weights (rows: where they act)", interactive=False, elem_id="model-table")
+        k_table = gr.Dataframe(
+            label="Kernel weights: one row per kernel; its weight in S and in each fusion layer",
+            interactive=False,
+            elem_id="model-table",
+        )
         with gr.Row():
             k_card = gr.Markdown(label="Checkpoint card", container=True, max_height=500, elem_id="model-card")
             k_metrics = gr.JSON(label="Metrics (rounded)")
