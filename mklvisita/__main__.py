@@ -83,8 +83,12 @@ def _load(checkpoint: str | None, revision: str | None):
     from .matcher import EMBEDDED, Matcher
 
     if checkpoint is None:
+        if revision:
+            raise ValueError("--revision needs --checkpoint with a Hub id")
         return Matcher.default()
     if checkpoint in EMBEDDED and not os.path.isdir(checkpoint):
+        if revision:
+            raise ValueError(f"--revision applies to Hub ids; {checkpoint!r} is an embedded checkpoint")
         return Matcher.default(checkpoint)
     return Matcher.from_pretrained(checkpoint, revision=revision)
 

@@ -175,6 +175,9 @@ def test_cli_defaults_to_the_photo_checkpoint_and_takes_embedded_names(loads, im
     assert main(["score", images[0], "-c", "a red square", "--checkpoint", "photo"]) == 0
     assert loads == [EMBEDDED["photo"], EMBEDDED["shapes"], EMBEDDED["photo"]]
     assert len(capsys.readouterr().out.splitlines()) == 3 * 3
+    assert main(["score", images[0], "-c", "a red square", "--checkpoint", "shapes", "--revision", "v1"]) == 2
+    assert main(["score", images[0], "-c", "a red square", "--revision", "v1"]) == 2
+    assert capsys.readouterr().err.count("--revision") == 2 and len(loads) == 3  # refused before any load
 
 
 def test_missing_embedded_checkpoint_message_names_no_server_path(tmp_path, monkeypatch):
