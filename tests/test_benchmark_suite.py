@@ -30,7 +30,11 @@ def test_rows_have_the_documented_columns(summary):
     assert lat["match_p50_ms"] > 0 and lat["match_over_dual"] > 0
     assert r["flops"]["rows"][0]["of_matmul"] == 1.0 and r["flops"]["rows"][1]["gflop"] > 0
     sizes = r["retrieval_scaling"]["rows"]
-    assert [row["images"] for row in sizes] == [8, 16] and all(row["captions"] == 5 * row["images"] for row in sizes)
+    assert [row["images"] for row in sizes] == [8, 16, 32]
+    assert all(row["captions"] == 5 * row["images"] for row in sizes)
+    (growth,) = r["retrieval_scaling"]["growth_x4"]  # N = 8 -> 32, as 500 -> 2,000 in the full run
+    assert growth["from"] == 8 and growth["to"] == 32 and growth["cascade_s"] > 0
+    assert growth["exhaustive_pairs"] == pytest.approx(16.0) and growth["global_pairs"] == pytest.approx(16.0)
     assert {"global_s", "similarity_s", "rerank_s", "similarity_pairs", "itm_pairs", "exhaustive_similarity_s"} <= set(
         sizes[0]
     )
