@@ -18,6 +18,14 @@ Decisions:
       prompts built from timm's ImageNet synset lemmas and WordNet definitions: "<lemmas>", "<lemmas>: <definition>"
       and "a photo of a <first lemma>, <definition>". Chosen, with T = 0.5 and tau = 0.02, on the tune half of the
       Tux Paint photo stamps (mklvisita.tasks.tuxpaint), never on its test half.
+    - WordNet expansion (``concept_synsets`` > 0): a caption naming something outside the 1,000 classes ("A sitting
+      gnu", "A yak") lands on the wrong class when compared with the class prompts alone (MiniLM puts "yak" near
+      "yawl"). The bridge also holds the lemma embeddings of ImageNet-21k's WordNet synsets and, for each, the
+      ImageNet-1k classes under its nearest WordNet ancestor that has any (gnu -> antelope -> hartebeest, impala,
+      gazelle; yak -> ox). The caption's class distribution becomes (1 - w) q + w r @ M, where r = softmax(cos(caption,
+      synset lemmas) / tau_s) and M spreads each synset uniformly over its classes. Only the sentence-level q
+      (``concept_class``) is expanded; the per-word maps keep the class prompts. The buffers are built by
+      ``training.photo`` (timm's synset lemmas, the WordNet noun hierarchy) and saved with the checkpoint (fp16).
     - The classifier is a frozen copy of the backbone package's ImageNet head (buffers: not trained, not saved in
       a release folder whose vision backbone comes from a package); the prompt embeddings are a buffer saved with
       the checkpoint (computing them again needs ~3,000 encoder passes).
@@ -73,6 +81,14 @@ class ConceptBridge(nn.Module):
         self.register_buffer("class_weight", torch.zeros(num_classes, image_width))  # (K, C) ImageNet head
         self.register_buffer("class_bias", torch.zeros(num_classes))  # (K,)
         self.register_buffer("class_text", torch.zeros(num_classes, text_width))  # (K, D) unit prompt embeddings
+        self.synset_weight = cfg.concept_synset_weight
+        self.synset_temperature = cfg.concept_synset_temperature
+        self.expands = cfg.concept_synsets > 0
+        if self.expands:
+            n, links = cfg.concept_synsets, cfg.concept_synset_links
+            self.register_buffer("synset_text", torch.zeros(n, text_width, dtype=torch.float16))  # (N, D) unit lemmas
+            self.register_buffer("synset_links", torch.zeros(2, links, dtype=torch.int32))  # (synset, class) pairs
+            self.register_buffer("synset_link_weight", torch.zeros(links))  # (L,) each synset's weights sum to 1
 
     def load_classifier(self, state: dict[str, torch.Tensor], prefix: str = "classifier") -> None:
         """Copy the ImageNet head ``<prefix>.weight`` / ``<prefix>.bias`` of a timm state dict."""
@@ -97,6 +113,27 @@ class ConceptBridge(nn.Module):
         emb = emb.view(len(prompts), len(prompts[0]), -1).sum(1)  # (K, prompts, D) -> (K, D)
         self.class_text.copy_(F.normalize(emb, dim=-1))
 
+    @torch.no_grad()
+    def fill_synsets(self, text: torch.Tensor, synset: torch.Tensor, cls: torch.Tensor, weight: torch.Tensor) -> None:
+        """The WordNet expansion: ``text`` (N, D) synset lemma embeddings; link l maps synset ``synset[l]`` to class
+        ``cls[l]`` with ``weight[l]`` (each synset's weights sum to 1)."""
+        if not self.expands or tuple(text.shape) != tuple(self.synset_text.shape) or len(cls) != len(weight):
+            raise ValueError(f"the expansion needs {tuple(self.synset_text.shape)} lemma embeddings and matching links")
+        if len(weight) != self.synset_link_weight.shape[0]:
+            raise ValueError(f"the expansion has {self.synset_link_weight.shape[0]} links; got {len(weight)}")
+        self.synset_text.copy_(F.normalize(text.float(), dim=-1).half())
+        self.synset_links.copy_(torch.stack([synset, cls]).int())
+        self.synset_link_weight.copy_(weight.float())
+
+    def synset_expansion(self, sentence: torch.Tensor) -> torch.Tensor:
+        """sentence (B, D) unit -> (B, K) class distribution through the WordNet synsets."""
+        r = (sentence @ self.synset_text.float().T / self.synset_temperature).softmax(-1)  # (B, N)
+        rows, cols = self.synset_links.long()
+        mass = r[:, rows] * self.synset_link_weight  # (B, L)
+        return torch.zeros(r.shape[0], self.class_text.shape[0], dtype=r.dtype, device=r.device).index_add_(
+            1, cols, mass
+        )
+
     def class_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(..., C) CNN features -> (..., K) ImageNet logits."""
         return F.linear(features, self.class_weight, self.class_bias)
@@ -114,7 +151,10 @@ class ConceptBridge(nn.Module):
 
     def text_features(self, sentence: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """sentence (B, D) mean-pooled, tokens (B, T, D) -> the text side of each concept source."""
-        q = (F.normalize(sentence, dim=-1) @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, K)
+        unit = F.normalize(sentence, dim=-1)
+        q = (unit @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, K)
+        if self.expands:
+            q = (1 - self.synset_weight) * q + self.synset_weight * self.synset_expansion(unit)
         out = {"concept": sentence, "concept_class": q.sqrt()}
         if "concept_local" in self.sources:
             qw = (F.normalize(tokens, dim=-1) @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, T, K)

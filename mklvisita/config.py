@@ -102,6 +102,10 @@ class KernelConfig:
     # "photo" (only "a photo of a <first lemma>", the issue's plain bridge)
     concept_temperature: float = 0.5  # T of the image's class probabilities softmax(logits / T) (concept sources)
     concept_text_temperature: float = 0.02  # tau of a caption's class distribution softmax(cos(caption, class) / tau)
+    concept_synsets: int = 0  # WordNet synsets expanding a caption's class distribution (mklvisita.concepts); 0 = off
+    concept_synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
+    concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
+    concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
 
 
@@ -226,6 +230,8 @@ class MKLVisITAConfig:
         if self.kernels.concept_prompts not in ("ensemble", "photo"):
             prompts = self.kernels.concept_prompts
             raise ConfigError(f"kernels.concept_prompts must be 'ensemble' or 'photo', not {prompts!r}")
+        if (self.kernels.concept_synsets > 0) != (self.kernels.concept_synset_links > 0):
+            raise ConfigError("kernels.concept_synsets and kernels.concept_synset_links are both 0 or both > 0")
         if not self.kernels.sources or not self.kernels.functions:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:

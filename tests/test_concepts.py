@@ -162,3 +162,37 @@ def test_default_names_the_embedded_checkpoints():
     assert EMBEDDED["photo"].name == "mklvisita-photo" and (EMBEDDED["photo"] / "config.json").is_file()
     with pytest.raises(ValueError, match="photo"):
         Matcher.default("holiday-snaps")
+
+
+def test_wordnet_expansion_mixes_the_synset_route_into_the_captions_class_distribution(tmp_path):
+    """concept_class's caption side = sqrt((1 - w) q + w r @ M), r over the synset lemmas, M the uniform links."""
+    cfg = _config(sources=["concept_class"])
+    cfg.kernels.concept_synsets, cfg.kernels.concept_synset_links = 3, 4
+    torch.manual_seed(0)
+    m = MKLVisITA(cfg).eval()
+    text = torch.randn(3, 32)
+    rows, cols = torch.tensor([0, 1, 1, 2]), torch.tensor([5, 7, 9, 999])
+    m.concepts.fill_synsets(text, rows, cols, torch.tensor([1.0, 0.5, 0.5, 1.0]))
+    _, ids, mask = _inputs(m)
+    with torch.no_grad():
+        txt = m.encode_text(ids, mask)
+        got = m.embed_text(txt).pooled["concept_class"][:, 0]  # (B, K), unit rows
+        x = txt.levels[m.text.depth - 1] * mask.unsqueeze(-1)
+        s = F.normalize(x.sum(1) / mask.sum(1, keepdim=True), dim=-1)
+        c = m.concepts
+        q = (s @ c.class_text.T / c.text_temperature).softmax(-1)
+        r = (s @ F.normalize(text, dim=-1).half().float().T / cfg.kernels.concept_synset_temperature).softmax(-1)
+        routed = torch.zeros_like(q)
+        routed[:, 5] += r[:, 0]
+        routed[:, 7] += r[:, 1] / 2
+        routed[:, 9] += r[:, 1] / 2
+        routed[:, 999] += r[:, 2]
+        w = cfg.kernels.concept_synset_weight
+        expected = F.normalize(((1 - w) * q + w * routed).sqrt(), dim=-1)
+        assert torch.allclose(got, expected, atol=1e-4)
+        m.save_pretrained(tmp_path)
+        loaded = MKLVisITA.from_pretrained(tmp_path)
+        assert torch.equal(loaded.concepts.synset_links, m.concepts.synset_links)
+        assert torch.allclose(loaded.embed_text(loaded.encode_text(ids, mask)).pooled["concept_class"][:, 0], got)
+    with pytest.raises(ValueError, match="links"):
+        m.concepts.fill_synsets(text, rows[:3], cols[:3], torch.ones(3))
