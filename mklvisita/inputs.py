@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -159,15 +160,15 @@ def check_caption(caption: Any) -> str:
 
 def check_whole_number(value: Any, name: str, low: int, high: int) -> int:
     """A whole number in [low, high]: ints, integral floats and digit strings; bools, 1.5 and "abc" refused."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     if isinstance(value, str):
         value = value.strip()
-        number = int(value) if value.lstrip("-").isdigit() else None
-    elif isinstance(value, float):
-        number = int(value) if value.is_integer() else None
-    elif isinstance(value, int):
-        number = value
+        number = int(value) if re.fullmatch(r"-?[0-9]{1,9}", value) else None  # not "--1", "²" or 10**1000 digits
+    elif isinstance(value, (float, np.floating)):
+        number = int(value) if float(value).is_integer() else None
+    elif isinstance(value, (int, np.integer)):
+        number = int(value)
     else:
         number = None
     if number is None or not low <= number <= high:

@@ -119,3 +119,14 @@ def test_app_refuses_bad_layers_plainly(matcher: Matcher, layer) -> None:
 
     with pytest.raises((ValueError, gr.Error), match="fusion layer must be a whole number"):  # not silently 1
         app.explain(matcher, str(EXAMPLES / "cat.jpg"), "a cat", layer=layer)
+
+
+def test_whole_numbers_take_numpy_scalars_and_refuse_odd_text() -> None:
+    import numpy as np
+
+    from mklvisita.inputs import check_whole_number
+
+    assert [check_whole_number(v, "k", -2, 5) for v in (np.int64(3), np.float32(2.0), np.uint8(1))] == [3, 2, 1]
+    for value in ("--1", "²", "1e3", np.bool_(True), np.float64("nan"), float("inf"), "9" * 5000):
+        with pytest.raises(ValueError, match="whole number"):
+            check_whole_number(value, "k", -2, 5)
