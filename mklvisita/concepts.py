@@ -125,9 +125,18 @@ class ConceptBridge(nn.Module):
         self.synset_links.copy_(torch.stack([synset, cls]).int())
         self.synset_link_weight.copy_(weight.float())
 
+    def _synset_matrix(self) -> torch.Tensor:
+        # The fp16 buffer halves the checkpoint; converting 20k x D rows on every call cost ~10 ms, so the float copy
+        # is kept until the buffer changes (a load, fill_synsets or .to() gives a new version or storage).
+        buf = self.synset_text
+        key = (buf.data_ptr(), buf._version, buf.device)
+        if getattr(self, "_synset_cache", (None,))[0] != key:
+            self._synset_cache = (key, buf.float())
+        return self._synset_cache[1]
+
     def synset_expansion(self, sentence: torch.Tensor) -> torch.Tensor:
         """sentence (B, D) unit -> (B, K) class distribution through the WordNet synsets."""
-        r = (sentence @ self.synset_text.float().T / self.synset_temperature).softmax(-1)  # (B, N)
+        r = (sentence @ self._synset_matrix().T / self.synset_temperature).softmax(-1)  # (B, N)
         rows, cols = self.synset_links.long()
         mass = r[:, rows] * self.synset_link_weight  # (B, L)
         return torch.zeros(r.shape[0], self.class_text.shape[0], dtype=r.dtype, device=r.device).index_add_(
