@@ -6,6 +6,7 @@ import torch
 
 from mklvisita import MKLVisITA, MKLVisITAConfig
 from mklvisita.data import ShapesScenes, holds
+from mklvisita.data.shapes import OPPOSITE, Claim
 from mklvisita.inputs import Processor
 from mklvisita.tasks import PairOptions, TaskError, TrainCollate, caption_positives, get_task, pixel_values_uint8
 from mklvisita.tasks.shapes import ShapesTrainPairs, cache_key
@@ -195,3 +196,28 @@ def test_evaluate_cli_limit_and_no_extra(tiny_checkpoint, tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["meta"]["n_images"] == 3 and "binding_acc_sim" in metrics
     assert not any("pointing" in key for key in metrics)
+
+
+def test_shapes_reverse_rate_trains_relations_against_their_reversal(tmp_path):
+    opts = {"size": 60, "seed": 0, "cache_dir": str(tmp_path)}
+    plain = get_task("shapes").train_pairs("shapes", "train", PairOptions(**opts))
+    rev = get_task("shapes").train_pairs("shapes", "train", PairOptions(**opts, reverse_rate=1.0))
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    relations = changed = 0
+    for i in range(len(plain)):
+        a, b = plain[i], rev[i]
+        assert a["caption"] == b["caption"] and np.array_equal(a["image"], b["image"])  # scenes untouched
+        if a["claim"].kind != "relation":
+            assert a["negative"] == b["negative"]
+            continue
+        relations += 1
+        changed += a["negative"] != b["negative"]
+        word = next(w for w in opposite if w in a["caption"])
+        claim = b["claim"]
+        if holds(Claim("relation", claim.descs, OPPOSITE[claim.relation]), b["scene_objects"], 64):
+            assert b["negative"] == a["negative"]  # "a small square above a small square": its reversal holds too
+        else:
+            assert b["negative"] == a["caption"].replace(word, opposite[word])  # the claim, relation reversed
+    assert relations > 20 and changed > 0  # some relation negatives were attribute swaps before
+    with pytest.raises(ValueError, match="reverse_rate"):
+        get_task("shapes").train_pairs("shapes", "train", PairOptions(**opts, reverse_rate=1.5))

@@ -47,6 +47,8 @@ class DataConfig:
     eval_split: str = "val"  # split of `eval` used during training (the final numbers come from training.evaluate)
     eval_limit: int = 200  # images evaluated during training (0 = the whole split)
     hard_negatives: bool = True  # feed each caption's hard-negative caption (shapes) to the ITM/ITC losses
+    reverse_negatives: float = 0.0  # shapes only: share of relation captions trained against their reversed
+    # relation ("left of" -> "right of") instead of the generator's negative (an attribute swap when one exists)
     num_workers: int = 0  # DataLoader workers for decoding + preprocessing
 
 

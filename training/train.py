@@ -73,7 +73,12 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
     """The task's training pairs (:mod:`mklvisita.tasks`: the data spec names the task)."""
     from mklvisita.tasks import PairOptions, TaskError, get_task
 
-    options = PairOptions(size=cfg.data.train_size, seed=cfg.data.shapes_seed, cache_dir=cfg.data.cache_dir)
+    options = PairOptions(
+        size=cfg.data.train_size,
+        seed=cfg.data.shapes_seed,
+        cache_dir=cfg.data.cache_dir,
+        reverse_rate=cfg.data.reverse_negatives,
+    )
     try:
         return get_task(cfg.data.train).train_pairs(cfg.data.train, cfg.data.train_split, options)
     except TaskError as e:

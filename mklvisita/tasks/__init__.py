@@ -66,6 +66,7 @@ class PairOptions:
     seed: int = 0  # shapes: the scene generator's seed
     image_size: int = 64  # shapes: rendered side in pixels
     cache_dir: str = ""  # shapes: where rendered scenes are cached ("" = $MKLVISITA_CACHE or ~/.cache/mklvisita)
+    reverse_rate: float = 0.0  # shapes: share of relation captions whose training negative is the reversed relation
 
 
 def scheme(spec: str) -> str:

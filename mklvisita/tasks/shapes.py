@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.shapes import SHAPES_VOCABULARY, Claim, Desc, Scene, SceneObject, ShapesScenes, holds
+from ..data.shapes import OPPOSITE, SHAPES_VOCABULARY, Claim, Desc, Scene, SceneObject, ShapesScenes, holds
 from . import PairOptions, TaskError
 
 VOCABULARY = SHAPES_VOCABULARY
@@ -173,12 +173,38 @@ class ShapesTrainPairs(Dataset):
     Items: ``image`` (uint8 (S, S, 3)), ``caption``, ``negative``, ``image_id`` (the scene), ``claim``,
     ``scene_objects`` (the scene's :class:`SceneObject` list), ``objects`` (dicts with masks, as rendered items
     have) and ``image_size``.
+
+    ``reverse_rate`` (training only): the generator tries an attribute swap before a reversed relation, so a
+    relation caption's negative is its reversal only when no swap exists (about 12 % of the test negatives are
+    reversals, fewer in training). With probability ``reverse_rate`` (fixed per item: a seeded draw of its own,
+    so scenes, cache and evaluation splits are unchanged) a relation caption's negative becomes the same caption
+    with the opposite relation, which never holds with the generator's margin.
     """
 
-    def __init__(self, split: str, size: int, seed: int, image_size: int = 64, cache_dir: str = ""):
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        seed: int,
+        image_size: int = 64,
+        cache_dir: str = "",
+        reverse_rate: float = 0.0,
+    ):
+        if not 0.0 <= reverse_rate <= 1.0:
+            raise ValueError(f"reverse_rate must be in [0, 1], got {reverse_rate}")
         self.scenes = ShapesScenes(split=split, size=size, seed=seed, image_size=image_size)
         self.per_scene = self.scenes.captions_per_image
         self.cache = cached_scenes(self.scenes, cache_dir)
+        self.seed, self.reverse_rate = seed, reverse_rate
+
+    def _negative(self, scene: Scene, k: int, index: int) -> Claim:
+        claim, negative = scene.claims[k], scene.negative_claims[k]
+        if self.reverse_rate <= 0 or claim.kind != "relation" or scene.negative_kinds[k] == "reverse":
+            return negative
+        if np.random.default_rng([self.seed, 7, index]).random() >= self.reverse_rate:
+            return negative
+        reversed_ = Claim("relation", claim.descs, OPPOSITE[claim.relation], template=claim.template)
+        return negative if holds(reversed_, scene.objects, self.cache.image_size) else reversed_
 
     def __len__(self) -> int:
         return len(self.scenes) * self.per_scene
@@ -189,7 +215,7 @@ class ShapesTrainPairs(Dataset):
         return {
             "image": np.array(self.cache.pixels[scene_index]),  # a copy: torch must not see a read-only memmap
             "caption": scene.claims[k].text(),
-            "negative": scene.negative_claims[k].text(),
+            "negative": self._negative(scene, k, index).text(),
             "image_id": scene_index,
             "claim": scene.claims[k],
             "scene_objects": scene.objects,
@@ -201,7 +227,9 @@ class ShapesTrainPairs(Dataset):
 def train_pairs(spec: str, split: str, options: PairOptions) -> ShapesTrainPairs:
     if spec != "shapes":
         raise TaskError(f"{spec} is a held-out test split; train on 'shapes'")
-    return ShapesTrainPairs(split, options.size, options.seed, options.image_size, options.cache_dir)
+    return ShapesTrainPairs(
+        split, options.size, options.seed, options.image_size, options.cache_dir, options.reverse_rate
+    )
 
 
 def positives(items: list[dict[str, Any]]) -> torch.Tensor:
