@@ -430,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mklvisita.figures", description="Write the explanation figure set for an image and captions."
     )
-    parser.add_argument("--checkpoint", default=None, help="checkpoint folder or Hub id (default: the embedded one)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint folder or Hub id (default: the embedded shapes checkpoint with --shapes, else the demo's)",
+    )
     parser.add_argument("--revision", default=None, help="Hub revision to pin")
     parser.add_argument("--image", default=None, help="image file")
     parser.add_argument("--caption", action="append", default=[], help="a caption (repeat for several)")
@@ -443,7 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", nargs="+", default=["png"], choices=["png", "svg", "pdf"])
-    parser.add_argument("--method", default="gradcam", choices=["gradcam", "attention", "kernel"])
+    parser.add_argument(
+        "--method",
+        default=None,
+        choices=["gradcam", "attention", "kernel"],
+        help="map method (default: gradcam, or kernel for a checkpoint without fusion such as the photo one)",
+    )
     parser.add_argument("--layer", type=int, default=None, help="fusion layer (default: the second to last)")
     parser.add_argument("--normalize", default="per_map", choices=["per_map", "shared"])
     args = parser.parse_args(argv)
@@ -465,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is None:
             from .matcher import Matcher
 
-            m = Matcher.default()
+            m = Matcher.default("shapes" if args.shapes is not None else None)
             model, processor = m.model, m.processor
         else:
             model = MKLVisITA.from_pretrained(args.checkpoint, revision=args.revision).eval()
@@ -477,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             captions,
             args.out,
             formats=args.format,
-            method=args.method,
+            method=args.method or ("gradcam" if model.config.fusion.enabled else "kernel"),
             layer=args.layer,
             normalize=args.normalize,
         )

@@ -158,3 +158,15 @@ def test_figure_set_command(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         figures.main(["--out", str(tmp_path / "o3")])  # neither an image nor a shapes scene
     assert not plt.get_fignums()
+
+
+def test_figure_set_command_defaults_fit_the_checkpoint(tmp_path):
+    """No --checkpoint: a shapes scene gets the shapes checkpoint (Grad-CAM through its fusion); a photo gets the
+    demo's default, the photo checkpoint, which has no fusion, so its maps default to the kernel method."""
+    image = tmp_path / "photo.png"
+    IMAGE.save(image)
+    assert figures.main(["--image", str(image), "--caption", "a red circle", "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "00_a_red_circle_words.png").is_file()
+    assert figures.main(["--shapes", "3", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "fusion_kernel_weights.png").is_file()  # the shapes model (it has fusion) was used
+    assert not plt.get_fignums()
