@@ -33,9 +33,13 @@ log = logging.getLogger("mklvisita.demo")
 # image_mode=None: pass the uploaded file through untouched; mklvisita.inputs.load_image converts it exactly as the
 # trainer and the evaluator do (EXIF, transparency, 16-bit, first frame).
 IMAGE_UPLOAD = {"type": "filepath", "image_mode": None}
-# Events that take an image upload skip gradio's preprocessing: gr.Image opens the file with PIL first, and a corrupt
-# upload would fail there with a message the UI hides (show_error=False). The handlers get the upload's FileData
-# (already checked to lie in gradio's upload folder, with the user's file name) and report what is wrong.
+# Events that take an image upload skip gradio's preprocessing. The handlers get the upload's FileData (already checked
+# to lie in gradio's upload folder, with the user's file name), decode it and report what is wrong. Two reasons:
+# - gr.Image opens the file with PIL first, and a corrupt upload would fail there with a message the UI hides
+#   (show_error=False);
+# - gr.File(type="filepath") (gradio 6.31, `File._process_single_file`) opens a NamedTemporaryFile(delete=False) in the
+#   temp folder for every file it receives, only to rename a Python object: the empty file is tracked by nothing, so
+#   delete_cache never removes it and the temp folder would grow by one file per uploaded image for good (issue 10).
 RAW_INPUTS = {"preprocess": False}
 FIGURE = {"type": "pil", "format": "png", "buttons": ["download", "fullscreen"]}  # crisp text, exportable
 MODEL_CALL = {"concurrency_id": "model", "concurrency_limit": 1}

@@ -115,7 +115,7 @@ def test_clients_with_bad_inputs_mixed_in(app_process, tmp_path):
             assert re.search(pattern, message), message
             assert GENERIC not in message and "Traceback" not in message
             assert str(temp) not in message and str(tmp_path) not in message and "/tmp/" not in message
-        files.append(demo_load.folder_stats(temp)[0] - len(_empty_tmp_files(temp)))  # see the xfail test below
+        files.append(demo_load.folder_stats(temp)[0])
     assert files[0] > 0 and files[1] == files[0], f"temp folder grew from {files[0]} to {files[1]} files"
 
     assert proc.poll() is None, "the app died"
@@ -126,27 +126,26 @@ def test_clients_with_bad_inputs_mixed_in(app_process, tmp_path):
 
 
 def _empty_tmp_files(temp: Path) -> list[Path]:
-    """Empty ``tmpXXXXXXXX`` files at the top of the temp folder: gradio's ``gr.File(type="filepath")`` preprocessing
-    creates one per file it receives (``NamedTemporaryFile(delete=False)``, never written, never tracked, so
-    ``delete_cache`` never removes it)."""
+    """Empty ``tmpXXXXXXXX`` files at the top of the temp folder: what gradio 6.31's ``gr.File(type="filepath")``
+    preprocessing leaves per file it receives (``NamedTemporaryFile(delete=False)``, never written, never tracked, so
+    ``delete_cache`` never removes it). The demo's file events skip that preprocessing (``demo.ui.RAW_INPUTS``)."""
     return [p for p in temp.iterdir() if p.is_file() and p.name.startswith("tmp") and p.stat().st_size == 0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gradio 6.31: gr.File(type='filepath') leaves an empty, untracked temp file per uploaded file (the Matrix "
-    "and Search tabs' file inputs); delete_cache never removes them, so their count grows without bound. Fix in the "
-    "demo's tabs (e.g. a gr.File subclass whose _process_single_file returns the path without the temp file); this "
-    "test then passes and its xfail marker goes.",
-)
 def test_file_inputs_leave_no_untracked_files(app_process):
+    """Multi-file uploads to /matrix and /search add no untracked file to the temp folder (gr.File would add one per
+    image)."""
     from gradio_client import handle_file
 
     _, url, temp, _ = app_process
+    client = demo_load._client(url)
     before = len(_empty_tmp_files(temp))
     images = [handle_file(str(demo_load.EXAMPLES / name)) for name in ("cat.jpg", "rocket.jpg")]
-    demo_load._client(url).predict(images, "a cat\na rocket", "similarity", api_name="/matrix")
-    assert len(_empty_tmp_files(temp)) == before
+    client.predict(images, "a cat\na rocket", "similarity", api_name="/matrix")
+    assert len(_empty_tmp_files(temp)) == before, "gr.File preprocessing left an empty temp file per upload (/matrix)"
+    found = client.predict("a rocket", None, images, "", 2, api_name="/search")[0]
+    assert len(found) == 2
+    assert len(_empty_tmp_files(temp)) == before, "gr.File preprocessing left an empty temp file per upload (/search)"
 
 
 def test_demo_load_quick_has_the_documented_columns(app_process, tmp_path):

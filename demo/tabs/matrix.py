@@ -9,7 +9,7 @@ import gradio as gr
 
 from ..inputs import MAX_MATRIX_CAPTIONS, MAX_MATRIX_IMAGES
 from ..matrix import SCORE_KINDS, MatrixView, matrix
-from ..ui import FIGURE, MODEL_CALL, PRIVATE, Context, with_checkpoint
+from ..ui import FIGURE, IMAGE_CALL, PRIVATE, Context, with_checkpoint
 
 
 def show(view: MatrixView) -> tuple:
@@ -52,7 +52,7 @@ def build(ctx: Context) -> None:
             [ctx.checkpoint, x_files, x_captions, x_kind],
             [x_plot, x_best, x_json],
             api_name="matrix",
-            **MODEL_CALL,
+            **IMAGE_CALL,  # raw FileData: gr.File's preprocessing would leave an empty temp file per image (demo.ui)
         )
         if ctx.examples:
             chosen = ctx.examples[: min(MAX_MATRIX_IMAGES, MAX_MATRIX_CAPTIONS)]
