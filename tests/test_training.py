@@ -241,3 +241,27 @@ def test_config_extends_merges_sections_and_refuses_loops(tmp_path: Path) -> Non
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(RunConfigError, match="loops"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_init_from_fine_tunes_a_release_and_refuses_another_architecture(tmp_path: Path, capsys) -> None:
+    from mklvisita import MKLVisITA
+
+    first = tmp_path / "first"
+    train_mod.train(_cfg(first, "max_steps=1", "save_every=0"))
+    source = MKLVisITA.from_pretrained(first / "release")
+    model, _ = train_mod.build_model_and_processor(_cfg(tmp_path / "x", f"init_from={first / 'release'}"))
+    for name, weight in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], weight), name  # every weight starts from the release
+    fresh, _ = train_mod.build_model_and_processor(_cfg(tmp_path / "y"))
+    assert not all(torch.equal(fresh.state_dict()[n], w) for n, w in source.state_dict().items())
+
+    second = tmp_path / "second"  # a fine-tuning run with another loss setting trains and releases
+    init = f"init_from={first / 'release'}"
+    train_mod.train(_cfg(second, "max_steps=1", "save_every=0", init, "data.reverse_negatives=1"))
+    assert (second / "release" / "model.safetensors").is_file()
+
+    argv = ["--config", str(SHAPES_YAML), *TINY, f"output_dir={tmp_path / 'z'}", "max_steps=1"]
+    assert train_mod.main([*argv, "model.fusion.layers=2", f"init_from={first / 'release'}"]) == 2
+    assert "init_from: the checkpoint's weights do not fit" in capsys.readouterr().err
+    assert train_mod.main([*argv, f"init_from={tmp_path / 'missing'}"]) == 2
+    assert "init_from: cannot load the checkpoint" in capsys.readouterr().err

@@ -99,6 +99,8 @@ class RunConfig:
     output_dir: str = "runs/shapes"  # checkpoints/, release/, logs/, config.yaml, metrics.json
     seed: int = 0  # seeds the model init, the data order (with the epoch) and dropout
     stop_after: int = 0  # stop (as if killed) after this many optimizer steps, no release; for tests (0 = off)
+    init_from: str = ""  # fine-tune: start from this release folder's weights and tokenizer (the run's model config
+    # must build the same architecture; the loss and ranking settings may differ); optimizer and schedule start fresh
 
     def model_config(self) -> MKLVisITAConfig:
         """The model config: the preset with ``model`` merged in (unknown fields raise)."""

@@ -215,7 +215,22 @@ def build_model_and_processor(cfg: RunConfig) -> tuple[Any, Any]:
     from mklvisita import MKLVisITA
     from mklvisita.inputs import Processor
 
-    model = MKLVisITA(cfg.model_config())
+    if not cfg.init_from:
+        model = MKLVisITA(cfg.model_config())
+        return model, Processor(model.config, model.tokenizer)
+    try:
+        source = MKLVisITA.from_pretrained(cfg.init_from)
+    except (ValueError, OSError) as e:
+        raise RunConfigError(f"init_from: cannot load the checkpoint ({e})") from e
+    model = MKLVisITA(cfg.model_config(), tokenizer=source.tokenizer)
+    try:
+        model.load_state_dict(source.state_dict())  # strict: the same architecture, every weight
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)]
+        raise RunConfigError(
+            f"init_from: the checkpoint's weights do not fit this run's model ({first[0].strip()}); "
+            "use the checkpoint's model settings (fusion, kernels, encoders) in the run config"
+        ) from e
     return model, Processor(model.config, model.tokenizer)
 
 
@@ -509,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunConfigError as e:  # found while building the run (data spec, init_from): a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
