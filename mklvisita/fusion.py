@@ -28,12 +28,18 @@ caption over every token):
 - With ``output_attentions=False`` attention runs through ``scaled_dot_product_attention``, the padding columns no
   caption of the batch uses are dropped (captions come padded to ``text.max_length``) and the last layer's text
   stream is computed for the [CLS] row only (the one row the ITM head reads); the same numbers, no maps.
+- With ``image_pool`` > 1 and no maps asked for, the caption-aware keys and values are not materialised when that
+  is cheaper: a query's logit on the update's key is ``q . (Wk x) = (Wk^T q) . x`` and its share of the values is
+  ``Wv (sum of its probabilities over a window times x)``, so the cost grows with the text queries (few; one in the
+  last layer) instead of with the pooled patches times the width (``FusionLayer.folds_delta``). Same numbers up to
+  float rounding; the maps path is unchanged.
 The dataclass defaults (p = 1, image MLP = mlp_ratio) are the original architecture, weight for weight.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +130,23 @@ def unpool_tokens(y: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -
     return torch.cat([y[:, :prefix], patches.reshape(b, gh * gw, w)], 1)  # (B, prefix + gh*gw, W)
 
 
+def window_sum(a: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -> torch.Tensor:
+    """(..., prefix + gh*gw) -> (..., prefix + ceil(gh/p)*ceil(gw/p)): scores summed over each p x p window, the
+    last axis laid out as :func:`pool_tokens`' token axis (the transpose of :func:`unpool_tokens`)."""
+    gh, gw = grid
+    lead = a.shape[:-1]
+    patches = a[..., prefix:].reshape(-1, 1, gh, gw)  # (prod(lead), 1, gh, gw)
+    summed = F.avg_pool2d(patches, p, p, ceil_mode=True, divisor_override=1)  # (prod(lead), 1, gh', gw')
+    return torch.cat([a[..., :prefix], summed.reshape(*lead, -1)], -1)
+
+
+def unpool_scores(a: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -> torch.Tensor:
+    """(..., prefix + gh'*gw') -> (..., prefix + gh*gw): :func:`unpool_tokens` on a last axis of tokens."""
+    lead = a.shape[:-1]
+    up = unpool_tokens(a.reshape(-1, a.shape[-1], 1), grid, prefix, p)  # (prod(lead), prefix + gh*gw, 1)
+    return up.reshape(*lead, -1)
+
+
 class FusionLayer(nn.Module):
     def __init__(self, cfg: FusionConfig, last: bool = False):
         super().__init__()
@@ -151,19 +174,21 @@ class FusionLayer(nn.Module):
         self,
         txt: torch.Tensor,
         txt_mask: torch.Tensor,
-        t2i_kv: torch.Tensor,
+        t2i: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
         bias: torch.Tensor | None,
         need: bool,
         cls_only: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """txt <- + SelfAttn, + CrossAttn(text -> image keys/values), + MLP. ``cls_only``: the [CLS] row only."""
+        """txt <- + SelfAttn, + CrossAttn(text -> image), + MLP. ``cls_only``: the [CLS] row only.
+
+        ``t2i(x, bias)``: the text->image attention of the normalised text x (B, Tq, W) -> (update, probabilities)."""
         t = self.norm_t2(txt)
         q = t[:, :1] if cls_only else t  # (B, 1 or T, W): other rows are read by no one after the last layer
         d, a_t2t = self.self_attn(q, t, txt_mask, need_weights=need)
         txt = (txt[:, :1] if cls_only else txt) + d
         if cls_only and bias is not None:
             bias = bias[:, :1]  # (B, 1, N)
-        d, a_t2i = self.t2i(self.norm_t3(txt), None, None, bias, need_weights=need, kv=t2i_kv)
+        d, a_t2i = t2i(self.norm_t3(txt), bias)
         txt = txt + d
         txt = txt + self.mlp_t(self.norm_t4(txt))
         return txt, a_t2i, a_t2t
@@ -182,10 +207,54 @@ class FusionLayer(nn.Module):
         d, a_i2t = self.i2t(self.norm_i1(img), t, txt_mask, need_weights=need_weights)
         img = img + d
         kv = self.t2i.kv(self.norm_i2(img))  # (B, N, 2W)
-        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, kv, bias, need_weights, cls_only)
+
+        def t2i(x, b):
+            return self.t2i(x, None, None, b, need_weights=need_weights, kv=kv)
+
+        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, t2i, bias, need_weights, cls_only)
         if self.mlp_i is not None:
             img = img + self.mlp_i(self.norm_i3(img))
         return txt, img, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None
+
+    def folds_delta(self, queries: int, pooled_tokens: int) -> bool:
+        """Whether folding the update's key/value projection into the text queries costs fewer multiply-adds than
+        projecting the update (per pair: 2 h Tq (dh + M) W against 2 M W^2)."""
+        w, h = self.kv_delta.in_features, self.t2i.heads
+        return h * queries * (w // h + pooled_tokens) < pooled_tokens * w
+
+    def _t2i_folded(
+        self,
+        x: torch.Tensor,
+        kv_shared: torch.Tensor,
+        x_d: torch.Tensor,
+        index: torch.Tensor | None,
+        pool: tuple[tuple[int, int], int, int],
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, None]:
+        """Text->image attention without the update's keys and values (module doc); no probabilities returned.
+
+        x (B, Tq, W) normalised text; kv_shared (Bi, N, 2W) the shared stream's keys/values; x_d (B, M, W) the
+        normalised update at pooled tokens; bias (B, Tq, N)."""
+        grid, prefix, p = pool
+        b, tq, w = x.shape
+        h = self.t2i.heads
+        dh = w // h
+        q = self.t2i.q(x).view(b, tq, h, dh).transpose(1, 2) * dh**-0.5  # (B, h, Tq, dh)
+        # Heads first once per image (contiguous, so the products below read them without a copy per pair).
+        kv_s = kv_shared.view(kv_shared.shape[0], -1, 2, h, dh).permute(2, 0, 3, 1, 4).contiguous()  # (2, Bi, h, N, dh)
+        k_s, v_s = kv_s if index is None else kv_s[:, index]  # each (B, h, N, dh)
+        w_k, w_v = self.kv_delta.weight.view(2, h, dh, w)  # each (h, dh, W): kv_delta's output is (2, h, dh)
+        # Heads and queries share one row axis, so the products with x_d are one (B,)-batch of matmuls and x_d is
+        # never copied per head.
+        q_k = torch.einsum("bhtd,hdw->bhtw", q, w_k).reshape(b, h * tq, w)  # (B, h*Tq, W)
+        logits_d = (q_k @ x_d.transpose(1, 2)).view(b, h, tq, -1)  # (B, h, Tq, M)
+        logits = q @ k_s.transpose(-2, -1) + unpool_scores(logits_d, grid, prefix, p)  # (B, h, Tq, N)
+        if bias is not None:
+            logits = logits + bias.unsqueeze(1)
+        attn = self.t2i.drop(logits.softmax(-1))
+        agg = window_sum(attn, grid, prefix, p).reshape(b, h * tq, -1) @ x_d  # (B, h*Tq, W): weighted sums of x_d
+        out = attn @ v_s + torch.einsum("bhtw,hdw->bhtd", agg.view(b, h, tq, w), w_v)  # (B, h, Tq, dh)
+        return self.t2i.out(out.transpose(1, 2).reshape(b, tq, w)), None
 
     def forward_pooled(
         self,
@@ -209,8 +278,19 @@ class FusionLayer(nn.Module):
         delta = d if delta is None else delta + d
         u = u + d
         kv = self.t2i.kv(self.norm_i2(shared))  # (Bi, N, 2W): once per image
-        kv = (kv if index is None else kv[index]) + unpool_tokens(self.kv_delta(self.norm_d(delta)), grid, prefix, p)
-        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, kv, bias, need_weights, cls_only)
+        x_d = self.norm_d(delta)  # (B, M, W)
+        if not need_weights and self.folds_delta(1 if cls_only else txt.shape[1], x_d.shape[1]):
+
+            def t2i(x, b):
+                return self._t2i_folded(x, kv, x_d, index, pool, b)
+
+        else:
+            kv = (kv if index is None else kv[index]) + unpool_tokens(self.kv_delta(x_d), grid, prefix, p)
+
+            def t2i(x, b):
+                return self.t2i(x, None, None, b, need_weights=need_weights, kv=kv)
+
+        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, t2i, bias, need_weights, cls_only)
         if self.mlp_i is not None:
             delta = delta + self.mlp_i(self.norm_i3(u))
         return txt, delta, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None

@@ -9,7 +9,7 @@ from conftest import micro_config
 
 from mklvisita import Matcher, MKLVisITA
 from mklvisita.config import FusionConfig
-from mklvisita.fusion import pool_tokens, unpool_tokens
+from mklvisita.fusion import FusionLayer, pool_tokens, unpool_tokens, window_sum
 from mklvisita.inputs import Processor
 from mklvisita.matcher import EMBEDDED
 
@@ -106,3 +106,28 @@ def test_pool_unpool_shapes_and_means(grid):
     up = unpool_tokens(low, grid, 1, 2)
     assert up.shape == x.shape
     torch.testing.assert_close(pool_tokens(up, grid, 1, 2), low)  # pooling undoes unpooling
+
+
+@pytest.mark.parametrize(("grid", "queries"), [((4, 4), 3), ((5, 3), 1)])
+def test_folded_text_to_image_attention_matches_the_materialised_one(grid, queries):
+    """No maps asked for: the update's keys/values folded into the queries give the same update and gradients."""
+    cfg = FusionConfig(layers=1, width=16, heads=2, image_pool=2, image_mlp_ratio=1.0)
+    torch.manual_seed(0)
+    layer = FusionLayer(cfg)
+    n, pool = 1 + grid[0] * grid[1], (grid, 1, 2)
+    m = 1 + -(-grid[0] // 2) * -(-grid[1] // 2)
+    x, bias = torch.randn(3, queries, 16), torch.randn(3, queries, n)
+    kv, x_d = torch.randn(2, n, 32, requires_grad=True), torch.randn(3, m, 16)
+    index = torch.tensor([1, 0, 1])
+    full = kv[index] + unpool_tokens(layer.kv_delta(x_d), grid, 1, 2)  # (3, N, 2W), what the maps path attends to
+    want, _ = layer.t2i(x, None, None, bias, need_weights=True, kv=full)
+    got, none = layer._t2i_folded(x, kv, x_d, index, pool, bias)
+    assert none is None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g_want = torch.autograd.grad(want.sum(), (kv, layer.kv_delta.weight))
+    g_got = torch.autograd.grad(got.sum(), (kv, layer.kv_delta.weight))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    a = torch.rand(2, 3, n)
+    torch.testing.assert_close(window_sum(a, grid, 1, 2).sum(-1), a.sum(-1))  # every patch in exactly one window
+    assert layer.folds_delta(1, m) and not layer.folds_delta(64, m)  # folding pays for few queries, not for many
