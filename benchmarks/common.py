@@ -72,6 +72,27 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str
         fn()
         sync()
         times.append((time.perf_counter() - t) * 1000)
+    return _stats(times)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """:func:`time_calls` of several functions called in turn, one call of each per round, so that a change of the
+    machine's load during the run hits them alike; each entry also keeps its times (``times_ms``, round order)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t) * 1000)
+    return {name: {**_stats(ts), "times_ms": ts} for name, ts in times.items()}
+
+
+def _stats(times: list[float]) -> dict[str, float]:
     a = np.asarray(times)
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "mean_ms": float(a.mean())}
 

