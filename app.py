@@ -49,9 +49,15 @@ INTRO = """# MKL-VisITA: which caption fits this picture, and where does each wo
 Captions are ranked by **score**, the checkpoint's ranking rule: the similarity S (a learned mix of base kernels)
 plus, where the checkpoint has a fusion head, the match probability ITM (absolute: one caption alone can score low)."""
 
+# Read at 1400 px (issue 10): figures keep their image toolbar in a strip of their own above them (it covered the
+# score matrix's colour bar); the search results' captions (rank, score, file name) wrap instead of ending in "…",
+# and the results start below the gallery's label and button.
 CSS = """
 #caption-heatmap img, #word-maps img {image-rendering: auto;}
 #checkpoint-about p {margin: 0;}
+.figure .image-container {padding-top: 2.5rem;}
+#search-images .caption-label {white-space: normal; overflow-wrap: anywhere; max-width: calc(100% - 1rem);}
+#search-images .grid-container {padding-top: 2.5rem;}
 """
 
 

@@ -21,6 +21,7 @@ from .registry import ResultCache
 
 SCORE_KINDS = ("score", "itm", "similarity")
 SCORE_LABELS = {"score": "score", "itm": "ITM", "similarity": "S"}
+FIGURE_WIDTH = 7.2  # inches at figures.DPI (100): the Matrix tab's plot column at a 1400 px page
 
 
 class MatrixView(NamedTuple):
@@ -34,6 +35,10 @@ def matrix_figure(scores: np.ndarray, image_names: Sequence[str], captions: Sequ
     scores = np.asarray(scores)  # (n_images, n_captions)
     title = f"{SCORE_LABELS[kind]}: red box = best caption per image, orange dot = best image per caption"
     fig = figures.plot_score_matrix(scores, image_names, captions, title=title, figure=True)
+    # The tab shows the figure about FIGURE_WIDTH wide at 1400 px: drawn wider, it would be scaled down and its
+    # numbers shrunk below reading size.
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(min(width, FIGURE_WIDTH), height)
     ax = fig.axes[0]
     for i, j in enumerate(scores.argmax(1)):
         ax.add_patch(patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))

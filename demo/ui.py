@@ -41,7 +41,8 @@ IMAGE_UPLOAD = {"type": "filepath", "image_mode": None}
 #   temp folder for every file it receives, only to rename a Python object: the empty file is tracked by nothing, so
 #   delete_cache never removes it and the temp folder would grow by one file per uploaded image for good (issue 10).
 RAW_INPUTS = {"preprocess": False}
-FIGURE = {"type": "pil", "format": "png", "buttons": ["download", "fullscreen"]}  # crisp text, exportable
+# crisp text, exportable; the "figure" class puts the toolbar above the figure, not over its colour bar (app.CSS)
+FIGURE = {"type": "pil", "format": "png", "buttons": ["download", "fullscreen"], "elem_classes": ["figure"]}
 MODEL_CALL = {"concurrency_id": "model", "concurrency_limit": 1}
 IMAGE_CALL = {**MODEL_CALL, **RAW_INPUTS}
 PRIVATE = {"api_visibility": "private"}

@@ -1,8 +1,9 @@
 """The demo in a real browser at 1400 px: Debian's chromium driven by playwright uploads an image, types captions,
 submits, reads the ranked result (every number in view without scrolling sideways) and sees a heatmap; loads
-examples that switch the checkpoint; gets a toast that names the user's file for an unreadable upload. The
-screenshot goes to a temporary folder: tests never modify tracked files. ``MKLVISITA_REFRESH_SCREENSHOT=1`` (with
-the embedded checkpoint) refreshes assets/screenshot.png for the README.
+examples that switch the checkpoint; gets a toast that names the user's file for an unreadable upload; runs the
+Matrix, Model and Search tabs (no figure toolbar over a figure, every search result's caption in full, nothing on any
+tab scrolling sideways). The screenshot goes to a temporary folder: tests never modify tracked files.
+``MKLVISITA_REFRESH_SCREENSHOT=1`` (with the embedded checkpoint) refreshes assets/screenshot.png for the README.
 
 Skipped where /usr/bin/chromium is missing, unless CI is set (then it fails: CI installs chromium).
 Never runs `playwright install`: no browser download happens here.
@@ -85,6 +86,31 @@ NUMERIC_COLUMNS_VISIBLE = """el => {
 }"""
 
 
+# Nothing on the shown tab scrolls sideways at 1400 px: not the page, not the tab, not a box inside it.
+SIDEWAYS_SCROLLERS = """() => {
+    const tab = [...document.querySelectorAll('.tabitem')].find(t => t.offsetParent);
+    const boxes = [document.documentElement, tab, ...tab.querySelectorAll('*')].filter(el =>
+        el === document.documentElement || el === tab || ['auto', 'scroll'].includes(getComputedStyle(el).overflowX));
+    return boxes.filter(el => el.offsetParent !== null || el === document.documentElement)
+        .filter(el => el.scrollWidth > el.clientWidth + 1)
+        .map(el => `${el.id || el.tagName}.${el.className} ${el.scrollWidth}>${el.clientWidth}`);
+}"""
+# A figure's toolbar (fullscreen, download) sits above the figure, not over it (it covered the matrix's colour bar).
+TOOLBARS_OVER_FIGURES = """() => [...document.querySelectorAll('.figure')].filter(f => f.offsetParent).flatMap(f => {
+    const bar = f.querySelector('.top-panel'), img = f.querySelector('img');
+    if (!bar || !img) return [];
+    const b = bar.getBoundingClientRect(), i = img.getBoundingClientRect();
+    return b.bottom > i.top + 1 && b.right > i.left && b.left < i.right ? [f.id] : [];
+})"""
+# Every search result's caption (rank, score, file name) in full and inside the gallery's visible box.
+GALLERY_CAPTIONS_CUT = """el => {
+    const box = el.querySelector('.grid-wrap').getBoundingClientRect();
+    return [...el.querySelectorAll('.caption-label')].filter(c => { const r = c.getBoundingClientRect();
+        return c.scrollWidth > c.clientWidth + 1 || c.scrollHeight > c.clientHeight + 1
+            || r.bottom > box.bottom + 1 || r.top < box.top - 1 || r.right > box.right + 1; }).map(c => c.innerText);
+}"""
+
+
 def open_page(browser, url: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1400})  # the width issue 10 was read at
     page.set_default_timeout(90_000)
@@ -122,6 +148,9 @@ def test_match_in_the_browser(browser, server, server_matcher, matcher, tmp_path
     # Every number of the ranking is in view at 1400 px: no horizontal scroll, no column cut off.
     seen = ranking.evaluate(NUMERIC_COLUMNS_VISIBLE)
     assert seen["names"] == ["score", "S"] and not seen["scrolls"] and not seen["hidden"], seen
+    page.locator("#match-contributions img").first.wait_for(state="visible")
+    assert page.evaluate(TOOLBARS_OVER_FIGURES) == []
+    assert page.evaluate(SIDEWAYS_SCROLLERS) == []
 
     heatmap = page.locator("#caption-heatmap img").first
     heatmap.wait_for(state="visible")
@@ -184,4 +213,50 @@ def test_an_unreadable_upload_gets_a_toast_naming_the_users_file(browser, server
     message = toast.inner_text()
     assert "could not be read" in message or "not an image" in message, message
     assert "/tmp" not in message and "gradio" not in message.lower() and not re.search(r"[0-9a-f]{32}", message)
+    page.close()
+
+
+def test_matrix_and_model_tabs_read_without_overlap(browser, server) -> None:  # noqa: F811
+    _, url = server
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Matrix").click()
+    page.locator("#matrix-examples tbody tr").first.click()
+    page.wait_for_function("() => document.querySelector('#matrix-images').innerText.includes('shapes_005')")  # landed
+    page.get_by_role("button", name="Score matrix").click()
+    page.locator("#matrix-plot img").first.wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#matrix-best').innerText.includes('caption → image')")
+    assert page.evaluate(TOOLBARS_OVER_FIGURES) == []
+    seen = page.locator("#matrix-best").evaluate(NUMERIC_COLUMNS_VISIBLE)
+    assert seen["names"] == ["score"] and not seen["scrolls"] and not seen["hidden"], seen
+    width = page.locator("#matrix-plot img").evaluate("img => [img.naturalWidth, img.getBoundingClientRect().width]")
+    assert width[0] <= 1.1 * width[1], width  # drawn about the size it is shown: its numbers are not shrunk
+    assert page.evaluate(SIDEWAYS_SCROLLERS) == []
+
+    page.get_by_role("tab", name="Model").click()
+    page.locator("#model-weights img").first.wait_for(state="visible")
+    assert page.evaluate(TOOLBARS_OVER_FIGURES) == []
+    assert page.evaluate(SIDEWAYS_SCROLLERS) == []
+    page.close()
+
+
+def test_search_results_read_in_full(browser, server) -> None:  # noqa: F811
+    _, url = server
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search-text textarea").fill("a cup of coffee on a saucer")
+    page.locator("#search-button").click()
+    page.wait_for_function("() => document.querySelectorAll('#search-images .caption-label').length === 5")  # top 5
+    labels = page.locator("#search-images .caption-label").all_inner_texts()
+    assert all(re.fullmatch(r"#\d+ score -?\d\.\d+ \S+\.(jpg|png)", " ".join(t.split())) for t in labels), labels
+    assert page.locator("#search-images").evaluate(GALLERY_CAPTIONS_CUT) == []
+    assert page.evaluate(SIDEWAYS_SCROLLERS) == []
+
+    page.locator("#search-text textarea").fill("")
+    page.locator("#search-image input[type=file]").set_input_files(str(CAT))
+    page.locator("#search-image img").first.wait_for(state="visible")
+    page.locator("#search-button").click()
+    page.wait_for_function("() => document.querySelector('#search-captions').innerText.includes('a tabby cat')")
+    seen = page.locator("#search-captions").evaluate(NUMERIC_COLUMNS_VISIBLE)
+    assert "score" in seen["names"] and not seen["scrolls"] and not seen["hidden"], seen
+    assert page.evaluate(SIDEWAYS_SCROLLERS) == []
     page.close()

@@ -26,8 +26,8 @@ def build(ctx: Context) -> None:
         )
         with gr.Row():
             with gr.Column(scale=2, min_width=360):
-                s_text = gr.Textbox(label="Text query → images", placeholder="a cup of coffee")
-                s_image = gr.Image(label="Image query → captions", height=200, **IMAGE_UPLOAD)
+                s_text = gr.Textbox(label="Text query → images", placeholder="a cup of coffee", elem_id="search-text")
+                s_image = gr.Image(label="Image query → captions", height=200, elem_id="search-image", **IMAGE_UPLOAD)
                 s_k = gr.Slider(1, MAX_TOP_K, value=5, step=1, label="top k")
                 with gr.Accordion("Your own gallery (optional)", open=False):
                     s_files = gr.File(
@@ -36,11 +36,18 @@ def build(ctx: Context) -> None:
                         label=f"Gallery images (up to {MAX_GALLERY_IMAGES})",
                     )
                     s_captions = gr.Textbox(lines=4, label=f"Gallery captions (up to {MAX_GALLERY_CAPTIONS})")
-                s_button = gr.Button("Search", variant="primary")
+                s_button = gr.Button("Search", variant="primary", elem_id="search-button")
             with gr.Column(scale=3, min_width=480):
-                s_images = gr.Gallery(label="Top images", columns=3, height=320, object_fit="contain")
+                s_images = gr.Gallery(
+                    label="Top images",
+                    columns=3,
+                    height=540,  # the default top 5: two rows, each caption (rank, score, file) in full
+                    object_fit="contain",
+                    elem_id="search-images",
+                )
                 s_caps = gr.Dataframe(
                     label="Top captions",
+                    elem_id="search-captions",
                     wrap=True,
                     column_widths=["9%", "55%", "12%", "12%", "12%"],
                     interactive=False,
