@@ -58,7 +58,7 @@ def load_example_gallery(examples_dir: Path = EXAMPLES_DIR) -> Gallery:
 
 class SearchView(NamedTuple):
     images: list[tuple[Any, str]]  # (image or its path, "#rank name: score ..."), best first
-    captions: pd.DataFrame  # rank, caption, score, ITM, S
+    captions: pd.DataFrame  # rank, caption, score, [ITM,] S
     timings: dict[str, float]  # milliseconds per stage
 
 
@@ -87,7 +87,9 @@ def search(
     example_gallery = example_gallery or load_example_gallery()
     timings: dict[str, float] = {}
     image_hits: list[tuple[Any, str]] = []
-    caption_hits = pd.DataFrame(columns=CAPTION_COLUMNS)
+    has_itm = matcher.model.has_itm  # no fusion head (the photo checkpoint): no ITM column, as on the Match tab
+    columns = [c for c in CAPTION_COLUMNS if has_itm or c != "ITM"]
+    caption_hits = pd.DataFrame(columns=columns)
 
     def indexed(kind: str, digest: tuple, build: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -120,9 +122,9 @@ def search(
         timings.update({f"image→text {k}": 1e3 * float(v) for k, v in r.timings.items()})
         caption_hits = pd.DataFrame(
             [
-                [rank, captions[i], rounded(s, 3), rounded(p, 3), rounded(q, 3)]
+                [rank, captions[i], rounded(s, 3), *([rounded(p, 3)] if has_itm else []), rounded(q, 3)]
                 for rank, (i, s, p, q) in enumerate(zip(r.indices, r.scores, r.itm, r.similarity), 1)
             ],
-            columns=CAPTION_COLUMNS,
+            columns=columns,
         )
     return SearchView(image_hits, caption_hits, {k: round(v, 3) for k, v in timings.items()})

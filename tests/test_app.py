@@ -335,6 +335,14 @@ def test_search_both_ways_over_the_example_gallery(matcher) -> None:  # noqa: F8
     assert list(captions["rank"]) == [1, 2, 3]
     assert any(k.startswith("text→image") for k in timings) and any(k.startswith("image→text") for k in timings)
     assert all(v >= 0 for v in timings.values())
+    assert list(captions.columns) == ["rank", "caption", "score", "ITM", "S"]
+
+
+def test_search_on_a_checkpoint_without_fusion_shows_no_itm_column(photo_matcher) -> None:  # noqa: F811
+    gallery = load_example_gallery()
+    _, captions, _ = search(photo_matcher, "", str(CAT), None, "", 3, example_gallery=gallery)
+    assert list(captions.columns) == ["rank", "caption", "score", "S"]  # like the Match tab: no empty column
+    assert captions["caption"].iloc[0] == "a tabby cat lying on a rug"
 
 
 def test_search_over_uploaded_images_and_captions(matcher) -> None:  # noqa: F811
