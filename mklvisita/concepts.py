@@ -129,7 +129,9 @@ class ConceptBridge(nn.Module):
         # The fp16 buffer halves the checkpoint; converting 20k x D rows on every call cost ~10 ms, so the float copy
         # is kept until the buffer changes (a load, fill_synsets or .to() gives a new version or storage).
         buf = self.synset_text
-        key = (buf.data_ptr(), buf._version, buf.device)
+        # A model loaded under torch.inference_mode() holds inference tensors, which have no version counter (they
+        # cannot be changed in place outside that mode, so their storage alone identifies them).
+        key = (buf.data_ptr(), None if buf.is_inference() else buf._version, buf.device)
         if getattr(self, "_synset_cache", (None,))[0] != key:
             self._synset_cache = (key, buf.float())
         return self._synset_cache[1]

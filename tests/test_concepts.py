@@ -155,6 +155,10 @@ def test_shipped_photo_checkpoint_loads_from_the_packages_and_knows_a_cat():
     assert explained.word_heatmaps.shape == (len(explained.tokens), height, width)
     assert set(explained.kernel_maps) == {"concept_local/cosine"}
 
+    with torch.inference_mode():  # loaded under inference mode: inference tensors have no version counter
+        frozen = Matcher.default("photo")
+    np.testing.assert_allclose(frozen.score(["assets/examples/cat.jpg"], captions).score, result.score, rtol=1e-5)
+
 
 def test_default_names_the_embedded_checkpoints():
     from mklvisita.matcher import EMBEDDED, Matcher
