@@ -409,9 +409,7 @@ def write_figure_set(
     if e0.fusion_kernel_weights:
         write(
             "fusion_kernel_weights",
-            lambda: plot_fusion_kernel_weights(
-                e0.fusion_kernel_weights, image_levels=model.fusion_levels, figure=True
-            ),
+            lambda: plot_fusion_kernel_weights(e0.fusion_kernel_weights, image_levels=model.fusion_levels, figure=True),
         )
     names = list(e0.contributions)
     contrib = np.array([[e.contributions[n] for n in names] for e in exps])

@@ -174,11 +174,11 @@ class ShapesTrainPairs(Dataset):
     ``scene_objects`` (the scene's :class:`SceneObject` list), ``objects`` (dicts with masks, as rendered items
     have) and ``image_size``.
 
-    ``reverse_rate`` (training only): the generator tries an attribute swap before a reversed relation, so a
-    relation caption's negative is its reversal only when no swap exists (about 12 % of the test negatives are
-    reversals, fewer in training). With probability ``reverse_rate`` (fixed per item: a seeded draw of its own,
-    so scenes, cache and evaluation splits are unchanged) a relation caption's negative becomes the same caption
-    with the opposite relation, which never holds with the generator's margin.
+    ``reverse_rate`` (training only): the generator mostly tries an attribute swap before a reversed relation, so a
+    relation caption's negative is its reversal mainly when no swap exists (37 % of relation captions; about 12 % of
+    all negatives, in training as in the test split). With probability ``reverse_rate`` (fixed per item: a seeded
+    draw of its own, so scenes, cache and evaluation splits are unchanged) a relation caption's negative becomes
+    the same caption with the opposite relation, unless that holds too ("a small square above a small square").
     """
 
     def __init__(
