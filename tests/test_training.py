@@ -265,3 +265,9 @@ def test_init_from_fine_tunes_a_release_and_refuses_another_architecture(tmp_pat
     assert "init_from: the checkpoint's weights do not fit" in capsys.readouterr().err
     assert train_mod.main([*argv, f"init_from={tmp_path / 'missing'}"]) == 2
     assert "init_from: cannot load the checkpoint" in capsys.readouterr().err
+
+
+def test_reverse_negatives_outside_0_1_is_refused_when_the_config_loads(tmp_path: Path) -> None:
+    with pytest.raises(RunConfigError, match="data.reverse_negatives"):
+        _cfg(tmp_path, "data.reverse_negatives=1.5")
+    assert _cfg(tmp_path, "data.reverse_negatives=0.5").data.reverse_negatives == 0.5

@@ -252,6 +252,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             raise RunConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise RunConfigError("set max_steps or epochs to a positive number")
+    if not 0.0 <= cfg.data.reverse_negatives <= 1.0:
+        raise RunConfigError(f"data.reverse_negatives is a share: expected 0 to 1, got {cfg.data.reverse_negatives}")
     return cfg
 
 
