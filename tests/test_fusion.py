@@ -108,17 +108,18 @@ def test_pool_unpool_shapes_and_means(grid):
     torch.testing.assert_close(pool_tokens(up, grid, 1, 2), low)  # pooling undoes unpooling
 
 
-@pytest.mark.parametrize(("grid", "queries"), [((4, 4), 3), ((5, 3), 1)])
-def test_folded_text_to_image_attention_matches_the_materialised_one(grid, queries):
-    """No maps asked for: the update's keys/values folded into the queries give the same update and gradients."""
+@pytest.mark.parametrize(("grid", "queries", "images"), [((4, 4), 3, 2), ((5, 3), 1, 2), ((4, 4), 3, 1)])
+def test_folded_text_to_image_attention_matches_the_materialised_one(grid, queries, images):
+    """No maps asked for: the update's keys/values folded into the queries give the same update and gradients;
+    also when every pair reads one image (``images`` = 1: the pairs' rows are stacked, the image never copied)."""
     cfg = FusionConfig(layers=1, width=16, heads=2, image_pool=2, image_mlp_ratio=1.0)
     torch.manual_seed(0)
     layer = FusionLayer(cfg)
     n, pool = 1 + grid[0] * grid[1], (grid, 1, 2)
     m = 1 + -(-grid[0] // 2) * -(-grid[1] // 2)
     x, bias = torch.randn(3, queries, 16), torch.randn(3, queries, n)
-    kv, x_d = torch.randn(2, n, 32, requires_grad=True), torch.randn(3, m, 16)
-    index = torch.tensor([1, 0, 1])
+    kv, x_d = torch.randn(images, n, 32, requires_grad=True), torch.randn(3, m, 16)
+    index = torch.tensor([1, 0, 1]) if images == 2 else torch.zeros(3, dtype=torch.long)
     full = kv[index] + unpool_tokens(layer.kv_delta(x_d), grid, 1, 2)  # (3, N, 2W), what the maps path attends to
     want, _ = layer.t2i(x, None, None, bias, need_weights=True, kv=full)
     got, none = layer._t2i_folded(x, kv, x_d, index, pool, bias)
