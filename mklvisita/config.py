@@ -128,6 +128,8 @@ class FusionConfig:
     image_pool: int = 1  # > 1: the caption-aware image update runs at p x p-pooled patches (the caption-independent
     # stream and the text->image maps stay at every patch); 1 = every token, the original (costly) fusion
     image_mlp_ratio: float | None = None  # feed-forward expansion of the image stream; None = mlp_ratio, 0 = none
+    cross_first: bool = False  # text side of a layer: text->image cross-attention before the text self-attention, so
+    # what each word read of the image (where its object is) is compared across words in the same layer (relations)
 
 
 @dataclass

@@ -179,6 +179,7 @@ class FusionLayer(nn.Module):
         self.pooled = cfg.image_pool > 1
         self.norm_d = nn.LayerNorm(w) if self.pooled else None
         self.kv_delta = nn.Linear(w, 2 * w, bias=False) if self.pooled else None
+        self.cross_first = cfg.cross_first
 
     def _text_self_and_cross(
         self,
@@ -189,9 +190,18 @@ class FusionLayer(nn.Module):
         need: bool,
         cls_only: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """txt <- + SelfAttn, + CrossAttn(text -> image), + MLP. ``cls_only``: the [CLS] row only.
+        """txt <- + SelfAttn, + CrossAttn(text -> image), + MLP (``cross_first``: the cross-attention before the
+        self-attention). ``cls_only``: the [CLS] row only, from the first sub-layer whose other rows no one reads.
 
         ``t2i(x, bias)``: the text->image attention of the normalised text x (B, Tq, W) -> (update, probabilities)."""
+        if self.cross_first:  # every word reads the image, then the words (and [CLS]) read each other
+            d, a_t2i = t2i(self.norm_t3(txt), bias)
+            txt = txt + d
+            t = self.norm_t2(txt)
+            d, a_t2t = self.self_attn(t[:, :1] if cls_only else t, t, txt_mask, need_weights=need)
+            txt = (txt[:, :1] if cls_only else txt) + d
+            txt = txt + self.mlp_t(self.norm_t4(txt))
+            return txt, a_t2i, a_t2t
         t = self.norm_t2(txt)
         q = t[:, :1] if cls_only else t  # (B, 1 or T, W): other rows are read by no one after the last layer
         d, a_t2t = self.self_attn(q, t, txt_mask, need_weights=need)
@@ -296,7 +306,8 @@ class FusionLayer(nn.Module):
         u = u + d
         kv = self.t2i.kv(self.norm_i2(shared))  # (Bi, N, 2W): once per image
         x_d = self.norm_d(delta)  # (B, M, W)
-        if not need_weights and self.folds_delta(1 if cls_only else txt.shape[1], x_d.shape[1]):
+        queries = 1 if cls_only and not self.cross_first else txt.shape[1]  # text rows the cross-attention runs
+        if not need_weights and self.folds_delta(queries, x_d.shape[1]):
 
             def t2i(x, b):
                 return self._t2i_folded(x, kv, x_d, index, pool, b)

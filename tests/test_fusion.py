@@ -59,10 +59,11 @@ def _pairs(model, n_img=2, captions=CAPTIONS):
     return img, txt
 
 
-@pytest.mark.parametrize("pool", [1, 2])
-def test_fast_path_and_shared_images_give_the_same_match(pool):
+@pytest.mark.parametrize(("pool", "cross_first"), [(1, False), (2, False), (1, True), (2, True)])
+def test_fast_path_and_shared_images_give_the_same_match(pool, cross_first):
     cfg = micro_config()
-    cfg.fusion = dataclasses.replace(cfg.fusion, image_pool=pool, image_mlp_ratio=1.0, image_positions=True)
+    fields = {"image_pool": pool, "image_mlp_ratio": 1.0, "image_positions": True, "cross_first": cross_first}
+    cfg.fusion = dataclasses.replace(cfg.fusion, **fields)
     torch.manual_seed(0)
     model = MKLVisITA(cfg).eval()
     img, txt = _pairs(model)
