@@ -29,6 +29,15 @@ def test_card_applies_the_runs_overrides_and_says_when_there_is_no_itm():
     assert "similarity only (no fusion head)" in model_card(cfg, {}, 1, ranking, fusion=False)
 
 
+def test_card_says_a_fine_tune_started_from_another_release():
+    cfg = RunConfig()
+    ranking = RankingConfig(k=16, candidates=0)
+    assert "fine-tuned" not in model_card(cfg, {}, 1, ranking)
+    cfg.init_from = "runs/shapes/release"
+    head = model_card(cfg, {}, 1, ranking).split("## Metrics")[0]
+    assert "starting from the weights of `runs/shapes/release` (fine-tuned)" in head
+
+
 def test_written_release_card_has_the_effective_k(tmp_path):
     model = MKLVisITA(micro_config())
     write_release(model, Processor(model.config, model.tokenizer), RunConfig(), {}, tmp_path / "release", 3)

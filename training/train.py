@@ -450,6 +450,7 @@ def model_card(
     with the run's eval overrides applied); ``fusion``: whether the model has the ITM head."""
     rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in metrics.items()) or "| (no evaluation) | |"
     rule = _ranking_sentence(effective_ranking(cfg, ranking), fusion)
+    start = f", starting from the weights of `{cfg.init_from}` (fine-tuned)" if cfg.init_from else ""
     import yaml
 
     return f"""---
@@ -460,7 +461,7 @@ tags: [image-text-matching, retrieval, multi-kernel-learning, vision-transformer
 
 Trained with `python -m training.train` on `{cfg.data.train}` (split `{cfg.data.train_split}`) for
 {steps} optimizer steps, batch size {cfg.batch_size} x
-{cfg.grad_accum_steps} accumulation per process, seed {cfg.seed}.
+{cfg.grad_accum_steps} accumulation per process, seed {cfg.seed}{start}.
 
 Load it with `mklvisita.Matcher.from_pretrained("<this folder or Hub id>")`.
 
