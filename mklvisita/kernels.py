@@ -388,10 +388,6 @@ class MultiKernelSimilarity(nn.Module):
         cos = torch.einsum("bnpd,bntd->bntp", img.local, txt.local)
         return torch.stack([fn(cos[:, i]) for i, fn in enumerate(self.kernel_fns["local"])], 1)
 
-    def local_affinity(self, img: KernelEmbeddings, txt: KernelEmbeddings, weights: torch.Tensor) -> torch.Tensor:
-        """Word x patch affinity of paired inputs, mixed with ``weights`` (n,) over the local kernels: (B, T, P)."""
-        return torch.einsum("bntp,n->btp", self.local_kernel_maps(img, txt), weights)
-
 
 def local_max_cosine(
     img: torch.Tensor, img_mask: torch.Tensor, txt: torch.Tensor, pairwise: bool, budget: int = 2**24

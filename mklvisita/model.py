@@ -422,10 +422,12 @@ class MKLVisITA(
             if image_index is not None:
                 img_emb = img_emb.select(image_index)
         if self.fusion.use_bias:
+            maps: list[torch.Tensor] = []  # the local kernels' word x patch maps, computed once for every layer
 
             def affinity(weights: torch.Tensor) -> torch.Tensor:
-                aff = self.kernels.local_affinity(img_emb, txt_emb, weights)  # (B, T, P)
-                return aff * txt_emb.local_mask.unsqueeze(-1)  # rows of [CLS]/[SEP]/padding get no bias
+                if not maps:  # rows of [CLS]/[SEP]/padding get no bias
+                    maps.append(self.kernels.local_kernel_maps(img_emb, txt_emb) * txt_emb.local_mask[:, None, :, None])
+                return torch.einsum("bntp,n->btp", maps[0], weights)  # (B, T, P): this layer's mix of the kernels
 
         out = self.fusion(
             img.levels, txt.levels[self.text.depth - 1], txt.attention_mask, affinity, image_index, output_attentions
