@@ -7,6 +7,7 @@ and updates both streams:
     txt  <- txt + SelfAttn(txt)
     txt  <- txt + CrossAttn(text -> img, + affinity bias) (words read the caption-aware image)
     txt, img <- + MLP
+    (``cross_first``: the text's cross-attention before its self-attention)
 
 The image stream carries over between layers: img_l = img_{l-1} + proj_l(level_l tokens), so what the image
 learned of the caption in layer l is not lost when layer l + 1 brings in a new level. The text->image logits may
@@ -32,7 +33,8 @@ caption over every token):
   is cheaper: a query's logit on the update's key is ``q . (Wk x) = (Wk^T q) . x`` and its share of the values is
   ``Wv (sum of its probabilities over a window times x)``, so the cost grows with the text queries (few; one in the
   last layer) instead of with the pooled patches times the width (``FusionLayer.folds_delta``). Same numbers up to
-  float rounding; the maps path is unchanged.
+  float rounding; the maps path is unchanged. When every pair reads one image (a Match: one image, n captions), the
+  pairs' query rows are stacked against that image's keys and values instead of copying them once per pair.
 The dataclass defaults (p = 1, image MLP = mlp_ratio) are the original architecture, weight for weight.
 """
 
@@ -271,16 +273,14 @@ class FusionLayer(nn.Module):
         # never copied per head.
         q_k = torch.einsum("bhtd,hdw->bhtw", q, w_k).reshape(b, h * tq, w)  # (B, h*Tq, W)
         logits_d = (q_k @ x_d.transpose(1, 2)).view(b, h, tq, -1)  # (B, h, Tq, M)
-        logits = _per_pair(q, k_s.transpose(-2, -1), one_image) + unpool_scores(
-            logits_d, grid, prefix, p
-        )  # (B, h, Tq, N)
+        logits_s = _per_pair(q, k_s.transpose(-2, -1), one_image)  # (B, h, Tq, N): on the shared stream's keys
+        logits = logits_s + unpool_scores(logits_d, grid, prefix, p)  # (B, h, Tq, N)
         if bias is not None:
             logits = logits + bias.unsqueeze(1)
         attn = self.t2i.drop(logits.softmax(-1))
         agg = window_sum(attn, grid, prefix, p).reshape(b, h * tq, -1) @ x_d  # (B, h*Tq, W): weighted sums of x_d
-        out = _per_pair(attn, v_s, one_image) + torch.einsum(
-            "bhtw,hdw->bhtd", agg.view(b, h, tq, w), w_v
-        )  # (B, h, Tq, dh)
+        out_d = torch.einsum("bhtw,hdw->bhtd", agg.view(b, h, tq, w), w_v)  # (B, h, Tq, dh): the update's values
+        out = _per_pair(attn, v_s, one_image) + out_d  # (B, h, Tq, dh)
         return self.t2i.out(out.transpose(1, 2).reshape(b, tq, w)), None
 
     def forward_pooled(

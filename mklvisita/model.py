@@ -422,11 +422,12 @@ class MKLVisITA(
             if image_index is not None:
                 img_emb = img_emb.select(image_index)
         if self.fusion.use_bias:
-            maps: list[torch.Tensor] = []  # the local kernels' word x patch maps, computed once for every layer
+            maps: list[torch.Tensor] = []  # the local kernels' word x patch maps (B, n, T, P), once for every layer
 
             def affinity(weights: torch.Tensor) -> torch.Tensor:
-                if not maps:  # rows of [CLS]/[SEP]/padding get no bias
-                    maps.append(self.kernels.local_kernel_maps(img_emb, txt_emb) * txt_emb.local_mask[:, None, :, None])
+                if not maps:
+                    word = txt_emb.local_mask[:, None, :, None]  # rows of [CLS]/[SEP]/padding get no bias
+                    maps.append(self.kernels.local_kernel_maps(img_emb, txt_emb) * word)
                 return torch.einsum("bntp,n->btp", maps[0], weights)  # (B, T, P): this layer's mix of the kernels
 
         out = self.fusion(
