@@ -130,6 +130,9 @@ class FusionConfig:
     image_mlp_ratio: float | None = None  # feed-forward expansion of the image stream; None = mlp_ratio, 0 = none
     cross_first: bool = False  # text side of a layer: text->image cross-attention before the text self-attention, so
     # what each word read of the image (where its object is) is compared across words in the same layer (relations)
+    word_positions: bool = False  # track where each word looks (the centroid of its text->image attention over the
+    # patch grid) and give the text self-attention relative offsets between those places (relations: "left of"
+    # compares where two words' objects are); zero-initialised, so a checkpoint without it fine-tunes from as it was
 
 
 @dataclass

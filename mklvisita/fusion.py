@@ -73,6 +73,21 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, Tq, W) attends to ctx (B, Tk, W), or to precomputed ``kv`` = self.kv(ctx) (B, Tk, 2W); key_mask
         (B, Tk) True = attend; bias (B, Tq, Tk) added to logits. Probabilities come back only if ``need_weights``."""
+        out, attn, _ = self.attend(x, ctx, key_mask, bias, need_weights, kv)
+        return out, attn
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        ctx: torch.Tensor | None,
+        key_mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        need_weights: bool = True,
+        kv: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`forward`, plus ``extra`` (B or 1, Tk, E): features of the keys averaged with each head's
+        probabilities, (B, heads, Tq, E) (where each head looked: positions), also on the fused path."""
         b, tq, w = x.shape
         h = self.heads
         kv = self.kv(ctx) if kv is None else kv
@@ -87,17 +102,22 @@ class Attention(nn.Module):
                 lo = torch.finfo(q.dtype).min
                 mask = torch.zeros_like(keep, dtype=q.dtype) if mask is None else mask
                 mask = mask.masked_fill(~keep, lo)
+            if extra is not None:  # the extra features ride along as value channels shared by every head
+                v = torch.cat([v, extra.to(v.dtype).unsqueeze(1).expand(b, h, -1, -1)], -1)  # (B, h, Tk, dh + E)
             p = self.drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh)
-            return self.out(out.transpose(1, 2).reshape(b, tq, w)), None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh [+ E])
+            out, ex = (out, None) if extra is None else out.split([w // h, extra.shape[-1]], -1)
+            return self.out(out.transpose(1, 2).reshape(b, tq, w)), None, ex
         logits = (q @ k.transpose(-2, -1)) * (w // h) ** -0.5  # (B, h, Tq, Tk)
         if bias is not None:
             logits = logits + bias.unsqueeze(1)
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[:, None, None, :].bool(), torch.finfo(logits.dtype).min)
         attn = logits.softmax(-1)
-        out = (self.drop(attn) @ v).transpose(1, 2).reshape(b, tq, w)
-        return self.out(out), attn
+        dropped = self.drop(attn)
+        out = (dropped @ v).transpose(1, 2).reshape(b, tq, w)
+        ex = None if extra is None else dropped @ extra.to(attn.dtype).unsqueeze(1)  # (B, h, Tq, E)
+        return self.out(out), attn, ex
 
 
 class MLP(nn.Sequential):
@@ -159,6 +179,26 @@ def _per_pair(a: torch.Tensor, m: torch.Tensor, one_image: bool) -> torch.Tensor
     return (rows @ m).view(h, b, tq, -1).transpose(0, 1)  # (B, h, Tq, D)
 
 
+Centroids = torch.Tensor | None  # (B, T, 2): where each word's text->image attention looks, (x, y) in [0, 1]
+
+
+def centroid(seen: torch.Tensor | None) -> Centroids:
+    """(B, h, Tq, 3) per-head averages of the image tokens' (x, y, is_patch) -> (B, Tq, 2): the mean position of
+    the patches a word attends to, over every head, the prefix tokens' (CLS) share left out."""
+    if seen is None:
+        return None
+    s = seen.sum(1)  # (B, Tq, 3)
+    return s[..., :2] / s[..., 2:].clamp_min(1e-6)
+
+
+def token_positions(grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+    """(prefix + gh*gw, 3): each image token's (x, y, is_patch), x and y of patch centres in [0, 1], prefix rows 0."""
+    gh, gw = grid
+    ys, xs = torch.meshgrid((torch.arange(gh) + 0.5) / gh, (torch.arange(gw) + 0.5) / gw, indexing="ij")
+    xyz = torch.stack([xs.reshape(-1), ys.reshape(-1), torch.ones(gh * gw)], -1)  # (P, 3)
+    return F.pad(xyz, (0, 0, num_prefix_tokens, 0))
+
+
 class FusionLayer(nn.Module):
     def __init__(self, cfg: FusionConfig, last: bool = False):
         super().__init__()
@@ -182,38 +222,62 @@ class FusionLayer(nn.Module):
         self.norm_d = nn.LayerNorm(w) if self.pooled else None
         self.kv_delta = nn.Linear(w, 2 * w, bias=False) if self.pooled else None
         self.cross_first = cfg.cross_first
+        # word_positions: where each word looked in the image (its text->image centroid) enters the text
+        # self-attention as relative offsets; zero-initialised, so a checkpoint without it loads unchanged.
+        self.rel_pos = nn.Linear(2 * h, w) if cfg.word_positions else None
+        if self.rel_pos is not None:
+            nn.init.zeros_(self.rel_pos.weight)
+            nn.init.zeros_(self.rel_pos.bias)
 
     def _text_self_and_cross(
         self,
         txt: torch.Tensor,
         txt_mask: torch.Tensor,
-        t2i: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
+        t2i: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None, Centroids]],
         bias: torch.Tensor | None,
         need: bool,
         cls_only: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        centroids: Centroids,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Centroids]:
         """txt <- + SelfAttn, + CrossAttn(text -> image), + MLP (``cross_first``: the cross-attention before the
         self-attention). ``cls_only``: the [CLS] row only, from the first sub-layer whose other rows no one reads.
 
-        ``t2i(x, bias)``: the text->image attention of the normalised text x (B, Tq, W) -> (update, probabilities)."""
+        ``t2i(x, bias)``: the text->image attention of the normalised text x (B, Tq, W) -> (update, probabilities,
+        centroids). ``centroids`` (B, T, 2): where each word looked in the previous layer (None: not tracked or
+        none yet); returned updated with this layer's."""
         if self.cross_first:  # every word reads the image, then the words (and [CLS]) read each other
-            d, a_t2i = t2i(self.norm_t3(txt), bias)
+            d, a_t2i, c = t2i(self.norm_t3(txt), bias)
+            centroids = c if c is not None else centroids
             txt = txt + d
             t = self.norm_t2(txt)
-            d, a_t2t = self.self_attn(t[:, :1] if cls_only else t, t, txt_mask, need_weights=need)
+            d, a_t2t = self._self_attention(t, txt_mask, need, cls_only, centroids)
             txt = (txt[:, :1] if cls_only else txt) + d
             txt = txt + self.mlp_t(self.norm_t4(txt))
-            return txt, a_t2i, a_t2t
+            return txt, a_t2i, a_t2t, centroids
         t = self.norm_t2(txt)
-        q = t[:, :1] if cls_only else t  # (B, 1 or T, W): other rows are read by no one after the last layer
-        d, a_t2t = self.self_attn(q, t, txt_mask, need_weights=need)
+        d, a_t2t = self._self_attention(t, txt_mask, need, cls_only, centroids)
         txt = (txt[:, :1] if cls_only else txt) + d
         if cls_only and bias is not None:
             bias = bias[:, :1]  # (B, 1, N)
-        d, a_t2i = t2i(self.norm_t3(txt), bias)
+        d, a_t2i, c = t2i(self.norm_t3(txt), bias)
         txt = txt + d
         txt = txt + self.mlp_t(self.norm_t4(txt))
-        return txt, a_t2i, a_t2t
+        return txt, a_t2i, a_t2t, c if c is not None else centroids
+
+    def _self_attention(
+        self, t: torch.Tensor, txt_mask: torch.Tensor, need: bool, cls_only: bool, centroids: Centroids
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text self-attention of the normalised text t (B, T, W); queries: [CLS] only with ``cls_only`` (the
+        other rows are read by no one after the last layer). With ``word_positions`` and known centroids, each
+        head also brings its query the offset from the query's own centroid to the mean centroid of the words it
+        attends to (Shaw-style relative positions, on where the words' objects are rather than where the words
+        are): a head that reads the first argument of "left of" hands over that object's offset."""
+        q = t[:, :1] if cls_only else t  # (B, Tq, W)
+        if self.rel_pos is None or centroids is None:
+            return self.self_attn(q, t, txt_mask, need_weights=need)
+        d, a_t2t, seen = self.self_attn.attend(q, t, txt_mask, need_weights=need, extra=centroids)  # (B, h, Tq, 2)
+        offsets = seen - centroids[:, None, : q.shape[1]]  # (B, h, Tq, 2)
+        return d + self.rel_pos(offsets.permute(0, 2, 1, 3).flatten(2)), a_t2t  # (B, Tq, W)
 
     def forward(
         self,
@@ -223,20 +287,32 @@ class FusionLayer(nn.Module):
         bias: torch.Tensor | None,
         need_weights: bool = True,
         cls_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions | None]:
-        """Full-token image stream (image_pool = 1): txt (B, T, W), img (B, N, W) -> updated txt, img."""
+        positions: torch.Tensor | None = None,
+        centroids: Centroids = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions | None, Centroids]:
+        """Full-token image stream (image_pool = 1): txt (B, T, W), img (B, N, W) -> updated txt, img.
+
+        ``positions`` (N, 3): each image token's (x, y, is_patch), to track where each word looks
+        (``word_positions``); ``centroids``: the words' centroids so far (:meth:`_text_self_and_cross`)."""
         t = self.norm_t1(txt)
         d, a_i2t = self.i2t(self.norm_i1(img), t, txt_mask, need_weights=need_weights)
         img = img + d
         kv = self.t2i.kv(self.norm_i2(img))  # (B, N, 2W)
 
         def t2i(x, b):
-            return self.t2i(x, None, None, b, need_weights=need_weights, kv=kv)
+            d, a, seen = self.t2i.attend(x, None, None, b, need_weights, kv, self._extra(positions))
+            return d, a, centroid(seen)
 
-        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, t2i, bias, need_weights, cls_only)
+        txt, a_t2i, a_t2t, centroids = self._text_self_and_cross(
+            txt, txt_mask, t2i, bias, need_weights, cls_only, centroids
+        )
         if self.mlp_i is not None:
             img = img + self.mlp_i(self.norm_i3(img))
-        return txt, img, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None
+        return txt, img, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None, centroids
+
+    def _extra(self, positions: torch.Tensor | None) -> torch.Tensor | None:
+        """The image tokens' (x, y, is_patch) as text->image ``extra`` (1, N, 3), when centroids are tracked."""
+        return None if self.rel_pos is None or positions is None else positions[None]
 
     def folds_delta(self, queries: int, pooled_tokens: int) -> bool:
         """Whether folding the update's key/value projection into the text queries costs fewer multiply-adds than
@@ -252,7 +328,8 @@ class FusionLayer(nn.Module):
         index: torch.Tensor | None,
         pool: tuple[tuple[int, int], int, int],
         bias: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, None]:
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None, Centroids]:
         """Text->image attention without the update's keys and values (module doc); no probabilities returned.
 
         x (B, Tq, W) normalised text; kv_shared (Bi, N, 2W) the shared stream's keys/values; x_d (B, M, W) the
@@ -281,7 +358,9 @@ class FusionLayer(nn.Module):
         agg = window_sum(attn, grid, prefix, p).reshape(b, h * tq, -1) @ x_d  # (B, h*Tq, W): weighted sums of x_d
         out_d = torch.einsum("bhtw,hdw->bhtd", agg.view(b, h, tq, w), w_v)  # (B, h, Tq, dh): the update's values
         out = _per_pair(attn, v_s, one_image) + out_d  # (B, h, Tq, dh)
-        return self.t2i.out(out.transpose(1, 2).reshape(b, tq, w)), None
+        extra = self._extra(positions)
+        seen = None if extra is None else attn @ extra.unsqueeze(1)  # (B, h, Tq, 3)
+        return self.t2i.out(out.transpose(1, 2).reshape(b, tq, w)), None, centroid(seen)
 
     def forward_pooled(
         self,
@@ -294,7 +373,9 @@ class FusionLayer(nn.Module):
         bias: torch.Tensor | None,
         need_weights: bool = True,
         cls_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions | None]:
+        positions: torch.Tensor | None = None,
+        centroids: Centroids = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions | None, Centroids]:
         """image_pool > 1: shared (Bi, N, W) caption-independent stream, one row per image (``index`` (B,) maps
         pairs to them); delta (B, M, W) the caption-aware update at pooled tokens (None before the first layer)."""
         grid, prefix, p = pool
@@ -310,19 +391,22 @@ class FusionLayer(nn.Module):
         if not need_weights and self.folds_delta(queries, x_d.shape[1]):
 
             def t2i(x, b):
-                return self._t2i_folded(x, kv, x_d, index, pool, b)
+                return self._t2i_folded(x, kv, x_d, index, pool, b, positions)
 
         else:
             shared_kv = kv if index is None or kv.shape[0] == 1 else kv[index]  # one image: broadcast, no copies
             kv = shared_kv + unpool_tokens(self.kv_delta(x_d), grid, prefix, p)  # (B, N, 2W)
 
             def t2i(x, b):
-                return self.t2i(x, None, None, b, need_weights=need_weights, kv=kv)
+                d, a, seen = self.t2i.attend(x, None, None, b, need_weights, kv, self._extra(positions))
+                return d, a, centroid(seen)
 
-        txt, a_t2i, a_t2t = self._text_self_and_cross(txt, txt_mask, t2i, bias, need_weights, cls_only)
+        txt, a_t2i, a_t2t, centroids = self._text_self_and_cross(
+            txt, txt_mask, t2i, bias, need_weights, cls_only, centroids
+        )
         if self.mlp_i is not None:
             delta = delta + self.mlp_i(self.norm_i3(u))
-        return txt, delta, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None
+        return txt, delta, LayerAttentions(a_t2i, a_i2t, a_t2t) if need_weights else None, centroids
 
 
 @dataclass
@@ -384,6 +468,11 @@ class HierarchicalFusion(nn.Module):
                 self.register_buffer(f"grid_pos_{i}", grid_positions(g, num_prefix_tokens), persistent=False)
             n_feat = self.get_buffer("grid_pos_0").shape[-1]
             self.image_pos = nn.ModuleList([nn.Linear(n_feat, cfg.width) for _ in image_levels])
+        if cfg.word_positions:
+            if image_grids is None:
+                raise ValueError("fusion.word_positions needs the image levels' grids")
+            for i, g in enumerate(image_grids):
+                self.register_buffer(f"token_pos_{i}", token_positions(g, num_prefix_tokens), persistent=False)
         self.use_bias = cfg.affinity_bias and num_local_kernels > 0
         if self.use_bias:
             # Per-layer mix over the local kernels, and a per-layer scale (starts at 1: the bias is on from step 0).
@@ -417,6 +506,7 @@ class HierarchicalFusion(nn.Module):
         img = None  # image_pool = 1: (B, N, W) image stream; > 1: (Bi, N, W) caption-independent stream
         delta = None  # image_pool > 1: (B, M, W) caption-aware update at pooled tokens
         attentions = []
+        centroids = None  # word_positions: (B, T, 2) where each word looked in the latest text->image attention
         n = len(self.layers)
         for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
             x = proj(image_levels[level])  # (Bi, N, W): once per image
@@ -431,13 +521,14 @@ class HierarchicalFusion(nn.Module):
                 aff = aff if t_used is None else aff[:, :t_used]
                 bias = F.pad(aff, (self.num_prefix_tokens, 0))  # no bias on the CLS / register keys
             cls_only = not output_attentions and i == n - 1
+            pos = self.get_buffer(f"token_pos_{i}") if self.cfg.word_positions else None  # (N, 3)
             if pooled:
                 pool = (self.image_grids[i], self.num_prefix_tokens, self.cfg.image_pool)
-                txt, delta, att = layer.forward_pooled(
-                    txt, img, delta, pool, image_index, text_mask, bias, output_attentions, cls_only
+                txt, delta, att, centroids = layer.forward_pooled(
+                    txt, img, delta, pool, image_index, text_mask, bias, output_attentions, cls_only, pos, centroids
                 )
             else:
-                txt, img, att = layer(txt, img, text_mask, bias, output_attentions, cls_only)
+                txt, img, att, centroids = layer(txt, img, text_mask, bias, output_attentions, cls_only, pos, centroids)
             if att is not None:
                 attentions.append(att)
         return FusionOutput(self.norm(txt[:, 0]), attentions)

@@ -348,6 +348,12 @@ class MKLVisITA(
             prefixes.append("text.model.")
         return tuple(prefixes)
 
+    def zero_start_keys(self) -> set[str]:
+        """State-dict keys of modules that start at zero and so leave the model's function unchanged
+        (``fusion.word_positions``' offset projections): fine-tuning a checkpoint trained without them
+        (``init_from``) may start them fresh; every other weight must come from the checkpoint."""
+        return {k for k in self.state_dict() if k.startswith("fusion.layers.") and ".rel_pos." in k}
+
     def fill_external_weights(self) -> None:
         """Load the frozen backbones (and the concept classifier) from their packages, sha256 checked, strictly."""
         from safetensors.torch import load_file as load_safetensors

@@ -9,7 +9,7 @@ from conftest import micro_config
 
 from mklvisita import Matcher, MKLVisITA
 from mklvisita.config import FusionConfig
-from mklvisita.fusion import FusionLayer, pool_tokens, unpool_tokens, window_sum
+from mklvisita.fusion import FusionLayer, centroid, pool_tokens, token_positions, unpool_tokens, window_sum
 from mklvisita.inputs import Processor
 from mklvisita.matcher import EMBEDDED
 
@@ -60,13 +60,18 @@ def _pairs(model, n_img=2, captions=CAPTIONS):
     return img, txt
 
 
-@pytest.mark.parametrize(("pool", "cross_first"), [(1, False), (2, False), (1, True), (2, True)])
-def test_fast_path_and_shared_images_give_the_same_match(pool, cross_first):
+@pytest.mark.parametrize(
+    ("pool", "cross_first", "word_positions"),
+    [(1, False, False), (2, False, False), (1, True, False), (2, True, False), (1, False, True), (2, True, True)],
+)
+def test_fast_path_and_shared_images_give_the_same_match(pool, cross_first, word_positions):
     cfg = micro_config()
     fields = {"image_pool": pool, "image_mlp_ratio": 1.0, "image_positions": True, "cross_first": cross_first}
-    cfg.fusion = dataclasses.replace(cfg.fusion, **fields)
+    cfg.fusion = dataclasses.replace(cfg.fusion, word_positions=word_positions, **fields)
     torch.manual_seed(0)
     model = MKLVisITA(cfg).eval()
+    for layer in model.fusion.layers if word_positions else []:  # as if trained: the offsets change the match
+        torch.nn.init.normal_(layer.rel_pos.weight, std=1.0)
     img, txt = _pairs(model)
     ii = torch.tensor([0, 1, 1, 0, 1])  # pair k: image ii[k], caption k
     with torch.no_grad():
@@ -124,8 +129,8 @@ def test_folded_text_to_image_attention_matches_the_materialised_one(grid, queri
     index = torch.tensor([1, 0, 1]) if images == 2 else torch.zeros(3, dtype=torch.long)
     full = kv[index] + unpool_tokens(layer.kv_delta(x_d), grid, 1, 2)  # (3, N, 2W), what the maps path attends to
     want, _ = layer.t2i(x, None, None, bias, need_weights=True, kv=full)
-    got, none = layer._t2i_folded(x, kv, x_d, index, pool, bias)
-    assert none is None
+    got, none, no_centroids = layer._t2i_folded(x, kv, x_d, index, pool, bias)
+    assert none is None and no_centroids is None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     g_want = torch.autograd.grad(want.sum(), (kv, layer.kv_delta.weight))
     g_got = torch.autograd.grad(got.sum(), (kv, layer.kv_delta.weight))
@@ -134,3 +139,38 @@ def test_folded_text_to_image_attention_matches_the_materialised_one(grid, queri
     a = torch.rand(2, 3, n)
     torch.testing.assert_close(window_sum(a, grid, 1, 2).sum(-1), a.sum(-1))  # every patch in exactly one window
     assert layer.folds_delta(1, m) and not layer.folds_delta(64, m)  # folding pays for few queries, not for many
+
+
+def test_word_centroids_are_where_the_attention_looks():
+    pos = token_positions((2, 4), 1)  # CLS + 2 rows x 4 columns of patches
+    assert pos.shape == (9, 3) and not pos[0].any()
+    torch.testing.assert_close(pos[1 + 4 + 3], torch.tensor([0.875, 0.75, 1.0]))  # row 1, column 3: its centre
+    attn = torch.zeros(1, 2, 1, 9)  # two heads of one word: one on patch (0, 0) and CLS, one on patch (1, 3)
+    attn[0, 0, 0, [0, 1]] = 0.5
+    attn[0, 1, 0, 8] = 1.0
+    c = centroid(attn @ pos)  # the CLS share left out: patches (0, 0) with weight 0.5 and (1, 3) with weight 1
+    torch.testing.assert_close(c, torch.tensor([[[(0.125 * 0.5 + 0.875) / 1.5, (0.25 * 0.5 + 0.75) / 1.5]]]))
+
+
+def test_word_positions_start_as_the_model_without_them_and_learn():
+    cfg = micro_config()
+    cfg.fusion = dataclasses.replace(cfg.fusion, image_pool=1, image_mlp_ratio=4.0, image_positions=True)
+    torch.manual_seed(0)
+    plain = MKLVisITA(cfg).eval()
+    cfg_wp = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, word_positions=True))
+    model = MKLVisITA(cfg_wp)
+    state = model.state_dict()
+    model.load_state_dict({**{k: state[k] for k in model.zero_start_keys()}, **plain.state_dict()})
+    img, txt = _pairs(model)
+    ii = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        want = plain.match(img.select(ii), txt).logits
+        got = model.eval().match(img.select(ii), txt).logits
+    torch.testing.assert_close(got, want)  # zero-initialised: the same function
+    m = model.train().match(img.select(ii), txt)
+    m.logits[:, 1].sum().backward()
+    # Layer 0's self-attention runs before any text->image attention (no centroids yet); the last layer's reads them.
+    assert model.fusion.layers[-1].rel_pos.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.fusion.layers[-1].rel_pos.weight.normal_()
+        assert not torch.allclose(model.eval().match(img.select(ii), txt).logits, want)

@@ -259,6 +259,13 @@ def test_init_from_fine_tunes_a_release_and_refuses_another_architecture(tmp_pat
     init = f"init_from={first / 'release'}"
     train_mod.train(_cfg(second, "max_steps=1", "save_every=0", init, "data.reverse_negatives=1"))
     assert (second / "release" / "model.safetensors").is_file()
+    # New zero-initialised modules (word_positions' offset projections) start fresh; everything else is the release's.
+    model, _ = train_mod.build_model_and_processor(_cfg(tmp_path / "w", init, "model.fusion.word_positions=true"))
+    fresh = model.zero_start_keys()
+    assert fresh and not fresh & set(source.state_dict())
+    assert all(not model.state_dict()[k].any() for k in fresh)
+    for name, weight in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], weight), name
 
     argv = ["--config", str(SHAPES_YAML), *TINY, f"output_dir={tmp_path / 'z'}", "max_steps=1"]
     assert train_mod.main([*argv, "model.fusion.layers=2", f"init_from={first / 'release'}"]) == 2

@@ -223,14 +223,19 @@ def build_model_and_processor(cfg: RunConfig) -> tuple[Any, Any]:
     except (ValueError, OSError) as e:
         raise RunConfigError(f"init_from: cannot load the checkpoint ({e})") from e
     model = MKLVisITA(cfg.model_config(), tokenizer=source.tokenizer)
+    # Every weight of the run's model from the checkpoint, except modules that start at zero (new relative-position
+    # projections: the function starts as the checkpoint's); nothing of the checkpoint left over.
+    fresh = model.zero_start_keys() - set(source.state_dict())
     try:
-        model.load_state_dict(source.state_dict())  # strict: the same architecture, every weight
+        model.load_state_dict({**{k: model.state_dict()[k] for k in fresh}, **source.state_dict()})  # strict
     except RuntimeError as e:
         first = str(e).splitlines()[1:2] or [str(e)]
         raise RunConfigError(
             f"init_from: the checkpoint's weights do not fit this run's model ({first[0].strip()}); "
             "use the checkpoint's model settings (fusion, kernels, encoders) in the run config"
         ) from e
+    if fresh:
+        print(f"init_from: {len(fresh)} zero-initialised weights start fresh ({min(fresh)}, ...)", file=sys.stderr)
     return model, Processor(model.config, model.tokenizer)
 
 
