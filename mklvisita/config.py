@@ -152,6 +152,10 @@ class LossConfig:
     patch_weight: float = 0.0  # dense supervision where the data has object masks (shapes): each patch of the last
     # image level classifies its object's attributes (or background) through a small training-time linear head
     patch_classes: list[int] = field(default_factory=list)  # classes of each attribute head, background included
+    relation_weight: float = 0.0  # relation verdicts where the data knows them (shapes): the relation word of a
+    # true caption ("left" in "a red circle to the left of a blue square") and of its reversed hard negative is
+    # classified holds / does not hold from its fused state entering the last fusion layer (the state the last
+    # layer's [CLS] reads), by a training-time linear head; the comparison is learned where the roles are visible
     grounding_weight: float = 0.0  # word grounding where the data says which object a word names (shapes): the
     # word's text->image attention (every fusion layer, mean over heads) is pulled toward that object's patches
 

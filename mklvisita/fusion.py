@@ -224,7 +224,7 @@ class FusionLayer(nn.Module):
         self.cross_first = cfg.cross_first
         # word_positions: where each word looked in the image (its text->image centroid) enters the text
         # self-attention as relative offsets; zero-initialised, so a checkpoint without it loads unchanged.
-        self.rel_pos = nn.Linear(2 * h, w) if cfg.word_positions else None
+        self.rel_pos = nn.Linear(4 * h, w) if cfg.word_positions else None
         if self.rel_pos is not None:
             nn.init.zeros_(self.rel_pos.weight)
             nn.init.zeros_(self.rel_pos.bias)
@@ -268,16 +268,30 @@ class FusionLayer(nn.Module):
         self, t: torch.Tensor, txt_mask: torch.Tensor, need: bool, cls_only: bool, centroids: Centroids
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The text self-attention of the normalised text t (B, T, W); queries: [CLS] only with ``cls_only`` (the
-        other rows are read by no one after the last layer). With ``word_positions`` and known centroids, each
-        head also brings its query the offset from the query's own centroid to the mean centroid of the words it
-        attends to (Shaw-style relative positions, on where the words' objects are rather than where the words
-        are): a head that reads the first argument of "left of" hands over that object's offset."""
+        other rows are read by no one after the last layer).
+
+        With ``word_positions`` and known centroids, each head also hands its query where the words it reads
+        look in the image, relative to where the query looks, split by text order: the probability-weighted sums
+        of (c_k - c_q) over the keys before the query and over the keys after it, (B, h, Tq, 2 + 2). Relative
+        positions (Shaw et al.) on where the words' objects are rather than where the words are, with the text
+        order kept apart because it carries the roles: a relation word reading both of its arguments gets the
+        first one's offset from the words before it and the second one's from the words after, so "after minus
+        before" is the second object's position relative to the first, a linear read-out for its MLP."""
         q = t[:, :1] if cls_only else t  # (B, Tq, W)
         if self.rel_pos is None or centroids is None:
             return self.self_attn(q, t, txt_mask, need_weights=need)
-        d, a_t2t, seen = self.self_attn.attend(q, t, txt_mask, need_weights=need, extra=centroids)  # (B, h, Tq, 2)
-        offsets = seen - centroids[:, None, : q.shape[1]]  # (B, h, Tq, 2)
-        return d + self.rel_pos(offsets.permute(0, 2, 1, 3).flatten(2)), a_t2t  # (B, Tq, W)
+        d, a_t2t = self.self_attn(q, t, txt_mask, need_weights=True)  # (B, h, Tq, T): T <= 24 words, cheap
+        tq, tk = a_t2t.shape[-2:]
+        order = torch.arange(tk, device=t.device)
+        before = (order[None, :] < order[:tq, None]).to(a_t2t.dtype)  # (Tq, T): key k comes before query q
+        after = (order[None, :] > order[:tq, None]).to(a_t2t.dtype)
+        c_q = centroids[:, None, :tq]  # (B, 1, Tq, 2)
+        sides = []
+        for side in (before, after):
+            a = a_t2t * side  # (B, h, Tq, T)
+            sides.append(a @ centroids.unsqueeze(1) - a.sum(-1, keepdim=True) * c_q)  # (B, h, Tq, 2)
+        rel = torch.cat(sides, -1).permute(0, 2, 1, 3).flatten(2)  # (B, Tq, h * 4)
+        return d + self.rel_pos(rel), a_t2t if need else None
 
     def forward(
         self,
@@ -413,6 +427,7 @@ class FusionLayer(nn.Module):
 class FusionOutput:
     cls: torch.Tensor  # (B, W) fused text CLS, input of the ITM head
     attentions: list[LayerAttentions]  # one per layer; [] when the forward was asked for no attentions
+    last_input: torch.Tensor | None = None  # (B, T, W) the text stream entering the last layer (with attentions)
 
 
 def grid_positions(grid: tuple[int, int], num_prefix_tokens: int, frequencies: int = 4) -> torch.Tensor:
@@ -506,6 +521,7 @@ class HierarchicalFusion(nn.Module):
         img = None  # image_pool = 1: (B, N, W) image stream; > 1: (Bi, N, W) caption-independent stream
         delta = None  # image_pool > 1: (B, M, W) caption-aware update at pooled tokens
         attentions = []
+        last_input = None
         centroids = None  # word_positions: (B, T, 2) where each word looked in the latest text->image attention
         n = len(self.layers)
         for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
@@ -521,6 +537,8 @@ class HierarchicalFusion(nn.Module):
                 aff = aff if t_used is None else aff[:, :t_used]
                 bias = F.pad(aff, (self.num_prefix_tokens, 0))  # no bias on the CLS / register keys
             cls_only = not output_attentions and i == n - 1
+            if output_attentions and i == n - 1:
+                last_input = txt  # what the last layer's [CLS] reads (training-time relation head)
             pos = self.get_buffer(f"token_pos_{i}") if self.cfg.word_positions else None  # (N, 3)
             if pooled:
                 pool = (self.image_grids[i], self.num_prefix_tokens, self.cfg.image_pool)
@@ -531,4 +549,4 @@ class HierarchicalFusion(nn.Module):
                 txt, img, att, centroids = layer(txt, img, text_mask, bias, output_attentions, cls_only, pos, centroids)
             if att is not None:
                 attentions.append(att)
-        return FusionOutput(self.norm(txt[:, 0]), attentions)
+        return FusionOutput(self.norm(txt[:, 0]), attentions, last_input)

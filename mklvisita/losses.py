@@ -127,3 +127,19 @@ def grounding_loss(attentions: list[torch.Tensor], targets: torch.Tensor, num_pr
         ce = -(targets * torch.log(p + 1e-6)).sum(-1)  # (B, T)
         total = total + (ce * has).sum() / has.sum()
     return total / len(attentions)
+
+
+def relation_loss(
+    head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, float | None]:
+    """Binary cross-entropy of relation verdicts: (loss, accuracy; None when no word has a target).
+
+    states (N, T, W): fused text states; targets (N, T) long: 1 = the relation this word names holds between the
+    caption's two objects, 0 = it does not, -1 = no target (every other word, captions without a relation)."""
+    has = targets >= 0
+    if not has.any():
+        return states.new_zeros(()), None
+    logits = head(states[has]).squeeze(-1)  # (n,)
+    y = targets[has].to(logits.dtype)
+    acc = float(((logits > 0).to(y.dtype) == y).float().mean())
+    return F.binary_cross_entropy_with_logits(logits, y), acc

@@ -47,6 +47,7 @@ from .losses import (
     itm_loss,
     kernel_entropy_loss,
     positives_mask,
+    relation_loss,
     sample_hard_negatives,
 )
 from .tokenizer import builtin_tokenizer, load_tokenizer
@@ -149,6 +150,7 @@ class MatchOutput:
     logits: torch.Tensor  # (B, 2) ITM logits, class 1 = match
     prob: torch.Tensor  # (B,) match probability
     attentions: list[LayerAttentions]  # one per fusion layer
+    text_states: torch.Tensor | None = None  # (B, T, W) fused text entering the last fusion layer (with attentions)
 
 
 @dataclass
@@ -256,6 +258,10 @@ class MKLVisITA(
         if config.loss.patch_weight > 0:
             width = self.vision.widths[-1]
             self.patch_heads = nn.ModuleList([nn.Linear(width, n) for n in config.loss.patch_classes])
+        # Training-time relation verdicts (loss.relation_weight): holds / does not, from a relation word's fused state.
+        self.relation_head: nn.Linear | None = None
+        if config.loss.relation_weight > 0 and self.fusion is not None:
+            self.relation_head = nn.Linear(config.fusion.width, 1)
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -349,10 +355,11 @@ class MKLVisITA(
         return tuple(prefixes)
 
     def zero_start_keys(self) -> set[str]:
-        """State-dict keys of modules that start at zero and so leave the model's function unchanged
-        (``fusion.word_positions``' offset projections): fine-tuning a checkpoint trained without them
-        (``init_from``) may start them fresh; every other weight must come from the checkpoint."""
-        return {k for k in self.state_dict() if k.startswith("fusion.layers.") and ".rel_pos." in k}
+        """State-dict keys of modules that leave the model's function unchanged when new: ``fusion.word_positions``'
+        offset projections (they start at zero) and the training-time relation head. Fine-tuning a checkpoint
+        trained without them (``init_from``) starts them fresh; every other weight must come from the checkpoint."""
+        keys = {k for k in self.state_dict() if k.startswith("fusion.layers.") and ".rel_pos." in k}
+        return keys | {k for k in self.state_dict() if k.startswith("relation_head.")}  # training-time only
 
     def fill_external_weights(self) -> None:
         """Load the frozen backbones (and the concept classifier) from their packages, sha256 checked, strictly."""
@@ -443,7 +450,7 @@ class MKLVisITA(
         if self.itm_similarity_weight is not None:
             s = self.similarity(img_emb, txt_emb, pairwise=True).similarity  # (B,)
             logits = logits + torch.stack([torch.zeros_like(s), self.itm_similarity_weight * s], -1)
-        return MatchOutput(logits, logits.softmax(-1)[:, 1], out.attentions)
+        return MatchOutput(logits, logits.softmax(-1)[:, 1], out.attentions, out.last_input)
 
     # ------------------------------------------------------------------------------------------- training
     def forward(
@@ -458,6 +465,7 @@ class MKLVisITA(
         positives: torch.Tensor | None = None,
         patch_labels: torch.Tensor | None = None,
         word_targets: torch.Tensor | None = None,
+        relation_targets: torch.Tensor | None = None,
     ) -> MKLVisITAOutput:
         """Caption i describes image i; the losses are computed when ``return_loss``.
 
@@ -471,6 +479,8 @@ class MKLVisITA(
             patch_labels: (B, A, P) long, each patch's attribute classes (with ``loss.patch_weight``).
             word_targets: (B, T, P) float, for each word that names an object a distribution over that object's
                 patches (zero rows elsewhere), for the grounding loss (with ``loss.grounding_weight``).
+            relation_targets: (B, 2, T) long, for the relation word of caption i (row 0) and of its hard negative
+                (row 1): 1 = the relation holds, 0 = it does not, -1 = no target (with ``loss.relation_weight``).
         """
         cfg = self.config.loss
         img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
@@ -534,6 +544,19 @@ class MKLVisITA(
                 t2i = [a.t2i[:b] for a in m.attentions]
                 losses["grounding"] = grounding_loss(t2i, word_targets, self.vision.num_prefix_tokens)
                 loss = loss + cfg.grounding_weight * losses["grounding"]
+            if self.relation_head is not None and relation_targets is not None and m.text_states is not None:
+                states = m.text_states[:b]  # the positives' captions, then (when given) the dataset negatives'
+                targets = relation_targets[:, 0]
+                if neg is not None:
+                    states, targets = (
+                        torch.cat([states, m.text_states[-b:]]),
+                        torch.cat([targets, relation_targets[:, 1]]),
+                    )
+                t = min(states.shape[1], targets.shape[1])
+                losses["relation"], acc = relation_loss(self.relation_head, states[:, :t], targets[:, :t])
+                loss = loss + cfg.relation_weight * losses["relation"]
+                if acc is not None:
+                    logs["relation_acc"] = acc
             hit = m.logits.argmax(-1) == labels
             logs["itm_acc"] = float(hit.float().mean())
             logs["itm_acc_pos"] = float(hit[:b].float().mean())

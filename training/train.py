@@ -267,6 +267,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     model, processor = build_model_and_processor(cfg)
     dataset = build_train_dataset(cfg)
     sampler = EpochSampler(len(dataset), cfg.seed)
+    loss_cfg = model.config.loss
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -276,7 +277,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
             processor,
             get_task(cfg.data.train),
             cfg.data.hard_negatives,
-            dense=model.config.loss.patch_weight > 0 or model.config.loss.grounding_weight > 0,
+            dense=any(w > 0 for w in (loss_cfg.patch_weight, loss_cfg.grounding_weight, loss_cfg.relation_weight)),
             grid=model.vision.grid,
         ),
         num_workers=cfg.data.num_workers,

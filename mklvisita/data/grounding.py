@@ -6,6 +6,10 @@ targets (``loss.patch_weight``, ``loss.grounding_weight``; :mod:`mklvisita.losse
 
 - ``patch_attribute_labels``: for each patch of the model's grid, the colour, shape and size of the object that
   covers most of it (at least ``threshold`` of the patch), else background (the last class of each attribute).
+- ``relation_word_targets``: for the relation word of a true relation caption ("left" in "... to the left of ..."),
+  1 (the relation holds between its two objects); for the same word of the caption's reversed hard negative ("...
+  to the right of ..."), 0. Other hard negatives (attributes swapped or changed) get no relation target: their
+  relation is about objects the scene may not have.
 - ``word_patch_targets``: for each token of a true caption that belongs to an object's description ("large",
   "purple", "cross" in "a large purple cross and a yellow star"), that object's patch coverage normalised to a
   distribution. The object is the one the claim is true of: descriptions are matched to objects by the same
@@ -23,7 +27,7 @@ import itertools
 import numpy as np
 from PIL import Image
 
-from .shapes import COLOURS, RELATION_MARGIN, SHAPES, SIZES, Claim, SceneObject, _relation_holds
+from .shapes import COLOURS, OPPOSITE, RELATION_MARGIN, SHAPES, SIZES, Claim, SceneObject, _relation_holds
 
 # Classes of each attribute head, background included (loss.patch_classes of a shapes recipe).
 PATCH_CLASSES: list[int] = [len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1]
@@ -109,4 +113,30 @@ def word_patch_targets(
         for t, w in enumerate(token_word):
             if w is not None and start <= w < cursor:
                 out[t] = cov / cov.sum()
+    return out
+
+
+def relation_word_targets(true_claim: Claim, claim: Claim | None, token_word: list[int | None]) -> np.ndarray:
+    """(T,) int64: 1 / 0 at the tokens of ``claim``'s relation word when ``claim`` is the true relation claim /
+    its reversal (same objects, opposite relation), -1 everywhere else.
+
+    Args:
+        true_claim: the caption's claim (true of the scene).
+        claim: the claim of the text the tokens belong to (``true_claim`` itself or its hard negative).
+        token_word: for each token position the index of its whitespace word, None for special tokens.
+    """
+    out = np.full(len(token_word), -1, dtype=np.int64)
+    if claim is None or claim.kind != "relation" or true_claim.kind != "relation" or claim.descs != true_claim.descs:
+        return out
+    if claim.relation == true_claim.relation:
+        label = 1
+    elif claim.relation == OPPOSITE[true_claim.relation]:
+        label = 0
+    else:
+        return out
+    words = claim.text().split()
+    at = [i for i, w in enumerate(words) if w == claim.relation]  # "left" / "right" / "above" / "below"
+    for t, w in enumerate(token_word):
+        if w is not None and w in at:
+            out[t] = label
     return out

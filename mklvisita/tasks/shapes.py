@@ -212,12 +212,14 @@ class ShapesTrainPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene_index, k = divmod(index, self.per_scene)
         scene = self.cache.scene(scene_index)
+        negative = self._negative(scene, k, index)
         return {
             "image": np.array(self.cache.pixels[scene_index]),  # a copy: torch must not see a read-only memmap
             "caption": scene.claims[k].text(),
-            "negative": self._negative(scene, k, index).text(),
+            "negative": negative.text(),
             "image_id": scene_index,
             "claim": scene.claims[k],
+            "negative_claim": negative,
             "scene_objects": scene.objects,
             "objects": object_dicts(scene, np.asarray(self.cache.labels[scene_index])),
             "image_size": self.cache.image_size,
@@ -244,11 +246,17 @@ def positives(items: list[dict[str, Any]]) -> torch.Tensor:
 def dense_targets(
     items: list[dict[str, Any]], processor: Any, length: int, grid: tuple[int, int]
 ) -> dict[str, torch.Tensor]:
-    """``patch_labels`` (B, 3, P) and ``word_targets`` (B, T, P) for the dense losses (mklvisita.data.grounding)."""
-    from ..data.grounding import patch_attribute_labels, word_patch_targets
+    """``patch_labels`` (B, 3, P), ``word_targets`` (B, T, P) and ``relation_targets`` (B, 2, T) for the dense losses
+    (mklvisita.data.grounding)."""
+    from ..data.grounding import patch_attribute_labels, relation_word_targets, word_patch_targets
 
-    labels, targets = [], []
+    labels, targets, relations = [], [], []
     for it in items:
+        rows = []
+        for text, claim in ((it["caption"], it["claim"]), (it["negative"], it.get("negative_claim"))):
+            _, token_word = processor.words(text) if text is not None else ([], [])
+            rows.append(relation_word_targets(it["claim"], claim, (token_word + [None] * length)[:length]))
+        relations.append(np.stack(rows))
         labels.append(patch_attribute_labels(it["objects"], grid))
         _, token_word = processor.words(it["caption"])
         token_word = (token_word + [None] * length)[:length]
@@ -256,7 +264,11 @@ def dense_targets(
         targets.append(
             word_patch_targets(it["claim"], it["scene_objects"], masks, token_word, grid, int(it["image_size"]))
         )
-    return {"patch_labels": torch.from_numpy(np.stack(labels)), "word_targets": torch.from_numpy(np.stack(targets))}
+    return {
+        "patch_labels": torch.from_numpy(np.stack(labels)),
+        "word_targets": torch.from_numpy(np.stack(targets)),
+        "relation_targets": torch.from_numpy(np.stack(relations)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
