@@ -6,10 +6,16 @@ import torch
 
 from mklvisita import MKLVisITA, MKLVisITAConfig
 from mklvisita.data import ShapesScenes
-from mklvisita.data.grounding import PATCH_CLASSES, claim_assignment, patch_attribute_labels, word_patch_targets
+from mklvisita.data.grounding import (
+    PATCH_CLASSES,
+    claim_assignment,
+    patch_attribute_labels,
+    relation_word_targets,
+    word_patch_targets,
+)
 from mklvisita.data.shapes import COLOURS, SHAPES, Claim, Desc, SceneObject, holds
 from mklvisita.inputs import Processor
-from mklvisita.losses import dense_attribute_loss, grounding_loss
+from mklvisita.losses import dense_attribute_loss, grounding_loss, relation_loss
 
 
 def _scene_with_two_objects():
@@ -148,3 +154,68 @@ def test_fusion_image_positions():
     out = model(pv, enc["input_ids"], enc["attention_mask"])
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.fusion.image_pos.parameters())
+
+
+def test_relation_targets_label_the_relation_word_of_the_caption_and_of_its_reversal():
+    model = MKLVisITA(MKLVisITAConfig.tiny())
+    proc = Processor(model.config, model.tokenizer)
+    true = Claim("relation", (Desc("circle", "red"), Desc("square", "blue")), relation="left", template=1)
+    reverse = Claim("relation", true.descs, relation="right", template=1)
+    swapped = Claim("relation", (Desc("circle", "blue"), Desc("square", "red")), relation="left", template=1)
+    for claim, label in ((true, 1), (reverse, 0)):
+        words, token_word = proc.words(claim.text())  # "a red circle is to the left of a blue square"
+        got = relation_word_targets(true, claim, token_word)
+        at = [t for t, w in enumerate(token_word) if w is not None and words[w] == claim.relation]
+        assert at and (got[at] == label).all() and (np.delete(got, at) == -1).all()
+    # another hard negative (attributes swapped) names objects the scene may not have: no relation target
+    assert (relation_word_targets(true, swapped, proc.words(swapped.text())[1]) == -1).all()
+    exists = Claim("exists", (Desc("circle", "red"),))
+    assert (relation_word_targets(exists, exists, proc.words(exists.text())[1]) == -1).all()
+
+
+def test_relation_loss_reads_only_labelled_words():
+    head = torch.nn.Linear(4, 1)
+    states = torch.randn(2, 3, 4)
+    targets = torch.tensor([[-1, 1, -1], [-1, -1, 0]])
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        states[0, 1, 0], states[1, 2, 0] = 5.0, -5.0
+        head.weight[0, 0] = 1.0  # verdict = first feature: right on both labelled words
+    loss, acc = relation_loss(head, states, targets)
+    assert acc == 1.0 and float(loss) < 0.01
+    loss, acc = relation_loss(head, states, 1 - targets.clamp(min=0) - 2 * (targets < 0).long())
+    assert acc == 0.0 and float(loss) > 4.0  # the same words with flipped labels
+    loss, acc = relation_loss(head, states, torch.full((2, 3), -1))
+    assert acc is None and float(loss) == 0.0
+
+
+def test_model_trains_the_relation_head_on_the_state_the_last_layer_reads():
+    cfg = MKLVisITAConfig.tiny()
+    cfg.loss.relation_weight = 1.0
+    cfg.fusion.word_positions = cfg.fusion.cross_first = True
+    torch.manual_seed(0)
+    model = MKLVisITA(cfg)
+    proc = Processor(model.config, model.tokenizer)
+    caps = ["a red circle to the left of a blue square", "a green star above a red cross"]
+    negs = ["a red circle to the right of a blue square", "a green star below a red cross"]
+    enc, neg = proc.captions(caps), proc.captions(negs)
+    t = enc["input_ids"].shape[1]
+    targets = torch.full((2, 2, t), -1, dtype=torch.long)
+    for i, (c, n) in enumerate(zip(caps, negs)):
+        for row, text, label in ((0, c, 1), (1, n, 0)):
+            words, tw = proc.words(text)
+            at = [k for k, w in enumerate(tw) if w is not None and words[w] in ("left", "right", "above", "below")]
+            targets[i, row, at] = label
+    out = model(
+        torch.randn(2, 3, 64, 64),
+        enc["input_ids"],
+        enc["attention_mask"],
+        neg_input_ids=neg["input_ids"],
+        neg_attention_mask=neg["attention_mask"],
+        relation_targets=targets,
+    )
+    assert float(out.losses["relation"]) > 0 and 0.0 <= out.logs["relation_acc"] <= 1.0
+    out.loss.backward()
+    assert model.relation_head.weight.grad.abs().sum() > 0
+    assert model.fusion.layers[0].rel_pos.weight.grad.abs().sum() > 0  # the verdict can use the words' offsets
