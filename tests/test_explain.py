@@ -92,6 +92,17 @@ def test_heads_and_layers(model, processor):
     assert default_layer(model) == n_layers - 2
 
 
+def test_with_cross_first_the_last_layer_word_maps_reach_the_score():
+    cfg = micro_config()
+    cfg.fusion.cross_first = True
+    torch.manual_seed(0)
+    model = MKLVisITA(cfg).eval()
+    processor = Processor(model.config, model.tokenizer)
+    lm = layer_maps(model, processor, _image(30, 50), CAPTION)
+    assert lm.word_heatmaps[-1].max() > 0.0  # words read the image before the [CLS] reads the words
+    assert default_layer(model) == len(model.fusion.layers) - 1
+
+
 def test_grad_cam_keeps_only_positive_gradients():
     a = torch.rand(2, 3, 4)
     g = torch.tensor([1.0, -1.0, 2.0, -0.5]).expand(2, 3, 4)
