@@ -588,6 +588,14 @@ class MKLVisITA(
         checkpoint.save_weights(self, save_directory, skip=self.external_weight_prefixes())
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
         self.tokenizer.save_pretrained(str(save_directory))
+        # transformers 5 records how a tokenizer read from a folder was loaded ("is_local", "local_files_only"); a
+        # release that says "local files only" would refuse the Hub when shared there, so those keys are not kept.
+        tok_cfg = save_directory / "tokenizer_config.json"
+        if tok_cfg.is_file():
+            settings = json.loads(tok_cfg.read_text())
+            if {"is_local", "local_files_only"} & settings.keys():
+                kept = {k: v for k, v in settings.items() if k not in ("is_local", "local_files_only")}
+                tok_cfg.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def from_pretrained(

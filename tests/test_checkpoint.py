@@ -114,3 +114,15 @@ def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"ckpt/model.safetensors holds non-finite .*itm_head.weight") as err:
         MKLVisITA.from_pretrained(dest)
     assert str(tmp_path) not in str(err.value)
+
+
+def test_a_re_saved_checkpoint_does_not_say_local_files_only(tmp_path: Path) -> None:
+    """transformers 5 records "is_local" / "local_files_only" in tokenizer_config.json when a tokenizer read from a
+    folder is saved again (fine-tuning a release does exactly that); a release shared on the Hub must not say so."""
+    MKLVisITA(micro_config()).save_pretrained(tmp_path / "first")
+    again = MKLVisITA.from_pretrained(tmp_path / "first")
+    again.save_pretrained(tmp_path / "second")
+    settings = json.loads((tmp_path / "second" / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & settings.keys()
+    reloaded = MKLVisITA.from_pretrained(tmp_path / "second")
+    assert reloaded.tokenizer("a red circle")["input_ids"] == again.tokenizer("a red circle")["input_ids"]
