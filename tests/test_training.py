@@ -259,12 +259,20 @@ def test_init_from_fine_tunes_a_release_and_refuses_another_architecture(tmp_pat
     init = f"init_from={first / 'release'}"
     train_mod.train(_cfg(second, "max_steps=1", "save_every=0", init, "data.reverse_negatives=1"))
     assert (second / "release" / "model.safetensors").is_file()
-    # New zero-initialised modules (word_positions' offset projections) start fresh; everything else is the release's.
-    model, _ = train_mod.build_model_and_processor(_cfg(tmp_path / "w", init, "model.fusion.word_positions=true"))
+    # A release trained without word_positions and the relation head fine-tunes with them (shapes.yaml has both):
+    # the zero-initialised offset projections and the training-time head start fresh, everything else is the
+    # release's.
+    plain = tmp_path / "plain"
+    train_mod.train(
+        _cfg(plain, "max_steps=1", "save_every=0", "model.fusion.word_positions=false", "model.loss.relation_weight=0")
+    )
+    plain_weights = MKLVisITA.from_pretrained(plain / "release").state_dict()
+    model, _ = train_mod.build_model_and_processor(_cfg(tmp_path / "w", f"init_from={plain / 'release'}"))
     fresh = model.zero_start_keys()
-    assert fresh and not fresh & set(source.state_dict())
-    assert all(not model.state_dict()[k].any() for k in fresh)
-    for name, weight in source.state_dict().items():
+    assert any(".rel_pos." in k for k in fresh) and "relation_head.weight" in fresh
+    assert not fresh & set(plain_weights)
+    assert all(not model.state_dict()[k].any() for k in fresh if ".rel_pos." in k)
+    for name, weight in plain_weights.items():
         assert torch.equal(model.state_dict()[name], weight), name
 
     argv = ["--config", str(SHAPES_YAML), *TINY, f"output_dir={tmp_path / 'z'}", "max_steps=1"]
