@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image
 
 from mklvisita import Matcher, figures
-from mklvisita.explain import METHODS
+from mklvisita.explain import METHODS, default_layer
 from mklvisita.explain import NORMALIZE as SCALES
 from mklvisita.inputs import MAX_CAPTIONS, check_whole_number
 
@@ -58,7 +58,7 @@ def layer_choices(matcher: Matcher) -> list[tuple[str, int | str]]:
     n = len(matcher.fusion_kernel_weights())
     if not n:
         return [(f"{DEFAULT_LAYER} (no fusion layers)", DEFAULT_LAYER)]
-    default = f"{DEFAULT_LAYER} (= fusion layer {max(0, n - 2) + 1})"  # mklvisita.explain.default_layer
+    default = f"{DEFAULT_LAYER} (= fusion layer {default_layer(matcher.model) + 1})"
     return [(default, DEFAULT_LAYER)] + [(f"fusion layer {i + 1}", i) for i in range(n)]
 
 

@@ -33,6 +33,7 @@ from demo.model import card_markdown, model_info, round_metrics
 from demo.search import load_example_gallery, search
 from demo.tabs.match import show_explanation
 from demo.ui import user_errors
+from mklvisita.explain import default_layer
 from tests.app_fixtures import (  # noqa: F401
     CAT,
     EXAMPLES,
@@ -292,7 +293,10 @@ def test_fusion_layers_are_named_alike_everywhere(matcher) -> None:  # noqa: F81
     choices = layer_choices(matcher)
     assert [label for label, _ in choices[1:]] == [f"fusion layer {i + 1}" for i in range(n)]
     assert [value for _, value in choices] == [DEFAULT_LAYER, *range(n)]  # the API keeps 0-based values
-    assert choices[0][0].startswith("default (= fusion layer ")  # what "default" is, said in the choice itself
+    # what "default" is, said in the choice itself: the layer explanations use (the last one for a cross_first model)
+    assert choices[0][0] == f"default (= fusion layer {default_layer(matcher.model) + 1})"
+    if matcher.config.fusion.cross_first:
+        assert choices[0][0].endswith(f"layer {n})")
     view = model_info(matcher)
     assert list(view.table.columns) == ["kernel", "similarity S", *[f"fusion layer {i + 1}" for i in range(n)]]
 

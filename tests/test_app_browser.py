@@ -184,7 +184,13 @@ def test_examples_switch_checkpoint_and_reset_the_word_gallery(browser, server, 
     examples.nth(shapes[0]).click()
     page.locator("#checkpoint-about").get_by_text("coloured-shapes", exact=False).wait_for()
     assert page.locator("#checkpoint input").input_value() == "shapes"
-    page.wait_for_function("() => document.querySelector('#explain-caption input').value.startsWith('an image')")
+    # the explained caption is now one of the shapes scene's ranked captions (the top one), no longer the cat's
+    ranked_is_explained = """() => {
+        const caption = document.querySelector('#explain-caption input').value;
+        const table = document.querySelector('#match-ranking');
+        return caption.length > 0 && !caption.includes('cat') && table !== null && table.innerText.includes(caption);
+    }"""
+    page.wait_for_function(ranked_is_explained)
     page.wait_for_function("() => !document.querySelector('#word-maps .preview')")  # the grid again, not the old word
     explained = """() => {
         const caption = document.querySelector('#explain-caption input').value;

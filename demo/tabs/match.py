@@ -19,8 +19,8 @@ from ..registry import describe, ranking_rule
 from ..ui import FIGURE, IMAGE_CALL, IMAGE_UPLOAD, MODEL_CALL, PRIVATE, Context, user_errors, with_checkpoint
 
 LAYER_INFO = (
-    "“default” is the last fusion layer whose words still reach the ITM head (the last layer's word attention "
-    "cannot change the score); fusion layer 1 reads the lowest image level."
+    "“default” is the last fusion layer whose words still reach the ITM head (the last one when the words read the "
+    "image before the [CLS] reads them, else the one before it); fusion layer 1 reads the lowest image level."
 )
 METHOD_INFO = "gradcam: attention × its gradient; attention: raw; kernel: each local kernel's word↔patch affinity."
 
