@@ -252,14 +252,19 @@ def dense_targets(
 
     labels, targets, relations = [], [], []
     for it in items:
-        rows = []
-        for text, claim in ((it["caption"], it["claim"]), (it["negative"], it.get("negative_claim"))):
-            _, token_word = processor.words(text) if text is not None else ([], [])
-            rows.append(relation_word_targets(it["claim"], claim, (token_word + [None] * length)[:length]))
-        relations.append(np.stack(rows))
-        labels.append(patch_attribute_labels(it["objects"], grid))
         _, token_word = processor.words(it["caption"])
         token_word = (token_word + [None] * length)[:length]
+        negative = it.get("negative_claim")
+        _, neg_word = processor.words(it["negative"]) if negative is not None else ([], [])
+        relations.append(
+            np.stack(
+                [
+                    relation_word_targets(it["claim"], it["claim"], token_word),
+                    relation_word_targets(it["claim"], negative, (neg_word + [None] * length)[:length]),
+                ]
+            )
+        )
+        labels.append(patch_attribute_labels(it["objects"], grid))
         masks = [o["mask"] for o in it["objects"]]
         targets.append(
             word_patch_targets(it["claim"], it["scene_objects"], masks, token_word, grid, int(it["image_size"]))
