@@ -26,6 +26,10 @@ Decisions:
       timm's fused attention never materialises them, so each block's attention input is recorded by a hook
       registered once, active only inside a call that asks for it (a context variable, so concurrent calls on
       other threads record nothing), and the probabilities are recomputed from the block's own ``qkv``.
+    - ``VisionConfig.conv_stem`` swaps a random-init ViT's patch projection (one stride-p convolution) for a few
+      stride-2 3x3 convolutions with the same output grid (:class:`ConvStem`): each token then sees its
+      neighbourhood through overlapping receptive fields, which is what small, random-init ViTs lack for local
+      shape (the shapes checkpoint: a square's corner and a circle's arc fall in different patches).
     - Pretrained weights: ``pretrained`` with ``weights`` (``package:``/``file:``/``hf-hub:`` spec) loads through
       :mod:`mklvisita.pretrained` (sha256 pinned), strictly; else ``pretrained_file``, else timm's own source.
 """
@@ -79,6 +83,25 @@ class VisionOutput:
     backbone_pooled: torch.Tensor | None = None  # CNN / hybrid: the CNN's pooled pre-logits feature (B, C_cnn)
 
 
+class ConvStem(nn.Module):
+    """Stride-2 3x3 convolutions (GroupNorm, GELU), then a 1x1 convolution to ``width``: a drop-in for a ViT's
+    patch projection, (B, 3, H, W) -> (B, width, H / 2**n, W / 2**n). GroupNorm with one group keeps the stem
+    independent of the batch (no batch statistics between training and a one-image Match)."""
+
+    def __init__(self, channels: tuple[int, ...], width: int, in_chans: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for c in channels:
+            layers += [nn.Conv2d(cin, c, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c), nn.GELU()]
+            cin = c
+        layers.append(nn.Conv2d(cin, width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class HybridTransformer(nn.Module):
     """Transformer blocks over a CNN feature map: per-position projection, CLS token, learned position embeddings."""
 
@@ -118,6 +141,11 @@ class TimmImageEncoder(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        if cfg.conv_stem and cfg.pretrained:
+            raise ValueError(
+                "vision.conv_stem replaces the patch projection, so pretrained weights would lose theirs; "
+                "use it with random init only (vision.pretrained: false)"
+            )
         self.model = _create_timm_model(cfg)
         if not hasattr(self.model, "forward_intermediates"):
             raise ValueError(
@@ -133,6 +161,8 @@ class TimmImageEncoder(nn.Module):
                     f"vision.hybrid_layers puts transformer blocks over a CNN's feature map, but "
                     f"{cfg.model_name!r} is already a vision transformer; set vision.hybrid_layers: 0"
                 )
+            if cfg.conv_stem:
+                self._install_conv_stem(cfg)
             self.backbone_depth = len(self.model.blocks)
             self.num_prefix_tokens: int = int(self.model.num_prefix_tokens)
             grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
@@ -149,6 +179,11 @@ class TimmImageEncoder(nn.Module):
             self.num_prefix_tokens = 0
             self.widths, self.grids, self.pooled_width = widths, [grid] * len(widths), pooled_width
             self.attention_modules = []
+            if cfg.conv_stem:
+                raise ValueError(
+                    f"vision.conv_stem replaces a vision transformer's patch projection, but {cfg.model_name!r} "
+                    "is a CNN; leave vision.conv_stem empty"
+                )
             if cfg.hybrid_layers:
                 width = cfg.hybrid_width or widths[-1]
                 heads = cfg.hybrid_heads or max(1, width // 64)
@@ -165,6 +200,17 @@ class TimmImageEncoder(nn.Module):
         self.grid: tuple[int, int] = self.grids[-1]
         if cfg.pretrained and cfg.weights:
             self._load_weights(cfg)
+
+    def _install_conv_stem(self, cfg: VisionConfig) -> None:
+        proj = self.model.patch_embed.proj
+        stride = tuple(proj.stride) if isinstance(proj, nn.Conv2d) else None
+        factor = 2 ** len(cfg.conv_stem)
+        if stride != (factor, factor) or tuple(proj.kernel_size) != stride:
+            raise ValueError(
+                f"vision.conv_stem has {len(cfg.conv_stem)} stride-2 layers (a stride of {factor}), but the patch "
+                f"projection of {cfg.model_name!r} has stride {stride}; give log2(patch_size) widths"
+            )
+        self.model.patch_embed.proj = ConvStem(tuple(cfg.conv_stem), proj.out_channels, proj.in_channels)
 
     @property
     def has_attentions(self) -> bool:

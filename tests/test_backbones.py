@@ -19,8 +19,10 @@ CAPTIONS = ["a red circle", "a blue square left of a star", "two shapes"]
 def _config(kind: str):
     cfg = micro_config()
     v = cfg.vision
-    if kind == "vit":
+    if kind in ("vit", "vit_stem"):
         v.model_name, v.patch_size = "test_vit", 8  # 32 px -> 4 x 4 patches, micro sizes
+        if kind == "vit_stem":
+            v.conv_stem = (8, 16, 16)  # three stride-2 convolutions in place of the 8 px patch projection
         return cfg
     v.image_size, v.patch_size, v.width, v.depth, v.heads = 64, None, None, None, None
     if kind == "resnet":  # a real architecture shrunk by timm keyword arguments
@@ -37,7 +39,7 @@ def _image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=["vit", "resnet", "efficientnet", "hybrid"])
+@pytest.fixture(scope="module", params=["vit", "vit_stem", "resnet", "efficientnet", "hybrid"])
 def built(request):
     torch.manual_seed(0)
     model = MKLVisITA(_config(request.param)).eval()
@@ -47,7 +49,7 @@ def built(request):
 def test_levels_widths_and_grids_are_what_the_encoder_returns(built):
     kind, model, _ = built
     v = model.vision
-    assert v.kind == ("vit" if kind == "vit" else "hybrid" if kind == "hybrid" else "cnn")
+    assert v.kind == ("vit" if kind.startswith("vit") else "hybrid" if kind == "hybrid" else "cnn")
     assert v.num_prefix_tokens == (0 if v.kind == "cnn" else 1)
     assert len(v.widths) == len(v.grids) == v.depth
     s = model.config.vision.image_size
@@ -153,6 +155,25 @@ def test_vit_config_cannot_be_a_hybrid():
     cfg = _config("vit")
     cfg.vision.hybrid_layers = 1
     with pytest.raises(ValueError, match="hybrid_layers"):
+        MKLVisITA(cfg)
+
+
+def test_conv_stem_keeps_the_grid_and_refuses_what_it_cannot_replace():
+    plain, stem = MKLVisITA(_config("vit")), MKLVisITA(_config("vit_stem"))
+    assert stem.vision.grid == plain.vision.grid == (4, 4)
+    convs = [m for m in stem.vision.model.patch_embed.proj.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)] and convs[-1].out_channels == stem.vision.width
+    for field, value, match in (
+        ("conv_stem", (8, 16), "stride of 4"),  # two layers cannot replace an 8 px patch
+        ("pretrained", True, "random init only"),
+    ):
+        cfg = _config("vit_stem")
+        setattr(cfg.vision, field, value)
+        with pytest.raises(ValueError, match=match):
+            MKLVisITA(cfg)
+    cfg = _config("efficientnet")
+    cfg.vision.conv_stem = (8, 16, 16)
+    with pytest.raises(ValueError, match="is a CNN"):
         MKLVisITA(cfg)
 
 
