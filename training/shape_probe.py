@@ -11,8 +11,8 @@ Two views on validation scenes, both per attribute (colour, shape, size):
   split by the attribute that changed, for the final score (``itm_weight`` x ITM + similarity), with counts.
 
 Session 7 found shape the weak attribute of session 6's checkpoint: its patch heads named an object patch's shape
-28 % of the time (colour 97 %, size 90 %) and a changed shape word was caught in 71 % of captions (colour and size
-95 %). A research diagnostic: nothing else imports it.
+27 % of the time (colour 97 %, size 90 %) and a changed shape word was caught in 69 % of captions (colour and size
+95 %; docs/results/shape_probe/shipped_s6.json). A research diagnostic: nothing else imports it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def changed_attribute(caption: str, negative: str) -> str | None:
 def patch_accuracy(model, processor, scenes: ShapesScenes, batch_size: int = 50) -> dict[str, float]:
     """The patch heads' accuracy per attribute on object patches, with the majority-class chance level."""
     if model.patch_heads is None:
-        raise ValueError("this checkpoint has no patch heads (model.loss.patch_classes is empty): nothing to probe")
+        raise ValueError(
+            "this checkpoint has no patch heads (trained with loss.patch_weight = 0): nothing to probe; "
+            "use a checkpoint trained with the patch attribute loss"
+        )
     grid = model.vision.grid
     correct, counts = np.zeros(len(ATTRIBUTES)), [np.zeros(n) for n in PATCH_CLASSES]
     total = 0
