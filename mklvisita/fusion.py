@@ -312,11 +312,7 @@ class FusionLayer(nn.Module):
         d, a_i2t = self.i2t(self.norm_i1(img), t, txt_mask, need_weights=need_weights)
         img = img + d
         kv = self.t2i.kv(self.norm_i2(img))  # (B, N, 2W)
-
-        def t2i(x, b):
-            d, a, seen = self.t2i.attend(x, None, None, b, need_weights, kv, self._extra(positions))
-            return d, a, centroid(seen)
-
+        t2i = self._t2i_materialised(kv, need_weights, positions)
         txt, a_t2i, a_t2t, centroids = self._text_self_and_cross(
             txt, txt_mask, t2i, bias, need_weights, cls_only, centroids
         )
@@ -327,6 +323,17 @@ class FusionLayer(nn.Module):
     def _extra(self, positions: torch.Tensor | None) -> torch.Tensor | None:
         """The image tokens' (x, y, is_patch) as text->image ``extra`` (1, N, 3), when centroids are tracked."""
         return None if self.rel_pos is None or positions is None else positions[None]
+
+    def _t2i_materialised(self, kv: torch.Tensor, need_weights: bool, positions: torch.Tensor | None) -> Callable:
+        """The text->image step of :meth:`_text_self_and_cross` on keys/values ``kv`` (B, N, 2W) given whole (the
+        full-token stream, or the pooled one's shared keys plus the unpooled update)."""
+        extra = self._extra(positions)
+
+        def t2i(x: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Centroids]:
+            d, a, seen = self.t2i.attend(x, None, None, b, need_weights, kv, extra)
+            return d, a, centroid(seen)
+
+        return t2i
 
     def folds_delta(self, queries: int, pooled_tokens: int) -> bool:
         """Whether folding the update's key/value projection into the text queries costs fewer multiply-adds than
@@ -410,10 +417,7 @@ class FusionLayer(nn.Module):
         else:
             shared_kv = kv if index is None or kv.shape[0] == 1 else kv[index]  # one image: broadcast, no copies
             kv = shared_kv + unpool_tokens(self.kv_delta(x_d), grid, prefix, p)  # (B, N, 2W)
-
-            def t2i(x, b):
-                d, a, seen = self.t2i.attend(x, None, None, b, need_weights, kv, self._extra(positions))
-                return d, a, centroid(seen)
+            t2i = self._t2i_materialised(kv, need_weights, positions)
 
         txt, a_t2i, a_t2t, centroids = self._text_self_and_cross(
             txt, txt_mask, t2i, bias, need_weights, cls_only, centroids
