@@ -107,6 +107,34 @@ def pair_scores(
     return sim, match_pairs(model, images, texts, ii, tt, batch_size).numpy()
 
 
+@dataclasses.dataclass
+class NegativeScores:
+    """Each caption and its hard negative, both scored with the caption's image (:func:`negative_scores`)."""
+
+    pos: np.ndarray  # final score of the caption: itm_weight x ITM + similarity (the similarity without fusion)
+    neg: np.ndarray  # the same for its hard negative
+    pos_sim: np.ndarray
+    neg_sim: np.ndarray
+    pos_itm: np.ndarray | None  # None without fusion
+    neg_itm: np.ndarray | None
+
+
+@torch.no_grad()
+def negative_scores(
+    model: Any, images: Any, texts: Any, negatives: Any, txt2img: np.ndarray, itm_weight: float
+) -> NegativeScores:
+    """Scores of every caption of ``texts`` and of its hard negative in ``negatives`` (banks of equal length) with
+    the caption's image, and the final score that ranks them (binding accuracy, the shape probe)."""
+    image_of = np.asarray(txt2img)
+    idx = np.arange(len(image_of))
+    pos_sim, pos_itm = pair_scores(model, images, texts, image_of, idx)
+    neg_sim, neg_itm = pair_scores(model, images, negatives, image_of, idx)
+    if pos_itm is None or neg_itm is None:
+        return NegativeScores(pos_sim, neg_sim, pos_sim, neg_sim, None, None)
+    pos, neg = itm_weight * pos_itm + pos_sim, itm_weight * neg_itm + neg_sim
+    return NegativeScores(pos, neg, pos_sim, neg_sim, pos_itm, neg_itm)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: Any,
@@ -160,15 +188,13 @@ def evaluate_model(
     if data.negatives is not None:
         # Shapes: each caption against its own hard negative, both paired with the caption's image.
         neg_bank = encode_captions(model, processor, data.negatives, batch_size=batch_size)
-        pos_sim, pos_itm = pair_scores(model, image_bank, text_bank, caption_image, captions)
-        neg_sim, neg_itm = pair_scores(model, image_bank, neg_bank, caption_image, captions)
-        pos, neg = pos_sim, neg_sim
+        ns = negative_scores(model, image_bank, text_bank, neg_bank, caption_image, itm_weight)
         kinds = data.negative_kinds
-        if fusion:
-            pos, neg = itm_weight * pos_itm + pos_sim, itm_weight * neg_itm + neg_sim
-            metrics |= itm_prf(np.concatenate([pos_itm, neg_itm]), np.r_[np.ones(len(pos)), np.zeros(len(neg))])
-            metrics |= binding_metrics(pos_itm, neg_itm, kinds, "_itm")
-        metrics |= binding_metrics(pos, neg, kinds) | binding_metrics(pos_sim, neg_sim, kinds, "_sim")
+        if ns.pos_itm is not None and ns.neg_itm is not None:
+            labels = np.r_[np.ones(len(ns.pos)), np.zeros(len(ns.neg))]
+            metrics |= itm_prf(np.concatenate([ns.pos_itm, ns.neg_itm]), labels)
+            metrics |= binding_metrics(ns.pos_itm, ns.neg_itm, kinds, "_itm")
+        metrics |= binding_metrics(ns.pos, ns.neg, kinds) | binding_metrics(ns.pos_sim, ns.neg_sim, kinds, "_sim")
     elif fusion:
         # Real sets: each caption with its image, and with the wrong image the similarity ranks highest.
         sim_t2i = np.array(scores.similarity, dtype=np.float64).T  # (n_txt, n_img)

@@ -26,6 +26,7 @@ import torch
 from mklvisita import Matcher
 from mklvisita.data.grounding import PATCH_CLASSES, patch_attribute_labels
 from mklvisita.data.shapes import COLOURS, SHAPES, SIZES, ShapesScenes
+from mklvisita.evaluation import EvalData, load_eval_data, negative_scores
 
 ATTRIBUTES = ("colour", "shape", "size")
 
@@ -75,22 +76,17 @@ def patch_accuracy(model, processor, scenes: ShapesScenes, batch_size: int = 50)
 
 
 @torch.no_grad()
-def change_accuracy(model, processor, scenes: int) -> dict[str, float]:
-    """Binding (final score) on single-attribute-changed negatives, split by the attribute changed."""
-    from mklvisita.evaluation import load_eval_data, pair_scores
+def change_accuracy(model, processor, scenes: int | EvalData) -> dict[str, float]:
+    """Binding (final score) on single-attribute-changed negatives, split by the attribute changed; ``scenes``: the
+    number of validation scenes, or the shapes evaluation data already loaded."""
     from mklvisita.retrieval import encode_captions, encode_images
 
-    data = load_eval_data("shapes", "val", scenes)
+    data = scenes if isinstance(scenes, EvalData) else load_eval_data("shapes", "val", scenes)
     images = encode_images(model, processor, data.images, batch_size=64)
     pos_bank = encode_captions(model, processor, data.captions, batch_size=64)
     neg_bank = encode_captions(model, processor, data.negatives, batch_size=64)
-    image_of = np.asarray(data.txt2img)
-    idx = np.arange(len(image_of))
-    pos_sim, pos_itm = pair_scores(model, images, pos_bank, image_of, idx)
-    neg_sim, neg_itm = pair_scores(model, images, neg_bank, image_of, idx)
-    w = model.config.ranking.itm_weight
-    pos = pos_sim if pos_itm is None else w * pos_itm + pos_sim
-    neg = neg_sim if neg_itm is None else w * neg_itm + neg_sim
+    ns = negative_scores(model, images, pos_bank, neg_bank, data.txt2img, model.config.ranking.itm_weight)
+    pos, neg = ns.pos, ns.neg
     out: dict[str, float] = {}
     which = [
         changed_attribute(c, n) if kind == "change" else None
@@ -113,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_grad_enabled(False)
     m = Matcher.from_pretrained(args.checkpoint)
     model = m.model.eval()
-    result = patch_accuracy(model, m.processor, ShapesScenes("val", size=args.scenes, seed=0))
-    result |= change_accuracy(model, m.processor, args.scenes)
+    data = load_eval_data("shapes", "val", args.scenes)  # its source: the same scenes (seed 0) for the patch heads
+    result = patch_accuracy(model, m.processor, data.source)
+    result |= change_accuracy(model, m.processor, data)
     for key, value in result.items():
         print(f"{key:24s} {value:.3f}")
     if args.out:
