@@ -110,6 +110,9 @@ class KernelConfig:
     concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
     concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
+    map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
+    # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
+    # (mklvisita.explain); 1 = one pass. Scores never use it.
 
 
 @dataclass

@@ -23,6 +23,10 @@ Decisions:
       land on related ones. Building needs WordNet 3.0's ``data.noun`` (``apt-get install wordnet-base``) and encodes
       ~21k lemma strings through MiniLM: the whole build took 5.5 min on the 2 shared CPU cores (30 min when they
       were oversubscribed). Its temperature and weight (0.02, 0.5) were chosen on the tune half.
+    - Per-word maps: ``kernels.map_shifts = 2`` (the ``concept_local`` maps averaged over the photo and three copies
+      moved by half a grid cell; :mod:`mklvisita.explain`), chosen on the tune half's composite pointing game (17.3 %
+      with one pass, 26.3 % with 2 x 2, 24.4 % with 3 x 3; ``python -m training.photo_experiments pointing``).
+      Scores are unchanged by it.
     - The bridge alone is the issue's anchor: "a photo of a <class>" prompts, T = 0.5, one cosine kernel.
 """
 
@@ -68,7 +72,8 @@ astronauts, flags, text), colours, counts, sizes, positions and relations betwee
 - Kernels (weights beta): {kernels}. `concept`: the image's ImageNet class probabilities (T = {temperature}) times the
   MiniLM embeddings of class prompts (synset lemmas and WordNet definitions), against the caption's MiniLM embedding;
   `concept_class`: agreement of the image's and the caption's class distributions (Bhattacharyya coefficient);
-  `concept_local`: per-position class probabilities against each word (per-word maps). No fusion/ITM branch.
+  `concept_local`: per-position class probabilities against each word (per-word maps, averaged over the photo and
+  three copies moved by half a grid cell: `kernels.map_shifts = 2`). No fusion/ITM branch.
 {expansion}- Choices (prompt set, temperatures, expansion, kernel weights) were made on the *tune* half of the Tux Paint
   photo stamps (Debian `tuxpaint-stamps-default`, GPL-2, used for evaluation only); figures are on the *test* half.
 - Rebuild: `python -m training.photo --out assets/mklvisita-photo`.
@@ -99,6 +104,7 @@ def photo_config(bridge: bool = False, synsets: int = 0, links: int = 0) -> MKLV
             concept_synset_links=links,
             concept_synset_temperature=0.02,
             concept_synset_weight=0.5,
+            map_shifts=1 if bridge else 2,  # word maps averaged over 2 x 2 half-cell moves (tune-half pointing game)
         ),
         fusion=FusionConfig(enabled=False),
         ranking=RankingConfig(k=0, candidates=0),

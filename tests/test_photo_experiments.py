@@ -1,0 +1,54 @@
+"""training.photo_experiments: the clip-art captions it trains on and the weight grid it reports."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training import photo_experiments as pe
+
+
+def _clipart(root: Path, rel: str, title: str | None) -> None:
+    png = root / "png" / rel
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(png)
+    if title is not None:
+        svg = root / "svg" / Path(rel).with_suffix(".svg")
+        svg.parent.mkdir(parents=True, exist_ok=True)
+        svg.write_text(f"<svg><metadata><dc:title>{title}</dc:title></metadata></svg>")
+
+
+def test_clipart_captions_come_from_titles_that_name_something(tmp_path, monkeypatch):
+    _clipart(tmp_path, "animals/chipmunk.png", "Clipart by Nicu Buculei - contour_chipmunk")
+    _clipart(tmp_path, "food/apple_01.png", "Red Apple &amp; Leaf")
+    _clipart(tmp_path, "signs_and_symbols/flags/europe/ireland.png", "ireland")
+    _clipart(tmp_path, "signs_and_symbols/flags/kansasflag.png", "Kansas flag")
+    _clipart(tmp_path, "computer/icons/printer.png", "printer")  # icon sets are left out
+    _clipart(tmp_path, "office/icon_pen.png", "Part of the Flat Icon Collection")  # generic title
+    _clipart(tmp_path, "tools/no_svg.png", None)  # no metadata: no caption
+    for i in range(9):  # a title shared by more than 8 files says nothing about any one of them
+        _clipart(tmp_path, f"people/card_{i}.png", "card game")
+    monkeypatch.setattr(pe, "CLIPART", tmp_path)
+    pairs = {p.relative_to(tmp_path / "png").as_posix(): t for p, t in pe.clipart_pairs()}
+    assert pairs == {
+        "animals/chipmunk.png": "contour chipmunk",
+        "food/apple_01.png": "Red Apple & Leaf",
+        "signs_and_symbols/flags/europe/ireland.png": "the flag of ireland",
+        "signs_and_symbols/flags/kansasflag.png": "Kansas flag",
+    }
+    monkeypatch.setattr(pe, "CLIPART", tmp_path / "absent")
+    with pytest.raises(SystemExit, match="apt-get install openclipart"):
+        pe.clipart_pairs()
+
+
+def test_scores_reports_shipped_and_best_weights():
+    rng = np.random.default_rng(0)
+    n = 20
+    perfect = np.eye(n) + 0.01 * rng.random((n, n))  # kernel 0 ranks every pair right
+    noise = rng.random((n, n, 2))
+    txt2img = np.arange(n)
+    out = pe.scores(np.concatenate([perfect[..., None], noise], -1), txt2img)
+    assert out["best"][:2] == [100.0, 100.0] and out["best_w"][0] > 0
+    alone = pe.scores(noise[..., :1], txt2img)  # one kernel: no grid, its own figures
+    assert alone["best_w"] == [1.0] and alone["best"] == alone["shipped_w"] and alone["best"][0] < 100.0
