@@ -1,10 +1,13 @@
 """Latency of the photo checkpoint: Matcher.score on 1 image x 5 captions (target: median < 150 ms on 2 CPU cores).
 
     python benchmarks/photo_score.py [--checkpoint assets/mklvisita-photo] [--repeats 30] [--threads 1]
+    python benchmarks/photo_score.py --explain --out docs/results/benchmarks/photo_explain.json
 
 Decisions: the Matcher is loaded once and warmed up (3 calls) before timing; each timed call scores one example
 photo against five captions, image decoding and preprocessing included (what the demo's Match tab pays). Prints the
-median and the 10th/90th percentiles in milliseconds as JSON.
+median and the 10th/90th percentiles in milliseconds as JSON (and writes it to ``--out``). ``--explain`` also times
+``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's ``kernels.map_shifts`` and with one
+pass, the two alternating call by call so that both see the same machine load.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     # One thread by default: on a shared 2-core machine torch's default of 2 threads oversubscribes the cores (the
     # same call measured ~10x slower at 2 threads while other jobs ran); pass --threads 2 on an idle machine.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--explain", action="store_true", help="also time explain with and without map_shifts")
+    parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -60,7 +65,22 @@ def main(argv: list[str] | None = None) -> int:
         "score_1x5_p90_ms": round(q[-1], 1),
         "load_s": round(load_s, 2),
     }
+    if args.explain:
+        shifts = matcher.model.config.kernels.map_shifts
+        runs: dict[int, list[float]] = {shifts: [], 1: []}
+        for i in range(2 + 2 * args.repeats):
+            for n in (shifts, 1):
+                matcher.model.config.kernels.map_shifts = n
+                t = time.perf_counter()
+                matcher.explain(image, CAPTIONS[0], method="kernel")
+                if i >= 2:  # two warm-up rounds
+                    runs[n].append((time.perf_counter() - t) * 1000)
+        matcher.model.config.kernels.map_shifts = shifts
+        result |= {f"explain_map_shifts_{n}_median_ms": round(statistics.median(v), 1) for n, v in runs.items()}
     print(json.dumps(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

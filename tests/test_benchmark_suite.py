@@ -78,3 +78,19 @@ def test_latency_base_variants_change_only_the_fusion(monkeypatch):
     assert diffs == [{"width": 768, "heads": 12}, {"image_pool": 3}, {"image_pool": 4}, {"layers": 4}]
     with pytest.raises(SystemExit, match="base-pool5"):
         latency.matchers(False, ["base-pool5"])
+
+
+def test_photo_score_times_scoring_and_both_kinds_of_maps(tmp_path):
+    """benchmarks/photo_score.py on the photo checkpoint: score and explain timings saved (no time is asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "photo_score.py"
+    spec = importlib.util.spec_from_file_location("photo_score", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "photo.json"
+    assert module.main(["--repeats", "2", "--explain", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["checkpoint"] == "mklvisita-photo" and saved["score_1x5_median_ms"] > 0
+    assert saved["explain_map_shifts_2_median_ms"] > 0 and saved["explain_map_shifts_1_median_ms"] > 0
