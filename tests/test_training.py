@@ -190,6 +190,17 @@ def test_evaluate_cli_writes_metrics(tmp_path: Path) -> None:
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "binding_acc", "i2t_map"):
         assert 0 <= result[key] <= (600 if key == "rsum" else 100)
     assert result["meta"]["n_images"] == 6 and result["meta"]["n_captions"] == 30 and result["meta"]["k"] == 3
+    assert str(tmp_path) not in result["meta"]["command"]  # no directory of this machine in a result file
+    assert "--out <outside>/m.json" in result["meta"]["command"]  # tmp_path lies outside the working directory
+
+
+def test_evaluate_records_portable_paths(tmp_path: Path) -> None:
+    from training.evaluate import portable_argument
+
+    assert portable_argument(str(tmp_path / "runs" / "m.json"), cwd=tmp_path) == "runs/m.json"
+    assert portable_argument(str(tmp_path / "m.json"), cwd=tmp_path / "repo") == "<outside>/m.json"
+    assert portable_argument("runs/m.json", cwd=tmp_path) == "runs/m.json"
+    assert portable_argument("--limit", cwd=tmp_path) == "--limit"
 
 
 def test_push_to_hub_uploads_the_release_folder(tmp_path: Path, monkeypatch) -> None:

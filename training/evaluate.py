@@ -14,7 +14,9 @@ the similarity (``binding_acc_swap``, ``binding_acc_swap_itm``, ``binding_acc_sw
 :mod:`mklvisita.evaluation`), ``pointing_acc`` / ``pointing_chance`` (phrase pointing game) and ``word_pointing_acc``
 / ``word_pointing_chance`` (the colour and shape words of each object in multi-object captions).
 
-The protocol and the metrics live in :mod:`mklvisita.evaluation` (library code the trainer calls too).
+The protocol and the metrics live in :mod:`mklvisita.evaluation` (library code the trainer calls too). The JSON's
+``meta.command`` records the call with absolute paths made portable (:func:`portable_argument`), so a result file
+committed to the repository names no directory of the machine that wrote it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ import torch
 from mklvisita.evaluation import EXTRA_METRICS, EvalData, evaluate_model, load_eval_data, pair_scores
 
 __all__ = ["EXTRA_METRICS", "EvalData", "evaluate_model", "load_eval_data", "pair_scores", "main"]
+
+
+def portable_argument(arg: str, cwd: Path | None = None) -> str:
+    """An absolute path inside the working directory -> relative to it; one outside -> ``<outside>/<file name>``;
+    anything else unchanged."""
+    if not Path(arg).is_absolute():
+        return arg
+    cwd = (cwd or Path.cwd()).resolve()
+    path = Path(arg).resolve()
+    return path.relative_to(cwd).as_posix() if path.is_relative_to(cwd) else f"<outside>/{path.name}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             "k": k if model.has_itm else 0,
             "itm_weight": itm_weight,
             "candidates": candidates,
-            "command": "python -m training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python -m training.evaluate "
+            + " ".join(portable_argument(a) for a in (sys.argv[1:] if argv is None else argv)),
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
