@@ -14,8 +14,9 @@ Maps, all in the *original* image's pixel frame (the letterbox of preprocessing 
   is letterbox padding) and moved back, on a grid 2n times finer. A CNN's evidence on a 32-pixel stride depends on
   where an object falls inside a cell, and the peak of one pass often lands on that aliasing rather than on the
   object: in the Tux Paint composite pointing game (tune half) the photo checkpoint's phrase maps hit their stamp
-  17.3 % of the time with one pass and 27.4 % with n = 2 (a blur of the one-pass map instead: 25.2 %; the four
-  passes interleaved into a finer grid without averaging: 16.3 %; README). It costs n^2 - 1 more image passes.
+  17.3 % of the time with one pass and 26.3 % with n = 2 (n = 3: 24.4 %; a blur of the one-pass map instead:
+  25.2 %; four passes interleaved into a finer grid without averaging: 15.7 %; README). It costs n^2 - 1 more image
+  passes per explanation.
 - **Attention rollout** over the ViT (Abnar & Zuidema 2020): an image-only saliency, the same for every caption.
   Offered where the image encoder has transformer blocks (a ViT or a hybrid); a plain CNN has no attention to roll
   out (``rollout`` is None, and asking for it by name is a ValueError).
@@ -227,7 +228,7 @@ class _Pass:
     cams: list[torch.Tensor | None]  # per fusion layer (h, T, N) Grad-CAM, None where not asked for
     kernel_maps: torch.Tensor | None  # (n_local, T, P') on kernel_grid
     rollout: torch.Tensor | None  # (P,) CLS row over patches; None for a CNN or when not asked
-    kernel_grid: tuple[int, int] = (0, 0)  # (gh, gw) of kernel_maps: the last level's grid, finer with map_shifts
+    kernel_grid: tuple[int, int] | None = None  # (gh, gw) of kernel_maps: the last level's grid, finer with map_shifts
 
 
 def _run(
