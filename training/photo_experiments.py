@@ -21,8 +21,8 @@ Decisions:
       a setting takes seconds and the unchanged setting reproduces ``training.evaluate``'s tune-half figures.
     - Clip art: the PNG is composited on white with the stamps' 10 % margin; its caption is the SVG's ``dc:title``
       when it names something (icon sets, flags beyond 120, generic titles and titles shared by more than 8 files are
-      left out): 2,182 pairs. Before training, each stamp of the tune half is compared with every clip-art image used (cosine of
-      the CNN's pooled features) and the maximum is printed, so an overlap of the two would be seen.
+      left out): 2,182 pairs. Before training, each stamp of the tune half is compared with every clip-art image used
+      (cosine of the CNN's pooled features) and the maximum is printed, so an overlap of the two would be seen.
 """
 
 from __future__ import annotations
