@@ -73,3 +73,39 @@ def test_a_bad_map_shifts_is_a_plain_error(model, bad):
     model.config.kernels.map_shifts = bad
     with pytest.raises(ValueError, match="map_shifts"):
         explain_pair(model, Processor(model.config, model.tokenizer), _image(20, 20), "a circle", method="kernel")
+
+
+def test_shift_averaging_of_a_linear_ramp_is_the_ramp():
+    """A stub model whose 'kernel map' is the input's mean intensity per grid cell: for an input that is a linear ramp
+    (in x and y), every moved pass, upsampled and realigned, is the same ramp on the fine grid (bilinear interpolation
+    is exact on linear functions), so the average equals the one-pass map away from the border. A wrong move or
+    realignment (e.g. k instead of 2k fine cells) shifts the ramp and fails."""
+    from types import SimpleNamespace
+
+    from mklvisita.explain import _shift_averaged
+
+    size, gh, gw = 144, 6, 6  # a cell of 24 pixels: moves of 1/2 and 1/3 cell are whole pixels
+    cell = size // gh
+
+    def maps_of(pixels):  # (1, C, H, W) -> (1, n_maps=1, T=1, P)
+        return F.avg_pool2d(pixels[:, :1], cell).reshape(1, 1, 1, gh * gw)
+
+    stub = SimpleNamespace(
+        vision=SimpleNamespace(grids=[(gh, gw)]),
+        config=SimpleNamespace(vision=SimpleNamespace(pad_value=(0, 0, 0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
+        encode_image=lambda pixels: pixels,
+        embed_image=lambda img: img,
+        kernels=SimpleNamespace(word_patch_maps=lambda img, txt: maps_of(img)),
+    )
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
+    ramp = (2.0 * xs + 0.5 * ys).expand(1, 3, size, size).contiguous()
+    one = maps_of(ramp)[0]  # (1, 1, P)
+    for n in (2, 3):
+        averaged, grid = _shift_averaged(stub, ramp, None, one, n)
+        assert grid == (2 * n * gh, 2 * n * gw)
+        f = 2 * n
+        single = F.interpolate(one.reshape(1, 1, gh, gw), scale_factor=f, mode="bilinear")[0, 0]
+        inner = slice(2 * f, (gh - 2) * f)  # two cells from the border (clamped interpolation, moved-in padding)
+        torch.testing.assert_close(averaged.reshape(grid)[inner, inner], single[inner, inner], atol=0.05, rtol=0)
