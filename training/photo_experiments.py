@@ -135,6 +135,8 @@ def lexicon(b: Bench) -> None:
 
     from training.wordnet import read_hypernyms, synset_classes
 
+    if not (WORDNET / "index.noun").is_file():
+        sys.exit("WordNet 3.0 not found: apt-get install wordnet-base")
     index, exc, adj = {}, {}, set()
     for line in open(WORDNET / "index.noun", encoding="latin-1"):
         if not line.startswith("  "):
