@@ -252,6 +252,8 @@ class MKLVisITAConfig:
             raise ConfigError(f"kernels.concept_prompts must be 'ensemble' or 'photo', not {prompts!r}")
         if (self.kernels.concept_synsets > 0) != (self.kernels.concept_synset_links > 0):
             raise ConfigError("kernels.concept_synsets and kernels.concept_synset_links are both 0 or both > 0")
+        if not 1 <= self.kernels.map_shifts <= 8:
+            raise ConfigError(f"kernels.map_shifts must be 1 (one pass) to 8, not {self.kernels.map_shifts}")
         if not self.kernels.sources or not self.kernels.functions:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:

@@ -109,3 +109,12 @@ def test_shift_averaging_of_a_linear_ramp_is_the_ramp():
         single = F.interpolate(one.reshape(1, 1, gh, gw), scale_factor=f, mode="bilinear")[0, 0]
         inner = slice(2 * f, (gh - 2) * f)  # two cells from the border (clamped interpolation, moved-in padding)
         torch.testing.assert_close(averaged.reshape(grid)[inner, inner], single[inner, inner], atol=0.05, rtol=0)
+
+
+def test_a_config_with_a_bad_map_shifts_is_refused_when_loaded():
+    from mklvisita.config import ConfigError, MKLVisITAConfig
+
+    data = MKLVisITAConfig.tiny().to_dict()
+    data["kernels"]["map_shifts"] = 0
+    with pytest.raises(ConfigError, match="map_shifts"):
+        MKLVisITAConfig.from_dict(data).validate()
