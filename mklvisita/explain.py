@@ -259,7 +259,7 @@ def _run(
                     kmaps = model.kernels.word_patch_maps(ei, et)[0].float().cpu()  # (n, T, P)
                     shifts = check_whole_number(model.config.kernels.map_shifts, "kernels.map_shifts", 1, 8)
                     if shifts > 1:
-                        kmaps, kgrid = _shift_averaged(model, pv.to(device), et, kmaps, shifts)
+                        kmaps, kgrid = _shift_averaged(model, pv.to(device), processor.pad_pixel, et, kmaps, shifts)
                 roll = None
                 if rollout:
                     r = attention_rollout([a.detach().float() for a in img.attentions])  # (1, N, N)
@@ -320,15 +320,14 @@ def realign(maps: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _shift_averaged(
-    model: Any, pixels: torch.Tensor, txt_emb: Any, maps: torch.Tensor, n: int
+    model: Any, pixels: torch.Tensor, fill: torch.Tensor, txt_emb: Any, maps: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Kernel maps (n_maps, T, P) of ``pixels`` averaged with those of n x n - 1 moved copies (module docstring):
-    (n_maps, T, P') on a grid 2n times finer than the last level's, so a move of k/n of a cell is 2k fine cells."""
+    """Kernel maps (n_maps, T, P) of ``pixels`` averaged with those of n x n - 1 moved copies (module docstring),
+    the uncovered border ``fill`` (``Processor.pad_pixel``): (n_maps, T, P') on a grid 2n times finer than the last
+    level's, so a move of k/n of a cell is 2k fine cells."""
     gh, gw = model.vision.grids[-1]
     size_h, size_w = pixels.shape[-2:]
     f = 2 * n
-    v = model.config.vision
-    fill = (torch.tensor(v.pad_value, dtype=torch.float32) / 255.0 - torch.tensor(v.mean)) / torch.tensor(v.std)
 
     def fine(m: torch.Tensor) -> torch.Tensor:  # (n_maps, T, gh * gw) -> (n_maps, T, f gh, f gw)
         up = torch.nn.functional.interpolate(m.reshape(-1, 1, gh, gw), scale_factor=f, mode="bilinear")

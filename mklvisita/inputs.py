@@ -231,6 +231,12 @@ class Processor:
         self._mean = torch.tensor(v.mean).view(3, 1, 1)
         self._std = torch.tensor(v.std).view(3, 1, 1)
 
+    @property
+    def pad_pixel(self) -> torch.Tensor:
+        """(3,) the letterbox padding colour as the model sees it (normalised like every pixel)."""
+        pad = torch.tensor(self.config.vision.pad_value, dtype=torch.float32) / 255.0
+        return (pad - self._mean.flatten()) / self._std.flatten()
+
     def letterbox(self, image: Image.Image) -> tuple[torch.Tensor, Letterbox]:
         box = Letterbox.fit(image.width, image.height, self.size)
         resized = image.resize((box.inner_w, box.inner_h), Image.Resampling.BICUBIC, reducing_gap=3.0)

@@ -92,7 +92,6 @@ def test_shift_averaging_of_a_linear_ramp_is_the_ramp():
 
     stub = SimpleNamespace(
         vision=SimpleNamespace(grids=[(gh, gw)]),
-        config=SimpleNamespace(vision=SimpleNamespace(pad_value=(0, 0, 0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
         encode_image=lambda pixels: pixels,
         embed_image=lambda img: img,
         kernels=SimpleNamespace(word_patch_maps=lambda img, txt: maps_of(img)),
@@ -103,7 +102,7 @@ def test_shift_averaging_of_a_linear_ramp_is_the_ramp():
     ramp = (2.0 * xs + 0.5 * ys).expand(1, 3, size, size).contiguous()
     one = maps_of(ramp)[0]  # (1, 1, P)
     for n in (2, 3):
-        averaged, grid = _shift_averaged(stub, ramp, None, one, n)
+        averaged, grid = _shift_averaged(stub, ramp, torch.zeros(3), None, one, n)
         assert grid == (2 * n * gh, 2 * n * gw)
         f = 2 * n
         single = F.interpolate(one.reshape(1, 1, gh, gw), scale_factor=f, mode="bilinear")[0, 0]

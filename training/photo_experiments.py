@@ -265,15 +265,13 @@ def clipart_pairs(max_flags: int = 120) -> list[tuple[Path, str]]:
 def clipart_features(b: Bench, pairs: list[tuple[Path, str]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     from PIL import Image
 
+    from mklvisita.tasks.tuxpaint import centred_on_square
+
     def load(png: Path) -> Image.Image:
         with Image.open(png) as im:
-            im.draft("RGBA", (1024, 1024))
             rgba = im.convert("RGBA")
         rgba.thumbnail((1024, 1024))
-        side = int(max(rgba.size) / 0.8)
-        canvas = Image.new("RGBA", (side, side), (255, 255, 255, 255))
-        canvas.alpha_composite(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
-        return canvas.convert("RGB")
+        return centred_on_square(rgba)  # as the stamps are shown: on white, a 10 % margin
 
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a few clip-art PNGs are huge renders
     try:
@@ -435,7 +433,6 @@ def pointing(b: Bench) -> None:
     text_features, image_features = bridge.text_features, bridge.image_features
     stop = set("a an the of and or with in on at to for from by is are was it its this that your you our".split())
     v = m.config.vision
-    fill = (torch.tensor(v.pad_value, dtype=torch.float32) / 255.0 - torch.tensor(v.mean)) / torch.tensor(v.std)
     gh, gw = m.vision.grids[-1]
 
     def blurred(grid: np.ndarray, sigma: float) -> np.ndarray:
@@ -455,7 +452,7 @@ def pointing(b: Bench) -> None:
         q = round(v.image_size / gw / 4)
         out = np.zeros((2 * gh, 2 * gw), np.float32)
         for oy, ox in itertools.product((0, 1), (0, 1)):
-            moved = explain.shift_input(pv, q if oy == 0 else -q, q if ox == 0 else -q, fill)
+            moved = explain.shift_input(pv, q if oy == 0 else -q, q if ox == 0 else -q, b.processor.pad_pixel)
             maps = m.kernels.word_patch_maps(m.embed_image(m.encode_image(moved)), phrase_text_emb)[0]
             caption = explain._words_and_caption(maps[0], p)[1]  # the photo model's one map kernel; word pieces
             out[oy::2, ox::2] = caption.reshape(gh, gw).numpy()

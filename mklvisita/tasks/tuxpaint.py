@@ -94,7 +94,13 @@ def stamp_rgba(stamp: Stamp) -> Image.Image:
 
 def composite(stamp: Stamp, background: tuple[int, int, int] = BACKGROUND, margin: float = 0.1) -> Image.Image:
     """The stamp alpha-composited, centred, on a plain square of ``background`` with ``margin`` of its side."""
-    rgba = stamp_rgba(stamp)
+    return centred_on_square(stamp_rgba(stamp), background, margin)
+
+
+def centred_on_square(
+    rgba: Image.Image, background: tuple[int, int, int] = BACKGROUND, margin: float = 0.1
+) -> Image.Image:
+    """An RGBA cut-out alpha-composited, centred, on a plain square of ``background`` with ``margin`` of its side."""
     side = round(max(rgba.size) * (1 + 2 * margin))
     canvas = Image.new("RGBA", (side, side), (*background, 255))
     canvas.alpha_composite(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
