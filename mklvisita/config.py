@@ -112,6 +112,9 @@ class KernelConfig:
     concept_synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
     concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
     concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
+    concept_faces: float = 0.0  # person mass w mixed into the image's class distribution when a frontal face is found
+    # (mklvisita.faces; needs opencv-python-headless 4.x); 0 = no face detector
+    concept_person_classes: list[int] = field(default_factory=list)  # the ImageNet classes that mass goes to
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
     map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
     # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
@@ -259,6 +262,12 @@ class MKLVisITAConfig:
             raise ConfigError("kernels.concept_synsets and kernels.concept_synset_links are both 0 or both > 0")
         if not 1 <= self.kernels.map_shifts <= 8:
             raise ConfigError(f"kernels.map_shifts must be 1 (one pass) to 8, not {self.kernels.map_shifts}")
+        k = self.kernels
+        if not 0.0 <= k.concept_faces <= 1.0:
+            raise ConfigError(f"kernels.concept_faces must be within [0, 1], not {k.concept_faces}")
+        person = k.concept_person_classes
+        if k.concept_faces > 0 and not (person and all(0 <= c < 1000 for c in person)):
+            raise ConfigError("kernels.concept_faces needs kernels.concept_person_classes: ImageNet classes (0-999)")
         if self.kernels.colour_sigma <= 0 or self.kernels.colour_saliency_power < 0:
             raise ConfigError("kernels.colour_sigma must be > 0 and kernels.colour_saliency_power >= 0")
         if not self.kernels.sources or not self.kernels.functions:

@@ -39,6 +39,7 @@ from .colours import ColourNames
 from .concepts import ConceptBridge, uses_concepts
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
+from .faces import FaceDetector
 from .fusion import HierarchicalFusion, LayerAttentions
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import (
@@ -64,6 +65,7 @@ class ImageFeatures:
     backbone_map: torch.Tensor | None = None  # CNN / hybrid: the CNN's final feature map (B, P, C_cnn)
     backbone_pooled: torch.Tensor | None = None  # CNN / hybrid: the CNN's pooled pre-logits feature (B, C_cnn)
     colour_cells: torch.Tensor | None = None  # "colour" source: colour names per cell of the last grid (B, P, 11)
+    faces: torch.Tensor | None = None  # kernels.concept_faces: 1.0 where a frontal face was found (B,)
 
     def _map(self, fn) -> ImageFeatures:
         opt = lambda x: None if x is None else fn(x)  # noqa: E731
@@ -74,6 +76,7 @@ class ImageFeatures:
             opt(self.backbone_map),
             opt(self.backbone_pooled),
             opt(self.colour_cells),
+            opt(self.faces),
         )
 
     def select(self, index) -> ImageFeatures:
@@ -103,6 +106,7 @@ class ImageFeatures:
             cat(lambda p: p.backbone_map),
             cat(lambda p: p.backbone_pooled),
             cat(lambda p: p.colour_cells),
+            cat(lambda p: p.faces),
         )
 
 
@@ -224,6 +228,9 @@ class MKLVisITA(
                 self._fill_concept_classifier()
             if building and tokenizer is not None:
                 self.concepts.fill_class_text(self._sentence_encoder(tokenizer))
+        self.faces: FaceDetector | None = None  # person evidence for the concept kernels (mklvisita.faces)
+        if self.concepts is not None and k.concept_faces > 0:
+            self.faces = FaceDetector(config.vision.mean, config.vision.std)
         self.colours: ColourNames | None = None
         if "colour" in k.sources:
             if tokenizer is None:
@@ -317,7 +324,10 @@ class MKLVisITA(
         probabilities, (B, heads, N, N) per block (a ValueError for a CNN backbone, which has none)."""
         out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
         cells = None if self.colours is None else self.colours.cells(pixel_values, tuple(self.vision.grids[-1]))
-        return ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled, cells)
+        faces = None if self.faces is None else self.faces.evidence(pixel_values)
+        return ImageFeatures(
+            out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled, cells, faces
+        )
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         levels, pooled = self.text(input_ids, attention_mask, [self.text_mid_level])
@@ -336,7 +346,7 @@ class MKLVisITA(
         if self.concepts is not None:
             if img.backbone_pooled is None:
                 raise ConfigError("concept kernels need a CNN (or hybrid) image encoder with an ImageNet head")
-            out |= self.concepts.image_features(img.backbone_pooled, img.backbone_map)
+            out |= self.concepts.image_features(img.backbone_pooled, img.backbone_map, img.faces)
         if self.colours is not None:
             if img.backbone_map is None or img.colour_cells is None:
                 raise ConfigError("kernels.sources 'colour' needs a CNN (or hybrid) image encoder (its final map)")

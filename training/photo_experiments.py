@@ -23,7 +23,8 @@ and what they say: README, "Results: photos".
 Decisions:
     - Features are computed once per split (CNN pooled feature and final map, the text encoder's last layer) and every
       variant recombines them through the checkpoint's own :class:`~mklvisita.concepts.ConceptBridge` and kernels, so
-      a setting takes seconds and the unchanged setting reproduces ``training.evaluate``'s tune-half figures.
+      a setting takes seconds and the unchanged setting reproduces ``training.evaluate``'s tune-half figures. The face
+      evidence (``kernels.concept_faces``) is left out: the face detector finds no face in the tune half's stamps.
     - Clip art: the PNG is composited on white with the stamps' 10 % margin; its caption is the SVG's ``dc:title``
       when it names something (icon sets, flags beyond 120, generic titles and titles shared by more than 8 files are
       left out): 2,182 pairs. Before training, each stamp of the tune half is compared with every clip-art image used
