@@ -190,7 +190,7 @@ def global_vectors(model: MKLVisITA, emb: KernelEmbeddings) -> torch.Tensor | No
     beta = model.kernels.weights().detach()  # (M,)
     names = model.kernel_names
     parts = []
-    for source, u in emb.pooled.items():  # u (B, n_s, d), unit rows
+    for source, u in emb.pooled.items():  # u (B, n_s, d), unit rows (colour: distributions; its kernel is u . v)
         idx = [i for i, name in enumerate(names) if name.startswith(source + "/")]
         w = beta[idx].to(u.dtype).sqrt()  # (n_s,)
         parts.append((u * w[None, :, None]).flatten(1))  # (B, n_s * d)
