@@ -4,9 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from training import photo_experiments as pe
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 
 def _clipart(root: Path, rel: str, title: str | None) -> None:
@@ -52,3 +55,29 @@ def test_scores_reports_shipped_and_best_weights():
     assert out["best"][:2] == [100.0, 100.0] and out["best_w"][0] > 0
     alone = pe.scores(noise[..., :1], txt2img)  # one kernel: no grid, its own figures
     assert alone["best_w"] == [1.0] and alone["best"] == alone["shipped_w"] and alone["best"][0] < 100.0
+
+
+def test_bench_recombines_the_checkpoints_own_kernel_values():
+    """Bench.values(*Bench.sources()) equals the model's own similarity, every kernel (the colour one included)."""
+    from mklvisita.inputs import Processor
+    from mklvisita.model import MKLVisITA
+
+    torch.set_grad_enabled(False)
+    try:
+        b = pe.Bench.__new__(pe.Bench)  # the tune half is not needed: two example photos and three captions
+        b.model = MKLVisITA.from_pretrained(str(pe.CHECKPOINT)).eval()
+        b.bridge, b.processor, b.pixels = b.model.concepts, Processor(b.model.config, b.model.tokenizer), []
+        images = [EXAMPLES / "cat.jpg", EXAMPLES / "coffee.jpg"]
+        captions = ["a tabby cat lying on a rug", "a white cup on a wooden table", "an orange cat"]
+        b.pooled, b.maps = b.images(images, keep_pixels=True)
+        b.text = b.captions(captions)
+        got = b.values(*b.sources())
+        m = b.model
+        pv, _ = b.processor.images(images)
+        enc = b.processor.captions(captions)
+        out = m.similarity(m.embed_image(m.encode_image(pv)), m.embed_text(m.encode_text(**enc)))
+        want = (out.contributions / out.weights).float().numpy()
+    finally:
+        torch.set_grad_enabled(True)
+    assert "colour/share" in m.kernel_names and np.abs(want[..., -1]).max() > 0.01
+    np.testing.assert_allclose(got, want, atol=1e-5)

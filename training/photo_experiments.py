@@ -95,13 +95,14 @@ class Bench:
 
     def sources(self, pooled=None, maps=None, text=None) -> tuple[dict, dict, torch.Tensor]:
         text = self.text if text is None else text
+        own_images = pooled is None and maps is None
         maps = self.maps if maps is None else maps
         img = self.bridge.image_features(self.pooled if pooled is None else pooled, maps)
         txt = self.bridge.text_features(text["sentence"], text["last"])
         colours = self.model.colours
         if colours is not None:  # a checkpoint with the colour kernel: the stamps' colours from the cached inputs
             grid = tuple(self.model.vision.grids[-1])
-            if pooled is None and maps is None:
+            if own_images:
                 cells = torch.cat([colours.cells(pv, grid) for pv in self.pixels])
             else:  # other images (clip art, a blank canvas): no colour evidence, the kernel is 0 for them
                 cells = torch.zeros(*maps.shape[:2], NUM_COLOURS)
