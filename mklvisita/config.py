@@ -17,9 +17,10 @@ LEARNED_SOURCES = ("global", "local", "mid")  # features with learned projection
 # Pretrained "concept" features (mklvisita.concepts): an ImageNet classifier's class probabilities mapped into the
 # sentence encoder's space; no projection heads. Need a CNN with a 1000-class head and a sentence encoder.
 CONCEPT_SOURCES = ("concept", "concept_class", "concept_local")
-# Fixed features with no parameters at all (mklvisita.colours): the colours the image shows, named, against the
-# caption's colour words. Needs a CNN (or hybrid) image encoder, whose final feature map weights the cells.
-FIXED_SOURCES = ("colour",)
+# Fixed features with no parameters at all: the colours the image shows, named, against the caption's colour words
+# (mklvisita.colours; needs a CNN or hybrid image encoder, whose final feature map weights the cells), and the words
+# written in the image, read by OCR, against the caption's words (mklvisita.scene_text).
+FIXED_SOURCES = ("colour", "scene_text")
 KERNEL_SOURCES = LEARNED_SOURCES + CONCEPT_SOURCES + FIXED_SOURCES
 KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
 
@@ -113,13 +114,14 @@ class KernelConfig:
     concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
     concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
     concept_faces: float = 0.0  # person mass w mixed into the image's class distribution when a frontal face is found
-    # (mklvisita.faces; needs opencv-python-headless 4.x); 0 = no face detector
+    # (mklvisita.faces; needs opencv-python 4.x); 0 = no face detector
     concept_person_classes: list[int] = field(default_factory=list)  # the ImageNet classes that mass goes to
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
     map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
     # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
     # (mklvisita.explain); 1 = one pass. Scores never use it.
     colour_sigma: float = 20.0  # "colour" source: softness of naming a pixel's colour (CIELAB units; mklvisita.colours)
+    scene_text_match: float = 0.5  # "scene_text" source: trigram cosine at which two words start to match (theta)
     colour_saliency_power: float = 2.0  # "colour" source: exponent of the cells' saliency weights (0: all alike)
 
 
@@ -268,6 +270,8 @@ class MKLVisITAConfig:
         person = k.concept_person_classes
         if k.concept_faces > 0 and not (person and all(0 <= c < 1000 for c in person)):
             raise ConfigError("kernels.concept_faces needs kernels.concept_person_classes: ImageNet classes (0-999)")
+        if not 0.0 <= k.scene_text_match < 1.0:
+            raise ConfigError(f"kernels.scene_text_match must be within [0, 1), not {k.scene_text_match}")
         if self.kernels.colour_sigma <= 0 or self.kernels.colour_saliency_power < 0:
             raise ConfigError("kernels.colour_sigma must be > 0 and kernels.colour_saliency_power >= 0")
         if not self.kernels.sources or not self.kernels.functions:

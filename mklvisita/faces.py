@@ -7,7 +7,7 @@ and the bridge (:mod:`mklvisita.concepts`) mixes person mass into the image's cl
 
 Decisions:
     - Detector: OpenCV's Haar cascade ``haarcascade_frontalface_alt2.xml`` (Viola-Jones), which the
-      ``opencv-python-headless`` 4.x wheel ships (``cv2.data.haarcascades``; OpenCV 5 wheels no longer do). Nothing
+      ``opencv-python`` 4.x wheel ships (``cv2.data.haarcascades``; OpenCV 5 wheels no longer do). Nothing
       is downloaded and nothing is trained here. It finds frontal faces only: profiles, faces under a helmet's visor
       and people seen from far away give no evidence (never evidence against a person).
     - It runs on the model's own input (the letterboxed 224 x 224 image, grey, histogram-equalised) with scale step
@@ -32,7 +32,7 @@ def _cv2():
         import cv2
     except ImportError as e:  # an install without the requirements
         raise ImportError(
-            "kernels.concept_faces needs OpenCV's face detector: pip install 'opencv-python-headless>=4.8,<5'"
+            "kernels.concept_faces needs OpenCV's face detector: pip install 'opencv-python>=4.8,<5'"
         ) from e
     return cv2
 
@@ -48,7 +48,7 @@ class FaceDetector:
         if self._cascade.empty():
             raise ImportError(
                 f"OpenCV has no {CASCADE}: OpenCV 5 wheels stopped shipping the Haar cascades. Install "
-                "'opencv-python-headless>=4.8,<5'"
+                "'opencv-python>=4.8,<5'"
             )
         self._cv2 = cv2
         self._lock = threading.Lock()

@@ -20,10 +20,15 @@ Concept sources (pretrained, no projection heads: both sides already live in the
                    late interaction as local
 Their kernel functions are ``KernelConfig.concept_functions``.
 
-Fixed source (no parameters; :mod:`mklvisita.colours`):
+Fixed sources (no parameters):
     colour         the image's saliency-weighted colour names h <-> the caption's colour words q; one kernel,
                    "colour/share" = q . h (not a cosine: the share of the image in the caption's colours, 0 for a
                    caption that names none); its per-word maps are each colour word's share in every cell
+                   (:mod:`mklvisita.colours`)
+    scene_text     words read in the image by OCR <-> the caption's words, as trigram vectors; one kernel,
+                   "scene_text/match" = mean over the image's words of their best soft match in the caption (0 for
+                   an image with no text); per-word maps spread a caption word's matches over the matched words'
+                   text lines (:mod:`mklvisita.scene_text`)
 
 Kernel functions act on the cosine c of the two L2-normalised projections:
     cosine   c
@@ -41,6 +46,7 @@ different sources, and the optional pair-conditioned gate) are what let MKL chan
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CONCEPT_SOURCES, KernelConfig
+from .scene_text import soft_match
 
 
 class KernelFunction(nn.Module):
@@ -73,6 +80,19 @@ class ShareKernel(KernelFunction):
 
     def forward(self, cos: torch.Tensor) -> torch.Tensor:
         return cos
+
+
+class MatchKernel(KernelFunction):
+    """The scene-text kernel's word match: max(0, (cos - theta) / (1 - theta)) of two trigram vectors."""
+
+    name = "match"
+
+    def __init__(self, theta: float):
+        super().__init__()
+        self.theta = float(theta)
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return soft_match(cos, self.theta)
 
 
 class CosineKernel(KernelFunction):
@@ -156,7 +176,9 @@ class KernelEmbeddings:
     (B, M_local, L, d) with ``local_mask`` (B, L) marking real words (text) or patches (image); ``gate`` is
     (B, d_gate) or None; ``concept_local`` is (B, L_c, d_c) (one unprojected embedding per position, shared by the
     concept_local kernels) with ``concept_mask`` (B, L_c); ``colour_local`` is (B, L, 11) colour names per cell
-    (image) or colour-word one-hots per token (text), for the colour kernel's per-word maps.
+    (image) or colour-word one-hots per token (text), for the colour kernel's per-word maps; ``scene`` is (B, L, DIM)
+    trigram vectors of the words read in the image (with ``scene_mask`` (B, L) and ``scene_cells`` (B, L, P), their
+    text lines over the grid) or of the caption's words (on each word's first piece; zero rows elsewhere).
     """
 
     pooled: dict[str, torch.Tensor]
@@ -166,6 +188,9 @@ class KernelEmbeddings:
     concept_local: torch.Tensor | None = None
     concept_mask: torch.Tensor | None = None
     colour_local: torch.Tensor | None = None
+    scene: torch.Tensor | None = None
+    scene_mask: torch.Tensor | None = None
+    scene_cells: torch.Tensor | None = None
 
     def __len__(self) -> int:
         for t in [*self.pooled.values(), self.local, self.concept_local]:
@@ -185,6 +210,9 @@ class KernelEmbeddings:
             pick(self.concept_local),
             pick(self.concept_mask),
             pick(self.colour_local),
+            pick(self.scene),
+            pick(self.scene_mask),
+            pick(self.scene_cells),
         )
 
     def to(self, device: torch.device | str) -> KernelEmbeddings:
@@ -199,6 +227,9 @@ class KernelEmbeddings:
             mv(self.concept_local),
             mv(self.concept_mask),
             mv(self.colour_local),
+            mv(self.scene),
+            mv(self.scene_mask),
+            mv(self.scene_cells),
         )
 
     @staticmethod
@@ -213,10 +244,13 @@ class KernelEmbeddings:
         if parts[0].concept_local is not None:
             n = max(p.concept_local.shape[1] for p in parts)
             parts = [_pad_concept(p, n) for p in parts]
-        colour_local = None
-        if parts[0].colour_local is not None:
-            n = max(p.colour_local.shape[1] for p in parts)  # caption lengths differ between batches
-            colour_local = torch.cat([F.pad(p.colour_local, (0, 0, 0, n - p.colour_local.shape[1])) for p in parts])
+
+        def padded(get):  # (B, L, ...) per part, L differing between batches of captions -> (sum B, max L, ...)
+            if get(parts[0]) is None:
+                return None
+            n = max(get(p).shape[1] for p in parts)
+            return torch.cat([F.pad(get(p), (0, 0) * (get(p).dim() - 2) + (0, n - get(p).shape[1])) for p in parts])
+
         return KernelEmbeddings(
             {k: torch.cat([p.pooled[k] for p in parts]) for k in parts[0].pooled},
             cat([p.local for p in parts]),
@@ -224,7 +258,10 @@ class KernelEmbeddings:
             cat([p.gate for p in parts]),
             cat([p.concept_local for p in parts]),
             cat([p.concept_mask for p in parts]),
-            colour_local,
+            padded(lambda p: p.colour_local),
+            padded(lambda p: p.scene),
+            padded(lambda p: p.scene_mask),
+            padded(lambda p: p.scene_cells),
         )
 
 
@@ -234,7 +271,7 @@ def _pad_local(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
         return e
     local = F.pad(e.local, (0, 0, 0, extra))
     mask = F.pad(e.local_mask, (0, extra))
-    return KernelEmbeddings(e.pooled, local, mask, e.gate, e.concept_local, e.concept_mask, e.colour_local)
+    return dataclasses.replace(e, local=local, local_mask=mask)
 
 
 def _pad_concept(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
@@ -243,7 +280,7 @@ def _pad_concept(e: KernelEmbeddings, n: int) -> KernelEmbeddings:
         return e
     local = F.pad(e.concept_local, (0, 0, 0, extra))  # (B, n, d)
     mask = F.pad(e.concept_mask, (0, extra))
-    return KernelEmbeddings(e.pooled, e.local, e.local_mask, e.gate, local, mask, e.colour_local)
+    return dataclasses.replace(e, concept_local=local, concept_mask=mask)
 
 
 @dataclass
@@ -259,7 +296,7 @@ class MultiKernelSimilarity(nn.Module):
     def __init__(self, cfg: KernelConfig, image_dims: dict[str, int], text_dims: dict[str, int]):
         super().__init__()
         self.cfg = cfg
-        order = ("global", "mid", "local", "concept", "concept_class", "concept_local", "colour")
+        order = ("global", "mid", "local", "concept", "concept_class", "concept_local", "colour", "scene_text")
         self.sources = [s for s in order if s in cfg.sources]  # fixed order
         self.functions = list(cfg.functions)
         d = cfg.proj_dim
@@ -269,6 +306,9 @@ class MultiKernelSimilarity(nn.Module):
         for s in self.sources:
             if s == "colour":  # fixed features, one kernel: no projections, no function to choose
                 self.kernel_fns[s] = nn.ModuleList([ShareKernel()])
+                continue
+            if s == "scene_text":
+                self.kernel_fns[s] = nn.ModuleList([MatchKernel(cfg.scene_text_match)])
                 continue
             if s in CONCEPT_SOURCES:  # pretrained features in one space already: no projection heads
                 self.kernel_fns[s] = nn.ModuleList([make_kernel_function(f, cfg) for f in cfg.concept_functions])
@@ -302,6 +342,8 @@ class MultiKernelSimilarity(nn.Module):
         n, d = len(self.functions), self.cfg.proj_dim
         pooled, local, concept_local = {}, None, None
         for s in self.sources:
+            if s == "scene_text":
+                continue  # kept whole below: late interaction between words
             if s == "colour":
                 pooled[s] = feats[s].unsqueeze(1)  # (B, 1, 11) distributions: compared as they are, not normalised
                 continue
@@ -326,8 +368,23 @@ class MultiKernelSimilarity(nn.Module):
             if cmask is None:
                 cmask = torch.ones(concept_local.shape[:2], dtype=torch.bool, device=concept_local.device)
         colour_local = feats.get("colour_local") if "colour" in self.sources else None
+        scene = scene_mask = scene_cells = None
+        if "scene_text" in self.sources:
+            scene = feats["scene_text"]
+            scene_mask = feats.get("scene_text_mask")
+            scene_mask = scene.abs().sum(-1) > 0 if scene_mask is None else scene_mask  # text: the words' rows
+            scene_cells = feats.get("scene_text_cells")
         return KernelEmbeddings(
-            pooled, local, mask if local is not None else None, g, concept_local, cmask, colour_local
+            pooled,
+            local,
+            mask if local is not None else None,
+            g,
+            concept_local,
+            cmask,
+            colour_local,
+            scene,
+            scene_mask,
+            scene_cells,
         )
 
     def embed_image(self, feats: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> KernelEmbeddings:
@@ -346,6 +403,8 @@ class MultiKernelSimilarity(nn.Module):
         for s in self.sources:
             if s == "concept_local":
                 values.append(self._concept_local_values(img, txt, pairwise))
+            elif s == "scene_text":
+                values.append(self._scene_text_values(img, txt, pairwise))
             elif s == "local":
                 cos = local_max_cosine(img.local, img.local_mask, txt.local, pairwise)  # (..., n, T)
                 k = torch.stack([fn(cos[..., i, :]) for i, fn in enumerate(self.kernel_fns[s])], -2)
@@ -373,6 +432,23 @@ class MultiKernelSimilarity(nn.Module):
             w = w.unsqueeze(0)
         return torch.stack([(fn(cos) * w).sum(-1) for fn in self.kernel_fns["concept_local"]], -1)
 
+    def _scene_text_values(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool) -> torch.Tensor:
+        """Mean over the image's words of their best match among the caption's: (Bi, Bt, 1) or (B, 1). Most images
+        say nothing, so only the images with a word are compared (chunked)."""
+        fn = self.kernel_fns["scene_text"][0]
+        w = img.scene_mask.float()  # (Bi, W)
+        count = w.sum(-1)  # (Bi,)
+        if pairwise:
+            best = fn(torch.einsum("bwd,btd->bwt", img.scene, txt.scene)).amax(-1)  # (B, W)
+            return ((best * w).sum(-1) / count.clamp_min(1.0)).unsqueeze(-1)
+        out = torch.zeros(img.scene.shape[0], txt.scene.shape[0], 1, dtype=txt.scene.dtype, device=txt.scene.device)
+        rows = torch.nonzero(count > 0).flatten()
+        for i in range(0, len(rows), 64):
+            r = rows[i : i + 64]
+            best = fn(torch.einsum("iwd,jtd->ijwt", img.scene[r], txt.scene)).amax(-1)  # (ci, Bt, W)
+            out[r, :, 0] = (best * w[r, None, :]).sum(-1) / count[r, None]
+        return out
+
     def concept_local_maps(self, img: KernelEmbeddings, txt: KernelEmbeddings) -> torch.Tensor:
         """Word x position values of every concept_local kernel for paired (image k, text k): (B, n_c, T, P)."""
         cos = torch.einsum("bpd,btd->btp", img.concept_local, txt.concept_local)
@@ -381,7 +457,7 @@ class MultiKernelSimilarity(nn.Module):
     @property
     def word_map_names(self) -> list[str]:
         """The kernels with a word x patch map (local, concept_local, colour), in ``word_patch_maps`` order."""
-        return [n for n in self.names if n.startswith(("local/", "concept_local/", "colour/"))]
+        return [n for n in self.names if n.startswith(("local/", "concept_local/", "colour/", "scene_text/"))]
 
     def word_patch_maps(self, img: KernelEmbeddings, txt: KernelEmbeddings) -> torch.Tensor:
         """Word x patch values of every kernel in ``word_map_names`` for paired inputs: (B, n_maps, T, P)."""
@@ -392,6 +468,10 @@ class MultiKernelSimilarity(nn.Module):
             maps.append(self.concept_local_maps(img, txt))
         if "colour" in self.sources:  # each colour word's share in every cell; 0 for other words
             maps.append(torch.einsum("bpc,btc->btp", img.colour_local, txt.colour_local).unsqueeze(1))
+        if "scene_text" in self.sources:  # a caption word's matches, over the matched words' text lines
+            m = self.kernel_fns["scene_text"][0](torch.einsum("bwd,btd->bwt", img.scene, txt.scene))
+            m = m * img.scene_mask.unsqueeze(-1)
+            maps.append(torch.einsum("bwt,bwp->btp", m, img.scene_cells).unsqueeze(1))
         if not maps:
             raise ValueError(
                 "no kernel with word x patch maps: add 'local', 'concept_local' or 'colour' to kernels.sources"

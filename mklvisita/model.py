@@ -52,6 +52,7 @@ from .losses import (
     relation_loss,
     sample_hard_negatives,
 )
+from .scene_text import SceneTextReader, caption_word_vectors
 from .tokenizer import builtin_tokenizer, load_tokenizer
 
 
@@ -66,6 +67,9 @@ class ImageFeatures:
     backbone_pooled: torch.Tensor | None = None  # CNN / hybrid: the CNN's pooled pre-logits feature (B, C_cnn)
     colour_cells: torch.Tensor | None = None  # "colour" source: colour names per cell of the last grid (B, P, 11)
     faces: torch.Tensor | None = None  # kernels.concept_faces: 1.0 where a frontal face was found (B,)
+    scene_words: torch.Tensor | None = None  # "scene_text": words read in the image (B, W, DIM) trigram vectors
+    scene_mask: torch.Tensor | None = None  # (B, W) True = a word
+    scene_cells: torch.Tensor | None = None  # (B, W, P) each word's text line over the last grid
 
     def _map(self, fn) -> ImageFeatures:
         opt = lambda x: None if x is None else fn(x)  # noqa: E731
@@ -77,6 +81,9 @@ class ImageFeatures:
             opt(self.backbone_pooled),
             opt(self.colour_cells),
             opt(self.faces),
+            opt(self.scene_words),
+            opt(self.scene_mask),
+            opt(self.scene_cells),
         )
 
     def select(self, index) -> ImageFeatures:
@@ -107,6 +114,9 @@ class ImageFeatures:
             cat(lambda p: p.backbone_pooled),
             cat(lambda p: p.colour_cells),
             cat(lambda p: p.faces),
+            cat(lambda p: p.scene_words),
+            cat(lambda p: p.scene_mask),
+            cat(lambda p: p.scene_cells),
         )
 
 
@@ -117,6 +127,7 @@ class TextFeatures:
     attention_mask: torch.Tensor  # (B, T) 1 = real token
     word_mask: torch.Tensor  # (B, T) True = a word piece (not [CLS], [SEP] or padding)
     colour_tokens: torch.Tensor | None = None  # "colour" source: a one-hot at each colour word (B, T, 11)
+    scene_words: torch.Tensor | None = None  # "scene_text" source: each word's trigram vector on its first piece
 
     def select(self, index) -> TextFeatures:
         return TextFeatures(
@@ -125,6 +136,7 @@ class TextFeatures:
             self.attention_mask[index],
             self.word_mask[index],
             None if self.colour_tokens is None else self.colour_tokens[index],
+            None if self.scene_words is None else self.scene_words[index],
         )
 
     def keep(self, levels: list[int]) -> TextFeatures:
@@ -137,6 +149,7 @@ class TextFeatures:
             self.attention_mask.to(device),
             self.word_mask.to(device),
             None if self.colour_tokens is None else self.colour_tokens.to(device),
+            None if self.scene_words is None else self.scene_words.to(device),
         )
 
     @staticmethod
@@ -154,6 +167,7 @@ class TextFeatures:
             torch.cat([pad(p.attention_mask) for p in parts]),
             torch.cat([pad(p.word_mask) for p in parts]),
             None if parts[0].colour_tokens is None else torch.cat([pad(p.colour_tokens) for p in parts]),
+            None if parts[0].scene_words is None else torch.cat([pad(p.scene_words) for p in parts]),
         )
 
 
@@ -231,6 +245,11 @@ class MKLVisITA(
         self.faces: FaceDetector | None = None  # person evidence for the concept kernels (mklvisita.faces)
         if self.concepts is not None and k.concept_faces > 0:
             self.faces = FaceDetector(config.vision.mean, config.vision.std)
+        self.scene_text: SceneTextReader | None = None  # words written in the image (mklvisita.scene_text)
+        if "scene_text" in k.sources:
+            if tokenizer is None:
+                raise ConfigError("kernels.sources 'scene_text' needs the tokenizer (the caption's words)")
+            self.scene_text = SceneTextReader(config.vision.mean, config.vision.std)
         self.colours: ColourNames | None = None
         if "colour" in k.sources:
             if tokenizer is None:
@@ -325,8 +344,18 @@ class MKLVisITA(
         out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
         cells = None if self.colours is None else self.colours.cells(pixel_values, tuple(self.vision.grids[-1]))
         faces = None if self.faces is None else self.faces.evidence(pixel_values)
+        scene = {} if self.scene_text is None else self.scene_text.features(pixel_values, tuple(self.vision.grids[-1]))
         return ImageFeatures(
-            out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled, cells, faces
+            out.levels,
+            out.pooled,
+            out.attentions,
+            out.backbone_map,
+            out.backbone_pooled,
+            cells,
+            faces,
+            scene.get("words"),
+            scene.get("mask"),
+            scene.get("cells"),
         )
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
@@ -337,7 +366,10 @@ class MKLVisITA(
         last = attention_mask.sum(-1) - 1  # position of [SEP]
         word[torch.arange(word.shape[0], device=word.device), last] = False
         colour = None if self.colours is None else self.colours.token_colours(input_ids, word)
-        return TextFeatures(levels, pooled, attention_mask, word, colour)
+        scene = None
+        if self.scene_text is not None:
+            scene = caption_word_vectors(self.tokenizer, input_ids, word).to(pooled.device)
+        return TextFeatures(levels, pooled, attention_mask, word, colour, scene)
 
     def _image_sources(self, img: ImageFeatures) -> dict[str, torch.Tensor]:
         p = self.vision.num_prefix_tokens
@@ -351,6 +383,14 @@ class MKLVisITA(
             if img.backbone_map is None or img.colour_cells is None:
                 raise ConfigError("kernels.sources 'colour' needs a CNN (or hybrid) image encoder (its final map)")
             out |= self.colours.image_features(img.colour_cells, img.backbone_map)
+        if self.scene_text is not None:
+            if img.scene_words is None:
+                raise ConfigError("kernels.sources 'scene_text' needs the image read: encode it with encode_image")
+            out["scene_text"], out["scene_text_mask"], out["scene_text_cells"] = (
+                img.scene_words,
+                img.scene_mask,
+                img.scene_cells,
+            )
         return out
 
     def _text_sources(self, txt: TextFeatures) -> dict[str, torch.Tensor]:
@@ -366,6 +406,10 @@ class MKLVisITA(
             if txt.colour_tokens is None:
                 raise ConfigError("kernels.sources 'colour' needs the caption's tokens: encode it with encode_text")
             out |= self.colours.text_features(txt.colour_tokens)
+        if self.scene_text is not None:
+            if txt.scene_words is None:
+                raise ConfigError("kernels.sources 'scene_text' needs the caption's words: encode it with encode_text")
+            out["scene_text"] = txt.scene_words
         return out
 
     # ---------------------------------------------------------------------------- weights from the packages

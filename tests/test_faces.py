@@ -92,7 +92,7 @@ def test_bad_face_settings_are_refused():
 
 def test_a_missing_opencv_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
-    with pytest.raises(ImportError, match="opencv-python-headless"):
+    with pytest.raises(ImportError, match="opencv-python"):
         FaceDetector((0.5,) * 3, (0.5,) * 3)
 
 

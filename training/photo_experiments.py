@@ -10,6 +10,7 @@
     python -m training.photo_experiments captions     # caption rewrites before the sentence encoder
     python -m training.photo_experiments pointing     # word-map variants in the composite pointing game
     python -m training.photo_experiments colour       # session 9: the colour kernel's sigma, saliency power, weight
+    python -m training.photo_experiments scene_text   # session 9: the scene-text kernel's match threshold, weight
 
 Each prints one JSON line per setting: R@1 both ways and RSUM on the Tux Paint *tune* half with the shipped kernel
 weights and with the best weights of the same grid as ``python -m training.photo --tune`` (one more kernel: one more
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from mklvisita.colours import NUM_COLOURS
+from mklvisita.scene_text import DIM, MAX_WORDS, caption_word_vectors
 from training.photo import CHOSEN_WEIGHTS, TUNE_GRID
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "mklvisita-photo"
@@ -108,6 +110,19 @@ class Bench:
                 cells = torch.zeros(*maps.shape[:2], NUM_COLOURS)
             img |= colours.image_features(cells, maps)
             txt |= colours.text_features(colours.token_colours(text["ids"], text["word"]))
+        if self.model.scene_text is not None:  # a checkpoint with the scene-text kernel: the stamps' words, read once
+            if own_images:
+                if not hasattr(self, "_scene"):
+                    grid = tuple(self.model.vision.grids[-1])
+                    parts = [self.model.scene_text.features(pv, grid) for pv in self.pixels]
+                    self._scene = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                scene = self._scene
+            else:  # other images: nothing read
+                n = maps.shape[0]
+                scene = {"words": torch.zeros(n, MAX_WORDS, DIM), "cells": torch.zeros(n, MAX_WORDS, maps.shape[1]),
+                         "mask": torch.zeros(n, MAX_WORDS, dtype=torch.bool)}  # fmt: skip
+            img |= {"scene_text": scene["words"], "scene_text_mask": scene["mask"], "scene_text_cells": scene["cells"]}
+            txt["scene_text"] = caption_word_vectors(self.model.tokenizer, text["ids"], text["word"])
         return img, txt, text["word"]
 
     def values(self, img: dict, txt: dict, word: torch.Tensor) -> np.ndarray:
@@ -549,8 +564,32 @@ def colour(b: Bench) -> None:
         report("colour", {"sigma": sigma, "saliency_power": power}, scores(values, b.txt2img))
 
 
+def scene_text(b: Bench) -> None:
+    """The scene-text kernel (:mod:`mklvisita.scene_text`) beside the checkpoint's other kernels: its match threshold
+    theta, with the grid of weights (one more kernel). Words are read once; the other kernels are the checkpoint's."""
+    from mklvisita.scene_text import SceneTextReader, soft_match
+
+    img, txt, word = b.sources()
+    keep = [i for i, n in enumerate(b.model.kernel_names) if not n.startswith("scene_text/")]
+    base = b.values(img, txt, word)[..., keep]
+    v = b.model.config.vision
+    reader = SceneTextReader(v.mean, v.std)
+    grid = tuple(b.model.vision.grids[-1])
+    parts = [reader.features(pv, grid) for pv in b.pixels]
+    words, mask = torch.cat([p["words"] for p in parts]), torch.cat([p["mask"] for p in parts]).float()
+    caption = caption_word_vectors(b.model.tokenizer, b.text["ids"], b.text["word"])
+    print(json.dumps({"experiment": "scene_text", "images_with_words": int((mask.sum(-1) > 0).sum())}), flush=True)
+    cos = torch.einsum("iwd,jtd->ijwt", words, caption)  # (images, captions, W, T)
+    for theta in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        best = soft_match(cos, theta).amax(-1)  # (images, captions, W)
+        k = (best * mask[:, None, :]).sum(-1) / mask.sum(-1).clamp_min(1.0)[:, None]
+        values = np.concatenate([base, k.numpy()[..., None]], -1)
+        report("scene_text", {"theta": theta}, scores(values, b.txt2img))
+
+
 EXPERIMENTS = {
-    f.__name__: f for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing, colour)
+    f.__name__: f
+    for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing, colour, scene_text)
 }
 
 
