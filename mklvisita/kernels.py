@@ -434,7 +434,7 @@ class MultiKernelSimilarity(nn.Module):
 
     def _scene_text_values(self, img: KernelEmbeddings, txt: KernelEmbeddings, pairwise: bool) -> torch.Tensor:
         """Mean over the image's words of their best match among the caption's: (Bi, Bt, 1) or (B, 1). Most images
-        say nothing, so only the images with a word are compared (chunked)."""
+        say nothing, so only the images with a word are compared, chunked so a (ci, Bt, W, T) block stays near 2^24."""
         fn = self.kernel_fns["scene_text"][0]
         w = img.scene_mask.float()  # (Bi, W)
         count = w.sum(-1)  # (Bi,)
@@ -443,8 +443,9 @@ class MultiKernelSimilarity(nn.Module):
             return ((best * w).sum(-1) / count.clamp_min(1.0)).unsqueeze(-1)
         out = torch.zeros(img.scene.shape[0], txt.scene.shape[0], 1, dtype=txt.scene.dtype, device=txt.scene.device)
         rows = torch.nonzero(count > 0).flatten()
-        for i in range(0, len(rows), 64):
-            r = rows[i : i + 64]
+        chunk = max(1, 2**24 // max(1, txt.scene.shape[0] * txt.scene.shape[1] * img.scene.shape[1]))
+        for i in range(0, len(rows), chunk):
+            r = rows[i : i + chunk]
             best = fn(torch.einsum("iwd,jtd->ijwt", img.scene[r], txt.scene)).amax(-1)  # (ci, Bt, W)
             out[r, :, 0] = (best * w[r, None, :]).sum(-1) / count[r, None]
         return out

@@ -140,7 +140,8 @@ class SceneTextReader:
             mask[i, : len(found)] = True
             for j, (_, (x0, y0, x1, y1)) in enumerate(found):
                 box = torch.zeros(1, 1, height, width)
-                box[..., int(y0) : max(int(y0) + 1, int(round(y1))), int(x0) : max(int(x0) + 1, int(round(x1)))] = 1
+                top, left = min(max(0, int(y0)), height - 1), min(max(0, int(x0)), width - 1)  # the detector's boxes
+                box[..., top : max(top + 1, round(y1)), left : max(left + 1, round(x1))] = 1  # may leave the image
                 cells[i, j] = F.adaptive_avg_pool2d(box, grid)[0, 0]
         device = pixels.device
         return {"words": vectors.to(device), "mask": mask.to(device), "cells": cells.flatten(2).to(device)}

@@ -113,3 +113,12 @@ def test_bad_settings_and_a_missing_engine_are_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)
     with pytest.raises(ImportError, match="rapidocr-onnxruntime"):
         SceneTextReader((0.5,) * 3, (0.5,) * 3)
+
+
+def test_a_text_line_partly_outside_the_image_covers_the_cells_it_reaches(model, monkeypatch):
+    reader = model.scene_text
+    monkeypatch.setattr(reader, "read", lambda pixels: [[("stop", (-10.0, -6.0, 40.0, 20.0))]])
+    f = reader.features(torch.zeros(1, 3, 224, 224), (7, 7))
+    cells = f["cells"][0, 0].view(7, 7)
+    assert f["mask"][0].tolist() == [True] + [False] * 15
+    assert cells[0, 0] > 0.3 and cells[0, 1] > 0 and float(cells[1:].sum() + cells[:, 2:].sum()) == 0.0
