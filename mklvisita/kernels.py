@@ -73,15 +73,6 @@ class KernelFunction(nn.Module):
         return self(u @ v.T)
 
 
-class ShareKernel(KernelFunction):
-    """The colour kernel's value as it comes: a dot product of two distributions, not a cosine."""
-
-    name = "share"
-
-    def forward(self, cos: torch.Tensor) -> torch.Tensor:
-        return cos
-
-
 class MatchKernel(KernelFunction):
     """The scene-text kernel's word match: max(0, (cos - theta) / (1 - theta)) of two trigram vectors."""
 
@@ -100,6 +91,12 @@ class CosineKernel(KernelFunction):
 
     def forward(self, cos: torch.Tensor) -> torch.Tensor:
         return cos
+
+
+class ShareKernel(CosineKernel):
+    """The colour kernel's value as it comes (the identity): a dot product of two distributions, not a cosine."""
+
+    name = "share"
 
 
 class PolynomialKernel(KernelFunction):
