@@ -29,10 +29,6 @@ Decisions:
     - The classifier is a frozen copy of the backbone package's ImageNet head (buffers: not trained, not saved in
       a release folder whose vision backbone comes from a package); the prompt embeddings are a buffer saved with
       the checkpoint (computing them again needs ~3,000 encoder passes).
-    - Faces (``concept_faces`` > 0): ImageNet-1k has no person class, so a frontal face found by
-      :mod:`mklvisita.faces` mixes mass w into the image's class distribution, spread over
-      ``concept_person_classes`` (the photo checkpoint: ballplayer, groom, scuba diver, the classes under WordNet's
-      person.n.01, where the expansion also sends "astronaut", "woman", "fireman"). Pooled kernels only.
 """
 
 from __future__ import annotations
@@ -85,11 +81,6 @@ class ConceptBridge(nn.Module):
         self.register_buffer("class_weight", torch.zeros(num_classes, image_width))  # (K, C) ImageNet head
         self.register_buffer("class_bias", torch.zeros(num_classes))  # (K,)
         self.register_buffer("class_text", torch.zeros(num_classes, text_width))  # (K, D) unit prompt embeddings
-        self.face_weight = cfg.concept_faces
-        person = torch.zeros(num_classes)
-        if cfg.concept_person_classes:
-            person[list(cfg.concept_person_classes)] = 1.0 / len(cfg.concept_person_classes)
-        self.register_buffer("person", person, persistent=False)  # (K,) uniform over the person classes; from config
         self.synset_weight = cfg.concept_synset_weight
         self.synset_temperature = cfg.concept_synset_temperature
         self.expands = cfg.concept_synsets > 0
@@ -158,15 +149,9 @@ class ConceptBridge(nn.Module):
         """(..., C) CNN features -> (..., K) ImageNet logits."""
         return F.linear(features, self.class_weight, self.class_bias)
 
-    def image_features(
-        self, pooled: torch.Tensor, feature_map: torch.Tensor | None, faces: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """pooled (B, C), feature_map (B, P, C), faces (B,) face evidence or None -> the image side of each concept
-        source. With faces, p <- (1 - w f) p + w f u_person (``mklvisita.faces``)."""
+    def image_features(self, pooled: torch.Tensor, feature_map: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """pooled (B, C), feature_map (B, P, C) -> the image side of each concept source."""
         p = (self.class_logits(pooled) / self.temperature).softmax(-1)  # (B, K)
-        if faces is not None and self.face_weight > 0:
-            wf = self.face_weight * faces.to(p.dtype).unsqueeze(-1)  # (B, 1)
-            p = (1.0 - wf) * p + wf * self.person
         out = {"concept": p @ self.class_text, "concept_class": p.sqrt()}  # (B, D), (B, K)
         if "concept_local" in self.sources:
             if feature_map is None:

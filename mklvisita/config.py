@@ -19,8 +19,9 @@ LEARNED_SOURCES = ("global", "local", "mid")  # features with learned projection
 CONCEPT_SOURCES = ("concept", "concept_class", "concept_local")
 # Fixed features with no parameters at all: the colours the image shows, named, against the caption's colour words
 # (mklvisita.colours; needs a CNN or hybrid image encoder, whose final feature map weights the cells), and the words
-# written in the image, read by OCR, against the caption's words (mklvisita.scene_text).
-FIXED_SOURCES = ("colour", "scene_text")
+# written in the image, read by OCR, against the caption's words (mklvisita.scene_text), and frontal faces against
+# captions that name a person (mklvisita.faces; needs the concept sources, whose caption distribution says so).
+FIXED_SOURCES = ("colour", "scene_text", "person")
 KERNEL_SOURCES = LEARNED_SOURCES + CONCEPT_SOURCES + FIXED_SOURCES
 KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
 
@@ -113,9 +114,8 @@ class KernelConfig:
     concept_synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
     concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
     concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
-    concept_faces: float = 0.0  # person mass w mixed into the image's class distribution when a frontal face is found
-    # (mklvisita.faces; needs opencv-python 4.x); 0 = no face detector
-    concept_person_classes: list[int] = field(default_factory=list)  # the ImageNet classes that mass goes to
+    person_classes: list[int] = field(default_factory=list)  # "person" source: the ImageNet classes under WordNet's
+    # person, whose mass in a caption's (expanded) class distribution says it names a person (mklvisita.faces)
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
     map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
     # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
@@ -265,11 +265,9 @@ class MKLVisITAConfig:
         if not 1 <= self.kernels.map_shifts <= 8:
             raise ConfigError(f"kernels.map_shifts must be 1 (one pass) to 8, not {self.kernels.map_shifts}")
         k = self.kernels
-        if not 0.0 <= k.concept_faces <= 1.0:
-            raise ConfigError(f"kernels.concept_faces must be within [0, 1], not {k.concept_faces}")
-        person = k.concept_person_classes
-        if k.concept_faces > 0 and not (person and all(0 <= c < 1000 for c in person)):
-            raise ConfigError("kernels.concept_faces needs kernels.concept_person_classes: ImageNet classes (0-999)")
+        person = k.person_classes
+        if "person" in k.sources and not (person and all(0 <= c < 1000 for c in person)):
+            raise ConfigError("kernels.sources 'person' needs kernels.person_classes: ImageNet class indices (0-999)")
         if not 0.0 <= k.scene_text_match < 1.0:
             raise ConfigError(f"kernels.scene_text_match must be within [0, 1), not {k.scene_text_match}")
         if self.kernels.colour_sigma <= 0 or self.kernels.colour_saliency_power < 0:

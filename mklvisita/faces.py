@@ -1,27 +1,33 @@
-"""Faces: the person evidence an ImageNet-1k classifier lacks, for the concept kernels (``kernels.concept_faces``).
+"""Faces: the person evidence an ImageNet-1k classifier lacks, for the "person" kernel.
 
 ImageNet-1k has no "person" class; its only classes under WordNet's person.n.01 are ballplayer, groom and scuba
 diver, which is also where the WordNet expansion sends a caption about an astronaut, a woman or a fireman. So a
-photo of a person gives the concept kernels nothing to agree with such a caption. This module detects frontal faces
-and the bridge (:mod:`mklvisita.concepts`) mixes person mass into the image's class distribution when it finds one.
+photo of a person gave the concept kernels nothing to agree with such a caption. This source detects frontal faces
+and asks whether the caption names a person.
 
 Decisions:
     - Detector: OpenCV's Haar cascade ``haarcascade_frontalface_alt2.xml`` (Viola-Jones), which the
-      ``opencv-python`` 4.x wheel ships (``cv2.data.haarcascades``; OpenCV 5 wheels no longer do). Nothing
-      is downloaded and nothing is trained here. It finds frontal faces only: profiles, faces under a helmet's visor
+      ``opencv-python`` 4.x wheel ships (``cv2.data.haarcascades``; OpenCV 5 wheels no longer do). Nothing is
+      downloaded and nothing is trained here. It finds frontal faces only: profiles, faces under a helmet's visor
       and people seen from far away give no evidence (never evidence against a person).
     - It runs on the model's own input (the letterboxed 224 x 224 image, grey, histogram-equalised) with scale step
       1.2, 5 neighbours and faces of 24 px at least: ~12 ms per image on one thread (1.1 / 20 px took ~25 ms).
-    - Evidence f is 1 when at least one face is found, else 0; the image's class distribution becomes
-      (1 - w f) p + w f u, u uniform over the person classes, w = ``kernels.concept_faces``.
-    - Only the pooled concept kernels (``concept``, ``concept_class``) use it; the per-position maps do not.
+    - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
+    - Text side: the caption's person mass pi = its (expanded) class distribution's mass on ``kernels.person_classes``
+      (:mod:`mklvisita.concepts`), and for the per-word maps each token's person mass *alone*: the same expansion
+      applied to the token's own embedding, computed once per vocabulary entry when the checkpoint is built
+      (``fill_tokens``) and saved with it (fp16), so scoring only looks it up ("astronaut" 1.0, "a" 0.1, "suit" 0).
+    - Kernel "person/share" = f * pi; its per-word maps are each token's person mass times the face cells.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 CASCADE = "haarcascade_frontalface_alt2.xml"
 SCALE_STEP, NEIGHBOURS, MIN_FACE = 1.2, 5, 24
@@ -32,7 +38,7 @@ def _cv2():
         import cv2
     except ImportError as e:  # an install without the requirements
         raise ImportError(
-            "kernels.concept_faces needs OpenCV's face detector: pip install 'opencv-python>=4.8,<5'"
+            "kernels.sources 'person' needs OpenCV's face detector: pip install 'opencv-python>=4.8,<5'"
         ) from e
     return cv2
 
@@ -67,6 +73,52 @@ class FaceDetector:
             out.append([tuple(int(v) for v in b) for b in found])
         return out
 
-    def evidence(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B,) 1.0 where at least one face is found, else 0.0."""
-        return torch.tensor([float(bool(b)) for b in self.boxes(pixels)], device=pixels.device)
+
+class PersonSource(nn.Module):
+    """The "person" source (module docstring): face cells on the image side, person mass on the caption side."""
+
+    def __init__(self, person_classes, tokenizer, mean, std):
+        super().__init__()
+        self.detector = FaceDetector(mean, std)
+        self.person_classes = list(person_classes)
+        vocab = max(tokenizer.get_vocab().values()) + 1
+        self.register_buffer("token_person", torch.zeros(vocab, dtype=torch.float16))  # (V,) filled by fill_tokens
+
+    def face_cells(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Normalised model inputs (B, 3, H, W) -> each grid cell's share covered by faces (B, gh * gw)."""
+        _, _, height, width = pixels.shape
+        masks = torch.zeros(pixels.shape[0], 1, height, width)
+        for i, boxes in enumerate(self.detector.boxes(pixels)):
+            for x, y, w, h in boxes:
+                masks[i, 0, y : y + h, x : x + w] = 1.0
+        return F.adaptive_avg_pool2d(masks, grid).flatten(1).to(pixels.device)
+
+    @staticmethod
+    def image_features(face_cells: torch.Tensor) -> dict[str, torch.Tensor]:
+        found = (face_cells.sum(-1, keepdim=True) > 0).to(face_cells.dtype)  # (B, 1)
+        return {"person": found, "person_local": face_cells}
+
+    def text_features(self, class_distribution: torch.Tensor, token_mass: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The caption's class distribution (B, K) and its tokens' person mass (B, T) -> pi (B, 1) and the tokens."""
+        pi = class_distribution[:, self.person_classes].sum(-1, keepdim=True)
+        return {"person": pi, "person_local": token_mass}
+
+    def token_mass(self, input_ids: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T) each word piece's person mass (0 for [CLS], [SEP], padding)."""
+        ids = input_ids.clamp(0, self.token_person.shape[0] - 1)
+        return self.token_person[ids].float() * word_mask.float()
+
+    @torch.no_grad()
+    def fill_tokens(self, tokenizer, encode: Callable[[list[str]], torch.Tensor], concepts, batch_size: int = 256):
+        """token_person <- for every vocabulary entry that is a word (not a continuation piece or a special token),
+        the person mass of the concept bridge's expanded class distribution of that word embedded alone."""
+        vocab = tokenizer.get_vocab()
+        special = set(tokenizer.all_special_tokens)
+        words = sorted((t, i) for t, i in vocab.items() if t.isalpha() and t not in special)
+        mass = torch.zeros_like(self.token_person, dtype=torch.float32)
+        for k in range(0, len(words), batch_size):
+            chunk = words[k : k + batch_size]
+            emb = F.normalize(encode([t for t, _ in chunk]).float(), dim=-1)
+            q = concepts.text_features(emb, emb.unsqueeze(1))["concept_class"] ** 2  # (n, K)
+            mass[[i for _, i in chunk]] = q[:, self.person_classes].sum(-1)
+        self.token_person.copy_(mass.half())

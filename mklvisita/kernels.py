@@ -29,6 +29,9 @@ Fixed sources (no parameters):
                    "scene_text/match" = mean over the image's words of their best soft match in the caption (0 for
                    an image with no text); per-word maps spread a caption word's matches over the matched words'
                    text lines (:mod:`mklvisita.scene_text`)
+    person         a frontal face found in the image f <-> the caption's person mass pi; one kernel, "person/share"
+                   = f * pi; per-word maps: each token's own person mass times the cells the faces cover
+                   (:mod:`mklvisita.faces`)
 
 Kernel functions act on the cosine c of the two L2-normalised projections:
     cosine   c
@@ -54,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CONCEPT_SOURCES, KernelConfig
+from .config import CONCEPT_SOURCES, FIXED_SOURCES, KernelConfig
 from .scene_text import soft_match
 
 
@@ -188,6 +191,7 @@ class KernelEmbeddings:
     scene: torch.Tensor | None = None
     scene_mask: torch.Tensor | None = None
     scene_cells: torch.Tensor | None = None
+    person_local: torch.Tensor | None = None
 
     def __len__(self) -> int:
         for t in [*self.pooled.values(), self.local, self.concept_local]:
@@ -210,6 +214,7 @@ class KernelEmbeddings:
             pick(self.scene),
             pick(self.scene_mask),
             pick(self.scene_cells),
+            pick(self.person_local),
         )
 
     def to(self, device: torch.device | str) -> KernelEmbeddings:
@@ -227,6 +232,7 @@ class KernelEmbeddings:
             mv(self.scene),
             mv(self.scene_mask),
             mv(self.scene_cells),
+            mv(self.person_local),
         )
 
     @staticmethod
@@ -259,6 +265,7 @@ class KernelEmbeddings:
             padded(lambda p: p.scene),
             padded(lambda p: p.scene_mask),
             padded(lambda p: p.scene_cells),
+            padded(lambda p: p.person_local),
         )
 
 
@@ -293,7 +300,7 @@ class MultiKernelSimilarity(nn.Module):
     def __init__(self, cfg: KernelConfig, image_dims: dict[str, int], text_dims: dict[str, int]):
         super().__init__()
         self.cfg = cfg
-        order = ("global", "mid", "local", "concept", "concept_class", "concept_local", "colour", "scene_text")
+        order = ("global", "mid", "local", *CONCEPT_SOURCES, *FIXED_SOURCES)
         self.sources = [s for s in order if s in cfg.sources]  # fixed order
         self.functions = list(cfg.functions)
         d = cfg.proj_dim
@@ -301,7 +308,7 @@ class MultiKernelSimilarity(nn.Module):
         self.text_proj = nn.ModuleDict()
         self.kernel_fns = nn.ModuleDict()
         for s in self.sources:
-            if s == "colour":  # fixed features, one kernel: no projections, no function to choose
+            if s in ("colour", "person"):  # fixed features, one kernel: no projections, no function to choose
                 self.kernel_fns[s] = nn.ModuleList([ShareKernel()])
                 continue
             if s == "scene_text":
@@ -341,8 +348,8 @@ class MultiKernelSimilarity(nn.Module):
         for s in self.sources:
             if s == "scene_text":
                 continue  # kept whole below: late interaction between words
-            if s == "colour":
-                pooled[s] = feats[s].unsqueeze(1)  # (B, 1, 11) distributions: compared as they are, not normalised
+            if s in ("colour", "person"):
+                pooled[s] = feats[s].unsqueeze(1)  # (B, 1, 11) distributions or (B, 1, 1): compared as they are
                 continue
             if s == "concept_local":
                 concept_local = F.normalize(feats[s], dim=-1)  # (B, L, D): one embedding for all its kernels
@@ -382,6 +389,7 @@ class MultiKernelSimilarity(nn.Module):
             scene,
             scene_mask,
             scene_cells,
+            feats.get("person_local") if "person" in self.sources else None,
         )
 
     def embed_image(self, feats: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> KernelEmbeddings:
@@ -455,7 +463,8 @@ class MultiKernelSimilarity(nn.Module):
     @property
     def word_map_names(self) -> list[str]:
         """The kernels with a word x patch map (local, concept_local, colour), in ``word_patch_maps`` order."""
-        return [n for n in self.names if n.startswith(("local/", "concept_local/", "colour/", "scene_text/"))]
+        mapped = ("local/", "concept_local/", "colour/", "scene_text/", "person/")
+        return [n for n in self.names if n.startswith(mapped)]
 
     def word_patch_maps(self, img: KernelEmbeddings, txt: KernelEmbeddings) -> torch.Tensor:
         """Word x patch values of every kernel in ``word_map_names`` for paired inputs: (B, n_maps, T, P)."""
@@ -470,6 +479,8 @@ class MultiKernelSimilarity(nn.Module):
             m = self.kernel_fns["scene_text"][0](torch.einsum("bwd,btd->bwt", img.scene, txt.scene))
             m = m * img.scene_mask.unsqueeze(-1)
             maps.append(torch.einsum("bwt,bwp->btp", m, img.scene_cells).unsqueeze(1))
+        if "person" in self.sources:  # each token's own person mass over the cells the faces cover
+            maps.append((txt.person_local.unsqueeze(-1) * img.person_local.unsqueeze(1)).unsqueeze(1))
         if not maps:
             raise ValueError(
                 "no kernel with word x patch maps: add 'local', 'concept_local' or 'colour' to kernels.sources"

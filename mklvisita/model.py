@@ -39,7 +39,7 @@ from .colours import ColourNames
 from .concepts import ConceptBridge, uses_concepts
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
-from .faces import FaceDetector
+from .faces import PersonSource
 from .fusion import HierarchicalFusion, LayerAttentions
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import (
@@ -66,7 +66,7 @@ class ImageFeatures:
     backbone_map: torch.Tensor | None = None  # CNN / hybrid: the CNN's final feature map (B, P, C_cnn)
     backbone_pooled: torch.Tensor | None = None  # CNN / hybrid: the CNN's pooled pre-logits feature (B, C_cnn)
     colour_cells: torch.Tensor | None = None  # "colour" source: colour names per cell of the last grid (B, P, 11)
-    faces: torch.Tensor | None = None  # kernels.concept_faces: 1.0 where a frontal face was found (B,)
+    faces: torch.Tensor | None = None  # "person" source: each cell's share covered by frontal faces (B, P)
     scene_words: torch.Tensor | None = None  # "scene_text": words read in the image (B, W, DIM) trigram vectors
     scene_mask: torch.Tensor | None = None  # (B, W) True = a word
     scene_cells: torch.Tensor | None = None  # (B, W, P) each word's text line over the last grid
@@ -128,6 +128,7 @@ class TextFeatures:
     word_mask: torch.Tensor  # (B, T) True = a word piece (not [CLS], [SEP] or padding)
     colour_tokens: torch.Tensor | None = None  # "colour" source: a one-hot at each colour word (B, T, 11)
     scene_words: torch.Tensor | None = None  # "scene_text" source: each word's trigram vector on its first piece
+    person_tokens: torch.Tensor | None = None  # "person" source: how much each token, alone, names a person (B, T)
 
     def select(self, index) -> TextFeatures:
         return TextFeatures(
@@ -137,6 +138,7 @@ class TextFeatures:
             self.word_mask[index],
             None if self.colour_tokens is None else self.colour_tokens[index],
             None if self.scene_words is None else self.scene_words[index],
+            None if self.person_tokens is None else self.person_tokens[index],
         )
 
     def keep(self, levels: list[int]) -> TextFeatures:
@@ -150,6 +152,7 @@ class TextFeatures:
             self.word_mask.to(device),
             None if self.colour_tokens is None else self.colour_tokens.to(device),
             None if self.scene_words is None else self.scene_words.to(device),
+            None if self.person_tokens is None else self.person_tokens.to(device),
         )
 
     @staticmethod
@@ -168,6 +171,7 @@ class TextFeatures:
             torch.cat([pad(p.word_mask) for p in parts]),
             None if parts[0].colour_tokens is None else torch.cat([pad(p.colour_tokens) for p in parts]),
             None if parts[0].scene_words is None else torch.cat([pad(p.scene_words) for p in parts]),
+            None if parts[0].person_tokens is None else torch.cat([pad(p.person_tokens) for p in parts]),
         )
 
 
@@ -242,9 +246,11 @@ class MKLVisITA(
                 self._fill_concept_classifier()
             if building and tokenizer is not None:
                 self.concepts.fill_class_text(self._sentence_encoder(tokenizer))
-        self.faces: FaceDetector | None = None  # person evidence for the concept kernels (mklvisita.faces)
-        if self.concepts is not None and k.concept_faces > 0:
-            self.faces = FaceDetector(config.vision.mean, config.vision.std)
+        self.person: PersonSource | None = None  # frontal faces <-> captions naming a person (mklvisita.faces)
+        if "person" in k.sources:
+            if self.concepts is None or tokenizer is None:
+                raise ConfigError("kernels.sources 'person' needs the concept sources and the tokenizer")
+            self.person = PersonSource(k.person_classes, tokenizer, config.vision.mean, config.vision.std)
         self.scene_text: SceneTextReader | None = None  # words written in the image (mklvisita.scene_text)
         if "scene_text" in k.sources:
             if tokenizer is None:
@@ -343,7 +349,7 @@ class MKLVisITA(
         probabilities, (B, heads, N, N) per block (a ValueError for a CNN backbone, which has none)."""
         out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
         cells = None if self.colours is None else self.colours.cells(pixel_values, tuple(self.vision.grids[-1]))
-        faces = None if self.faces is None else self.faces.evidence(pixel_values)
+        faces = None if self.person is None else self.person.face_cells(pixel_values, tuple(self.vision.grids[-1]))
         scene = {} if self.scene_text is None else self.scene_text.features(pixel_values, tuple(self.vision.grids[-1]))
         return ImageFeatures(
             out.levels,
@@ -369,7 +375,8 @@ class MKLVisITA(
         scene = None
         if self.scene_text is not None:
             scene = caption_word_vectors(self.tokenizer, input_ids, word).to(pooled.device)
-        return TextFeatures(levels, pooled, attention_mask, word, colour, scene)
+        person = None if self.person is None else self.person.token_mass(input_ids, word)
+        return TextFeatures(levels, pooled, attention_mask, word, colour, scene, person)
 
     def _image_sources(self, img: ImageFeatures) -> dict[str, torch.Tensor]:
         p = self.vision.num_prefix_tokens
@@ -378,11 +385,15 @@ class MKLVisITA(
         if self.concepts is not None:
             if img.backbone_pooled is None:
                 raise ConfigError("concept kernels need a CNN (or hybrid) image encoder with an ImageNet head")
-            out |= self.concepts.image_features(img.backbone_pooled, img.backbone_map, img.faces)
+            out |= self.concepts.image_features(img.backbone_pooled, img.backbone_map)
         if self.colours is not None:
             if img.backbone_map is None or img.colour_cells is None:
                 raise ConfigError("kernels.sources 'colour' needs a CNN (or hybrid) image encoder (its final map)")
             out |= self.colours.image_features(img.colour_cells, img.backbone_map)
+        if self.person is not None:
+            if img.faces is None:
+                raise ConfigError("kernels.sources 'person' needs the image's faces: encode it with encode_image")
+            out |= self.person.image_features(img.faces)
         if self.scene_text is not None:
             if img.scene_words is None:
                 raise ConfigError("kernels.sources 'scene_text' needs the image read: encode it with encode_image")
@@ -406,6 +417,10 @@ class MKLVisITA(
             if txt.colour_tokens is None:
                 raise ConfigError("kernels.sources 'colour' needs the caption's tokens: encode it with encode_text")
             out |= self.colours.text_features(txt.colour_tokens)
+        if self.person is not None:
+            if txt.person_tokens is None:
+                raise ConfigError("kernels.sources 'person' needs the caption's tokens: encode it with encode_text")
+            out |= self.person.text_features(out["concept_class"] ** 2, txt.person_tokens)
         if self.scene_text is not None:
             if txt.scene_words is None:
                 raise ConfigError("kernels.sources 'scene_text' needs the caption's words: encode it with encode_text")

@@ -46,7 +46,8 @@ def test_explain_matrix_and_search_endpoints(client: Client) -> None:
         handle_file(str(CAT)), "a tabby cat", "default", "kernel", "per_map", api_name="/explain"
     )
     assert heat and info["tokens"] == ["a", "tabby", "cat"] and [w["caption"] for w in words] == info["tokens"]
-    assert [k["caption"] for k in kernels] == ["concept_local/cosine", "colour/share", "scene_text/match"]  # photo
+    maps = ["concept_local/cosine", "colour/share", "scene_text/match", "person/share"]  # the photo's word-map kernels
+    assert [k["caption"] for k in kernels] == maps
     _plot, best, scores = client.predict(
         [handle_file(str(p)) for p in SHAPES[:2]], "a purple cross\na yellow star", "similarity", api_name="/matrix"
     )

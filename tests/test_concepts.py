@@ -147,7 +147,8 @@ def test_shipped_photo_checkpoint_loads_from_the_packages_and_knows_a_cat():
 
     matcher = Matcher.default("photo")
     assert matcher.model.kernel_names == [
-        "concept/cosine", "concept_class/cosine", "concept_local/cosine", "colour/share", "scene_text/match"
+        "concept/cosine", "concept_class/cosine", "concept_local/cosine", "colour/share", "scene_text/match",
+        "person/share",
     ]  # fmt: skip
     captions = ["a tabby cat lying on a rug", "a cup of coffee on a saucer", "a rocket lifting off from a launch pad"]
     result = matcher.score(["assets/examples/cat.jpg"], captions)
@@ -155,7 +156,7 @@ def test_shipped_photo_checkpoint_loads_from_the_packages_and_knows_a_cat():
     explained = matcher.explain("assets/examples/cat.jpg", captions[0], method="kernel")
     width, height = Image.open("assets/examples/cat.jpg").size
     assert explained.word_heatmaps.shape == (len(explained.tokens), height, width)
-    assert set(explained.kernel_maps) == {"concept_local/cosine", "colour/share", "scene_text/match"}
+    assert set(explained.kernel_maps) == {"concept_local/cosine", "colour/share", "scene_text/match", "person/share"}
 
     with torch.inference_mode():  # loaded under inference mode: inference tensors have no version counter
         frozen = Matcher.default("photo")

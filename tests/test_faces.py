@@ -1,4 +1,4 @@
-"""Face evidence for the concept kernels (mklvisita.faces): the person class ImageNet-1k lacks."""
+"""The person kernel (mklvisita.faces): frontal faces against captions that name a person."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mklvisita.config import ConfigError, FusionConfig, KernelConfig, MKLVisITAConfig, TextConfig, VisionConfig
 from mklvisita.faces import FaceDetector
 from mklvisita.inputs import Processor
+from mklvisita.kernels import KernelEmbeddings
 from mklvisita.model import MKLVisITA
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 PERSON = [981, 982, 983]  # ballplayer, groom, scuba diver: timm's ImageNet order
 
 
-def _config(faces: float = 0.5, person=PERSON) -> MKLVisITAConfig:
+def _config(sources=("concept", "concept_class", "person"), person=PERSON) -> MKLVisITAConfig:
     return MKLVisITAConfig(
         vision=VisionConfig(
             model_name="tf_efficientnet_lite0",
@@ -29,13 +29,8 @@ def _config(faces: float = 0.5, person=PERSON) -> MKLVisITAConfig:
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
         ),
-        text=TextConfig(width=32, layers=1, heads=2, max_length=16),
-        kernels=KernelConfig(
-            sources=["concept", "concept_class"],
-            functions=["cosine"],
-            concept_faces=faces,
-            concept_person_classes=list(person),
-        ),
+        text=TextConfig(width=32, layers=1, heads=2, max_length=16, extra_vocabulary=["astronaut", "woman"]),
+        kernels=KernelConfig(sources=list(sources), functions=["cosine"], person_classes=list(person)),
         fusion=FusionConfig(enabled=False),
     )
 
@@ -43,51 +38,64 @@ def _config(faces: float = 0.5, person=PERSON) -> MKLVisITAConfig:
 @pytest.fixture(scope="module")
 def model() -> MKLVisITA:
     torch.manual_seed(0)
-    return MKLVisITA(_config()).eval()
+    m = MKLVisITA(_config()).eval()
+    m.person.fill_tokens(m.tokenizer, m._sentence_encoder(m.tokenizer), m.concepts)
+    return m
 
 
 def test_a_frontal_face_is_found_in_the_astronaut_photo_and_none_in_the_others(model):
     processor = Processor(model.config, model.tokenizer)
     names = ["astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg"]
     pv, _ = processor.images([EXAMPLES / n for n in names])
-    boxes = model.faces.boxes(pv)
+    boxes = model.person.detector.boxes(pv)
     assert [len(b) for b in boxes] == [1, 0, 0, 0]
     x, y, w, h = boxes[0][0]  # her face: upper middle of the photo, well inside the frame
     assert 0.25 < (x + w / 2) / 224 < 0.6 and 0.1 < (y + h / 2) / 224 < 0.4
-    assert model.faces.evidence(pv).tolist() == [1.0, 0.0, 0.0, 0.0]
+    cells = model.person.face_cells(pv, (7, 7))  # (4, 49)
+    assert cells[1:].sum() == 0 and 0 < float(cells[0].sum()) < 49
+    peak = int(cells[0].argmax())
+    assert 0.25 < (peak % 7 + 0.5) / 7 < 0.6 and 0.1 < (peak // 7 + 0.5) / 7 < 0.4
 
 
-def test_face_evidence_mixes_person_mass_into_the_class_distribution(model):
+def test_person_kernel_is_face_found_times_the_captions_person_mass(model):
     processor = Processor(model.config, model.tokenizer)
     pv, _ = processor.images([EXAMPLES / "astronaut.jpg", EXAMPLES / "cat.jpg"])
+    enc = processor.captions(["an astronaut", "a cat"])
     with torch.no_grad():
-        img = model.encode_image(pv)
-        feats = model._image_sources(img)
-    c = model.concepts
-    p = (F.linear(img.backbone_pooled, c.class_weight, c.class_bias) / c.temperature).softmax(-1)
-    person = torch.zeros(1000)
-    person[PERSON] = 1 / 3
-    expected = torch.stack([0.5 * p[0] + 0.5 * person, p[1]])  # w = 0.5; no face in the cat photo
-    assert img.faces.tolist() == [1.0, 0.0]
-    assert torch.allclose(feats["concept_class"] ** 2, expected, atol=1e-6)
-    assert torch.allclose(feats["concept"], expected @ c.class_text, atol=1e-5)
-    assert float(feats["concept_class"][0, PERSON].pow(2).sum()) >= 0.5  # a person, whatever ImageNet says
+        img, txt = model.encode_image(pv), model.encode_text(enc["input_ids"], enc["attention_mask"])
+        feats = model._text_sources(txt)
+        out = model.similarity(model.embed_image(img), model.embed_text(txt))
+    i = model.kernel_names.index("person/share")
+    k = out.contributions[..., i] / model.kernel_weights()[i]  # (2 images, 2 captions)
+    pi = (feats["concept_class"] ** 2)[:, PERSON].sum(-1)  # each caption's person mass
+    assert torch.allclose(k[0], pi, atol=1e-6) and bool((k[1] == 0).all())  # a face / no face
 
 
-def test_no_face_detector_without_concept_faces():
-    model = MKLVisITA(_config(faces=0.0, person=[]))
-    assert model.faces is None
-    pv = torch.zeros(1, 3, 224, 224)
-    assert model.encode_image(pv).faces is None
+def test_token_person_mass_is_looked_up_and_its_map_covers_the_face(model):
+    tok = model.tokenizer
+    assert float(model.person.token_person.float().abs().sum()) > 0  # filled from the vocabulary
+    enc = tok(["an astronaut"], return_tensors="pt")
+    word = enc["attention_mask"].bool()
+    word[:, 0] = False
+    word[:, -1] = False
+    mass = model.person.token_mass(enc["input_ids"], word)[0]
+    assert mass[0] == 0 and mass[-1] == 0  # [CLS], [SEP]
+    assert torch.allclose(mass[1:-1], model.person.token_person[enc["input_ids"][0, 1:-1]].float())
+    cells = torch.zeros(1, 49)
+    cells[0, 10] = 1.0
+    img = KernelEmbeddings({}, None, None, None, person_local=cells)
+    txt = KernelEmbeddings({}, None, None, None, person_local=mass.unsqueeze(0))
+    maps = model.kernels.word_patch_maps(img, txt)[0, model.kernels.word_map_names.index("person/share")]  # (T, P)
+    assert torch.allclose(maps[:, 10], mass) and float(maps[:, :10].abs().sum() + maps[:, 11:].abs().sum()) == 0
 
 
-def test_bad_face_settings_are_refused():
-    with pytest.raises(ConfigError, match="concept_faces must be within"):
-        MKLVisITA(_config(faces=1.5))
-    with pytest.raises(ConfigError, match="concept_person_classes"):
-        MKLVisITA(_config(faces=0.5, person=[]))
-    with pytest.raises(ConfigError, match="concept_person_classes"):
-        MKLVisITA(_config(faces=0.5, person=[1000]))
+def test_bad_person_settings_are_refused():
+    with pytest.raises(ConfigError, match="person_classes"):
+        MKLVisITA(_config(person=[]))
+    with pytest.raises(ConfigError, match="person_classes"):
+        MKLVisITA(_config(person=[1000]))
+    with pytest.raises(ConfigError, match="needs the concept sources"):
+        MKLVisITA(_config(sources=("global", "person")))
 
 
 def test_a_missing_opencv_names_the_package(monkeypatch):
@@ -103,5 +111,5 @@ def test_the_photo_checkpoints_person_classes_are_imagenets_people():
 
     cfg = read_config(Path(__file__).resolve().parent.parent / "assets" / "mklvisita-photo")
     info = ImageNetInfo()
-    names = [info.index_to_description(c).split(",")[0] for c in cfg.kernels.concept_person_classes]
-    assert names == ["ballplayer", "groom", "scuba diver"] and cfg.kernels.concept_faces == 0.25
+    names = [info.index_to_description(c).split(",")[0] for c in cfg.kernels.person_classes]
+    assert names == ["ballplayer", "groom", "scuba diver"] and "person" in cfg.kernels.sources

@@ -48,19 +48,19 @@ import torch
 
 from mklvisita.config import FusionConfig, KernelConfig, MKLVisITAConfig, RankingConfig, TextConfig, VisionConfig
 
-SOURCES = ["concept", "concept_class", "concept_local", "colour", "scene_text"]
-# beta over (concept/cosine, concept_class/cosine, concept_local/cosine, colour/share, scene_text/match), chosen on the
-# tune half: the colour kernel's sigma, saliency power and the first four weights with ``python -m
-# training.photo_experiments colour`` (0.4 / 0.3 / 0.2 / 0.1), then the scene-text kernel's threshold and all five
-# weights with ``python -m training.photo_experiments scene_text`` (every threshold 0.3-0.8 gave the same figures).
-CHOSEN_WEIGHTS = (0.3, 0.2, 0.1, 0.1, 0.3)
+SOURCES = ["concept", "concept_class", "concept_local", "colour", "scene_text", "person"]
+# beta over (concept/cosine, concept_class/cosine, concept_local/cosine, colour/share, scene_text/match, person/share)
+# before normalisation. The first five were chosen on the tune half: the colour kernel's sigma, saliency power and the
+# first four weights with ``python -m training.photo_experiments colour`` (0.4 / 0.3 / 0.2 / 0.1), then the scene-text
+# kernel's threshold and those five weights with ``python -m training.photo_experiments scene_text`` (every threshold
+# 0.3-0.8 gave the same figures). The person kernel's weight cannot be chosen there (no stamp shows a face the
+# detector finds, so it is 0 on every stamp and its weight changes no rank): it gets concept_class's, 0.2 (another
+# class agreement, for the one class ImageNet lacks), which is 0.17 after normalisation; the example photos rank and
+# map the same for any normalised weight from 0.10 to 0.70 (README, session 9).
+CHOSEN_WEIGHTS = (0.3, 0.2, 0.1, 0.1, 0.3, 0.2)
 SCENE_TEXT_MATCH = 0.5
 COLOUR_SIGMA, COLOUR_SALIENCY_POWER = 15.0, 4.0
-# A frontal face (mklvisita.faces) mixes this much mass into the image's class distribution, spread over the ImageNet
-# classes under WordNet's person.n.01 (timm order: ballplayer, groom, scuba diver). The tune half cannot choose it (no
-# stamp there shows a face the detector finds); any value from 0.15 to 0.45 makes the astronaut example rank its own
-# caption first, 0.5 the nearly identical shorter astronaut caption (README, session 9). 0.25 is inside that window.
-FACE_WEIGHT, PERSON_CLASSES = 0.25, [981, 982, 983]
+PERSON_CLASSES = [981, 982, 983]  # timm's ImageNet order: ballplayer, groom, scuba diver (WordNet person.n.01's)
 TUNE_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 EXPANSION = """- WordNet expansion: a caption's class distribution also goes through the lemmas of {synsets:,}
@@ -91,11 +91,11 @@ to the colours the image shows, not which object has which colour.
   `concept_local`: per-position class probabilities against each word (per-word maps, averaged over the photo and
   three copies moved by half a grid cell: `kernels.map_shifts = 2`); `colour`: the caption's colour words (eleven
   basic terms) against the image's pixels named by colour, weighted towards the CNN's salient cells (sigma
-  {sigma}, saliency power {power}; nothing learned). A frontal face (OpenCV's Haar cascade, from the
-  `opencv-python` 4.x wheel) adds person mass {faces} to the image's class distribution (ImageNet has no person
-  class). `scene_text`: words read in the image by OCR (RapidOCR's PP-OCRv4 ONNX models, from the
-  `rapidocr-onnxruntime` wheel) matched to the caption's words by character trigrams (threshold {theta}). No
-  fusion/ITM branch.
+  {sigma}, saliency power {power}; nothing learned); `person`: a frontal face in the image (OpenCV's Haar cascade, from
+  the `opencv-python` 4.x wheel) against how much the caption names a person (its class distribution's mass on
+  ImageNet's only person classes, where the WordNet expansion sends "astronaut", "woman", ...). `scene_text`: words
+  read in the image by OCR (RapidOCR's PP-OCRv4 ONNX models, from the `rapidocr-onnxruntime` wheel) matched to the
+  caption's words by character trigrams (threshold {theta}). No fusion/ITM branch.
 {expansion}- Choices (prompt set, temperatures, expansion, kernel weights) were made on the *tune* half of the Tux Paint
   photo stamps (Debian `tuxpaint-stamps-default`, GPL-2, used for evaluation only); figures are on the *test* half.
 - Rebuild: `python -m training.photo --out assets/mklvisita-photo`.
@@ -127,8 +127,7 @@ def photo_config(bridge: bool = False, synsets: int = 0, links: int = 0) -> MKLV
             concept_synset_temperature=0.02,
             concept_synset_weight=0.5,
             map_shifts=1 if bridge else 2,  # word maps averaged over 2 x 2 half-cell moves (tune-half pointing game)
-            concept_faces=0.0 if bridge else FACE_WEIGHT,
-            concept_person_classes=[] if bridge else list(PERSON_CLASSES),
+            person_classes=[] if bridge else list(PERSON_CLASSES),
             scene_text_match=SCENE_TEXT_MATCH,
             colour_sigma=COLOUR_SIGMA,
             colour_saliency_power=COLOUR_SALIENCY_POWER,
@@ -260,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     model = MKLVisITA(photo_config(args.bridge, synsets, links)).eval()  # ~2 min: 3,000 class prompts through MiniLM
     if expansion:
         fill_expansion(model, expansion[1], expansion[2], expansion[3])  # ~10 min: ~21k lemma strings
+        if model.person is not None:  # each vocabulary word's own person mass (per-word maps): ~20k words, ~2 min
+            model.person.fill_tokens(model.tokenizer, model._sentence_encoder(model.tokenizer), model.concepts)
     processor = Processor(model.config, model.tokenizer)
     if not args.bridge:
         set_weights(model, tune(model, processor) if args.tune else CHOSEN_WEIGHTS)
@@ -274,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         expansion=expansion_line,
         sigma=k.colour_sigma,
         power=k.colour_saliency_power,
-        faces=k.concept_faces,
         theta=k.scene_text_match,
     )
     if args.bridge:
