@@ -114,15 +114,15 @@ class KernelConfig:
     concept_synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
     concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
     concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
-    person_classes: list[int] = field(default_factory=list)  # "person" source: the ImageNet classes under WordNet's
-    # person, whose mass in a caption's (expanded) class distribution says it names a person (mklvisita.faces)
     mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
     map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
     # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
     # (mklvisita.explain); 1 = one pass. Scores never use it.
     colour_sigma: float = 20.0  # "colour" source: softness of naming a pixel's colour (CIELAB units; mklvisita.colours)
-    scene_text_match: float = 0.5  # "scene_text" source: trigram cosine at which two words start to match (theta)
     colour_saliency_power: float = 2.0  # "colour" source: exponent of the cells' saliency weights (0: all alike)
+    scene_text_match: float = 0.5  # "scene_text" source: trigram cosine at which two words start to match (theta)
+    person_classes: list[int] = field(default_factory=list)  # "person" source: the ImageNet classes under WordNet's
+    # person, whose mass in a caption's (expanded) class distribution says it names a person (mklvisita.faces)
 
 
 @dataclass
@@ -270,7 +270,7 @@ class MKLVisITAConfig:
             raise ConfigError("kernels.sources 'person' needs kernels.person_classes: ImageNet class indices (0-999)")
         if not 0.0 <= k.scene_text_match < 1.0:
             raise ConfigError(f"kernels.scene_text_match must be within [0, 1), not {k.scene_text_match}")
-        if self.kernels.colour_sigma <= 0 or self.kernels.colour_saliency_power < 0:
+        if k.colour_sigma <= 0 or k.colour_saliency_power < 0:
             raise ConfigError("kernels.colour_sigma must be > 0 and kernels.colour_saliency_power >= 0")
         if not self.kernels.sources or not self.kernels.functions:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")

@@ -11,7 +11,8 @@ Decisions:
       downloaded and nothing is trained here. It finds frontal faces only: profiles, faces under a helmet's visor
       and people seen from far away give no evidence (never evidence against a person).
     - It runs on the model's own input (the letterboxed 224 x 224 image, grey, histogram-equalised) with scale step
-      1.2, 5 neighbours and faces of 24 px at least: ~12 ms per image on one thread (1.1 / 20 px took ~25 ms).
+      1.2, 5 neighbours and faces of 24 px at least: ~12 ms per image on one thread in a scratch timing (1.1 / 20 px:
+      ~25 ms).
     - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
     - Text side: the caption's person mass pi = its (expanded) class distribution's mass on ``kernels.person_classes``
       (:mod:`mklvisita.concepts`), and for the per-word maps each token's person mass *alone*: the same expansion

@@ -7,9 +7,10 @@ caption also says.
 Decisions:
     - Engine: RapidOCR (``rapidocr-onnxruntime`` 1.4.4, Apache-2.0), whose wheel ships PaddleOCR's PP-OCRv4 text
       detector and recogniser as ONNX files: nothing is downloaded or trained. It runs on the model's own input (the
-      letterboxed 224 x 224 image) with the detector's shorter side at 256 px (the engine's default, 736, took ~220
-      ms per image on one thread, 256 takes ~18 ms median and reads the same words on the tune half's signs), no
-      angle classifier, one thread, and lines read with confidence >= 0.5 kept.
+      letterboxed 224 x 224 image) with the detector's shorter side at 256 px (scratch timings on one thread: the
+      engine's default, 736, took ~220 ms per image, 256 ~18 ms median and reads the same words on the tune half's
+      signs; ``benchmarks/photo_score.py`` times the whole scoring call), no angle classifier, one thread, and lines
+      read with confidence >= 0.5 kept.
     - Words: lower-cased letter runs of 3 or more letters, a few function words left out (``STOP``), at most
       :data:`MAX_WORDS` per image; on the caption side the same rule on the words rebuilt from its word pieces.
     - Matching is fuzzy, because OCR misreads a letter ("CROSSINC") and captions inflect ("Measuring" / "MEASURE"):

@@ -11,6 +11,7 @@
     python -m training.photo_experiments pointing     # word-map variants in the composite pointing game
     python -m training.photo_experiments colour       # session 9: the colour kernel's sigma, saliency power, weight
     python -m training.photo_experiments scene_text   # session 9: the scene-text kernel's match threshold, weight
+    python -m training.photo_experiments person_weight  # session 9: the example photos against the person weight
 
 Each prints one JSON line per setting: R@1 both ways and RSUM on the Tux Paint *tune* half with the shipped kernel
 weights and with the best weights of the same grid as ``python -m training.photo --tune`` (one more kernel: one more
@@ -595,9 +596,45 @@ def scene_text(b: Bench) -> None:
         report("scene_text", {"theta": theta}, scores(values, b.txt2img))
 
 
+def person_weight(b: Bench) -> None:
+    """The person kernel's weight, which the stamps cannot choose (no face in any): for each normalised weight, the
+    other kernels keeping their ratios, the example photos' ranks of their own caption among the example captions
+    and where the one-pass word map of "astronaut" peaks (x, y as fractions). Example photos, not the tune half."""
+    m = b.model
+    names = m.kernel_names
+    if "person/share" not in names:
+        raise ValueError("this checkpoint has no person kernel (kernels.sources 'person')")
+    root = Path(__file__).resolve().parent.parent / "assets" / "examples"
+    examples = [e for e in json.loads((root / "examples.json").read_text())["examples"] if e["kind"] == "photo"]
+    captions = list(dict.fromkeys(c for e in examples for c in e["captions"]))
+    pv, _ = b.processor.images([root / e["image"] for e in examples])
+    enc = b.processor.captions(captions)
+    img, txt = m.embed_image(m.encode_image(pv)), m.embed_text(m.encode_text(enc["input_ids"], enc["attention_mask"]))
+    out = m.similarity(img, txt)
+    values = (out.contributions / out.weights).float().numpy()  # (photos, captions, kernels)
+    own = [captions.index(e["captions"][0]) for e in examples]
+    a = next(i for i, e in enumerate(examples) if e["image"] == "astronaut.jpg")
+    token = m.tokenizer.convert_ids_to_tokens(enc["input_ids"][own[a]]).index("astronaut")
+    maps = m.kernels.word_patch_maps(img.select([a]), txt.select([own[a]]))[0][:, token]  # (word-map kernels, P)
+    gh, gw = m.vision.grids[-1]
+    ip = names.index("person/share")
+    for weight in (0.02, 0.04, 0.06, 0.08, 0.1, 0.17, 0.3, 0.5, 0.7):
+        w = out.weights.detach().float().numpy().copy()
+        w[ip] = 0.0
+        w = w / w.sum() * (1.0 - weight)
+        w[ip] = weight
+        s = values @ w
+        ranks = [1 + int((s[i] > s[i, own[i]]).sum()) for i in range(len(examples))]
+        mw = torch.tensor([w[names.index(n)] for n in m.kernels.word_map_names])
+        r, c = divmod(int(((mw / mw.sum())[:, None] * maps).sum(0).argmax()), gw)
+        report("person_weight", {"weight": weight}, {"example_ranks": ranks,
+               "astronaut_map_peak": [round((c + 0.5) / gw, 2), round((r + 0.5) / gh, 2)]})  # fmt: skip
+
+
 EXPERIMENTS = {
     f.__name__: f
-    for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing, colour, scene_text)
+    for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing)
+    + (colour, scene_text, person_weight)  # session 9
 }
 
 
