@@ -6,7 +6,7 @@ folders to the allow-list with `--checkpoint owner/name[@revision]` (repeatable)
 Where things are (STYLE.md: the hysts Spaces pattern, one module per tab):
 
 - `demo/registry.py`: the checkpoint allow-list, the loaded Matchers and their result caches (no Gradio);
-- `demo/match.py`, `demo/matrix.py`, `demo/search.py`, `demo/model.py`: each tab's handlers, returning plain data
+- `demo/match.py`, `demo/matrix.py`, `demo/search.py`, `demo/model_info.py`: each tab's handlers, returning plain data
   (no Gradio); `demo/inputs.py`: uploads, captions and the demo's limits; `demo/examples.py`: the examples;
 - `demo/tabs/<tab>.py`: each tab's layout, `build(ctx)`; `demo/ui.py`: what the tabs share (session checkpoint,
   user errors).

@@ -29,7 +29,7 @@ from demo.match import (
     select_word,
 )
 from demo.matrix import matrix
-from demo.model import card_markdown, model_info, round_metrics
+from demo.model_info import card_markdown, model_info, round_metrics
 from demo.search import load_example_gallery, search
 from demo.tabs.match import show_explanation
 from demo.ui import user_errors
@@ -61,7 +61,7 @@ def test_registry_and_handlers_import_no_gradio() -> None:
         "demo.match",
         "demo.matrix",
         "demo.search",
-        "demo.model",
+        "demo.model_info",
     ]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nassert 'gradio' not in sys.modules, 'gradio imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

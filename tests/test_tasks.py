@@ -15,7 +15,7 @@ from mklvisita.tasks.shapes import ShapesTrainPairs, cache_key
 def test_registry_resolves_every_spec_form_in_one_place():
     assert get_task("shapes").name == "shapes" and get_task("shapes-compositional").name == "shapes"
     for spec in ("karpathy:/d/a.json:/d/img", "lavis:/d/a.json:/d/img", "hf:nlphuji/flickr30k"):
-        assert get_task(spec).name == "retrieval"
+        assert get_task(spec).name == "karpathy"
     assert get_task("tuxpaint").name == "tuxpaint" and get_task("tuxpaint:/some/folder").name == "tuxpaint"
     with pytest.raises(TaskError, match="accepted forms"):
         get_task("coco")

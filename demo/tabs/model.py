@@ -1,5 +1,5 @@
 """The Model tab's layout: every kernel and its weights (global and per fusion layer), the card and the metrics of
-the checkpoint chosen above the tabs. The handler lives in `demo/model.py`.
+the checkpoint chosen above the tabs. The handler lives in `demo/model_info.py`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from ..model import ModelView, model_info
+from ..model_info import ModelView, model_info
 from ..ui import FIGURE, PRIVATE, Context, user_errors
 
 

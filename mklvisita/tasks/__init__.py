@@ -2,7 +2,7 @@
 
 Decisions:
 
-- **One module per task** (``shapes``, ``retrieval`` for Karpathy/LAVIS/HF, ``tuxpaint``). Generic code (the
+- **One module per task** (``shapes``, ``karpathy`` for the real retrieval benchmarks: Karpathy/LAVIS/HF, ``tuxpaint``). Generic code (the
   trainer, :mod:`mklvisita.evaluation`, the tokenizer) never tests a spec or a dataset type; it asks the task.
 - **The spec's scheme names the task**: the text before the first ``:`` (``shapes``, ``shapes-compositional``,
   ``karpathy:<json>:<root>``, ``lavis:<json>:<root>``, ``hf:<id>``, ``tuxpaint[:<folder>]``). :data:`SCHEMES` is
@@ -43,9 +43,9 @@ import torch
 SCHEMES: dict[str, str] = {
     "shapes": "shapes",
     "shapes-compositional": "shapes",
-    "karpathy": "retrieval",
-    "lavis": "retrieval",
-    "hf": "retrieval",
+    "karpathy": "karpathy",
+    "lavis": "karpathy",
+    "hf": "karpathy",
     "tuxpaint": "tuxpaint",
 }
 SPEC_FORMS = (
@@ -78,7 +78,7 @@ def scheme(spec: str) -> str:
 class Task:
     """A task module seen through the interface of the module docstring (defaults filled in)."""
 
-    name: str  # the module name: shapes | retrieval | tuxpaint
+    name: str  # the module name: shapes | karpathy | tuxpaint
     module: ModuleType
 
     def _fn(self, name: str) -> Callable[..., Any] | None:
