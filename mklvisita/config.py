@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LEARNED_SOURCES = ("global", "local", "mid")  # features with learned projection heads per kernel
-# Pretrained "concept" features (mklvisita.concepts): an ImageNet classifier's class probabilities mapped into the
-# sentence encoder's space; no projection heads. Need a CNN with a 1000-class head and a sentence encoder.
+# Pretrained "concept" features (mklvisita.sources.concept): an ImageNet classifier's class probabilities mapped into
+# the sentence encoder's space; no projection heads. Need a CNN with a 1000-class head and a sentence encoder.
 CONCEPT_SOURCES = ("concept", "concept_class", "concept_local")
 # Fixed features with no parameters at all: the colours the image shows, named, against the caption's colour words
-# (mklvisita.colours; needs a CNN or hybrid image encoder, whose final feature map weights the cells), and the words
-# written in the image, read by OCR, against the caption's words (mklvisita.scene_text), and frontal faces against
-# captions that name a person (mklvisita.faces; needs the concept sources, whose caption distribution says so).
+# (mklvisita.sources.colour; needs a CNN or hybrid image encoder, whose final feature map weights the cells), and the
+# words written in the image, read by OCR, against the caption's words (mklvisita.sources.scene_text), and frontal faces
+# against captions that name a person (mklvisita.sources.person; needs the concept sources, whose caption
+# distribution says so).
 FIXED_SOURCES = ("colour", "scene_text", "person")
 KERNEL_SOURCES = LEARNED_SOURCES + CONCEPT_SOURCES + FIXED_SOURCES
 KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
@@ -106,11 +107,11 @@ class KernelConfig:
     gate: bool = False  # pair-conditioned gate: beta(x, y) from the pooled features (else one global beta)
     mid_text_level: int | None = None  # text layer of the "mid" source (None = the middle layer)
     concept_functions: list[str] = field(default_factory=lambda: ["cosine"])  # kernel functions of concept sources
-    concept_prompts: str = "ensemble"  # class prompts: "ensemble" (lemmas, definition, photo; mklvisita.concepts) or
+    concept_prompts: str = "ensemble"  # class prompts: "ensemble" (lemmas, definition, photo; sources.concept) or
     # "photo" (only "a photo of a <first lemma>", the issue's plain bridge)
     concept_temperature: float = 0.5  # T of the image's class probabilities softmax(logits / T) (concept sources)
     concept_text_temperature: float = 0.02  # tau of a caption's class distribution softmax(cos(caption, class) / tau)
-    concept_synsets: int = 0  # WordNet synsets expanding a caption's class distribution (mklvisita.concepts); 0 = off
+    concept_synsets: int = 0  # WordNet synsets expanding a caption's class distribution (sources.concept); 0 = off
     concept_synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
     concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
     concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
@@ -118,11 +119,11 @@ class KernelConfig:
     map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
     # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
     # (mklvisita.explain); 1 = one pass. Scores never use it.
-    colour_sigma: float = 20.0  # "colour" source: softness of naming a pixel's colour (CIELAB units; mklvisita.colours)
+    colour_sigma: float = 20.0  # "colour" source: softness of naming a pixel's colour (CIELAB; sources.colour)
     colour_saliency_power: float = 2.0  # "colour" source: exponent of the cells' saliency weights (0: all alike)
     scene_text_match: float = 0.5  # "scene_text" source: trigram cosine at which two words start to match (theta)
     person_classes: list[int] = field(default_factory=list)  # "person" source: the ImageNet classes under WordNet's
-    # person, whose mass in a caption's (expanded) class distribution says it names a person (mklvisita.faces)
+    # person, whose mass in a caption's (expanded) class distribution says it names a person (mklvisita.sources.person)
 
 
 @dataclass

@@ -11,7 +11,7 @@ Feature sources:
     local   word <-> patch late interaction: mean over words of the max over patches (FILIP / ColBERT)
 
 Concept sources (pretrained, no projection heads: both sides already live in the sentence encoder's space; see
-:mod:`mklvisita.concepts`, which computes their features):
+:mod:`mklvisita.sources.concept`, which computes their features):
     concept        image: its classifier's class probabilities times the sentence embeddings of class prompts;
                    text: the caption's mean-pooled sentence embedding
     concept_class  sqrt of the image's class distribution <-> sqrt of the caption's (its cosine is the Bhattacharyya
@@ -24,14 +24,14 @@ Fixed sources (no parameters):
     colour         the image's saliency-weighted colour names h <-> the caption's colour words q; one kernel,
                    "colour/share" = q . h (not a cosine: the share of the image in the caption's colours, 0 for a
                    caption that names none); its per-word maps are each colour word's share in every cell
-                   (:mod:`mklvisita.colours`)
+                   (:mod:`mklvisita.sources.colour`)
     scene_text     words read in the image by OCR <-> the caption's words, as trigram vectors; one kernel,
                    "scene_text/match" = mean over the image's words of their best soft match in the caption (0 for
                    an image with no text); per-word maps spread a caption word's matches over the matched words'
-                   text lines (:mod:`mklvisita.scene_text`)
+                   text lines (:mod:`mklvisita.sources.scene_text`)
     person         a frontal face found in the image f <-> the caption's person mass pi; one kernel, "person/share"
                    = f * pi; per-word maps: each token's own person mass times the cells the faces cover
-                   (:mod:`mklvisita.faces`)
+                   (:mod:`mklvisita.sources.person`)
 
 Kernel functions act on the cosine c of the two L2-normalised projections:
     cosine   c
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CONCEPT_SOURCES, FIXED_SOURCES, KernelConfig
-from .scene_text import soft_match
+from .sources.scene_text import soft_match
 
 
 class KernelFunction(nn.Module):

@@ -35,11 +35,8 @@ from .checkpoint import (  # re-exported: the checkpoint IO moved to mklvisita.c
     read_config,
 )
 from .checkpoint import resolve as resolve_checkpoint
-from .colours import ColourNames
-from .concepts import ConceptBridge, uses_concepts
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
-from .faces import PersonSource
 from .fusion import HierarchicalFusion, LayerAttentions
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import (
@@ -52,7 +49,10 @@ from .losses import (
     relation_loss,
     sample_hard_negatives,
 )
-from .scene_text import SceneTextReader, caption_word_vectors
+from .sources.colour import ColourNames
+from .sources.concept import ConceptBridge, uses_concepts
+from .sources.person import PersonSource
+from .sources.scene_text import SceneTextReader, caption_word_vectors
 from .tokenizer import builtin_tokenizer, load_tokenizer
 
 
@@ -246,12 +246,12 @@ class MKLVisITA(
                 self._fill_concept_classifier()
             if building and tokenizer is not None:
                 self.concepts.fill_class_text(self._sentence_encoder(tokenizer))
-        self.person: PersonSource | None = None  # frontal faces <-> captions naming a person (mklvisita.faces)
+        self.person: PersonSource | None = None  # frontal faces <-> captions naming a person (mklvisita.sources.person)
         if "person" in k.sources:
             if self.concepts is None or tokenizer is None:
                 raise ConfigError("kernels.sources 'person' needs the concept sources and the tokenizer")
             self.person = PersonSource(k.person_classes, tokenizer, config.vision.mean, config.vision.std)
-        self.scene_text: SceneTextReader | None = None  # words written in the image (mklvisita.scene_text)
+        self.scene_text: SceneTextReader | None = None  # words written in the image (mklvisita.sources.scene_text)
         if "scene_text" in k.sources:
             if tokenizer is None:
                 raise ConfigError("kernels.sources 'scene_text' needs the tokenizer (the caption's words)")

@@ -1,4 +1,4 @@
-"""The colour kernel: pixels named by basic colour terms against a caption's colour words (mklvisita.colours)."""
+"""The colour kernel: pixels named by basic colour terms against a caption's colour words (mklvisita.sources.colour)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mklvisita.colours import BASIC_COLOURS, PROTOTYPES, ColourNames, name_colours
 from mklvisita.config import ConfigError, FusionConfig, KernelConfig, MKLVisITAConfig, TextConfig, VisionConfig
 from mklvisita.explain import explain_pair
 from mklvisita.inputs import Processor
 from mklvisita.model import MKLVisITA
+from mklvisita.sources.colour import BASIC_COLOURS, PROTOTYPES, ColourNames, name_colours
 from mklvisita.tokenizer import load_tokenizer
 
 PHOTO = Path(__file__).resolve().parent.parent / "assets" / "mklvisita-photo"

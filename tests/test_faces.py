@@ -1,4 +1,4 @@
-"""The person kernel (mklvisita.faces): frontal faces against captions that name a person."""
+"""The person kernel (mklvisita.sources.person): frontal faces against captions that name a person."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mklvisita.config import ConfigError, FusionConfig, KernelConfig, MKLVisITAConfig, TextConfig, VisionConfig
-from mklvisita.faces import FaceDetector
 from mklvisita.inputs import Processor
 from mklvisita.kernels import KernelEmbeddings
 from mklvisita.model import MKLVisITA
+from mklvisita.sources.person import FaceDetector
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 PERSON = [981, 982, 983]  # ballplayer, groom, scuba diver: timm's ImageNet order

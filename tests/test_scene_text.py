@@ -1,4 +1,4 @@
-"""The scene-text kernel: words read in the image by OCR against the caption's words (mklvisita.scene_text)."""
+"""The scene-text kernel: words read in the image by OCR against the caption's words (mklvisita.sources.scene_text)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mklvisita.config import ConfigError, FusionConfig, KernelConfig, MKLVisITAC
 from mklvisita.explain import explain_pair
 from mklvisita.inputs import Processor
 from mklvisita.model import MKLVisITA
-from mklvisita.scene_text import SceneTextReader, caption_word_vectors, word_vectors, words_of
+from mklvisita.sources.scene_text import SceneTextReader, caption_word_vectors, word_vectors, words_of
 from mklvisita.tokenizer import load_tokenizer
 
 PHOTO = Path(__file__).resolve().parent.parent / "assets" / "mklvisita-photo"

@@ -9,13 +9,13 @@ Decisions:
     - Backbones: EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, ImageNet-1k) and all-MiniLM-L6-v2, both frozen
       and taken from their pip packages (sha256 pinned); the release folder holds only the rest (config, tokenizer,
       class-prompt embeddings, kernel weights): about 1.5 MB.
-    - Kernels: the three concept kernels of :mod:`mklvisita.concepts` (global bridge, class-distribution agreement,
-      word x position late interaction for per-word maps) and, since session 9, the fixed colour kernel of
-      :mod:`mklvisita.colours` (colour words against the colours the image shows; sigma 15, saliency power 4 and its
-      weight chosen on the tune half with ``python -m training.photo_experiments colour``) and the scene-text kernel of
-      :mod:`mklvisita.scene_text` (words read by OCR against the caption's words; ``... scene_text``). There is no
-      shippable photo-caption data here (the Tux Paint stamps are GPL-2 and evaluation-only), so no projection heads
-      or fusion layers are trained: learned heads trained on shapes scenes would only add noise on photos. What is
+    - Kernels: the three concept kernels of :mod:`mklvisita.sources.concept` (global bridge, class-distribution
+      agreement, word x position late interaction for per-word maps) and, since session 9, the fixed colour kernel of
+      :mod:`mklvisita.sources.colour` (colour words against the colours the image shows; sigma 15, saliency power 4 and
+      its weight chosen on the tune half with ``python -m training.photo_experiments colour``) and the scene-text kernel
+      of :mod:`mklvisita.sources.scene_text` (words read by OCR against the caption's words; ``... scene_text``). There
+      is no shippable photo-caption data here (the Tux Paint stamps are GPL-2 and evaluation-only), so no projection
+      heads or fusion layers are trained: learned heads trained on shapes scenes would only add noise on photos. What is
       learned are the kernel weights beta.
     - The weights beta are the best (R@1 both ways summed, then RSUM) of a grid on the *tune* half of the Tux Paint
       photo stamps (``--tune`` prints it); the prompt set, T = 1.0 (0.5 before the WordNet expansion), tau and the

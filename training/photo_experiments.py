@@ -24,8 +24,9 @@ and what they say: README, "Results: photos".
 
 Decisions:
     - Features are computed once per split (CNN pooled feature and final map, the text encoder's last layer) and every
-      variant recombines them through the checkpoint's own :class:`~mklvisita.concepts.ConceptBridge` and kernels, so
-      a setting takes seconds and the unchanged setting reproduces ``training.evaluate``'s tune-half figures.
+      variant recombines them through the checkpoint's own :class:`~mklvisita.sources.concept.ConceptBridge` and
+      kernels, so a setting takes seconds and the unchanged setting reproduces ``training.evaluate``'s tune-half
+      figures.
     - Clip art: the PNG is composited on white with the stamps' 10 % margin; its caption is the SVG's ``dc:title``
       when it names something (icon sets, flags beyond 120, generic titles and titles shared by more than 8 files are
       left out): 2,182 pairs. Before training, each stamp of the tune half is compared with every clip-art image used
@@ -48,8 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mklvisita.colours import NUM_COLOURS
-from mklvisita.scene_text import DIM, MAX_WORDS, caption_word_vectors
+from mklvisita.sources.colour import NUM_COLOURS
+from mklvisita.sources.scene_text import DIM, MAX_WORDS, caption_word_vectors
 from training.photo import CHOSEN_WEIGHTS, TUNE_GRID
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "mklvisita-photo"
@@ -557,9 +558,9 @@ def pointing(b: Bench) -> None:
 
 
 def colour(b: Bench) -> None:
-    """The colour kernel (:mod:`mklvisita.colours`) beside the three concept kernels: its naming softness sigma and
-    saliency power, with the four-weight grid. The first three kernels' values are the checkpoint's own."""
-    from mklvisita.colours import ColourNames
+    """The colour kernel (:mod:`mklvisita.sources.colour`) beside the three concept kernels: its naming softness sigma
+    and saliency power, with the four-weight grid. The first three kernels' values are the checkpoint's own."""
+    from mklvisita.sources.colour import ColourNames
 
     img, txt, word = b.sources()
     concept = b.values(img, txt, word)[..., :3]  # (images, captions, 3): concept, concept_class, concept_local
@@ -574,9 +575,10 @@ def colour(b: Bench) -> None:
 
 
 def scene_text(b: Bench) -> None:
-    """The scene-text kernel (:mod:`mklvisita.scene_text`) beside the checkpoint's other kernels: its match threshold
-    theta, with the grid of weights (one more kernel). Words are read once; the other kernels are the checkpoint's."""
-    from mklvisita.scene_text import SceneTextReader, soft_match
+    """The scene-text kernel (:mod:`mklvisita.sources.scene_text`) beside the checkpoint's other kernels: its match
+    threshold theta, with the grid of weights (one more kernel). Words are read once; the other kernels are the
+    checkpoint's."""
+    from mklvisita.sources.scene_text import SceneTextReader, soft_match
 
     img, txt, word = b.sources()
     keep = [i for i, n in enumerate(b.model.kernel_names) if not n.startswith("scene_text/")]

@@ -15,7 +15,7 @@ Decisions:
       ~25 ms).
     - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
     - Text side: the caption's person mass pi = its (expanded) class distribution's mass on ``kernels.person_classes``
-      (:mod:`mklvisita.concepts`), and for the per-word maps each token's person mass *alone*: the same expansion
+      (:mod:`mklvisita.sources.concept`), and for the per-word maps each token's person mass *alone*: the same expansion
       applied to the token's own embedding, computed once per vocabulary entry when the checkpoint is built
       (``fill_tokens``) and saved with it (fp16), so scoring only looks it up ("astronaut" 1.0, "a" 0.1, "suit" 0).
     - Kernel "person/share" = f * pi; its per-word maps are each token's person mass times the face cells.

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CONCEPT_SOURCES, KernelConfig
+from ..config import CONCEPT_SOURCES, KernelConfig
 
 NUM_CLASSES = 1000
 
