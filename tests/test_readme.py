@@ -1,5 +1,6 @@
-"""The README's usage example runs as printed, on the embedded checkpoint."""
+"""The README's usage example runs as printed, on the embedded checkpoint, and its figures are the files' own."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -28,6 +29,51 @@ def test_usage_example_runs(capsys, monkeypatch):
     assert abs(sum(e.kernel_weights.values()) - 1) < 1e-5
     assert "global/cosine" in capsys.readouterr().out
     assert os.path.isfile(ROOT / "assets" / "mklvisita-shapes" / "model.safetensors")
+
+
+def test_usage_example_prints_what_the_readme_says(capsys, monkeypatch):
+    """Each `# prints: ...` comment of the usage example is the line that print() writes."""
+    monkeypatch.chdir(ROOT)
+    code = _block("## Use it")
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    prints = [line for line in code.splitlines() if line.startswith("print(")]
+    assert len(out) == len(prints), "every print() of the example writes one line"
+    claimed = [(line.split("# prints: ", 1)[1].strip(), got) for line, got in zip(prints, out) if "# prints: " in line]
+    assert claimed, "the example shows at least one printed result"
+    for want, got in claimed:
+        assert got.strip() == want
+
+
+# Headline-figure labels of the README's checkpoint table -> the metric key in the JSON file the row names.
+FIGURE_KEYS = {
+    "binding": "binding_acc",
+    "phrase pointing": "pointing_acc",
+    "word pointing": "word_pointing_acc",
+    "pointing": "pointing_acc",
+    "RSUM": "rsum",
+    "i2t R@1": "i2t_r1",
+    "t2i R@1": "t2i_r1",
+}
+
+
+def test_checkpoint_table_figures_are_those_of_the_files_it_names():
+    section = (ROOT / "README.md").read_text().split("## Checkpoints", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| [`")]
+    assert len(rows) == 2, "one row per embedded checkpoint"
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        card = re.search(r"\]\((assets/[^)]+/README\.md)\)", cells[0]).group(1)
+        assert (ROOT / card).is_file(), card
+        source = re.search(r"\]\((docs/results/[^)]+\.json)\)", cells[-1]).group(1)
+        metrics = json.loads((ROOT / source).read_text())
+        figures = cells[-2].split(" · ")
+        assert len(figures) >= 3
+        for figure in figures:
+            label, value, percent = re.fullmatch(r"(.+?) (\d+(?:\.\d+)?)( %)?", figure).groups()
+            truth = metrics[FIGURE_KEYS[label]] * (100 if percent else 1)
+            decimals = len(value.split(".")[1]) if "." in value else 0
+            assert float(value) == round(truth, decimals), f"{label} {value} in README, {truth} in {source}"
 
 
 def test_usage_example_shows_a_match_and_a_mismatch(monkeypatch):
