@@ -1,7 +1,8 @@
 """Evaluation as library code: the trainer, ``python -m training.evaluate`` and anyone else call the same functions.
 
 The protocol (DESIGN.md): two-stage retrieval from :mod:`mklvisita.retrieval` (similarity over cached embeddings
-ranks everything, the ITM head re-scores the top k, final = itm_weight x ITM + similarity), then
+ranks everything, the ITM head re-scores the top k, final score by the checkpoint's ranking rule,
+:mod:`mklvisita.ranking`), then
 :func:`mklvisita.metrics.retrieval_metrics` (R@1/5/10 both ways, RSUM, r_mean, median/mean rank, mAP). With the
 fusion branch enabled, ITM precision/recall/F1 at 0.5 on positive and hard-negative pairs. A 5,000-image set (COCO
 5K test) also gets the 5-fold 1K numbers, prefixed ``1k_``.
@@ -10,7 +11,7 @@ Data with hard negatives (shapes) adds binding: each caption's score with its ow
 (ties count as misses), for three scores, overall and per negative kind (shapes: ``swap`` attributes swapped between
 objects, ``reverse`` relation reversed, ``change`` one attribute changed, ``count`` the count changed):
 
-- ``binding_acc`` / ``binding_acc_<kind>``: the final score (itm_weight x ITM + similarity), the headline;
+- ``binding_acc`` / ``binding_acc_<kind>``: the final score (:func:`mklvisita.ranking.final_score`), the headline;
 - ``binding_acc_itm`` / ``binding_acc_<kind>_itm``: the ITM probability alone (fusion models only);
 - ``binding_acc_sim`` / ``binding_acc_<kind>_sim``: the multi-kernel similarity S alone;
 - ``binding_n_<kind>``: the number of captions of that kind.
@@ -18,8 +19,11 @@ objects, ``reverse`` relation reversed, ``change`` one attribute changed, ``coun
 Data specs resolve through :func:`mklvisita.tasks.get_task` (``shapes``, ``shapes-compositional``,
 ``karpathy:<json>:<image root>``, ``lavis:<json>:<image root>``, ``hf:<dataset id>``, ``tuxpaint[:<folder>]``); the
 task adds its own metrics (shapes: ``pointing_acc`` and ``word_pointing_acc`` with their chance levels, see
-:mod:`mklvisita.tasks.shapes`). ``EXTRA_METRICS`` remains a hook for metrics from elsewhere: each callable gets
-``(model, processor, data)`` and returns a dict merged into the result.
+:mod:`mklvisita.tasks.shapes`, computed by :mod:`mklvisita.pointing`). ``EXTRA_METRICS`` remains a hook for metrics
+from elsewhere: each callable gets ``(model, processor, data)`` and returns a dict merged into the result.
+
+Decisions: the tasks sit below this module (it imports :mod:`mklvisita.tasks`; no task imports it), and every final
+score goes through :func:`mklvisita.ranking.final_score` with the ranking resolved once per evaluation.
 """
 
 from __future__ import annotations
@@ -28,38 +32,35 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from .config import RankingConfig
 from .metrics import coco_5fold_1k, itm_prf, pairwise_accuracy, retrieval_metrics
+from .ranking import final_score, resolve_ranking
+from .retrieval import encode_captions, encode_images, match_pairs, retrieve
+from .tasks import EvalData, get_task
+
+__all__ = [
+    "EXTRA_METRICS",
+    "EvalData",
+    "NegativeScores",
+    "binding_metrics",
+    "evaluate_model",
+    "load_eval_data",
+    "negative_scores",
+    "pair_scores",
+]
 
 ExtraMetric = Callable[[Any, Any, "EvalData"], dict[str, float]]
 # Metrics registered from outside the tasks; name -> callable (the task's own metrics need no registration).
 EXTRA_METRICS: dict[str, ExtraMetric] = {}
 
 
-@dataclass
-class EvalData:
-    """What one evaluation needs: images, captions, ground truth and (shapes) one hard negative per caption."""
-
-    name: str
-    split: str
-    images: Sequence  # PIL images or paths, possibly lazy
-    captions: list[str]
-    txt2img: np.ndarray  # (n_captions,) image index of each caption
-    negatives: list[str] | None = None  # shapes: the hard negative of each caption
-    source: Any = field(default=None, repr=False)  # the underlying RetrievalSet / ShapesScenes, for extra metrics
-    negative_kinds: list[str] | None = None  # how each negative was made (shapes: swap, reverse, change, count)
-    k: int | None = None  # the task's default ITM re-ranking depth (None: the evaluator's default)
-
-
 def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> EvalData:
     """Resolve a data spec through its task; ``limit`` > 0 keeps the first ``limit`` images and their captions."""
-    from .tasks import get_task
-
     return get_task(spec).load_eval_data(spec, split, limit)
 
 
@@ -91,8 +92,6 @@ def pair_scores(
     Returns:
         similarity (n,) and ITM probability (n,) (None for a model without the fusion branch).
     """
-    from .retrieval import match_pairs
-
     ii = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
     tt = torch.as_tensor(np.asarray(text_index), dtype=torch.long)
     device = next(model.parameters()).device
@@ -111,7 +110,7 @@ def pair_scores(
 class NegativeScores:
     """Each caption and its hard negative, both scored with the caption's image (:func:`negative_scores`)."""
 
-    pos: np.ndarray  # final score of the caption: itm_weight x ITM + similarity (the similarity without fusion)
+    pos: np.ndarray  # final score of the caption (mklvisita.ranking.final_score; the similarity without fusion)
     neg: np.ndarray  # the same for its hard negative
     pos_sim: np.ndarray
     neg_sim: np.ndarray
@@ -121,17 +120,25 @@ class NegativeScores:
 
 @torch.no_grad()
 def negative_scores(
-    model: Any, images: Any, texts: Any, negatives: Any, txt2img: np.ndarray, itm_weight: float
+    model: Any,
+    images: Any,
+    texts: Any,
+    negatives: Any,
+    txt2img: np.ndarray,
+    ranking: RankingConfig | None = None,
 ) -> NegativeScores:
     """Scores of every caption of ``texts`` and of its hard negative in ``negatives`` (banks of equal length) with
-    the caption's image, and the final score that ranks them (binding accuracy, the shape probe)."""
+    the caption's image, and the final score that ranks them (binding accuracy, the shape probe, the kernel analysis).
+
+    Args:
+        ranking: the rule of the final score; None = the model's ``config.ranking``.
+    """
+    ranking = resolve_ranking(ranking or model)
     image_of = np.asarray(txt2img)
     idx = np.arange(len(image_of))
     pos_sim, pos_itm = pair_scores(model, images, texts, image_of, idx)
     neg_sim, neg_itm = pair_scores(model, images, negatives, image_of, idx)
-    if pos_itm is None or neg_itm is None:
-        return NegativeScores(pos_sim, neg_sim, pos_sim, neg_sim, None, None)
-    pos, neg = itm_weight * pos_itm + pos_sim, itm_weight * neg_itm + neg_sim
+    pos, neg = final_score(ranking, pos_itm, pos_sim), final_score(ranking, neg_itm, neg_sim)
     return NegativeScores(pos, neg, pos_sim, neg_sim, pos_itm, neg_itm)
 
 
@@ -145,6 +152,7 @@ def evaluate_model(
     batch_size: int = 64,
     extra_metrics: dict[str, ExtraMetric] | None = None,
     candidates: int | None = None,
+    similarity_weight: float | None = None,
 ) -> dict[str, float]:
     """Two-stage retrieval + the full protocol on ``data``; the trainer and the CLI both call this.
 
@@ -154,9 +162,10 @@ def evaluate_model(
         data: from :func:`load_eval_data`.
         k: re-rank the top k by ITM (0 = similarity only; forced to 0 for a model without fusion); None = the
             model's ``config.ranking.k``.
-        itm_weight: final score = itm_weight * ITM + similarity (re-ranking and binding_acc); None = the model's
+        itm_weight: the ITM weight of the final score (re-ranking and binding_acc); None = the model's
             ``config.ranking.itm_weight``.
         candidates: cascade stage 1 keeps this many per query (0 = exhaustive S); None = the model's ranking.
+        similarity_weight: the S weight of the final score; None = the model's ``config.ranking.similarity_weight``.
         batch_size: encoding batch size.
         extra_metrics: name -> ``fn(model, processor, data) -> dict``; defaults to the task's own metrics plus
             :data:`EXTRA_METRICS`.
@@ -164,17 +173,15 @@ def evaluate_model(
     Returns:
         flat dict of floats (see the module docstring for the keys).
     """
-    from .retrieval import encode_captions, encode_images, retrieve
-
     was_training = model.training
     model.eval()
     fusion = model.has_itm
     t0 = time.perf_counter()
     image_bank = encode_images(model, processor, data.images, batch_size=batch_size)
     text_bank = encode_captions(model, processor, data.captions, batch_size=batch_size)
-    overrides = {"k": k, "itm_weight": itm_weight, "candidates": candidates}
-    ranking = dataclasses.replace(model.config.ranking, **{f: v for f, v in overrides.items() if v is not None})
-    itm_weight = ranking.itm_weight
+    ranking = resolve_ranking(
+        model, k=k, itm_weight=itm_weight, candidates=candidates, similarity_weight=similarity_weight
+    )
     t_retrieval = time.perf_counter()
     scores = retrieve(model, image_bank, text_bank, ranking)
     metrics_time = {"time_retrieval_s": time.perf_counter() - t_retrieval}  # the stages, not the encoding
@@ -188,7 +195,7 @@ def evaluate_model(
     if data.negatives is not None:
         # Shapes: each caption against its own hard negative, both paired with the caption's image.
         neg_bank = encode_captions(model, processor, data.negatives, batch_size=batch_size)
-        ns = negative_scores(model, image_bank, text_bank, neg_bank, caption_image, itm_weight)
+        ns = negative_scores(model, image_bank, text_bank, neg_bank, caption_image, ranking)
         kinds = data.negative_kinds
         if ns.pos_itm is not None and ns.neg_itm is not None:
             labels = np.r_[np.ones(len(ns.pos)), np.zeros(len(ns.neg))]
@@ -205,8 +212,6 @@ def evaluate_model(
         metrics |= itm_prf(np.concatenate([pos_itm, neg_itm]), np.r_[np.ones(len(pos_itm)), np.zeros(len(neg_itm))])
 
     if extra_metrics is None:
-        from .tasks import get_task
-
         extra_metrics = {"task": get_task(data.name).extra_metrics, **EXTRA_METRICS}
     for name, fn in extra_metrics.items():
         t_extra = time.perf_counter()

@@ -55,7 +55,7 @@ from PIL import Image
 from .inputs import ImageInput, Letterbox, check_whole_number, load_image
 
 METHODS = ("gradcam", "attention", "kernel")
-POINTING_METHODS = ("gradcam", "attention", "kernel", "rollout")
+MAP_METHODS = (*METHODS, "rollout")  # what method_maps offers (rollout: image-only saliency)
 NORMALIZE = ("per_map", "shared")
 MAP_MAX_SIDE = 1024  # maps' longer side in pixels at most (None in a call = the image's own size); see the docstring
 
@@ -537,148 +537,39 @@ def image_rollout(model: Any, processor: Any, image: ImageInput, max_side: int |
     return _normalise(_to_original(_grid(roll, model), boxes[0], max_side), "per_map")
 
 
-# ------------------------------------------------------------------------------------------ pointing game
-def _peak(
-    grid: torch.Tensor, model: Any, box: Letterbox, layer: int | None = None, shape: tuple[int, int] | None = None
-) -> tuple[int, int]:
-    """(row, col) of the maximum of a patch map in the original frame."""
-    full = _to_original(_grid(grid, model, layer, shape), box)
-    return np.unravel_index(int(np.argmax(full)), full.shape)
-
-
-def pointing_game(
+# ------------------------------------------------------------------------------------ maps for pointing games
+def method_maps(
     model: Any,
     processor: Any,
-    dataset: Any,
-    n: int | None = None,
-    methods: Sequence[str] | None = None,
+    image: ImageInput,
+    caption: str,
+    methods: Sequence[str],
     layer: int | None = None,
-) -> dict[str, float]:
-    """Does the peak of a phrase's caption map fall inside the object the phrase names?
+    words: bool = True,
+) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+    """One pass of a pair and, per method, its (word maps (n_words, H, W), caption map (H, W)): unnormalised, in the
+    original image's frame at its full size, as pointing games compare them with object masks
+    (:mod:`mklvisita.pointing`).
 
-    For the first ``n`` scenes (all when None) of a :class:`~mklvisita.data.ShapesScenes` (items with ``image``
-    and ``objects`` [{"phrase", "mask"}]), every object phrase is explained against its scene and the peak
-    (argmax, first on ties) of the caption map in the original frame is tested against the object's mask.
-
-    ``methods``: None = every method of :data:`POINTING_METHODS` the model supports; naming "rollout" for a CNN
-    backbone (no attention to roll out) is a ValueError.
-
-    Returns:
-        ``pointing_acc_<method>`` per method that the model supports (Grad-CAM and attention need fusion, the
-        kernel method local kernels, rollout transformer blocks), ``pointing_acc`` (= Grad-CAM, else attention
-        or kernel; never rollout, which ignores the phrase),
-        ``pointing_chance`` (mean mask area fraction: the hit rate of a uniformly random peak) and
-        ``pointing_n`` (number of phrases).
+    ``methods``: any of :data:`MAP_METHODS` the model supports (Grad-CAM and attention need fusion, kernel local
+    kernels, rollout transformer blocks: a CNN asked for rollout is a ValueError). Rollout ignores the caption: its
+    word maps are None and its caption map is the image's saliency. ``words`` False skips the word maps (None).
     """
-    asked = methods is not None
-    methods = POINTING_METHODS if methods is None else methods
     for m in methods:
-        if m not in POINTING_METHODS:
-            raise ValueError(f"unknown pointing method {m!r}; choose from {', '.join(POINTING_METHODS)}")
-    if asked and "rollout" in methods:
+        if m not in MAP_METHODS:
+            raise ValueError(f"unknown map method {m!r}; choose from {', '.join(MAP_METHODS)}")
+    if "rollout" in methods:
         _check_rollout(model)
-    usable = [
-        m
-        for m in methods
-        if (m not in ("gradcam", "attention") or model.has_itm)
-        and (m != "kernel" or bool(model.kernels.word_map_names))
-        and (m != "rollout" or model.vision.has_attentions)
-    ]
     li = _layer_index(model, layer) if model.has_itm else -1
-    hits = {m: 0 for m in usable}
-    areas, count = [], 0
-    for i in range(len(dataset) if n is None else min(n, len(dataset))):
-        item = dataset[i]
-        for obj in item["objects"]:
-            p = _run(
-                model,
-                processor,
-                item["image"],
-                obj["phrase"],
-                grad_layers=[li] if "gradcam" in usable else [],
-                rollout="rollout" in usable,
-            )
-            mask = np.asarray(obj["mask"], dtype=bool)
-            areas.append(float(mask.mean()))
-            count += 1
-            for m in usable:
-                if m == "rollout":
-                    if p.rollout is None:
-                        continue
-                    grid = p.rollout
-                elif m == "kernel":
-                    grid = _words_and_caption(_kernel_token_maps(p, model), p)[1]
-                else:
-                    grid = _words_and_caption(_token_maps(p, model, li, m).mean(0), p)[1]
-                layer_of = li if m in ("gradcam", "attention") else None
-                r, c = _peak(grid, model, p.box, layer_of, p.kernel_grid if m == "kernel" else None)
-                hits[m] += bool(mask[r, c])
-    out = {f"pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
-    # The headline number is a caption-dependent map (rollout is the same for every phrase): Grad-CAM when the model
-    # has fusion, else the first of attention / kernel measured; absent for a model with neither.
-    grounded = [m for m in ("gradcam", "attention", "kernel") if m in usable]
-    if grounded:
-        out["pointing_acc"] = out[f"pointing_acc_{grounded[0]}"]
-    out["pointing_chance"] = float(np.mean(areas)) if areas else 0.0
-    out["pointing_n"] = float(count)
-    return out
-
-
-def word_pointing_hits(word_maps: np.ndarray, targets: Sequence[tuple[int, np.ndarray]]) -> list[bool]:
-    """For each (word index, mask) target: does the peak (argmax, first on ties) of that word's map fall in the mask?
-
-    ``word_maps``: (n_words, H, W) over the same frame as the masks (H, W). A word index past the maps (cut off by
-    truncation) is a miss.
-    """
-    hits = []
-    for w, mask in targets:
-        if not 0 <= w < len(word_maps):
-            hits.append(False)
-            continue
-        r, c = np.unravel_index(int(np.argmax(word_maps[w])), word_maps[w].shape)
-        hits.append(bool(np.asarray(mask, dtype=bool)[r, c]))
-    return hits
-
-
-def word_pointing_game(
-    model: Any, processor: Any, examples: Any, methods: Sequence[str] | None = None, layer: int | None = None
-) -> dict[str, float]:
-    """Does each named word's map peak inside the object it names?
-
-    ``examples``: an iterable of dicts with ``image``, ``caption`` and ``targets`` [(whitespace word index, mask
-    (H, W) bool over the original image)]. One pass per caption; each word's map is the mean over its pieces.
-
-    Returns:
-        ``word_pointing_acc_<method>`` per usable method of gradcam / attention / kernel, ``word_pointing_acc`` (the
-        first of those measured), ``word_pointing_chance`` (mean mask area fraction: a uniformly random peak's hit
-        rate) and ``word_pointing_n`` (number of words).
-    """
-    methods = METHODS if methods is None else methods
+    p = _run(model, processor, image, caption, [li] if "gradcam" in methods else [], rollout="rollout" in methods)
+    out: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown word pointing method {m!r}; choose from {', '.join(METHODS)}")
-    usable = [
-        m for m in methods if (m != "kernel" or bool(model.kernels.word_map_names)) and (m == "kernel" or model.has_itm)
-    ]
-    li = _layer_index(model, layer) if model.has_itm else -1
-    hits = {m: 0 for m in usable}
-    areas, count = [], 0
-    for ex in examples:
-        targets = list(ex["targets"])
-        if not targets:
+        if m == "rollout":
+            out[m] = (None, _to_original(_grid(p.rollout, model), p.box))
             continue
-        p = _run(model, processor, ex["image"], ex["caption"], [li] if "gradcam" in usable else [], rollout=False)
-        areas += [float(np.asarray(mask, dtype=bool).mean()) for _, mask in targets]
-        count += len(targets)
-        for m in usable:
-            tok = _kernel_token_maps(p, model) if m == "kernel" else _token_maps(p, model, li, m).mean(0)
-            words, _ = _words_and_caption(tok, p)  # (n_words, P)
-            grid_of = (None, p.kernel_grid) if m == "kernel" else (li, None)
-            full = _to_original(_grid(words, model, *grid_of), p.box)  # (n_words, H, W)
-            hits[m] += sum(word_pointing_hits(full, targets))
-    out = {f"word_pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
-    if usable:
-        out["word_pointing_acc"] = out[f"word_pointing_acc_{usable[0]}"]
-    out["word_pointing_chance"] = float(np.mean(areas)) if areas else 0.0
-    out["word_pointing_n"] = float(count)
+        tok = _kernel_token_maps(p, model) if m == "kernel" else _token_maps(p, model, li, m).mean(0)  # (T, P)
+        word_grids, caption_grid = _words_and_caption(tok, p)  # (n_words, P), (P,)
+        grid_of = (None, p.kernel_grid) if m == "kernel" else (li, None)
+        word_maps = _to_original(_grid(word_grids, model, *grid_of), p.box) if words else None
+        out[m] = (word_maps, _to_original(_grid(caption_grid, model, *grid_of), p.box))
     return out

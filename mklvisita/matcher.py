@@ -7,7 +7,6 @@ Matcher can serve several threads at once.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,6 +28,7 @@ from .inputs import (
     check_whole_number,
 )
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
+from .ranking import final_score, itm_from_final, resolve_ranking, uses_itm
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -46,8 +46,8 @@ class ScoreResult:
     similarity: np.ndarray  # (n_images, n_captions) multi-kernel similarity S
     kernel_contributions: np.ndarray  # (n_images, n_captions, n_kernels) beta_m K_m; sums over kernels to S
     kernel_names: list[str]
-    score: np.ndarray  # (n_images, n_captions) ranking.itm_weight * ITM + ranking.similarity_weight * S (S alone
-    # without fusion)
+    score: np.ndarray  # (n_images, n_captions) the checkpoint's ranking score (mklvisita.ranking.final_score):
+    # itm_weight * ITM + similarity_weight * S, S alone without fusion or with k = 0
 
 
 @dataclass
@@ -160,14 +160,15 @@ class Matcher:
             sim = self.model.similarity(images_bank.embeddings, texts_bank.embeddings)
             contrib = sim.contributions.float().cpu().numpy()
             similarity = sim.similarity.float().cpu().numpy()
+        ranking = resolve_ranking(self.model)
         if self.model.has_itm:
             ii = torch.arange(n_i).repeat_interleave(n_t)
             tt = torch.arange(n_t).repeat(n_i)
             itm = match_pairs(self.model, images_bank, texts_bank, ii, tt, batch_size).view(n_i, n_t).numpy()
-            final = self.config.ranking.itm_weight * itm + self.config.ranking.similarity_weight * similarity
+            final = final_score(ranking, itm, similarity)
         else:
             itm = np.full_like(similarity, np.nan)
-            final = similarity.copy()
+            final = final_score(ranking, None, similarity)
         return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
 
     def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str | None = None, **kwargs):
@@ -233,18 +234,18 @@ class Matcher:
 
     def _ranking(self, top_k: int):
         """The model's ranking rule, re-ranking (and keeping as candidates) at least ``top_k``."""
-        r = self.config.ranking
+        r = resolve_ranking(self.model)
         k = max(r.k, top_k) if r.k > 0 else 0
-        return dataclasses.replace(r, k=k, candidates=max(r.candidates, k) if r.candidates > 0 else 0)
+        return resolve_ranking(r, k=k, candidates=max(r.candidates, k) if r.candidates > 0 else 0)
 
     def _top(
         self, final: np.ndarray, sim: np.ndarray, top_k: int, timings: dict[str, float], pairs: dict[str, int]
     ) -> SearchResult:
         order = np.argsort(-final, kind="stable")[: max(1, top_k)]
-        # The top k always lie inside the re-scored set, so final = w * ITM + w_s * S there and ITM can be read back.
-        w, ws = self.config.ranking.itm_weight, self.config.ranking.similarity_weight
-        rescored = self.model.has_itm and w and self.config.ranking.k > 0
-        itm = [(float(final[i]) - ws * float(sim[i])) / w if rescored else float("nan") for i in order]
+        # The top k always lie inside the re-scored set, so ITM took part in their final score and can be read back.
+        ranking = resolve_ranking(self.model)
+        rescored = uses_itm(ranking, self.model.has_itm)
+        itm = [itm_from_final(ranking, float(final[i]), float(sim[i])) if rescored else float("nan") for i in order]
         return SearchResult(
             [int(i) for i in order],
             [float(final[i]) for i in order],

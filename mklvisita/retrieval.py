@@ -10,9 +10,9 @@ Decisions:
   query, both directions.
 - Stage 2 (``similarity``): the full multi-kernel S, local late interaction included, only on those pairs.
 - Stage 3 (``rerank``): the ITM head re-scores each query's top ``k`` by S; pairs shared by both directions once.
-- final = itm_weight * ITM + similarity_weight * S on the re-ranked pairs (``mklvisita.config.RankingConfig``, the
-  one owner of these numbers). Pairs outside a stage keep the order of the stage that dropped them, below every
-  pair that went further.
+- final = itm_weight * ITM + similarity_weight * S on the re-ranked pairs (:func:`mklvisita.ranking.final_score`
+  on the checkpoint's ``config.ranking``, the one owner of the rule and its numbers). Pairs outside a stage keep the
+  order of the stage that dropped them, below every pair that went further.
 - ``candidates`` = 0 (or a model with no pooled kernel) is the exhaustive two-stage protocol: S on every pair.
 
 The evaluation command, the trainer's evaluation and the Matcher's search all call :func:`retrieve`.
@@ -31,8 +31,10 @@ from .config import RankingConfig
 from .inputs import ImageInput, Processor
 from .kernels import KernelEmbeddings
 from .model import ImageFeatures, MKLVisITA, TextFeatures
+from .ranking import final_score, resolve_ranking, uses_itm
 
-OUTSIDE_TOP_K = -100.0  # added to S outside the re-ranked top k (S and ITM are both within [-1, 2])
+OUTSIDE_TOP_K = -100.0  # added to S outside the re-ranked top k (S and ITM are both within [-1, 2]), times the
+# larger of 1 and the rule's weights summed, so a re-scored pair stays above every pair outside whatever the weights
 OUTSIDE_CANDIDATES = -1000.0  # added to the stage-1 score outside the candidates (below every re-scored pair)
 FAISS_MIN = 20_000  # galleries at least this large search a FAISS index (when faiss is installed)
 
@@ -144,20 +146,16 @@ def match_pairs(
 
 
 def two_stage_scores(
-    model: MKLVisITA,
-    images: ImageBank,
-    texts: TextBank,
-    k: int = 128,
-    itm_weight: float = 1.0,
-    batch_size: int = 128,
-    similarity_weight: float = 1.0,
+    model: MKLVisITA, images: ImageBank, texts: TextBank, ranking: RankingConfig, batch_size: int = 128
 ) -> RetrievalScores:
-    """Exhaustive: rank with S on every pair, re-score each query's top k with ITM. k = 0 (or no fusion): S only."""
+    """Exhaustive: rank with S on every pair, re-score each query's top ``ranking.k`` with ITM (k = 0 or no fusion:
+    S only); ``ranking.candidates`` is not read."""
     t0 = time.perf_counter()
     sim = similarity_matrix(model, images, texts)  # (n_img, n_txt)
     timings = {"similarity": time.perf_counter() - t0}
     pairs = {"similarity": sim.numel()}
-    if k <= 0 or not model.has_itm:
+    k = ranking.k
+    if not uses_itm(ranking, model.has_itm):
         s = sim.numpy()
         return RetrievalScores(s.copy(), s.T.copy(), s, timings, 0, pairs)
 
@@ -170,10 +168,11 @@ def two_stage_scores(
     pair_t = torch.cat([top_t.flatten(), torch.arange(n_txt).repeat(kt)])
     pair_id, inverse = torch.unique(pair_i * n_txt + pair_t, return_inverse=True)  # both directions share pairs
     prob = match_pairs(model, images, texts, pair_id // n_txt, pair_id % n_txt, batch_size)
-    final = itm_weight * prob + similarity_weight * sim.flatten()[pair_id]
+    final = final_score(ranking, prob, sim.flatten()[pair_id])
 
-    i2t = sim + OUTSIDE_TOP_K
-    t2i = sim.T.clone() + OUTSIDE_TOP_K
+    outside = _outside_top_k(ranking)
+    i2t = sim + outside
+    t2i = sim.T.clone() + outside
     n1 = n_img * ki
     first, second = inverse[:n1], inverse[n1:]
     i2t[pair_i[:n1], pair_t[:n1]] = final[first]
@@ -181,6 +180,10 @@ def two_stage_scores(
     timings["rerank"] = time.perf_counter() - t1
     pairs["itm"] = int(len(pair_id))
     return RetrievalScores(i2t.numpy(), t2i.numpy(), sim.numpy(), timings, int(len(pair_id)), pairs)
+
+
+def _outside_top_k(ranking: RankingConfig) -> float:
+    return OUTSIDE_TOP_K * max(1.0, ranking.itm_weight + ranking.similarity_weight)
 
 
 # ---------------------------------------------------------------------------------------------------- cascade
@@ -260,8 +263,7 @@ def cascade_scores(
     with torch.inference_mode():
         gi, gt = global_vectors(model, images.embeddings), global_vectors(model, texts.embeddings)
     if gi is None or ranking.candidates <= 0:
-        k = ranking.k if model.has_itm else 0
-        return two_stage_scores(model, images, texts, k, ranking.itm_weight, batch_size, ranking.similarity_weight)
+        return two_stage_scores(model, images, texts, ranking, batch_size)
     n_img, n_txt = len(images), len(texts)
     ci, ct = min(ranking.candidates, n_txt), min(ranking.candidates, n_img)
     with torch.inference_mode():
@@ -291,7 +293,7 @@ def cascade_scores(
     timings["similarity"] = t2 - t1
     pairs["similarity"] = int(len(pair_id))
     sim_np = sim.numpy()
-    if ranking.k <= 0 or not model.has_itm:
+    if not uses_itm(ranking, model.has_itm):
         return RetrievalScores(sim_np.copy(), sim_np.T.copy(), sim_np, timings, 0, pairs)
 
     # Stage 3: ITM on each query's top k by S among its candidates (S is -1000 + g outside them).
@@ -304,9 +306,10 @@ def cascade_scores(
     r_t = torch.cat([rk_t.flatten(), torch.arange(n_txt).repeat_interleave(kt)])
     rid, inverse = torch.unique(r_i * n_txt + r_t, return_inverse=True)
     prob = match_pairs(model, images, texts, rid // n_txt, rid % n_txt, batch_size)
-    final = ranking.itm_weight * prob + ranking.similarity_weight * sim.flatten()[rid]
-    i2t = sim + OUTSIDE_TOP_K
-    t2i = sim.T.clone() + OUTSIDE_TOP_K
+    final = final_score(ranking, prob, sim.flatten()[rid])
+    outside = _outside_top_k(ranking)
+    i2t = sim + outside
+    t2i = sim.T.clone() + outside
     n1 = n_img * ki
     i2t[r_i[:n1], r_t[:n1]] = final[inverse[:n1]]
     t2i[r_t[n1:], r_i[n1:]] = final[inverse[n1:]]
@@ -324,4 +327,4 @@ def retrieve(
     use_faiss: bool | None = None,
 ) -> RetrievalScores:
     """Score every image against every caption by the model's ranking rule (``model.config.ranking`` by default)."""
-    return cascade_scores(model, images, texts, ranking or model.config.ranking, batch_size, use_faiss)
+    return cascade_scores(model, images, texts, resolve_ranking(ranking or model), batch_size, use_faiss)

@@ -10,8 +10,9 @@ from conftest import micro_config
 from PIL import Image
 
 from mklvisita import Matcher, MKLVisITA
-from mklvisita.explain import explain_pair, image_rollout, layer_maps, pointing_game
+from mklvisita.explain import explain_pair, image_rollout, layer_maps
 from mklvisita.inputs import Processor
+from mklvisita.pointing import pointing_game
 
 CAPTIONS = ["a red circle", "a blue square left of a star", "two shapes"]
 

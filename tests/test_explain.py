@@ -17,11 +17,9 @@ from mklvisita.explain import (
     grad_cam,
     image_rollout,
     layer_maps,
-    pointing_game,
-    word_pointing_game,
-    word_pointing_hits,
 )
 from mklvisita.inputs import InvalidCaptionError, Letterbox, Processor
+from mklvisita.pointing import pointing_game, word_pointing_game, word_pointing_hits
 
 CAPTION = "a large red circle left of a blue square"
 

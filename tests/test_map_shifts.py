@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mklvisita import MKLVisITA
-from mklvisita.explain import explain_pair, pointing_game, realign, shift_input
+from mklvisita.explain import explain_pair, realign, shift_input
 from mklvisita.inputs import Processor
+from mklvisita.pointing import pointing_game
 
 
 @pytest.fixture()

@@ -61,7 +61,7 @@ def test_cascade_with_every_candidate_is_the_exhaustive_protocol(banks):
     model, ib, tb = banks
     ranking = dataclasses.replace(model.config.ranking, k=3, candidates=100, itm_weight=0.7, similarity_weight=1.3)
     c = cascade_scores(model, ib, tb, ranking)
-    e = two_stage_scores(model, ib, tb, k=3, itm_weight=0.7, similarity_weight=1.3)
+    e = two_stage_scores(model, ib, tb, ranking)
     np.testing.assert_allclose(c.i2t, e.i2t, atol=1e-5)
     np.testing.assert_allclose(c.t2i, e.t2i, atol=1e-5)
     assert c.itm_pairs == e.itm_pairs and set(c.timings) == {"global", "similarity", "rerank"}

@@ -1,4 +1,4 @@
-"""Kernel-weight analysis of a trained checkpoint (the paper's MKL analysis, issue 11).
+"""Kernel-weight analysis of a trained checkpoint (the paper's MKL analysis).
 
     python -m training.kernel_analysis --checkpoint assets/mklvisita-shapes [--limit 300] [--out kernels.json]
 
@@ -7,8 +7,9 @@ Reports, on held-out shapes test scenes:
 - the learned global kernel weights beta, their entropy H(beta) against log M (M kernels; log M = uniform mix);
 - each kernel's mean contribution beta_m K_m to S on true (image, caption) pairs and on their hard negatives;
 - ``binding_acc`` (caption above its own hard negative) overall and per negative kind, for S, the ITM probability and
-  the final score, with every kernel on and with each kernel family (a source such as ``local``, or a function such
-  as ``rbf``) switched off at evaluation time.
+  the final score (the checkpoint's ranking rule, :func:`mklvisita.ranking.final_score`, through
+  :func:`mklvisita.evaluation.negative_scores` as in the evaluation command), with every kernel on and with each
+  kernel family (a source such as ``local``, or a function such as ``rbf``) switched off at evaluation time.
 
 Decisions: switching a family off sets its kernel-weight logits to a large negative number, so beta renormalises over
 the remaining kernels; S, and the ITM logit's learned-weighted S term with it, change. The fusion's own per-layer mix
@@ -57,13 +58,15 @@ def _binding(pos: np.ndarray, neg: np.ndarray, kinds: np.ndarray) -> dict[str, f
 
 @torch.no_grad()
 def analyse(model: Any, processor: Any, limit: int = 300, itm_weight: float | None = None) -> dict[str, Any]:
-    """The analysis as a JSON-ready dict (see the module docstring)."""
+    """The analysis as a JSON-ready dict (see the module docstring); ``itm_weight`` overrides the checkpoint's
+    ranking rule's (None: the checkpoint's own)."""
     from mklvisita.data import ShapesScenes
-    from mklvisita.evaluation import pair_scores
+    from mklvisita.evaluation import negative_scores
+    from mklvisita.ranking import resolve_ranking
     from mklvisita.retrieval import encode_captions, encode_images
 
     model.eval()
-    w = model.config.ranking.itm_weight if itm_weight is None else itm_weight
+    ranking = resolve_ranking(model, itm_weight=itm_weight)
     scenes = ShapesScenes(split="test", size=limit)
     images, captions, negatives, kinds, owner = [], [], [], [], []
     for i in range(limit):
@@ -88,12 +91,11 @@ def analyse(model: Any, processor: Any, limit: int = 300, itm_weight: float | No
         return out.contributions.float().cpu().numpy().mean(0)  # (M,)
 
     def scores() -> dict[str, dict[str, float]]:
-        pos_sim, pos_itm = pair_scores(model, image_bank, text_bank, owner_a, idx)
-        neg_sim, neg_itm = pair_scores(model, image_bank, neg_bank, owner_a, idx)
-        res = {"sim": _binding(pos_sim, neg_sim, kinds_a)}
-        if pos_itm is not None:
-            res["itm"] = _binding(pos_itm, neg_itm, kinds_a)
-            res["final"] = _binding(w * pos_itm + pos_sim, w * neg_itm + neg_sim, kinds_a)
+        ns = negative_scores(model, image_bank, text_bank, neg_bank, owner_a, ranking)
+        res = {"sim": _binding(ns.pos_sim, ns.neg_sim, kinds_a)}
+        if ns.pos_itm is not None and ns.neg_itm is not None:
+            res["itm"] = _binding(ns.pos_itm, ns.neg_itm, kinds_a)
+            res["final"] = _binding(ns.pos, ns.neg, kinds_a)
         return res
 
     families: dict[str, list[int]] = {}

@@ -466,7 +466,7 @@ def pointing(b: Bench) -> None:
     photo checkpoint ships: 2), two controls for it (the one-pass map blurred; four moved passes interleaved into a
     grid twice as fine instead of averaged), and, with one pass, the word temperature tau, the WordNet expansion of
     each word's distribution, stop words left out of the caption map, or per-position probabilities."""
-    from mklvisita import explain
+    from mklvisita import explain, pointing
     from mklvisita.tasks.tuxpaint import CompositeScenes, find_stamps
 
     scenes = CompositeScenes(find_stamps(split="tune"), n=150)
@@ -475,7 +475,7 @@ def pointing(b: Bench) -> None:
     shipped_shifts = m.config.kernels.map_shifts
     for shifts in (1, 2, 3):
         m.config.kernels.map_shifts = shifts
-        acc = explain.pointing_game(m, b.processor, items, methods=["kernel"])["pointing_acc_kernel"]
+        acc = pointing.pointing_game(m, b.processor, items, methods=["kernel"])["pointing_acc_kernel"]
         print(json.dumps({"experiment": "pointing", "map_shifts": shifts, "pointing_tune": round(acc, 3)}), flush=True)
     m.config.kernels.map_shifts = 1  # the variants below change one thing of the one-pass maps
     text_features, image_features = bridge.text_features, bridge.image_features

@@ -8,7 +8,8 @@ Two views on validation scenes, both per attribute (colour, shape, size):
   patches an object covers (``mklvisita.data.grounding.patch_attribute_labels``; background patches left out), with
   the chance level of always answering the most frequent class;
 - ``change_acc_<attr>``: binding on the single-attribute-changed hard negatives (``negative_kinds == "change"``),
-  split by the attribute that changed, for the final score (``itm_weight`` x ITM + similarity), with counts.
+  split by the attribute that changed, for the final score (the checkpoint's ranking rule, :mod:`mklvisita.ranking`),
+  with counts.
 
 Session 7 found shape the weak attribute of session 6's checkpoint: its patch heads named an object patch's shape
 27 % of the time (colour 97 %, size 90 %) and a changed shape word was caught in 69 % of captions (colour and size
@@ -85,7 +86,7 @@ def change_accuracy(model, processor, scenes: int | EvalData) -> dict[str, float
     images = encode_images(model, processor, data.images, batch_size=64)
     pos_bank = encode_captions(model, processor, data.captions, batch_size=64)
     neg_bank = encode_captions(model, processor, data.negatives, batch_size=64)
-    ns = negative_scores(model, images, pos_bank, neg_bank, data.txt2img, model.config.ranking.itm_weight)
+    ns = negative_scores(model, images, pos_bank, neg_bank, data.txt2img)  # the model's ranking rule
     pos, neg = ns.pos, ns.neg
     out: dict[str, float] = {}
     which = [

@@ -2,8 +2,9 @@
 
 Decisions:
 
-- **One module per task** (``shapes``, ``karpathy`` for the real retrieval benchmarks: Karpathy/LAVIS/HF, ``tuxpaint``). Generic code (the
-  trainer, :mod:`mklvisita.evaluation`, the tokenizer) never tests a spec or a dataset type; it asks the task.
+- **One module per task** (``shapes``, ``karpathy`` for the real benchmarks in Karpathy, LAVIS or Hugging Face form,
+  ``tuxpaint``). Generic code (the trainer, :mod:`mklvisita.evaluation`, the tokenizer) never tests a spec or a
+  dataset type; it asks the task.
 - **The spec's scheme names the task**: the text before the first ``:`` (``shapes``, ``shapes-compositional``,
   ``karpathy:<json>:<root>``, ``lavis:<json>:<root>``, ``hf:<id>``, ``tuxpaint[:<folder>]``). :data:`SCHEMES` is
   the only table of schemes in the project; an unknown one is a :class:`TaskError` listing the accepted forms.
@@ -24,6 +25,9 @@ Decisions:
   ``VOCABULARY: list[str]``
       Whole words for the built-in tokenizer of a model trained on this task. Default: none.
 
+- **The tasks sit below evaluation**: :class:`EvalData`, :class:`PairOptions`, :class:`TaskError` and
+  :func:`caption_positives` are defined in :mod:`mklvisita.tasks.base` (re-exported here), and the tasks' metrics
+  come from :mod:`mklvisita.pointing`; :mod:`mklvisita.evaluation` imports the tasks, never the other way.
 - **Dense extras of a batch** (``patch_labels``, ``word_targets``) are the task's too: ``dense_targets(items,
   processor, length, grid)`` when the task has it (shapes).
 """
@@ -39,6 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .base import EvalData, PairOptions, TaskError, caption_positives
+
+__all__ = ["EvalData", "PairOptions", "Task", "TaskError", "TrainCollate", "caption_positives", "get_task", "scheme"]
+
 # scheme -> module under mklvisita.tasks
 SCHEMES: dict[str, str] = {
     "shapes": "shapes",
@@ -52,21 +60,6 @@ SPEC_FORMS = (
     "shapes, shapes-compositional, karpathy:<json>:<image root>, lavis:<json>:<image root>, hf:<dataset id>, "
     "tuxpaint[:<stamps folder>]"
 )
-
-
-class TaskError(ValueError):
-    """A data spec names no task, or asks a task for something it does not provide."""
-
-
-@dataclass(frozen=True)
-class PairOptions:
-    """How to build training pairs; fields a task does not use are ignored."""
-
-    size: int = 20000  # shapes: number of generated training scenes
-    seed: int = 0  # shapes: the scene generator's seed
-    image_size: int = 64  # shapes: rendered side in pixels
-    cache_dir: str = ""  # shapes: where rendered scenes are cached ("" = $MKLVISITA_CACHE or ~/.cache/mklvisita)
-    reverse_rate: float = 0.0  # shapes: share of relation captions whose training negative is the reversed relation
 
 
 def scheme(spec: str) -> str:
@@ -118,21 +111,6 @@ def get_task(spec: str) -> Task:
     if name is None:
         raise TaskError(f"unknown data spec {spec!r}; accepted forms: {SPEC_FORMS}")
     return Task(name, importlib.import_module(f"{__name__}.{name}"))
-
-
-def caption_positives(items: list[dict[str, Any]]) -> torch.Tensor:
-    """(B, B) bool: caption j is true of image i when it is one of image i's captions (same ``image_id``) or the
-    same text (case and whitespace ignored) as one of them. Real datasets know nothing more."""
-    ids = torch.tensor([int(it["image_id"]) for it in items])  # (B,)
-    texts = [" ".join(str(it["caption"]).lower().split()) for it in items]
-    index = {t: k for k, t in enumerate(dict.fromkeys(texts))}
-    codes = torch.tensor([index[t] for t in texts])  # (B,) one code per distinct text
-    same_image = ids[:, None] == ids[None, :]  # (B, B)
-    # Caption j holds for image i if some caption of image i has caption j's text.
-    has_text = torch.zeros(len(items), len(index), dtype=torch.bool)  # (B, distinct texts)
-    for i in range(len(items)):
-        has_text[i, codes[same_image[i]]] = True
-    return has_text[:, codes] | same_image
 
 
 def pixel_values_uint8(arrays: list[np.ndarray], processor: Any) -> torch.Tensor | None:

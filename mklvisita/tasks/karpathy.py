@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from . import PairOptions
+from .base import EvalData, PairOptions
 
 
 class RetrievalPairs(Dataset):
@@ -44,7 +44,6 @@ def train_pairs(spec: str, split: str, options: PairOptions) -> RetrievalPairs:
 
 def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> Any:
     from ..data import load_retrieval_set
-    from ..evaluation import EvalData
 
     rset = load_retrieval_set(spec, split=split)
     if 0 < limit < len(rset):

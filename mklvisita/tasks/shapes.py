@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.shapes import OPPOSITE, SHAPES_VOCABULARY, Claim, Desc, Scene, SceneObject, ShapesScenes, holds
-from . import PairOptions, TaskError
+from .base import EvalData, PairOptions, TaskError
 
 VOCABULARY = SHAPES_VOCABULARY
 CACHE_ENV = "MKLVISITA_CACHE"
@@ -286,7 +286,6 @@ def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> Any:
     """``shapes`` (split ``test`` by default) or ``shapes-compositional``: 1,000 scenes x 5 captions, each caption
     with its hard negative and the negative's kind; ``limit`` > 0 keeps the first ``limit`` scenes."""
     from ..data import shapes_retrieval_set
-    from ..evaluation import EvalData
 
     if spec not in SPLIT_OF_SPEC:
         raise TaskError(f"unknown shapes spec {spec!r}; use 'shapes' or 'shapes-compositional'")
@@ -306,7 +305,7 @@ def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> Any:
 
 def word_pointing_examples(scenes: ShapesScenes, n: int | None = None) -> Iterator[dict[str, Any]]:
     """Every caption that names two or more objects, with the colour word and the shape word of each named object
-    as targets (whitespace word index, the object's mask), for :func:`mklvisita.explain.word_pointing_game`."""
+    as targets (whitespace word index, the object's mask), for :func:`mklvisita.pointing.word_pointing_game`."""
     from ..data.grounding import claim_assignment
 
     for i in range(len(scenes) if n is None else min(n, len(scenes))):
@@ -336,7 +335,7 @@ def word_pointing_examples(scenes: ShapesScenes, n: int | None = None) -> Iterat
 def extra_metrics(model: Any, processor: Any, data: Any) -> dict[str, float]:
     """Phrase pointing game (``pointing_acc``, ``pointing_chance``, per method) and word pointing game
     (``word_pointing_acc``, ``word_pointing_chance``, per method) on the evaluated scenes."""
-    from ..explain import pointing_game, word_pointing_game
+    from ..pointing import pointing_game, word_pointing_game
 
     scenes = getattr(data, "source", None)
     if not isinstance(scenes, ShapesScenes):

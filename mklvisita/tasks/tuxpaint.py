@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .base import EvalData
+
 DEFAULT_STAMPS = "/usr/share/tuxpaint/stamps"  # Debian's install location (package tuxpaint-stamps-default)
 STAMPS_ENV = "MKLVISITA_TUXPAINT_STAMPS"
 SPLITS = ("test", "tune", "all")
@@ -132,7 +134,6 @@ def parse_spec(spec: str) -> str | None:
 
 def load_eval_data(spec: str, split: str = "test", limit: int = 0):
     """EvalData for ``tuxpaint[:<folder>]``: one caption per stamp; ``limit`` keeps the first N stamps."""
-    from ..evaluation import EvalData
 
     stamps = find_stamps(parse_spec(spec), split)
     if not stamps:
@@ -206,7 +207,7 @@ def pointing_metric(model: Any, processor: Any, data: Any, n: int | None = None)
     source = getattr(data, "source", None)
     if not isinstance(source, TuxpaintSet):
         return {}
-    from ..explain import pointing_game
+    from ..pointing import pointing_game
 
     scenes = CompositeScenes(source.stamps, n=POINTING_SCENES if n is None else n)  # module global: tests shrink it
     return pointing_game(model, processor, scenes)
