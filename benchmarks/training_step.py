@@ -1,13 +1,16 @@
 """Training steps per second and where a step's time goes: data (items, rendering), preprocessing (collate),
 forward, backward, optimizer.
 
-    python -m benchmarks.training_step [--quick] [--config training/configs/shapes.yaml] [--steps 5] [key=value ...]
+    python -m benchmarks.training_step [--quick] [--config training/configs/shapes.yaml] [--steps 5] [--uncached]
+        [--threads N] [--out DIR] [key=value ...]
 
 Decisions: the model, the dataset (its scene cache filled first when cold, that one-off time reported apart) and the
 collate are built as the trainer builds them, batches follow the trainer's first-epoch order; the optimizer is
 AdamW over every trainable parameter (the trainer's parameter groups change the learning rates, not the cost).
-One warm-up step, then the mean over ``--steps``. (``benchmarks/train_step.py`` also times the uncached path.)
-``--quick``: 64 scenes, batch 4, one step.
+One warm-up step, then the mean over ``--steps``. ``--uncached`` times the path without the scene cache: every item
+generated and rendered on access (``ShapesScenes``) and preprocessed through PIL. ``--quick``: 64 scenes, batch 4,
+one step. Wall-clock figures depend on the machine and its load (the JSON records the machine); say which when
+quoting them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,34 @@ import torch
 from benchmarks.common import ROOT, parser, report, setup
 
 
-def measure(config: str, overrides: list[str], steps: int) -> dict[str, Any]:
+class _Uncached(torch.utils.data.Dataset):
+    """Shapes training items rendered on access (PIL images), with no scene cache."""
+
+    def __init__(self, size: int, seed: int):
+        from mklvisita.data import ShapesScenes
+
+        self.scenes = ShapesScenes("train", size=size, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.scenes) * self.scenes.captions_per_image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i, k = divmod(index, self.scenes.captions_per_image)
+        scene = self.scenes.scene(i)
+        item = self.scenes.render(scene, i)
+        return {
+            "image": item["image"],
+            "caption": item["captions"][k],
+            "negative": item["negatives"][k],
+            "image_id": i,
+            "claim": scene.claims[k],
+            "scene_objects": scene.objects,
+            "objects": item["objects"],
+            "image_size": self.scenes.image_size,
+        }
+
+
+def measure(config: str, overrides: list[str], steps: int, uncached: bool = False) -> dict[str, Any]:
     from mklvisita.tasks import TrainCollate, get_task
     from training.config import load_config
     from training.train import EpochSampler, build_model_and_processor, build_train_dataset
@@ -32,7 +62,7 @@ def measure(config: str, overrides: list[str], steps: int) -> dict[str, Any]:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     t0 = time.perf_counter()
-    dataset = build_train_dataset(cfg)
+    dataset = _Uncached(cfg.data.train_size, cfg.data.shapes_seed) if uncached else build_train_dataset(cfg)
     setup_s = time.perf_counter() - t0
     loss = model.config.loss
     dense = loss.patch_weight > 0 or loss.grounding_weight > 0
@@ -69,6 +99,7 @@ def measure(config: str, overrides: list[str], steps: int) -> dict[str, Any]:
         **row,
         "batch_size": cfg.batch_size,
         "dataset_setup_s": setup_s,
+        "cached": not uncached,
     }
 
 
@@ -76,13 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "training" / "configs" / "shapes.yaml"))
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--uncached", action="store_true", help="render every item on access (no scene cache)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     setup(args)
     overrides = list(args.overrides)
     if args.quick:
         overrides += ["data.train_size=64", "batch_size=4"]
-    row = measure(args.config, overrides, 1 if args.quick else args.steps)
+    row = measure(args.config, overrides, 1 if args.quick else args.steps, args.uncached)
     return report("training_step", args, [{"config": f"{args.config.rsplit('/', 1)[-1]}", **row}])
 
 

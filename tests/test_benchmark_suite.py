@@ -42,6 +42,15 @@ def test_rows_have_the_documented_columns(summary):
     assert mem["requests"] == 40 and mem["rss_mb"] > 0
     step = r["training_step"]["rows"][0]
     assert {"data_ms", "preprocess_ms", "forward_ms", "backward_ms", "optimizer_ms", "steps_per_s"} <= set(step)
+    assert step["cached"] is True
+
+
+def test_the_training_step_also_times_the_uncached_path():
+    from benchmarks import training_step
+
+    overrides = ["data.train_size=8", "batch_size=2"]
+    row = training_step.measure("training/configs/shapes.yaml", overrides, steps=1, uncached=True)
+    assert row["cached"] is False and row["data_ms"] > 0 and row["step_ms"] > 0
 
 
 @pytest.mark.slow  # two child processes, each importing torch
