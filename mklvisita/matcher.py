@@ -232,6 +232,19 @@ class Matcher:
         s = retrieve(self.model, query, index.bank, self._ranking(top_k))
         return self._top(s.i2t[0], s.similarity[0], top_k, {"encode_query": t_enc, **s.timings}, s.pairs)
 
+    def search(self, index: Any, text: str, top_k: int = 5, candidates: int | None = None) -> Any:
+        """Text -> the best images of a saved gallery index (a folder from ``python -m mklvisita index``, or an opened
+        :class:`mklvisita.gallery.GalleryIndex`): the FAISS first stage keeps ``candidates`` (default 32), the full
+        model re-ranks them from their files by the checkpoint's ranking rule. Returns a
+        :class:`mklvisita.gallery.GallerySearchResult` (``files``, ``scores``, ``itm``, ``similarity``, ...).
+
+        Raises:
+            ValueError: not an index folder, or an index built by another checkpoint (IndexMismatchError).
+        """
+        from .gallery import search_index
+
+        return search_index(self, index, text, top_k, candidates)
+
     def _ranking(self, top_k: int):
         """The model's ranking rule, re-ranking (and keeping as candidates) at least ``top_k``."""
         r = resolve_ranking(self.model)

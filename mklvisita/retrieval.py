@@ -5,7 +5,7 @@ Decisions:
 - Stage 1 (``global``): the pooled kernels (global, mid, concept sources) are linearised into one vector per item,
   the concatenation of sqrt(beta_m) * u_m over pooled kernels m, so one inner product is sum_m beta_m cos_m, a
   first-order stand-in for their part of S (every kernel function is non-decreasing in the cosine). One matrix
-  product over cached, normalised embeddings (or a FAISS inner-product index, ``faiss-cpu`` being an optional
+  product over cached, normalised embeddings (or a FAISS inner-product index, ``faiss-cpu`` being a declared
   dependency, for galleries past ``FAISS_MIN``; the exact torch product is the fallback) keeps ``candidates`` per
   query, both directions.
 - Stage 2 (``similarity``): the full multi-kernel S, local late interaction included, only on those pairs.
@@ -218,7 +218,7 @@ def top_candidates(
     n = min(n, len(gallery))
     faiss = _faiss() if use_faiss in (None, True) else None
     if use_faiss and faiss is None:
-        raise ValueError("use_faiss=True needs faiss: pip install 'mklvisita[faiss]' (or faiss-cpu)")
+        raise ValueError("use_faiss=True needs faiss, a declared dependency: pip install faiss-cpu")
     if faiss is not None and (use_faiss or len(gallery) >= FAISS_MIN):
         index = faiss.IndexFlatIP(gallery.shape[1])
         index.add(np.ascontiguousarray(gallery.cpu().numpy(), dtype=np.float32))
