@@ -105,3 +105,89 @@ def test_evaluate_on_fake_stamps_gives_the_protocol_keys_and_the_pointing_game(s
     assert metrics["t2i_r10"] == 100.0  # 7 images: every caption's image is in the top 10
     assert metrics["pointing_n"] > 0 and 0.0 < metrics["pointing_chance"] < 0.5
     assert 0.0 <= metrics["pointing_acc"] <= 1.0
+
+
+# ------------------------------------------------------------------------------------------- relations protocol
+RELATION_CAPTIONS = [
+    "A red fox.",
+    "A green frog!",
+    "A blue whale.",
+    "A yellow lemon.",
+    "A purple plum.",
+    "An orange carrot.",
+    "A cyan teapot.",
+]
+
+
+@pytest.fixture()
+def relation_stamps(tmp_path):
+    root = tmp_path / "stamps"
+    for i, caption in enumerate(RELATION_CAPTIONS):
+        _stamp(root / f"folder{i}" / f"thing{i}.png", caption, COLOURS[i % len(COLOURS)])
+    _stamp(root / "folder9" / "talk.png", "A stethoscope lets your doctor listen.")  # not a noun phrase
+    return root
+
+
+def _relation_free(text: str) -> list[str]:
+    return sorted("X" if w in {"left", "right", "above", "below", "top", "bottom"} else w for w in text.split())
+
+
+def test_relation_phrases_are_short_noun_phrases():
+    from mklvisita.tasks.tuxpaint_relations import relation_phrase
+
+    assert relation_phrase("A sitting gnu.") == "a sitting gnu"
+    assert relation_phrase("A ripe, red tomato!") == "a ripe red tomato"
+    assert relation_phrase("An apple. It is red.") == "an apple"
+    assert relation_phrase("A peacock (a male peafowl).") == "a peacock"
+    for caption in ("Big fireworks.", "A candy cane is a treat.", "It's a cep?", "A b c d e f g h.", "Balsam."):
+        assert relation_phrase(caption) is None
+
+
+def test_relation_scenes_place_stamps_as_their_captions_say(relation_stamps):
+    from mklvisita.tasks.tuxpaint_relations import RelationScenes
+
+    layouts = {"row2": 3, "column2": 3, "row3": 3}
+    scenes = RelationScenes(tuxpaint.find_stamps(relation_stamps), layouts, seed=2, size=120)
+    again = RelationScenes(tuxpaint.find_stamps(relation_stamps), layouts, seed=2, size=120)
+    assert len(scenes) == 9
+    kinds = set()
+    for i in range(len(scenes)):
+        item = scenes[i]
+        assert np.array_equal(np.asarray(item["image"]), np.asarray(again[i]["image"]))  # seeded
+        masks = np.stack([o["mask"] for o in item["objects"]])
+        assert masks.shape[1:] == (120, 120) and masks.sum(0).max() == 1 and all(m.any() for m in masks)
+        heads = [o["phrase"].split()[-1] for o in item["objects"]]
+        assert len(set(heads)) == len(heads) and "stethoscope" not in heads
+        # reading order: left to right (rows) or top to bottom (columns)
+        axis = 0 if item["layout"] == "column2" else 1
+        centres = [np.nonzero(m)[axis].mean() for m in masks]
+        assert centres == sorted(centres)
+        first, second = item["objects"][0]["phrase"], item["objects"][1]["phrase"]
+        word = "above" if item["layout"] == "column2" else "to the left of"
+        if item["layout"] != "row3":
+            assert item["captions"][0] == f"{first} {word} {second}"
+        for caption, negative, kind in zip(item["captions"], item["negatives"], item["negative_kinds"]):
+            assert caption != negative
+            kinds.add(kind)
+            if kind == "replace":
+                assert len(set(negative.split()) - set(caption.split())) >= 1
+            else:  # reverse and swap: the same words up to the relation's, in another order or relation
+                assert _relation_free(caption) == _relation_free(negative)
+    assert kinds == {"reverse", "replace", "swap"}
+
+
+def test_evaluate_relations_on_fake_stamps_gives_binding_per_kind_and_pointing(relation_stamps, monkeypatch):
+    from mklvisita.tasks import tuxpaint_relations
+
+    monkeypatch.setattr(tuxpaint_relations, "SCENES", {"row2": 2, "column2": 1, "row3": 2})
+    torch.manual_seed(0)
+    model = MKLVisITA(MKLVisITAConfig.tiny()).eval()
+    data = load_eval_data(f"tuxpaint-relations:{relation_stamps}", "test")
+    assert len(data.images) == 5 and len(data.captions) == len(data.negatives) == 15
+    metrics = evaluate_model(model, Processor(model.config, model.tokenizer), data, k=4)
+    for kind, n in (("reverse", 8), ("replace", 5), ("swap", 2)):
+        assert metrics[f"binding_n_{kind}"] == n and 0.0 <= metrics[f"binding_acc_{kind}"] <= 1.0
+    assert metrics["pointing_n"] == 12 and metrics["word_pointing_n"] > 0
+    assert {"pointing_acc_gradcam", "word_pointing_acc_gradcam"} <= set(metrics)
+    with pytest.raises(ValueError, match="split"):
+        load_eval_data(f"tuxpaint-relations:{relation_stamps}", "all")

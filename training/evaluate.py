@@ -5,7 +5,10 @@
 
 Data specs: ``shapes`` (held-out shapes test split: 1,000 scenes x 5 captions), ``shapes-compositional`` (the
 held-out colour-shape pairs), ``karpathy:<json>:<image root>``, ``lavis:<json>:<image root>``, ``hf:<dataset id>``,
-``tuxpaint[:<folder>]`` (resolved by :func:`mklvisita.tasks.get_task`). ``--limit N`` evaluates the first N images
+``tuxpaint[:<folder>]`` (single photo stamps), ``tuxpaint-relations[:<folder>]`` (composites of two or three photo
+stamps with relation captions: binding per kind ``reverse`` / ``replace`` / ``swap``, phrase and word pointing;
+``--split test`` or ``tune``), ``composites`` (generated clip-art scenes of held-out titles; ``--split test`` or
+``val``) (resolved by :func:`mklvisita.tasks.get_task`). ``--limit N`` evaluates the first N images
 (scenes) only, and ``--no-extra`` skips the task's extra metrics (the pointing games): a quick look during
 research. Measured on the shared 2-core machine under load, tiny model, ``--limit 200``: 2m50s with everything,
 75 s with ``--no-extra`` (53 s of it the ITM re-ranking; add ``--k 0`` when only binding is wanted).
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="release folder or Hugging Face Hub id")
     parser.add_argument("--revision", default=None, help="Hub revision (commit, tag or branch) to pin")
-    parser.add_argument("--data", required=True, help="shapes | shapes-compositional | karpathy:<json>:<root> | ...")
+    parser.add_argument("--data", required=True, help="shapes | karpathy:<json>:<root> | tuxpaint | composites | ...")
     parser.add_argument("--split", default="test", help="split of --data (default: test)")
     parser.add_argument("--out", required=True, help="where to write the metrics JSON")
     parser.add_argument("--k", type=int, default=None, help="re-rank top k by ITM (default: the model's ranking.k)")

@@ -58,7 +58,9 @@ SCHEMES: dict[str, str] = {
 }
 SPEC_FORMS = (
     "shapes, shapes-compositional, karpathy:<json>:<image root>, lavis:<json>:<image root>, hf:<dataset id>, "
-    "tuxpaint[:<stamps folder>]"
+    "tuxpaint-relations": "tuxpaint_relations",
+    "composites": "composites",
+    "tuxpaint[:<stamps folder>], tuxpaint-relations[:<stamps folder>], composites"
 )
 
 
