@@ -2,7 +2,8 @@
 after many sequential requests with distinct images.
 
     python -m benchmarks.demo_load [--quick] [--clients 16] [--requests 50] [--sequential 1000] [--first 100]
-        [--url URL --pid PID --temp-dir DIR]
+        [--inputs examples|distinct] [--url URL --pid PID --temp-dir DIR]
+    python -m benchmarks.demo_load --compare [--inputs examples|distinct] [--clients 16] [--requests 50]
 
 Decisions:
 
@@ -13,6 +14,14 @@ Decisions:
 - Phase 1, concurrency: ``--clients`` threads, each with its own ``gradio_client.Client``, send ``--requests``
   ``/match`` requests each (the example photos and shapes, their captions); p50/p95 of each request's latency as the
   client sees it (queueing included: the app runs one model call at a time) and throughput = requests / wall time.
+  ``--inputs examples`` (the default) sends the four example requests over and over, so after the first of each the
+  demo's result cache answers and what is measured is everything but the model; ``--inputs distinct`` sends every
+  request a photo never sent before (an example photo with one pixel changed, JPEG, made before the clock starts),
+  so each request costs a model call, as a crowd of visitors with their own photos would.
+- ``--compare``: before and after batching in one run. The concurrent phase runs twice, each against a fresh app:
+  first with ``MKLVISITA_BATCHING=off`` (Match one request at a time in the shared model slot, as the demo served
+  before ``demo.batching``), then with batching on; each app gets one warm-up request per example first. The
+  sequential phase is skipped; rows say ``batching`` off/on and the JSON gives the ratios.
 - Phase 2, memory: ``--sequential`` requests one after another, each with an image never seen before (random
   noise with a coloured square, 320 x 240 PNG, seeded by the request number), alternating ``/match`` and
   ``/explain``, so every input-keyed cache sees only misses. The app process's RSS (psutil) after ``--first``
@@ -24,6 +33,7 @@ Decisions:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -55,11 +65,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(temp_dir: Path, log: Path, port: int | None = None, args: tuple[str, ...] = ()) -> tuple[Any, str]:
-    """``python app.py --port P`` with GRADIO_TEMP_DIR = temp_dir, output to ``log``; returns (Popen, url)."""
+def start_app(
+    temp_dir: Path, log: Path, port: int | None = None, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> tuple[Any, str]:
+    """``python app.py --port P`` with GRADIO_TEMP_DIR = temp_dir (and ``env``), output to ``log``; (Popen, url)."""
     port = port or free_port()
     env = {
         **os.environ,
+        **(env or {}),
         "GRADIO_TEMP_DIR": str(temp_dir),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
@@ -132,8 +145,27 @@ def match_once(client: Any, image: Path | str, captions: str) -> dict:
     return client.predict(handle_file(str(image)), captions, api_name="/match")[2]
 
 
-def concurrent_phase(url: str, clients: int, requests: int) -> dict[str, Any]:
-    """``clients`` threads x ``requests`` /match calls; latencies (s) of the answered ones and the failures."""
+def distinct_photos(n: int, folder: Path) -> list[Path]:
+    """``n`` JPEGs, each an example photo of :data:`REQUESTS` (in turn) with one pixel set from its number: the same
+    work for the model as the example, a different digest for the demo's result cache."""
+    from PIL import Image
+
+    originals = [np.asarray(Image.open(EXAMPLES / image).convert("RGB")) for image, _ in REQUESTS]
+    paths = []
+    for i in range(n):
+        a = originals[i % len(originals)].copy()
+        a[0, 0] = (i % 256, (i // 256) % 256, 255)
+        path = folder / f"distinct_{i:05d}.jpg"
+        Image.fromarray(a).save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def concurrent_phase(url: str, clients: int, requests: int, photos: list[Path] | None = None) -> dict[str, Any]:
+    """``clients`` threads x ``requests`` /match calls; latencies (s) of the answered ones and the failures.
+
+    ``photos``: one image per request (client k's i-th request sends ``photos[k * requests + i]`` with the captions
+    of its example), instead of the example images themselves."""
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -143,10 +175,12 @@ def concurrent_phase(url: str, clients: int, requests: int) -> dict[str, Any]:
         client = _client(url)
         barrier.wait()
         for i in range(requests):
-            image, captions = REQUESTS[(k + i) % len(REQUESTS)]
+            n = k * requests + i
+            image, captions = REQUESTS[n % len(REQUESTS)] if photos else REQUESTS[(k + i) % len(REQUESTS)]
+            path = photos[n] if photos else EXAMPLES / image
             t = time.perf_counter()
             try:
-                match_once(client, EXAMPLES / image, captions)
+                match_once(client, path, captions)
                 with lock:
                     latencies.append(time.perf_counter() - t)
             except Exception as e:  # counted, reported
@@ -232,12 +266,58 @@ def sequential_phase(url: str, pid: int | None, temp_dir: Path | None, n: int, f
 
 
 # ------------------------------------------------------------------------------------------ main
+def _photos_for(args: Any, folder: Path) -> list[Path] | None:
+    return distinct_photos(args.clients * args.requests, folder) if args.inputs == "distinct" else None
+
+
+def compare(args: Any) -> dict:
+    """The concurrent phase with batching off, then on, each against a fresh app (see the module's decisions)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="demo-load-") as work:
+        photos = _photos_for(args, Path(work))
+        for mode in ("off", "on"):
+            temp_dir, log = Path(work) / f"gradio-{mode}", Path(work) / f"app-{mode}.log"
+            temp_dir.mkdir()
+            proc, url = start_app(temp_dir, log, env={"MKLVISITA_BATCHING": mode})
+            try:
+                t = time.perf_counter()
+                wait_ready(proc, url, log)
+                started = time.perf_counter() - t
+                client = _client(url)
+                for image, captions in REQUESTS:  # warm-up: lazily loaded parts, and the examples' cache entries
+                    match_once(client, EXAMPLES / image, captions)
+                conc = concurrent_phase(url, args.clients, args.requests, photos)
+                conc["rss_after_mb"] = rss_mb(proc.pid)
+            finally:
+                stop_app(proc)
+            failures = conc.pop("failures")
+            rows.append({"phase": "concurrent /match", "batching": mode, "inputs": args.inputs, **conc})
+            rows[-1]["app_started_s"] = started
+            if failures:
+                rows[-1]["first_failures"] = failures
+    off, on = rows
+    extra = {
+        "p50_on_over_off": on["p50_ms"] / off["p50_ms"],
+        "throughput_on_over_off": on["throughput_rps"] / off["throughput_rps"],
+        "settings": {k: getattr(args, k) for k in ("clients", "requests", "inputs")},
+    }
+    print(json.dumps(extra))
+    return report(f"demo_load_compare_{args.inputs}", args, rows, extra)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=50, help="requests per client in the concurrent phase")
     p.add_argument("--sequential", type=int, default=1000, help="requests with distinct images, one at a time")
     p.add_argument("--first", type=int, default=100, help="the early RSS mark of the sequential phase")
+    p.add_argument(
+        "--inputs",
+        choices=("examples", "distinct"),
+        default="examples",
+        help="concurrent phase: the example requests over and over, or a photo never sent before per request",
+    )
+    p.add_argument("--compare", action="store_true", help="concurrent phase with batching off, then on (fresh apps)")
     p.add_argument("--url", default=None, help="measure an app already running here instead of starting one")
     p.add_argument("--pid", type=int, default=None, help="with --url: the app's process id (for its RSS)")
     p.add_argument("--temp-dir", default=None, help="with --url: its GRADIO_TEMP_DIR")
@@ -245,6 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
     setup(args)
     if args.quick:
         args.clients, args.requests, args.sequential, args.first = 2, 3, 6, 3
+    if args.compare:
+        if args.url:
+            p.error("--compare starts its own apps (batching off, then on); leave out --url")
+        return compare(args)
     first = min(args.first, args.sequential)
 
     proc, work = None, None
@@ -263,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
             wait_ready(proc, url, log)
             start_s = time.perf_counter() - t
         rest = {"rss_at_rest_mb": rss_mb(pid) if pid else float("nan")}
-        conc = concurrent_phase(url, args.clients, args.requests)
+        with tempfile.TemporaryDirectory(prefix="demo-load-photos-") as folder:
+            conc = concurrent_phase(url, args.clients, args.requests, _photos_for(args, Path(folder)))
         conc["rss_after_mb"] = rss_mb(pid) if pid else float("nan")
         seq = sequential_phase(url, pid, temp_dir, args.sequential, first)
         alive = proc is None or proc.poll() is None
@@ -273,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         if work is not None:
             work.cleanup()
     rows = [
-        {"phase": "concurrent /match", **{k: v for k, v in conc.items() if k != "failures"}},
+        {"phase": "concurrent /match", "inputs": args.inputs, **{k: v for k, v in conc.items() if k != "failures"}},
         {"phase": "sequential, distinct images", **{k: v for k, v in seq.items() if k != "failures"}},
     ]
     extra = {

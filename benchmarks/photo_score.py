@@ -1,26 +1,49 @@
-"""Latency of the photo checkpoint: Matcher.score on 1 image x 5 captions (target: median < 150 ms on 2 CPU cores).
+"""The photo checkpoint's scoring path against its floor: Matcher.score on 1 image x 5 captions, the two backbones
+alone on the same input, and where the rest of the time goes.
 
     python benchmarks/photo_score.py [--checkpoint assets/mklvisita-photo] [--repeats 30] [--threads 1]
-    python benchmarks/photo_score.py --explain --out docs/results/benchmarks/photo_explain.json
+        [--image assets/examples/cat.jpg] [--explain] [--out FILE.json]
     python benchmarks/photo_score.py --image /usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png  # has text
+    python benchmarks/photo_score.py --save-scores FILE.json [--compare-scores REFERENCE.json]  # no timing
 
-Decisions: the Matcher is loaded once and warmed up (3 calls) before timing; each timed call scores one example
-photo (``--image``, default the cat example) against five captions, image decoding and preprocessing included (what
-the demo's Match tab pays; an image with printed words also pays for reading them). Prints the
-median and the 10th/90th percentiles in milliseconds as JSON (and writes it to ``--out``). ``--explain`` also times
-``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's ``kernels.map_shifts`` and with one
-pass, the two alternating call by call so that both see the same machine load.
+Decisions:
+
+- The Matcher is loaded once and warmed up (3 calls) before timing; each timed call scores one photo (``--image``,
+  default the cat example) against five captions, image decoding and preprocessing included (what the demo's Match
+  tab pays; an image with printed words also pays for reading them).
+- The floor: the two backbones alone on the same input, the image network (EfficientNet-Lite0 with its ImageNet
+  head, timm's own forward) on the preprocessed image and the text encoder (MiniLM) on the five tokenised captions.
+  Score and floor are timed call by call in turn, so both see the same machine load; ``ratio`` = median score /
+  median floor.
+- Shares: during the timed score calls each part below is wrapped by a timer (found by its class and method at run
+  time; a part the installed code does not have is listed under ``parts_not_found``): preprocessing (decode,
+  letterbox, tokenise), the two backbones inside the model, colour naming, face detection, text detection and text
+  recognition (RapidOCR's two networks, with their own pre- and post-processing), the rest of scene text, the
+  concept bridge, the kernels (embeddings and similarity); ``other`` is what no timer covers. Medians per call, ms.
+- ``--explain`` also times ``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's
+  ``kernels.map_shifts`` and with one pass, alternating call by call, and its parts (the word maps included).
+- ``--save-scores`` writes the scores (S and every kernel's contribution) of the example photos and a fixed set of
+  Tux Paint stamps (where installed) against their captions; ``--compare-scores`` reports the largest absolute
+  difference from a reference file written the same way (a speed-up must leave the scores where they were).
+
+Prints JSON (and writes it to ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +54,250 @@ CAPTIONS = [
     "an astronaut in an orange suit",
     "a white cup on a wooden table",
 ]
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+STAMP_FILES = [  # a few of each kind: animals, fruit, tools, faces, vehicles, and road signs with printed words
+    "animals/mammals/elephant.png",
+    "animals/birds/penguin.png",
+    "food/fruit/apple_red.png",
+    "household/tools/hammer.png",
+    "household/tools/measuring_tape.png",
+    "symbols/faces/happy.png",
+    "vehicles/auto/sedan.png",
+    "town/roadsigns/give_way_sign.png",
+    "town/roadsigns/stop.png",
+    "town/roadsigns/school_sign.png",
+]
+STAMP_CAPTIONS = ["an elephant", "a penguin", "a red apple", "a hammer", "a measuring tape", "a happy face", "a car"]
+STAMP_CAPTIONS += ["a give way sign", "a stop sign", "a school sign"]
+
+# (part, "module:Class.method") timed inside score; several entries may share a part (their times add up).
+PARTS = [
+    ("preprocessing", "mklvisita.inputs:Processor.images"),
+    ("preprocessing", "mklvisita.inputs:Processor.captions"),
+    ("image backbone", "@vision"),
+    ("text backbone", "@text"),
+    ("colour naming", "mklvisita.sources.colour:ColourNames.cells"),
+    ("face detection", "mklvisita.sources.person:FaceDetector.boxes"),
+    ("text detection", "rapidocr_onnxruntime.ch_ppocr_det.text_detect:TextDetector.__call__"),
+    ("text recognition", "rapidocr_onnxruntime.ch_ppocr_rec.text_recognize:TextRecognizer.__call__"),
+    ("scene text (all)", "mklvisita.sources.scene_text:SceneTextReader.features"),
+    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.encode_image"),
+    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.encode_text"),
+    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.image_features"),
+    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.text_features"),
+    ("kernels", "@kernels.embed_image"),
+    ("kernels", "@kernels.embed_text"),
+    ("kernels", "@kernels.forward"),
+    ("the maps", "@kernels.word_patch_maps"),
+]
+
+
+# --------------------------------------------------------------------------------------------- part timers
+def _resolve(spec: str, matcher: Any) -> tuple[type, str] | None:
+    """(class, method name) of a PARTS entry, or None where the installed code has no such thing."""
+    if spec.startswith("@"):  # a part of the loaded model, found by attribute (its class is timm's, HF's, ours)
+        name, _, method = spec[1:].partition(".")
+        owner = {
+            "vision": lambda: matcher.model.vision.model,
+            "text": lambda: matcher.model.text.model,
+            "kernels": lambda: matcher.model.kernels,
+        }[name]
+        try:
+            obj = owner()
+        except AttributeError:
+            return None
+        method = method or ("forward_intermediates" if name == "vision" else "forward")
+        cls = type(obj)
+        return (cls, method) if hasattr(cls, method) else None
+    module, _, attr = spec.partition(":")
+    cls_name, _, method = attr.partition(".")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError):
+        return None
+    return (cls, method) if method in vars(cls) else None
+
+
+class PartTimers:
+    """Wraps the PARTS' methods with timers while active; ``calls`` holds each call's ms per part."""
+
+    def __init__(self, matcher: Any) -> None:
+        self.found: list[tuple[str, type, str]] = []
+        self.missing: list[str] = []
+        for part, spec in PARTS:
+            where = _resolve(spec, matcher)
+            if where is None:
+                self.missing.append(spec)
+            else:
+                self.found.append((part, *where))
+        self.parts = list(dict.fromkeys(part for part, _, _ in self.found))
+        self._current: dict[str, float] = defaultdict(float)
+        self._depth: dict[str, int] = defaultdict(int)
+        self.calls: list[dict[str, float]] = []
+
+    def _wrap(self, part: str, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._depth[part] += 1
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth[part] -= 1
+                if not self._depth[part]:  # the outermost call of this part counts
+                    self._current[part] += (time.perf_counter() - t) * 1000
+
+        return timed
+
+    @contextmanager
+    def active(self):
+        originals = []
+        for part, cls, method in self.found:
+            fn = vars(cls)[method]
+            originals.append((cls, method, fn))
+            setattr(cls, method, self._wrap(part, fn))
+        try:
+            yield self
+        finally:
+            for cls, method, fn in reversed(originals):
+                setattr(cls, method, fn)
+
+    @contextmanager
+    def call(self):
+        self._current = defaultdict(float)
+        yield
+        self.calls.append(dict(self._current))
+
+    def medians(self, total: list[float]) -> dict[str, float]:
+        """Median ms per part over the calls; 'scene text (rest)' and 'other' derived (see the module's decisions)."""
+        rows = []
+        for c, t in zip(self.calls, total):
+            c = {p: c.get(p, 0.0) for p in self.parts}
+            if "scene text (all)" in c:
+                c["scene text (rest)"] = c.pop("scene text (all)") - c.get("text detection", 0) - c.get(
+                    "text recognition", 0
+                )
+            c["other"] = t - sum(c.values())
+            rows.append(c)
+        return {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
+
+
+# --------------------------------------------------------------------------------------------- timing
+def _median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 1)
+
+
+def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+    from mklvisita.inputs import load_image
+
+    pv, _ = matcher.processor.images([load_image(image)])
+    enc = matcher.processor.captions(CAPTIONS)
+    vision, text = matcher.model.vision.model, matcher.model.text.model
+
+    def floor() -> tuple[float, float]:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            vision(pv)
+            t_img = time.perf_counter() - t
+            t = time.perf_counter()
+            text(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            return t_img * 1000, (time.perf_counter() - t) * 1000
+
+    for _ in range(3):
+        matcher.score([image], CAPTIONS)
+        floor()
+    timers = PartTimers(matcher)
+    scores, images, texts = [], [], []
+    with timers.active():
+        for _ in range(repeats):
+            with timers.call():
+                t = time.perf_counter()
+                matcher.score([image], CAPTIONS)
+                scores.append((time.perf_counter() - t) * 1000)
+            a, b = floor()
+            images.append(a)
+            texts.append(b)
+    q = statistics.quantiles(scores, n=10)
+    floors = [a + b for a, b in zip(images, texts)]
+    return {
+        "score_1x5_median_ms": _median(scores),
+        "score_1x5_p10_ms": round(q[0], 1),
+        "score_1x5_p90_ms": round(q[-1], 1),
+        "floor_median_ms": _median(floors),
+        "floor_image_backbone_ms": _median(images),
+        "floor_text_backbone_ms": _median(texts),
+        "ratio": round(statistics.median(scores) / statistics.median(floors), 3),
+        "score_parts_median_ms": timers.medians(scores),
+        "parts_not_found": timers.missing,
+    }
+
+
+def time_explain(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+    shifts = matcher.model.config.kernels.map_shifts
+    runs: dict[int, list[float]] = {shifts: [], 1: []}
+    timers = PartTimers(matcher)
+    try:
+        with timers.active():
+            for i in range(2 + 2 * repeats):
+                for n in (shifts, 1):
+                    matcher.model.config.kernels.map_shifts = n
+                    timed = i >= 2 and n == shifts  # two warm-up rounds; parts of the checkpoint's own setting
+                    with timers.call() if timed else _nothing():
+                        t = time.perf_counter()
+                        matcher.explain(image, CAPTIONS[0], method="kernel")
+                        if i >= 2:
+                            runs[n].append((time.perf_counter() - t) * 1000)
+    finally:
+        matcher.model.config.kernels.map_shifts = shifts
+    out: dict[str, Any] = {f"explain_map_shifts_{n}_median_ms": _median(v) for n, v in runs.items()}
+    out["explain_parts_median_ms"] = timers.medians(runs[shifts])
+    return out
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+# --------------------------------------------------------------------------------------------- scores
+def score_set() -> list[tuple[str, Path, list[str]]]:
+    """(name, image, captions): the example photos with their captions, and the STAMP_FILES that are installed
+    against STAMP_CAPTIONS."""
+    examples = ROOT / "assets" / "examples"
+    spec = json.loads((examples / "examples.json").read_text())["examples"]
+    out = [(ex["image"], examples / ex["image"], list(ex["captions"])) for ex in spec]
+    out += [(f"tuxpaint/{s}", STAMPS / s, STAMP_CAPTIONS) for s in STAMP_FILES if (STAMPS / s).is_file()]
+    return out
+
+
+def save_scores(matcher: Any) -> dict[str, Any]:
+    out = {}
+    for name, image, captions in score_set():
+        r = matcher.score([image], captions)
+        out[name] = {
+            "captions": captions,
+            "kernel_names": list(r.kernel_names),
+            "similarity": np.asarray(r.similarity, dtype=np.float64)[0].tolist(),
+            "kernel_contributions": np.asarray(r.kernel_contributions, dtype=np.float64)[0].tolist(),
+        }
+    return out
+
+
+def compare_scores(scores: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Largest |difference| in S and in any kernel's contribution, over the images both files hold."""
+    diffs, per_image = [], {}
+    for name, ref in reference.items():
+        if name not in scores:
+            continue
+        now = scores[name]
+        if now["kernel_names"] != ref["kernel_names"] or now["captions"] != ref["captions"]:
+            raise SystemExit(f"{name}: kernels or captions differ from the reference; compare like with like")
+        d = max(
+            float(np.abs(np.subtract(now["similarity"], ref["similarity"])).max()),
+            float(np.abs(np.subtract(now["kernel_contributions"], ref["kernel_contributions"])).max()),
+        )
+        per_image[name] = d
+        diffs.append(d)
+    return {"images_compared": len(diffs), "max_abs_diff": max(diffs) if diffs else None, "per_image": per_image}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--explain", action="store_true", help="also time explain with and without map_shifts")
     parser.add_argument("--image", default=str(ROOT / "assets" / "examples" / "cat.jpg"), help="the photo scored")
+    parser.add_argument("--save-scores", help="write the example and stamp scores here (no timing)")
+    parser.add_argument("--compare-scores", help="with --save-scores: the largest difference from this reference")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -51,37 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     matcher = Matcher.from_pretrained(args.checkpoint)
     load_s = time.perf_counter() - t0
+    if args.save_scores:
+        scores = save_scores(matcher)
+        Path(args.save_scores).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_scores).write_text(json.dumps(scores, indent=1) + "\n")
+        if args.compare_scores:
+            result = compare_scores(scores, json.loads(Path(args.compare_scores).read_text()))
+            print(json.dumps(result, indent=2))
+        return 0
     image = Path(args.image)
-    for _ in range(3):
-        matcher.score([image], CAPTIONS)
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        matcher.score([image], CAPTIONS)
-        times.append((time.perf_counter() - t) * 1000)
-    q = statistics.quantiles(times, n=10)
-    result = {
-        "checkpoint": Path(args.checkpoint).name,
-        "image": image.name,
-        "threads": args.threads,
-        "score_1x5_median_ms": round(statistics.median(times), 1),
-        "score_1x5_p10_ms": round(q[0], 1),
-        "score_1x5_p90_ms": round(q[-1], 1),
-        "load_s": round(load_s, 2),
-    }
+    result = {"checkpoint": Path(args.checkpoint).name, "image": image.name, "threads": args.threads}
+    result |= time_score(matcher, image, args.repeats)
+    result["load_s"] = round(load_s, 2)
     if args.explain:
-        shifts = matcher.model.config.kernels.map_shifts
-        runs: dict[int, list[float]] = {shifts: [], 1: []}
-        for i in range(2 + 2 * args.repeats):
-            for n in (shifts, 1):
-                matcher.model.config.kernels.map_shifts = n
-                t = time.perf_counter()
-                matcher.explain(image, CAPTIONS[0], method="kernel")
-                if i >= 2:  # two warm-up rounds
-                    runs[n].append((time.perf_counter() - t) * 1000)
-        matcher.model.config.kernels.map_shifts = shifts
-        result |= {f"explain_map_shifts_{n}_median_ms": round(statistics.median(v), 1) for n, v in runs.items()}
-    print(json.dumps(result))
+        result |= time_explain(matcher, image, args.repeats)
+    print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -29,6 +29,7 @@ from mklvisita.explain import METHODS, default_layer
 from mklvisita.explain import NORMALIZE as SCALES
 from mklvisita.inputs import MAX_CAPTIONS, check_whole_number
 
+from . import batching
 from .inputs import check_choice, image_digest, parse_captions, read_image
 from .registry import EXPLAIN_CACHE_ENTRIES, ResultCache
 
@@ -109,7 +110,7 @@ def match(matcher: Matcher, image: Any, captions_text: Any, cache: ResultCache |
     captions = parse_captions(captions_text, MAX_CAPTIONS)
 
     def compute() -> dict:
-        r = matcher.score([img], captions)
+        r = batching.score(matcher, img, captions)  # batched with concurrent Match requests
         itm, sim, score = (np.asarray(a)[0] for a in (r.itm, r.similarity, r.score))  # (n_captions,)
         contrib = np.asarray(r.kernel_contributions)[0]  # (n_captions, n_kernels)
         order = sorted(range(len(captions)), key=lambda j: (-score[j], -sim[j]))
@@ -193,7 +194,8 @@ def _explanation(
     layer = check_layer(matcher, layer)
 
     def compute() -> Any:
-        return matcher.explain(img, caption, layer=layer, method=method, normalize=scale)
+        with batching.exclusive():
+            return matcher.explain(img, caption, layer=layer, method=method, normalize=scale)
 
     key = (image_digest(img), caption, layer, method, scale)
     if cache is None:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from mklvisita import Matcher, figures
 
+from . import batching
 from .inputs import MAX_MATRIX_CAPTIONS, MAX_MATRIX_IMAGES, check_choice, image_digest, parse_captions, read_images
 from .registry import ResultCache
 
@@ -62,7 +63,8 @@ def matrix(
     captions = parse_captions(captions_text, MAX_MATRIX_CAPTIONS)
 
     def compute() -> dict:
-        r = matcher.score(images, captions)
+        with batching.exclusive():
+            r = matcher.score(images, captions)
         plain = {k: np.asarray(getattr(r, k), dtype=np.float64) for k in SCORE_KINDS}
         return {
             "images": names,

@@ -22,6 +22,7 @@ from PIL import Image
 from mklvisita import Matcher
 from mklvisita.inputs import check_whole_number
 
+from . import batching
 from .examples import EXAMPLES_DIR
 from .inputs import (
     MAX_GALLERY_CAPTIONS,
@@ -93,6 +94,7 @@ def search(
 
     def indexed(kind: str, digest: tuple, build: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
+        build = batching.exclusive()(build)  # one model call at a time
         index = cache.get_or_compute(("index", kind, digest), build) if cache is not None else build()
         timings[f"index {kind} (cached after the first call)"] = 1e3 * (time.perf_counter() - t0)
         return index
@@ -105,7 +107,8 @@ def search(
         else:
             images, names, shown = example_gallery.images, example_gallery.names, example_gallery.paths
         index = indexed("images", tuple(image_digest(i) for i in images), lambda: matcher.index_images(images))
-        r = matcher.search_images(index, query, top_k=min(top_k, len(images)))
+        with batching.exclusive():
+            r = matcher.search_images(index, query, top_k=min(top_k, len(images)))
         timings.update({f"text→image {k}": 1e3 * float(v) for k, v in r.timings.items()})
         image_hits = [
             (shown[i], _label(rank, names[i], s, p))
@@ -118,7 +121,8 @@ def search(
         else:
             captions = example_gallery.captions
         index = indexed("captions", tuple(captions), lambda: matcher.index_captions(captions))
-        r = matcher.search_captions(index, img, top_k=min(top_k, len(captions)))
+        with batching.exclusive():
+            r = matcher.search_captions(index, img, top_k=min(top_k, len(captions)))
         timings.update({f"image→text {k}": 1e3 * float(v) for k, v in r.timings.items()})
         caption_hits = pd.DataFrame(
             [

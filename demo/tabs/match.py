@@ -13,10 +13,21 @@ import pandas as pd
 
 from mklvisita.inputs import MAX_CAPTION_CHARS, MAX_CAPTIONS
 
+from ..batching import event_concurrency
 from ..examples import checkpoint_for
 from ..match import DEFAULT_LAYER, ExplainView, MatchView, explain, layer_choices, match, methods, select_word
 from ..registry import describe, ranking_rule
-from ..ui import FIGURE, IMAGE_CALL, IMAGE_UPLOAD, MODEL_CALL, PRIVATE, Context, user_errors, with_checkpoint
+from ..ui import (
+    FIGURE,
+    IMAGE_CALL,
+    IMAGE_UPLOAD,
+    MODEL_CALL,
+    PRIVATE,
+    RAW_INPUTS,
+    Context,
+    user_errors,
+    with_checkpoint,
+)
 
 LAYER_INFO = (
     "“default” is the last fusion layer whose words still reach the ITM head (the last one when the words read the "
@@ -140,7 +151,9 @@ def build(ctx: Context) -> dict[str, Any]:
     explain_fn = with_checkpoint(registry, explain, show_explanation)
     word_fn = with_checkpoint(registry, select_word, show_word)
     reset = {"fn": leave_preview, "inputs": None, "outputs": [e_words], "queue": False, **PRIVATE}
-    m_button.click(match_fn, m_inputs, m_outputs, api_name="match", **IMAGE_CALL).success(**reset).success(
+    # Match requests run side by side and meet in demo.batching, which makes one model call of them.
+    match_call = {**RAW_INPUTS, **event_concurrency()}
+    m_button.click(match_fn, m_inputs, m_outputs, api_name="match", **match_call).success(**reset).success(
         explain_fn, e_inputs, e_outputs, api_name="explain", **IMAGE_CALL
     )
     for control in (e_caption, e_layer, e_method, e_scale):
