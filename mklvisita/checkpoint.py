@@ -26,6 +26,7 @@ Decisions:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
@@ -40,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, MKLVisITAConfig
+from .tokenizer import load_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -257,3 +259,57 @@ def save_weights(model: nn.Module, folder: Path, skip: tuple[str, ...] = ()) -> 
 def _few(items: list[str], n: int = 5) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+def write_model(model: nn.Module, folder: Path) -> None:
+    """config.json + model.safetensors + tokenizer files of an MKL-VisITA model into a fresh folder; weights that
+    installed packages ship (``model.external_weight_prefixes()``: frozen backbones) are left out."""
+    folder = Path(folder)
+    save_weights(model, folder, skip=model.external_weight_prefixes())
+    (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True))
+    model.tokenizer.save_pretrained(str(folder))
+    # transformers 5 records how a tokenizer read from a folder was loaded ("is_local", "local_files_only"); a
+    # release that says "local files only" would refuse the Hub when shared there, so those keys are not kept.
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        settings = json.loads(tok_cfg.read_text())
+        if {"is_local", "local_files_only"} & settings.keys():
+            kept = {k: v for k, v in settings.items() if k not in ("is_local", "local_files_only")}
+            tok_cfg.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
+
+
+def load_model(
+    cls: type,
+    name_or_path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    **resolve_kwargs,
+) -> nn.Module:
+    """Build ``cls`` (MKLVisITA) from a checkpoint folder or Hub id (:func:`resolve`), strictly: the architecture
+    from config.json (never timm's or the Hub's weights), frozen backbones from their packages (sha256 checked),
+    every other weight from model.safetensors. Problems are :class:`CheckpointError` naming the file."""
+    folder = resolve(name_or_path, **resolve_kwargs)
+    config = read_config(folder)
+    check_tokenizer_file(folder)
+    try:
+        tokenizer = load_tokenizer(str(folder))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{folder.name}: the tokenizer files could not be loaded ({type(e).__name__}); copy the tokenizer "
+            "files of the run that trained the checkpoint, or save it again"
+        ) from e
+    arch = copy.deepcopy(config)
+    arch.vision.pretrained = False
+    arch.text.pretrained = False
+    if arch.text.backbone_config is None:
+        raise CheckpointError(f"{folder.name}/{CONFIG_NAME}: text.backbone_config is missing; re-save the checkpoint")
+    try:
+        model = cls(arch, tokenizer=tokenizer)
+    except ConfigError as e:  # a source or option the registry does not know
+        raise CheckpointError(f"{_shown(folder / CONFIG_NAME)}: {e}") from e
+    filled = model.config.kernels.options  # the sources' settings with their defaults filled in
+    model.config = config
+    model.config.kernels.options = filled
+    model.fill_external_weights()  # frozen backbones from their packages (sha256 checked); no-op otherwise
+    load_weights_strict(model, folder / WEIGHTS_NAME, map_location, skip=model.external_weight_prefixes())
+    return model.eval()

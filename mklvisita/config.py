@@ -13,17 +13,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-LEARNED_SOURCES = ("global", "local", "mid")  # features with learned projection heads per kernel
-# Pretrained "concept" features (mklvisita.sources.concept): an ImageNet classifier's class probabilities mapped into
-# the sentence encoder's space; no projection heads. Need a CNN with a 1000-class head and a sentence encoder.
-CONCEPT_SOURCES = ("concept", "concept_class", "concept_local")
-# Fixed features with no parameters at all: the colours the image shows, named, against the caption's colour words
-# (mklvisita.sources.colour; needs a CNN or hybrid image encoder, whose final feature map weights the cells), and the
-# words written in the image, read by OCR, against the caption's words (mklvisita.sources.scene_text), and frontal faces
-# against captions that name a person (mklvisita.sources.person; needs the concept sources, whose caption
-# distribution says so).
-FIXED_SOURCES = ("colour", "scene_text", "person")
-KERNEL_SOURCES = LEARNED_SOURCES + CONCEPT_SOURCES + FIXED_SOURCES
 KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
 
 
@@ -96,34 +85,23 @@ class TextConfig:
 
 @dataclass
 class KernelConfig:
-    """The multi-kernel learning module: base kernels = sources x functions, each with its own projections."""
+    """The multi-kernel learning module: base kernels = the feature sources' features x their kernel functions."""
 
-    sources: list[str] = field(default_factory=lambda: list(LEARNED_SOURCES))  # feature sources, see KERNEL_SOURCES
-    functions: list[str] = field(default_factory=lambda: list(KERNEL_FUNCTIONS))  # kernel functions
+    sources: list[str] = field(default_factory=lambda: ["global", "local", "mid"])  # features to compare: names
+    # offered by the registered feature sources (mklvisita.sources.available_features()); kernel order is the
+    # registry's, whatever the order here
+    functions: list[str] = field(default_factory=lambda: list(KERNEL_FUNCTIONS))  # kernel functions of the learned
+    # token sources (global, mid, local), each with its own projections
     proj_dim: int = 256  # width of each base kernel's projection heads
     poly_degree: float = 2.0  # initial polynomial degree
     learn_poly_degree: bool = False  # make the polynomial degree learnable (kept >= 1)
     rbf_gamma: float = 1.0  # initial RBF gamma (learned as exp(theta) > 0)
-    gate: bool = False  # pair-conditioned gate: beta(x, y) from the pooled features (else one global beta)
-    mid_text_level: int | None = None  # text layer of the "mid" source (None = the middle layer)
-    concept_functions: list[str] = field(default_factory=lambda: ["cosine"])  # kernel functions of concept sources
-    concept_prompts: str = "ensemble"  # class prompts: "ensemble" (lemmas, definition, photo; sources.concept) or
-    # "photo" (only "a photo of a <first lemma>", the issue's plain bridge)
-    concept_temperature: float = 0.5  # T of the image's class probabilities softmax(logits / T) (concept sources)
-    concept_text_temperature: float = 0.02  # tau of a caption's class distribution softmax(cos(caption, class) / tau)
-    concept_synsets: int = 0  # WordNet synsets expanding a caption's class distribution (sources.concept); 0 = off
-    concept_synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
-    concept_synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
-    concept_synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
-    mid_image_level: int | None = None  # ViT block of the "mid" source (None = the middle block)
-    map_shifts: int = 1  # explanations only: the word x patch maps of the local / concept_local kernels averaged over
-    # map_shifts x map_shifts copies of the input moved by k / map_shifts of a grid cell and realigned
-    # (mklvisita.explain); 1 = one pass. Scores never use it.
-    colour_sigma: float = 20.0  # "colour" source: softness of naming a pixel's colour (CIELAB; sources.colour)
-    colour_saliency_power: float = 2.0  # "colour" source: exponent of the cells' saliency weights (0: all alike)
-    scene_text_match: float = 0.5  # "scene_text" source: trigram cosine at which two words start to match (theta)
-    person_classes: list[int] = field(default_factory=list)  # "person" source: the ImageNet classes under WordNet's
-    # person, whose mass in a caption's (expanded) class distribution says it names a person (mklvisita.sources.person)
+    gate: bool = False  # pair-conditioned gate: beta(x, y) from the encoders' pooled features (else one global beta)
+    map_shifts: int = 1  # explanations only: the kernels' word x cell maps averaged over map_shifts x map_shifts
+    # copies of the input moved by k / map_shifts of a grid cell and realigned (mklvisita.explain); 1 = one pass.
+    # Scores never use it.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # each source's own settings by source name
+    # (its options dataclass in mklvisita.sources); a model fills in every default, so a saved config holds them all
 
 
 @dataclass
@@ -251,28 +229,15 @@ class MKLVisITAConfig:
         return _from_dict(cls, data, "config")
 
     def validate(self) -> None:
-        """Check cross-field constraints; raise ConfigError naming the field."""
-        for s in self.kernels.sources:
-            if s not in KERNEL_SOURCES:
-                raise ConfigError(f"kernels.sources: unknown source {s!r}; choose from {list(KERNEL_SOURCES)}")
-        for f in [*self.kernels.functions, *self.kernels.concept_functions]:
+        """Check cross-field constraints; raise ConfigError naming the field. The sources and their options are
+        checked when a model builds them (:func:`mklvisita.sources.build_sources`)."""
+        for f in self.kernels.functions:
             if f not in KERNEL_FUNCTIONS:
                 raise ConfigError(f"kernels.functions: unknown function {f!r}; choose from {list(KERNEL_FUNCTIONS)}")
-        if self.kernels.concept_prompts not in ("ensemble", "photo"):
-            prompts = self.kernels.concept_prompts
-            raise ConfigError(f"kernels.concept_prompts must be 'ensemble' or 'photo', not {prompts!r}")
-        if (self.kernels.concept_synsets > 0) != (self.kernels.concept_synset_links > 0):
-            raise ConfigError("kernels.concept_synsets and kernels.concept_synset_links are both 0 or both > 0")
         if not 1 <= self.kernels.map_shifts <= 8:
             raise ConfigError(f"kernels.map_shifts must be 1 (one pass) to 8, not {self.kernels.map_shifts}")
-        k = self.kernels
-        person = k.person_classes
-        if "person" in k.sources and not (person and all(0 <= c < 1000 for c in person)):
-            raise ConfigError("kernels.sources 'person' needs kernels.person_classes: ImageNet class indices (0-999)")
-        if not 0.0 <= k.scene_text_match < 1.0:
-            raise ConfigError(f"kernels.scene_text_match must be within [0, 1), not {k.scene_text_match}")
-        if k.colour_sigma <= 0 or k.colour_saliency_power < 0:
-            raise ConfigError("kernels.colour_sigma must be > 0 and kernels.colour_saliency_power >= 0")
+        if not all(isinstance(v, dict) for v in self.kernels.options.values()):
+            raise ConfigError("kernels.options: each source's settings must be a mapping of field -> value")
         if not self.kernels.sources or not self.kernels.functions:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:

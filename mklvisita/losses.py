@@ -1,9 +1,32 @@
-"""Losses as plain functions returning named terms."""
+"""Losses as plain functions returning named terms, and the training step's losses (:func:`training_losses`).
+
+Decisions:
+    - The model computes features and scores; what a training step does with them (ITC over the batch, ITM on
+      sampled hard negatives, the dense, grounding and relation terms) is written here, once. ``MKLVisITA.forward``
+      only calls :func:`training_losses`, so a wrapped model (DDP) still runs it through ``model(...)``.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from .features import TextFeatures
+from .kernels import KernelEmbeddings
+
+
+@dataclass
+class MKLVisITAOutput:
+    loss: torch.Tensor | None  # weighted sum of `losses`
+    losses: dict[str, torch.Tensor]  # named loss terms (itc, itm, entropy)
+    similarity: torch.Tensor  # (B, B) multi-kernel similarity, image x caption
+    contributions: torch.Tensor  # (B, B, M) beta_m K_m
+    kernel_weights: torch.Tensor  # (M,) or (B, B, M) with the gate
+    logs: dict[str, float] = field(default_factory=dict)  # detached numbers for trackers (kernel entropy, ...)
 
 
 def positives_mask(
@@ -143,3 +166,123 @@ def relation_loss(
     y = targets[has].to(logits.dtype)
     acc = float(((logits > 0).to(y.dtype) == y).float().mean())
     return F.binary_cross_entropy_with_logits(logits, y), acc
+
+
+def training_losses(
+    model: Any,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    neg_input_ids: torch.Tensor | None = None,
+    neg_attention_mask: torch.Tensor | None = None,
+    return_loss: bool = True,
+    positives: torch.Tensor | None = None,
+    patch_labels: torch.Tensor | None = None,
+    word_targets: torch.Tensor | None = None,
+    relation_targets: torch.Tensor | None = None,
+) -> MKLVisITAOutput:
+    """One training step's losses for an :class:`~mklvisita.model.MKLVisITA` batch (caption i describes image i).
+
+    Args:
+        image_ids: (B,) captions of the same image are positives of each other (coarse form of ``positives``).
+        neg_input_ids, neg_attention_mask: one hard-negative caption per image (e.g. attributes swapped).
+        return_loss: False = the similarity, kernel contributions and weights only.
+        positives: (B, B) bool, [i, j] = caption j is true of image i (the task knows: shapes claims that
+            hold, identical captions). ITC spreads its targets over them and ITM never samples one as a
+            negative. With it, each image's own dataset negative is its only extra ITC distractor (another
+            image's negative may be true of it).
+        patch_labels: (B, A, P) long, each patch's attribute classes (with ``loss.patch_weight``).
+        word_targets: (B, T, P) float, for each word that names an object a distribution over that object's
+            patches (zero rows elsewhere), for the grounding loss (with ``loss.grounding_weight``).
+        relation_targets: (B, 2, T) long, for the relation word of caption i (row 0) and of its hard negative
+            (row 1): 1 = the relation holds, 0 = it does not, -1 = no target (with ``loss.relation_weight``).
+    """
+    cfg = model.config.loss
+    img, txt = model.encode_image(pixel_values), model.encode_text(input_ids, attention_mask)
+    ei, et = model.embed_image(img), model.embed_text(txt)
+    sim = model.similarity(ei, et)
+    entropy = model.kernels.entropy(sim.weights)
+    logs = {"kernel_entropy": float(entropy.detach()), "logit_scale": float(model.logit_scale.detach().exp())}
+    if not return_loss:
+        return MKLVisITAOutput(None, {}, sim.similarity, sim.contributions, sim.weights, logs)
+
+    b = pixel_values.shape[0]
+    ar = torch.arange(b, device=pixel_values.device)
+    pos = positives_mask(b, image_ids, positives, pixel_values.device)
+    neg = en = None
+    if neg_input_ids is not None:
+        neg = model.encode_text(neg_input_ids, neg_attention_mask)
+        en = model.embed_text(neg)
+    scale = model.logit_scale.clamp(max=math.log(100.0)).exp()
+    extra = extra_mask = None
+    if en is not None and cfg.hard_negative_itc:
+        extra = model.similarity(ei, en).similarity  # (B, B): image i x negative caption j
+        extra_mask = torch.eye(b, dtype=torch.bool, device=ar.device) if positives is not None else None
+    losses = {
+        "itc": itc_loss(sim.similarity, scale, extra_text_similarity=extra, positives=pos, extra_mask=extra_mask),
+        "entropy": kernel_entropy_loss(entropy, model.kernels.num_kernels),
+    }
+    loss = cfg.itc_weight * losses["itc"] + cfg.entropy_weight * losses["entropy"]
+    logs["positives_per_image"] = float(pos.float().sum(-1).mean())
+    if model.patch_heads is not None and patch_labels is not None:
+        tokens = img.levels[model.vision.depth - 1][:, model.vision.num_prefix_tokens :]  # (B, P, C)
+        losses["patch"] = dense_attribute_loss(model.patch_heads, tokens, patch_labels)
+        loss = loss + cfg.patch_weight * losses["patch"]
+    if model.fusion is not None and cfg.itm_weight > 0:
+        loss = _itm_terms(model, cfg, img, txt, ei, et, neg, en, sim, pos, positives, word_targets,
+                          relation_targets, loss, losses, logs)  # fmt: skip
+    return MKLVisITAOutput(loss, losses, sim.similarity, sim.contributions, sim.weights, logs)
+
+
+def _itm_terms(model, cfg, img, txt, ei, et, neg, en, sim, pos, positives, word_targets, relation_targets, loss,
+               losses, logs) -> torch.Tensor:  # fmt: skip
+    """ITM on the positives, sampled hard negatives and the dataset's own negatives, with the grounding and relation
+    terms read from the same fusion pass; adds to ``losses`` / ``logs`` and returns the total loss."""
+    b = sim.similarity.shape[0]
+    ar = torch.arange(b, device=sim.similarity.device)
+    img_idx, txt_idx = [ar], [ar]  # positives first
+    if cfg.itm_sampled != "none" and b > 1:
+        scores = sim.similarity.detach()
+        if cfg.itm_negatives == "random":
+            scores = torch.zeros_like(scores)  # uniform over the captions that are not true of the image
+        neg_t, ok_i, neg_i, ok_t = sample_hard_negatives(scores, positives=pos)
+        if cfg.itm_sampled in ("both", "text"):  # a hard caption for each image
+            img_idx.append(ar[ok_i])
+            txt_idx.append(neg_t[ok_i])
+        if cfg.itm_sampled in ("both", "image"):  # a hard image for each caption
+            img_idx.append(neg_i[ok_t])
+            txt_idx.append(ar[ok_t])
+    texts, t_embs = txt, et
+    if neg is not None:  # the dataset's own hard negative caption of each image
+        texts, t_embs = TextFeatures.cat([txt, neg]), KernelEmbeddings.cat([et, en])
+        img_idx.append(ar)
+        txt_idx.append(ar + b)
+    if sum(len(i) for i in img_idx[1:]) == 0:  # positives only: nothing to discriminate
+        return loss
+    ii, tt = torch.cat(img_idx), torch.cat(txt_idx)
+    m = model.match(img.select(ii), texts.select(tt), ei.select(ii), t_embs.select(tt))
+    labels = torch.zeros(len(ii), dtype=torch.long, device=ii.device)
+    labels[:b] = 1
+    losses["itm"] = itm_loss(m.logits, labels)
+    loss = loss + cfg.itm_weight * losses["itm"]
+    if cfg.grounding_weight > 0 and word_targets is not None:  # the first b pairs are the positives
+        t2i = [a.t2i[:b] for a in m.attentions]
+        losses["grounding"] = grounding_loss(t2i, word_targets, model.vision.num_prefix_tokens)
+        loss = loss + cfg.grounding_weight * losses["grounding"]
+    if model.relation_head is not None and relation_targets is not None and m.text_states is not None:
+        states = m.text_states[:b]  # the positives' captions, then (when given) the dataset negatives'
+        targets = relation_targets[:, 0]
+        if neg is not None:
+            states, targets = torch.cat([states, m.text_states[-b:]]), torch.cat([targets, relation_targets[:, 1]])
+        t = min(states.shape[1], targets.shape[1])
+        losses["relation"], acc = relation_loss(model.relation_head, states[:, :t], targets[:, :t])
+        loss = loss + cfg.relation_weight * losses["relation"]
+        if acc is not None:
+            logs["relation_acc"] = acc
+    hit = m.logits.argmax(-1) == labels
+    logs["itm_acc"] = float(hit.float().mean())
+    logs["itm_acc_pos"] = float(hit[:b].float().mean())
+    if neg is not None:
+        logs["itm_acc_dataset_neg"] = float(hit[-b:].float().mean())
+    return loss

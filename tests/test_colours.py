@@ -71,13 +71,13 @@ def test_colour_words_count_as_whole_words_only():
 def test_saliency_weights_the_cells_and_padding_is_left_out(model):
     processor = Processor(model.config, model.tokenizer)
     pv, _ = processor.images([_red_left_blue_right(64, 32)])  # letterboxed: grey bars above and below
-    cells = model.colours.cells(pv, (4, 4))  # (1, 16, 11)
+    cells = model.sources["colour"].names.cells(pv, (4, 4))  # (1, 16, 11)
     rows = cells[0].view(4, 4, -1)
     assert rows[0].sum() == 0 and rows[3].sum() == 0  # padding-only rows: no colour at all
     assert rows[1, 0].argmax() == RED and rows[1, 3].argmax() == BLUE
     salient_left = torch.zeros(1, 16, 8)
     salient_left.view(1, 4, 4, 8)[:, 1:3, :2] = 1.0  # strong features on the red half only
-    h = model.colours.image_features(cells, salient_left)["colour"][0]
+    h = model.sources["colour"].names.image_features(cells, salient_left)["colour"][0]
     assert h[RED] > 0.8 and h[BLUE] < 0.05  # without the saliency: about 0.44 each
     flat = ColourNames(15.0, 0.0, model.tokenizer, (0.5,) * 3, (0.5,) * 3, (128,) * 3)  # power 0: cells alike
     h0 = flat.image_features(cells, salient_left)["colour"][0]
@@ -93,7 +93,7 @@ def test_colour_kernel_scores_the_share_of_the_captions_colour(model):
         out = model.similarity(model.embed_image(img), model.embed_text(txt))
         i = model.kernel_names.index("colour/share")
         k = out.contributions[..., i] / model.kernel_weights()[i]  # (2 images, 3 captions)
-        h = model.colours.image_features(img.colour_cells, img.backbone_map)["colour"]
+        h = img.sources["colour"]["colour"]  # the pooled, saliency-weighted colour names
     assert torch.allclose(k[:, 0], h[:, RED], atol=1e-5) and torch.allclose(k[:, 1], h[:, BLUE], atol=1e-5)
     assert bool((k[:, 2] == 0).all())  # no colour word: no evidence either way
     assert k[1, 1] > 0.7 and k[1, 0] < 0.05  # all blue (sigma 20 names the prototype blue 0.77 blue, 0.23 purple)
@@ -110,10 +110,12 @@ def test_a_colour_words_map_points_at_that_colour(model):
 
 
 def test_bad_colour_settings_are_refused():
-    with pytest.raises(ConfigError, match="colour_sigma"):
-        MKLVisITA(_config(colour_sigma=0.0))
-    with pytest.raises(ConfigError, match="colour_saliency_power"):
-        MKLVisITA(_config(colour_saliency_power=-1.0))
+    with pytest.raises(ConfigError, match="options.colour.sigma"):
+        MKLVisITA(_config(options={"colour": {"sigma": 0.0}}))
+    with pytest.raises(ConfigError, match="saliency_power"):
+        MKLVisITA(_config(options={"colour": {"saliency_power": -1.0}}))
+    with pytest.raises(ConfigError, match="kernels.options.colour.sigmaa: unknown config field"):
+        MKLVisITA(_config(options={"colour": {"sigmaa": 1.0}}))
 
 
 def test_shipped_photo_checkpoint_has_the_colour_kernel():
@@ -121,4 +123,4 @@ def test_shipped_photo_checkpoint_has_the_colour_kernel():
 
     cfg = read_config(PHOTO)
     assert "colour" in cfg.kernels.sources
-    assert cfg.kernels.colour_sigma == 15.0 and cfg.kernels.colour_saliency_power == 4.0
+    assert cfg.kernels.options["colour"] == {"sigma": 15.0, "saliency_power": 4.0}

@@ -24,7 +24,9 @@ def _config(sources=CONCEPTS, pretrained=True) -> MKLVisITAConfig:
             image_size=64,
         ),
         text=TextConfig(width=32, layers=1, heads=2, max_length=16),
-        kernels=KernelConfig(sources=sources, functions=["cosine"], proj_dim=16, concept_functions=["cosine", "rbf"]),
+        kernels=KernelConfig(
+            sources=sources, functions=["cosine"], proj_dim=16, options={"concept": {"functions": ["cosine", "rbf"]}}
+        ),
         fusion=FusionConfig(enabled=False),
     )
 
@@ -42,10 +44,10 @@ def _inputs(model, n_img=3, captions=("a red fox", "a cup of coffee on a table")
 
 
 def test_class_prompt_embeddings_are_unit_rows_and_the_classifier_is_imagenet(model):
-    ct = model.concepts.class_text
+    ct = model.sources["concept"].class_text
     assert ct.shape == (1000, 32)
     assert torch.allclose(ct.norm(dim=-1), torch.ones(1000), atol=1e-5)
-    assert model.concepts.class_weight.abs().sum() > 0  # filled from the package, not left at zero
+    assert model.sources["concept"].class_weight.abs().sum() > 0  # filled from the package, not left at zero
     assert model.kernel_names == [
         "global/cosine", "concept/cosine", "concept/rbf", "concept_class/cosine", "concept_class/rbf",
         "concept_local/cosine", "concept_local/rbf",
@@ -58,7 +60,7 @@ def test_concept_kernel_is_the_class_probability_bridge(model):
         img, txt = model.encode_image(pv), model.encode_text(ids, mask)
         out = model.similarity(model.embed_image(img), model.embed_text(txt))
         # Brute force: softmax(logits / T) @ prompts vs the caption's mean-pooled tokens, cosine.
-        c = model.concepts
+        c = model.sources["concept"]
         p = (F.linear(img.backbone_pooled, c.class_weight, c.class_bias) / c.temperature).softmax(-1)
         image = F.normalize(p @ c.class_text, dim=-1)
         m = mask.unsqueeze(-1).float()
@@ -82,10 +84,10 @@ def test_concept_local_is_mean_over_words_of_max_over_positions(model):
         s = s / model.kernel_weights()[model.kernel_names.index("concept_local/cosine")]
         for i in range(2):
             for j in range(2):
-                cos = ei.concept_local[i] @ et.concept_local[j].T  # (P, T)
-                words = cos.max(0).values[et.concept_mask[j]]
+                cos = ei.sources["concept"]["local"][i] @ et.sources["concept"]["local"][j].T  # (P, T)
+                words = cos.max(0).values[et.sources["concept"]["mask"][j]]
                 assert torch.isclose(s[i, j], words.mean(), atol=1e-5)
-        maps = model.kernels.concept_local_maps(ei, et)  # paired: image k with text k
+        maps = model.sources["concept"].word_maps("concept_local", ei.sources["concept"], et.sources["concept"])
         assert maps.shape == (2, 2, ids.shape[1], 4)  # 64 px input -> a 2 x 2 grid of positions
 
 
@@ -96,8 +98,9 @@ def test_frozen_packaged_backbone_is_left_out_of_the_release_and_filled_on_load(
     model.eval()
     model.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "model.safetensors"))
-    assert not any(k.startswith(("vision.model.", "concepts.class_weight", "concepts.class_bias")) for k in saved)
-    assert "concepts.class_text" in saved
+    packaged = ("vision.model.", "kernels.sources.concept.class_weight", "kernels.sources.concept.class_bias")
+    assert not any(k.startswith(packaged) for k in saved)
+    assert "kernels.sources.concept.class_text" in saved
     loaded = MKLVisITA.from_pretrained(tmp_path)
     pv, ids, mask = _inputs(model)
     with torch.no_grad():
@@ -115,9 +118,9 @@ def test_a_missing_trained_weight_is_still_refused(model, tmp_path):
 
     model.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
-    del state["concepts.class_text"]
+    del state["kernels.sources.concept.class_text"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="concepts.class_text"):
+    with pytest.raises(CheckpointError, match="kernels.sources.concept.class_text"):
         MKLVisITA.from_pretrained(tmp_path)
 
 
@@ -136,7 +139,8 @@ def test_shipped_photo_folder_holds_no_backbone_weights():
 
     with safe_open("assets/mklvisita-photo/model.safetensors", "pt") as f:
         keys = list(f.keys())
-    assert keys and not any(k.startswith(("vision.model.", "text.model.", "concepts.class_weight")) for k in keys)
+    packaged = ("vision.model.", "text.model.", "kernels.sources.concept.class_weight")
+    assert keys and not any(k.startswith(packaged) for k in keys)
 
 
 @pytest.mark.slow
@@ -174,32 +178,32 @@ def test_default_names_the_embedded_checkpoints():
 def test_wordnet_expansion_mixes_the_synset_route_into_the_captions_class_distribution(tmp_path):
     """concept_class's caption side = sqrt((1 - w) q + w r @ M), r over the synset lemmas, M the uniform links."""
     cfg = _config(sources=["concept_class"])
-    cfg.kernels.concept_synsets, cfg.kernels.concept_synset_links = 3, 4
+    cfg.kernels.options = {"concept": {"synsets": 3, "synset_links": 4}}
     torch.manual_seed(0)
     m = MKLVisITA(cfg).eval()
     text = torch.randn(3, 32)
     rows, cols = torch.tensor([0, 1, 1, 2]), torch.tensor([5, 7, 9, 999])
-    m.concepts.fill_synsets(text, rows, cols, torch.tensor([1.0, 0.5, 0.5, 1.0]))
+    m.sources["concept"].fill_synsets(text, rows, cols, torch.tensor([1.0, 0.5, 0.5, 1.0]))
     _, ids, mask = _inputs(m)
     with torch.no_grad():
         txt = m.encode_text(ids, mask)
         got = m.embed_text(txt).pooled["concept_class"][:, 0]  # (B, K), unit rows
         x = txt.levels[m.text.depth - 1] * mask.unsqueeze(-1)
         s = F.normalize(x.sum(1) / mask.sum(1, keepdim=True), dim=-1)
-        c = m.concepts
+        c = m.sources["concept"]
         q = (s @ c.class_text.T / c.text_temperature).softmax(-1)
-        r = (s @ F.normalize(text, dim=-1).half().float().T / cfg.kernels.concept_synset_temperature).softmax(-1)
+        r = (s @ F.normalize(text, dim=-1).half().float().T / c.synset_temperature).softmax(-1)
         routed = torch.zeros_like(q)
         routed[:, 5] += r[:, 0]
         routed[:, 7] += r[:, 1] / 2
         routed[:, 9] += r[:, 1] / 2
         routed[:, 999] += r[:, 2]
-        w = cfg.kernels.concept_synset_weight
+        w = c.synset_weight
         expected = F.normalize(((1 - w) * q + w * routed).sqrt(), dim=-1)
         assert torch.allclose(got, expected, atol=1e-4)
         m.save_pretrained(tmp_path)
         loaded = MKLVisITA.from_pretrained(tmp_path)
-        assert torch.equal(loaded.concepts.synset_links, m.concepts.synset_links)
+        assert torch.equal(loaded.sources["concept"].synset_links, m.sources["concept"].synset_links)
         assert torch.allclose(loaded.embed_text(loaded.encode_text(ids, mask)).pooled["concept_class"][:, 0], got)
     with pytest.raises(ValueError, match="links"):
-        m.concepts.fill_synsets(text, rows[:3], cols[:3], torch.ones(3))
+        m.sources["concept"].fill_synsets(text, rows[:3], cols[:3], torch.ones(3))

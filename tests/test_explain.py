@@ -196,14 +196,15 @@ def test_model_maps_land_on_the_right_object_after_padding(model, processor, siz
     """End to end: a local-kernel map hot on one patch peaks at that patch's place in the original image."""
     gh, gw = model.vision.grid
     cell = (gh // 2, gw // 2 - 1) if size[0] > size[1] else (gh // 2 - 1, gw // 2)
-    real = model.kernels.local_kernel_maps
+    local = model.sources["local"]
+    real = local.word_maps
 
-    def hot(img, txt):
-        out = torch.zeros_like(real(img, txt))  # (B, n, T, P)
+    def hot(feature, img, txt):
+        out = torch.zeros_like(real(feature, img, txt))  # (B, n, T, P)
         out[..., cell[0] * gw + cell[1]] = 1.0
         return out
 
-    monkeypatch.setattr(model.kernels, "local_kernel_maps", hot)
+    monkeypatch.setattr(local, "word_maps", hot)
     e = explain_pair(model, processor, _image(*size), "a red circle", method="kernel")
     box = Letterbox.fit(*size, model.config.vision.image_size)
     y, x = np.unravel_index(np.argmax(e.caption_heatmap), e.caption_heatmap.shape)

@@ -1,17 +1,13 @@
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mklvisita.config import KernelConfig
-from mklvisita.kernels import (
-    CosineKernel,
-    MultiKernelSimilarity,
-    PolynomialKernel,
-    RBFKernel,
-    SigmoidKernel,
-    local_max_cosine,
-)
+from mklvisita.config import KernelConfig, VisionConfig
+from mklvisita.kernel_functions import CosineKernel, PolynomialKernel, RBFKernel, SigmoidKernel, local_max_cosine
+from mklvisita.kernels import MultiKernelSimilarity
+from mklvisita.sources import SourceContext, build_sources
 
 torch.manual_seed(0)
 
@@ -54,22 +50,29 @@ def test_learnable_parameters_stay_in_their_domain():
 
 
 def _mkl(cfg=None, d=16):
+    """The kernels of the token sources over encoders of width d (stand-ins: the sources read only their sizes)."""
     cfg = cfg or KernelConfig(proj_dim=8)
-    return MultiKernelSimilarity(cfg, {"global": d, "mid": d, "local": d}, {"global": d, "mid": d, "local": d})
+    vision = SimpleNamespace(depth=2, widths=[d, d], pooled_width=d, num_prefix_tokens=0, grids=[(3, 3)] * 2)
+    text = SimpleNamespace(width=d, depth=2)
+    ctx = SourceContext(cfg, vision, text, VisionConfig(), None, {})
+    return MultiKernelSimilarity(cfg, build_sources(ctx), d, d)
 
 
 def _feats(b, length, d=16):
-    return {"global": torch.randn(b, d), "mid": torch.randn(b, d), "local": torch.randn(b, length, d)}
+    """Raw features by source name: what each token source's encode step gives."""
+    return {"global": {"x": torch.randn(b, d)}, "mid": {"x": torch.randn(b, d)},
+            "local": {"x": torch.randn(b, length, d)}}  # fmt: skip
 
 
 def test_contributions_sum_to_similarity_and_pairwise_matches_all_pairs():
     mkl = _mkl(KernelConfig(proj_dim=8, gate=True))
     with torch.no_grad():
         mkl.gate_weight.normal_()
-    ei = mkl.embed_image(_feats(5, 9))
+    fi, ft = _feats(5, 9), _feats(7, 6)
+    ei = mkl.embed_image(fi, fi["global"]["x"])
     mask = torch.ones(7, 6, dtype=torch.bool)
     mask[:, 4:] = False
-    et = mkl.embed_text(_feats(7, 6), mask)
+    et = mkl.embed_text(ft, mask, ft["global"]["x"])
     out = mkl(ei, et)
     assert out.similarity.shape == (5, 7) and out.contributions.shape == (5, 7, 12)
     assert torch.allclose(out.contributions.sum(-1), out.similarity, atol=1e-6)
@@ -81,12 +84,13 @@ def test_contributions_sum_to_similarity_and_pairwise_matches_all_pairs():
 
 def test_local_kernel_is_mean_over_words_of_max_over_patches():
     mkl = _mkl(KernelConfig(sources=["local"], functions=["cosine"], proj_dim=8))
-    ei = mkl.embed_image({"local": torch.randn(3, 5, 16)})
+    ei = mkl.embed_image({"local": {"x": torch.randn(3, 5, 16)}})
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    et = mkl.embed_text({"local": torch.randn(2, 3, 16)}, mask)
+    et = mkl.embed_text({"local": {"x": torch.randn(2, 3, 16)}}, mask)
     s = mkl(ei, et).similarity
+    li, lt = ei.sources["local"]["tokens"], et.sources["local"]["tokens"]  # (B, n, L, d)
     for i, j in itertools.product(range(3), range(2)):
-        cos = ei.local[i, 0] @ et.local[j, 0].T  # (P, T)
+        cos = li[i, 0] @ lt[j, 0].T  # (P, T)
         words = cos.max(0).values[mask[j]]
         assert torch.isclose(s[i, j], words.mean(), atol=1e-5)
 

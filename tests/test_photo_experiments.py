@@ -66,7 +66,7 @@ def test_bench_recombines_the_checkpoints_own_kernel_values():
     try:
         b = pe.Bench.__new__(pe.Bench)  # the tune half is not needed: two example photos, a sign, four captions
         b.model = MKLVisITA.from_pretrained(str(pe.CHECKPOINT)).eval()
-        b.bridge, b.processor, b.pixels = b.model.concepts, Processor(b.model.config, b.model.tokenizer), []
+        b.bridge, b.processor, b.pixels = b.model.sources["concept"], Processor(b.model.config, b.model.tokenizer), []
         sign = Image.new("RGB", (448, 448), "white")
         ImageDraw.Draw(sign).text((40, 180), "STOP", fill="black", font=ImageFont.load_default(size=72))
         images = [EXAMPLES / "cat.jpg", EXAMPLES / "coffee.jpg", sign]

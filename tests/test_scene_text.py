@@ -81,7 +81,7 @@ def test_caption_words_are_rebuilt_from_their_pieces():
 def test_the_reader_reads_a_printed_word_and_the_kernel_finds_it_in_the_caption(model):
     processor = Processor(model.config, model.tokenizer)
     pv, _ = processor.images([_sign("STOP"), Image.new("RGB", (64, 64), "white")])
-    found = model.scene_text.read(pv)
+    found = model.sources["scene_text"].reader.read(pv)
     assert [w for w, _ in found[0]] == ["stop"] and found[1] == []
     x0, y0, x1, y1 = found[0][0][1]
     assert x1 < 112 and 70 < (y0 + y1) / 2 < 150  # on the left half, around the middle of the 224 input
@@ -108,15 +108,15 @@ def test_a_matched_words_map_covers_its_text_line(model):
 
 
 def test_bad_settings_and_a_missing_engine_are_refused(monkeypatch):
-    with pytest.raises(ConfigError, match="scene_text_match"):
-        MKLVisITA(_config(scene_text_match=1.0))
+    with pytest.raises(ConfigError, match="options.scene_text.match"):
+        MKLVisITA(_config(options={"scene_text": {"match": 1.0}}))
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)
     with pytest.raises(ImportError, match="rapidocr-onnxruntime"):
         SceneTextReader((0.5,) * 3, (0.5,) * 3)
 
 
 def test_a_text_line_partly_outside_the_image_covers_the_cells_it_reaches(model, monkeypatch):
-    reader = model.scene_text
+    reader = model.sources["scene_text"].reader
     monkeypatch.setattr(reader, "read", lambda pixels: [[("stop", (-10.0, -6.0, 40.0, 20.0))]])
     f = reader.features(torch.zeros(1, 3, 224, 224), (7, 7))
     cells = f["cells"][0, 0].view(7, 7)

@@ -118,23 +118,34 @@ def photo_config(bridge: bool = False, synsets: int = 0, links: int = 0) -> MKLV
         kernels=KernelConfig(
             sources=["concept"] if bridge else list(SOURCES),
             functions=["cosine"],
-            concept_functions=["cosine"],
-            concept_prompts="photo" if bridge else "ensemble",
-            concept_temperature=0.5 if bridge else 1.0,
-            concept_text_temperature=0.02,
-            concept_synsets=synsets,
-            concept_synset_links=links,
-            concept_synset_temperature=0.02,
-            concept_synset_weight=0.5,
             map_shifts=1 if bridge else 2,  # word maps averaged over 2 x 2 half-cell moves (tune-half pointing game)
-            person_classes=[] if bridge else list(PERSON_CLASSES),
-            scene_text_match=SCENE_TEXT_MATCH,
-            colour_sigma=COLOUR_SIGMA,
-            colour_saliency_power=COLOUR_SALIENCY_POWER,
+            options=photo_source_options(bridge, synsets, links),
         ),
         fusion=FusionConfig(enabled=False),
         ranking=RankingConfig(k=0, candidates=0),
     )
+
+
+def photo_source_options(bridge: bool = False, synsets: int = 0, links: int = 0) -> dict[str, dict]:
+    """The photo checkpoint's feature-source settings (``kernels.options``), by source name."""
+    concept = {
+        "functions": ["cosine"],
+        "prompts": "photo" if bridge else "ensemble",
+        "temperature": 0.5 if bridge else 1.0,
+        "text_temperature": 0.02,
+        "synsets": synsets,
+        "synset_links": links,
+        "synset_temperature": 0.02,
+        "synset_weight": 0.5,
+    }
+    if bridge:
+        return {"concept": concept}
+    return {
+        "concept": concept,
+        "colour": {"sigma": COLOUR_SIGMA, "saliency_power": COLOUR_SALIENCY_POWER},
+        "scene_text": {"match": SCENE_TEXT_MATCH},
+        "person": {"classes": list(PERSON_CLASSES)},
+    }
 
 
 def wordnet_expansion(wordnet: str | None = None) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
@@ -158,13 +169,13 @@ def fill_expansion(model, lemmas: list[str], rows: torch.Tensor, cols: torch.Ten
     """Encode the synset lemmas with the model's text encoder and store the expansion in its concept bridge."""
     encode = model._sentence_encoder(model.tokenizer)
     order = sorted(range(len(lemmas)), key=lambda i: len(lemmas[i]))  # similar lengths per batch: less padding
-    text = torch.zeros(len(lemmas), model.concepts.class_text.shape[1])
+    text = torch.zeros(len(lemmas), model.sources["concept"].class_text.shape[1])
     with torch.no_grad():
         for i in range(0, len(order), 256):
             idx = order[i : i + 256]
             text[idx] = encode([lemmas[j] for j in idx]).float()
     counts = torch.bincount(rows, minlength=len(lemmas)).float()
-    model.concepts.fill_synsets(text, rows, cols, 1.0 / counts[rows])
+    model.sources["concept"].fill_synsets(text, rows, cols, 1.0 / counts[rows])
 
 
 def set_weights(model, weights: tuple[float, ...]) -> None:
@@ -259,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     model = MKLVisITA(photo_config(args.bridge, synsets, links)).eval()  # ~2 min: 3,000 class prompts through MiniLM
     if expansion:
         fill_expansion(model, expansion[1], expansion[2], expansion[3])  # ~10 min: ~21k lemma strings
-        if model.person is not None:  # each vocabulary word's own person mass (per-word maps): ~20k words, ~2 min
-            model.person.fill_tokens(model.tokenizer, model._sentence_encoder(model.tokenizer), model.concepts)
+        if "person" in model.sources:  # each vocabulary word's own person mass (per-word maps): ~20k words, ~2 min
+            concept = model.sources["concept"]
+            model.sources["person"].fill_tokens(model.tokenizer, model._sentence_encoder(model.tokenizer), concept)
     processor = Processor(model.config, model.tokenizer)
     if not args.bridge:
         set_weights(model, tune(model, processor) if args.tune else CHOSEN_WEIGHTS)
@@ -268,14 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(str(out))
     weights = ", ".join(f"{n} {w:.2f}" for n, w in zip(model.kernel_names, model.kernel_weights().tolist()))
     expansion_line = EXPANSION.format(synsets=synsets) if synsets else ""
-    k = model.config.kernels
+    options = model.config.kernels.options
     card = CARD.format(
         kernels=weights,
-        temperature=k.concept_temperature,
+        temperature=options["concept"]["temperature"],
         expansion=expansion_line,
-        sigma=k.colour_sigma,
-        power=k.colour_saliency_power,
-        theta=k.scene_text_match,
+        sigma=options.get("colour", {}).get("sigma"),
+        power=options.get("colour", {}).get("saliency_power"),
+        theta=options.get("scene_text", {}).get("match"),
     )
     if args.bridge:
         card = card.replace("# MKL-VisITA photo checkpoint", "# The class-probability bridge alone (comparison)")

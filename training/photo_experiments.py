@@ -69,7 +69,7 @@ class Bench:
 
         torch.set_grad_enabled(False)
         self.model = MKLVisITA.from_pretrained(str(checkpoint)).eval()
-        self.bridge = self.model.concepts
+        self.bridge = self.model.sources["concept"]
         self.processor = Processor(self.model.config, self.model.tokenizer)
         self.data = load_eval_data("tuxpaint", split)
         self.txt2img = np.asarray(self.data.txt2img)
@@ -102,7 +102,8 @@ class Bench:
         maps = self.maps if maps is None else maps
         img = self.bridge.image_features(self.pooled if pooled is None else pooled, maps)
         txt = self.bridge.text_features(text["sentence"], text["last"])
-        colours = self.model.colours
+        sources = self.model.sources
+        colours = sources["colour"].names if "colour" in sources else None
         if colours is not None:  # a checkpoint with the colour kernel: the stamps' colours from the cached inputs
             grid = tuple(self.model.vision.grids[-1])
             if own_images:
@@ -111,11 +112,11 @@ class Bench:
                 cells = torch.zeros(*maps.shape[:2], NUM_COLOURS)
             img |= colours.image_features(cells, maps)
             txt |= colours.text_features(colours.token_colours(text["ids"], text["word"]))
-        if self.model.scene_text is not None:  # a checkpoint with the scene-text kernel: the stamps' words, read once
+        if "scene_text" in sources:  # a checkpoint with the scene-text kernel: the stamps' words, read once
             if own_images:
                 if not hasattr(self, "_scene"):
                     grid = tuple(self.model.vision.grids[-1])
-                    parts = [self.model.scene_text.features(pv, grid) for pv in self.pixels]
+                    parts = [sources["scene_text"].reader.features(pv, grid) for pv in self.pixels]
                     self._scene = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
                 scene = self._scene
             else:  # other images: nothing read
@@ -124,7 +125,7 @@ class Bench:
                          "mask": torch.zeros(n, MAX_WORDS, dtype=torch.bool)}  # fmt: skip
             img |= {"scene_text": scene["words"], "scene_text_mask": scene["mask"], "scene_text_cells": scene["cells"]}
             txt["scene_text"] = caption_word_vectors(self.model.tokenizer, text["ids"], text["word"])
-        person = self.model.person
+        person = sources["person"] if "person" in sources else None
         if person is not None:  # a checkpoint with the person kernel: faces in the stamps (none found so far)
             grid = tuple(self.model.vision.grids[-1])
             if own_images:
@@ -138,8 +139,22 @@ class Bench:
     def values(self, img: dict, txt: dict, word: torch.Tensor) -> np.ndarray:
         """(images, captions, kernels): each kernel's own value (not weighted)."""
         m = self.model
-        out = m.similarity(m.kernels.embed_image(img), m.kernels.embed_text(txt, word))
+        out = m.similarity(m.kernels.embed_image(by_source(img)), m.kernels.embed_text(by_source(txt), word))
         return (out.contributions / out.weights).float().numpy()
+
+
+def by_source(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Bench's flat features (one key per kernel feature, as the experiments edit them) -> the model's raw
+    features by source name (:mod:`mklvisita.sources`)."""
+    out = {"concept": {k: flat[k] for k in ("concept", "concept_class", "concept_local") if k in flat}}
+    for source in ("colour", "person"):
+        if source in flat:
+            out[source] = {source: flat[source], f"{source}_local": flat[f"{source}_local"]}
+    if "scene_text" in flat:
+        out["scene_text"] = {"words": flat["scene_text"]}
+        if "scene_text_mask" in flat:  # the image side: which rows are words, and their text lines
+            out["scene_text"] |= {"mask": flat["scene_text_mask"], "cells": flat["scene_text_cells"]}
+    return out
 
 
 def scores(values: np.ndarray, txt2img: np.ndarray, weights=None) -> dict:

@@ -1,4 +1,4 @@
-"""Colour names: a fixed feature source for the "colour" kernel (no parameters, nothing trained).
+"""Colour names: the fixed feature source "colour" (no parameters, nothing trained).
 
 A caption's colour words ("a *red* flag", "an astronaut in an *orange* suit") are attributes that an ImageNet
 classifier's classes do not carry, so the concept kernels cannot tell a red flag from a yellow one. This source
@@ -8,13 +8,13 @@ Decisions:
     - Eleven basic colour terms (Berlin and Kay's): black, white, grey, red, orange, yellow, green, blue, purple,
       pink, brown. Each has one prototype, a typical sRGB value chosen by us (``PROTOTYPES``); a pixel is named
       softly by its CIELAB distance to the prototypes, w_c = exp(-(d_c^2 - min d^2) / 2 sigma^2) normalised
-      (``kernels.colour_sigma``, in Lab units). No colour chart was fitted: the prototypes are round numbers, and
-      sigma is the one value chosen on data (the tune half of the Tux Paint stamps).
+      (``kernels.options.colour.sigma``, in Lab units). No colour chart was fitted: the prototypes are round numbers,
+      and sigma is the one value chosen on data (the tune half of the Tux Paint stamps).
     - Image side: the pixels' names averaged over each cell of the CNN's final grid (``cells``, (B, P, 11); the
       letterbox padding, exactly the pad colour, is left out), and a pooled distribution h (B, 11) that weights
       each cell by its *saliency*: the norm of the CNN's final feature map at that cell, min-max scaled per image
-      and raised to ``kernels.colour_saliency_power``. A cut-out on white or a photo's sky has weak features, the
-      object strong ones, so h describes the object's colours more than the background's.
+      and raised to ``kernels.options.colour.saliency_power``. A cut-out on white or a photo's sky has weak features,
+      the object strong ones, so h describes the object's colours more than the background's.
     - Text side: the caption's whole-word colour terms (``COLOUR_WORDS``: the eleven, "gray", "silver" as grey,
       "gold"/"golden" as yellow, "violet" as purple; a word piece followed by a continuation such as "blue" in
       "bluebird" does not count). q (B, 11) is their mean one-hot; a caption without one has q = 0.
@@ -25,9 +25,16 @@ Decisions:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import ConfigError
+from ..features import ImageFeatures, TextFeatures
+from ..kernel_functions import ShareKernel
+from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
 
 BASIC_COLOURS = ("black", "white", "grey", "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown")
 NUM_COLOURS = len(BASIC_COLOURS)
@@ -96,6 +103,18 @@ def colour_token_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return colour, continues
 
 
+@dataclass
+class ColourOptions:
+    """Settings of the colour source (``kernels.options.colour``)."""
+
+    sigma: float = 20.0  # softness of naming a pixel's colour (CIELAB units)
+    saliency_power: float = 2.0  # exponent of the cells' saliency weights (0: all alike)
+
+    def validate(self) -> None:
+        if self.sigma <= 0 or self.saliency_power < 0:
+            raise ConfigError("kernels.options.colour.sigma must be > 0 and .saliency_power >= 0")
+
+
 class ColourNames(nn.Module):
     """The colour source's features (module docstring). Buffers are rebuilt from the tokenizer, never saved."""
 
@@ -146,3 +165,42 @@ class ColourNames(nn.Module):
         """Per-token one-hots (B, T, 11) -> the caption's mean colour term q (B, 11) (0 without one) and the tokens."""
         count = tokens.sum((1, 2)).clamp_min(1.0)
         return {"colour": tokens.sum(1) / count.unsqueeze(-1), "colour_local": tokens}
+
+
+@register_source
+class ColourSource(FeatureSource):
+    """The "colour" source: :class:`ColourNames` of the image's cells against the caption's colour words."""
+
+    name = "colour"
+    features = ("colour",)
+    config_class = ColourOptions
+    pooled_features = ("colour",)
+    map_features = ("colour",)
+
+    def __init__(self, ctx: SourceContext, enabled: list[str], options: ColourOptions):
+        super().__init__(ctx, enabled, options)
+        if ctx.tokenizer is None:
+            raise ConfigError("kernels.sources 'colour' needs the tokenizer (its colour words); load the folder")
+        self.functions["colour"] = nn.ModuleList([ShareKernel()])  # fixed features, one kernel: nothing to choose
+        self.grid = tuple(ctx.vision.grids[-1])
+        v = ctx.image
+        self.names = ColourNames(options.sigma, options.saliency_power, ctx.tokenizer, v.mean, v.std, v.pad_value)
+
+    def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
+        if img.backbone_map is None:
+            raise ConfigError("kernels.sources 'colour' needs a CNN (or hybrid) image encoder (its final map)")
+        return self.names.image_features(self.names.cells(pixel_values, self.grid), img.backbone_map)
+
+    def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:
+        return self.names.text_features(self.names.token_colours(input_ids, txt.word_mask))
+
+    def embed_image(self, feats: dict[str, torch.Tensor]) -> SourceEmbeddings:
+        # (B, 1, 11) distributions, compared as they are; the cells / colour-word one-hots for the per-word maps
+        return SourceEmbeddings({"colour": feats["colour"].unsqueeze(1)}, {"local": feats["colour_local"]})
+
+    def embed_text(self, feats: dict[str, torch.Tensor], word_mask: torch.Tensor) -> SourceEmbeddings:
+        return self.embed_image(feats)
+
+    def word_maps(self, feature: str, img: dict, txt: dict) -> torch.Tensor:
+        """Each colour word's share in every cell; 0 for other words: (B, 1, T, P)."""
+        return torch.einsum("bpc,btc->btp", img["local"], txt["local"]).unsqueeze(1)

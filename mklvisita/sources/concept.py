@@ -34,14 +34,44 @@ Decisions:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CONCEPT_SOURCES, KernelConfig
+from ..config import KERNEL_FUNCTIONS, ConfigError
+from ..features import ImageFeatures, TextFeatures
+from ..kernel_functions import local_max_cosine, make_kernel_function, mean_over_words
+from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
 
 NUM_CLASSES = 1000
+
+
+@dataclass
+class ConceptOptions:
+    """Settings of the concept source (``kernels.options.concept``)."""
+
+    functions: list[str] = field(default_factory=lambda: ["cosine"])  # kernel functions of each concept feature
+    prompts: str = "ensemble"  # class prompts: "ensemble" (lemmas, definition, photo) or "photo" (only "a photo of
+    # a <first lemma>", the plain bridge)
+    temperature: float = 0.5  # T of the image's class probabilities softmax(logits / T)
+    text_temperature: float = 0.02  # tau of a caption's class distribution softmax(cos(caption, class) / tau)
+    synsets: int = 0  # WordNet synsets expanding a caption's class distribution; 0 = off
+    synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
+    synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
+    synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
+
+    def validate(self) -> None:
+        bad = [f for f in self.functions if f not in KERNEL_FUNCTIONS]
+        if bad or not self.functions:
+            raise ConfigError(
+                f"kernels.options.concept.functions: unknown or no function {bad}; choose from {list(KERNEL_FUNCTIONS)}"
+            )
+        if self.prompts not in ("ensemble", "photo"):
+            raise ConfigError(f"kernels.options.concept.prompts must be 'ensemble' or 'photo', not {self.prompts!r}")
+        if (self.synsets > 0) != (self.synset_links > 0):
+            raise ConfigError("kernels.options.concept.synsets and .synset_links are both 0 or both > 0")
 
 
 def class_prompts(kind: str = "ensemble") -> list[list[str]]:
@@ -64,32 +94,93 @@ def class_prompts(kind: str = "ensemble") -> list[list[str]]:
     return prompts
 
 
-def uses_concepts(cfg: KernelConfig) -> bool:
-    return any(s in CONCEPT_SOURCES for s in cfg.sources)
+@register_source
+class ConceptBridge(FeatureSource):
+    """The concept source: maps CNN features to class probabilities and both modalities' features to the concept
+    features "concept", "concept_class" and "concept_local" (module docstring)."""
 
+    name = "concept"
+    features = ("concept", "concept_class", "concept_local")
+    config_class = ConceptOptions
+    pooled_features = ("concept", "concept_class")
+    map_features = ("concept_local",)
 
-class ConceptBridge(nn.Module):
-    """Maps CNN features to class probabilities and both modalities' features to the concept sources."""
-
-    def __init__(self, cfg: KernelConfig, image_width: int, text_width: int, num_classes: int = NUM_CLASSES):
-        super().__init__()
-        self.prompts = cfg.concept_prompts
-        self.temperature = cfg.concept_temperature
-        self.text_temperature = cfg.concept_text_temperature
-        self.sources = [s for s in CONCEPT_SOURCES if s in cfg.sources]
+    def __init__(self, ctx: SourceContext, enabled: list[str], options: ConceptOptions):
+        super().__init__(ctx, enabled, options)
+        image_width = int(getattr(ctx.vision.model, "num_features", 0))
+        text_width, num_classes = ctx.text.width, NUM_CLASSES
+        self.prompts = options.prompts
+        self.temperature = options.temperature
+        self.text_temperature = options.text_temperature
+        self.sources = self.enabled
+        self.last_text = ctx.text.depth - 1
+        for f in self.enabled:
+            self.functions[f] = nn.ModuleList([make_kernel_function(fn, ctx.kernels) for fn in options.functions])
         # Buffers, not frozen parameters: DDP must not wait for a gradient that never comes.
         self.register_buffer("class_weight", torch.zeros(num_classes, image_width))  # (K, C) ImageNet head
         self.register_buffer("class_bias", torch.zeros(num_classes))  # (K,)
         self.register_buffer("class_text", torch.zeros(num_classes, text_width))  # (K, D) unit prompt embeddings
-        self.synset_weight = cfg.concept_synset_weight
-        self.synset_temperature = cfg.concept_synset_temperature
-        self.expands = cfg.concept_synsets > 0
+        self.synset_weight = options.synset_weight
+        self.synset_temperature = options.synset_temperature
+        self.expands = options.synsets > 0
         if self.expands:
-            n, links = cfg.concept_synsets, cfg.concept_synset_links
+            n, links = options.synsets, options.synset_links
             self.register_buffer("synset_text", torch.zeros(n, text_width, dtype=torch.float16))  # (N, D) unit lemmas
             self.register_buffer("synset_links", torch.zeros(2, links, dtype=torch.int32))  # (synset, class) pairs
             self.register_buffer("synset_link_weight", torch.zeros(links))  # (L,) each synset's weights sum to 1
 
+    # ------------------------------------------------------------------------------------ source hooks
+    def build(self, encode_sentences: Callable[[list[str]], torch.Tensor]) -> None:
+        self.fill_class_text(encode_sentences)
+
+    def vision_weights(self) -> tuple[str, ...]:
+        return ("class_weight", "class_bias")
+
+    def load_vision_weights(self, state: dict[str, torch.Tensor], classifier: str) -> None:
+        self.load_classifier(state, classifier)
+
+    def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
+        if img.backbone_pooled is None:
+            raise ConfigError("concept kernels need a CNN (or hybrid) image encoder with an ImageNet head")
+        return self.image_features(img.backbone_pooled, img.backbone_map)
+
+    def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:
+        last = txt.levels[self.last_text]
+        mask = txt.attention_mask.unsqueeze(-1).float()
+        # Mean over every real token, [CLS] and [SEP] included: how sentence-transformers pools.
+        sentence = (last * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, D)
+        return self.text_features(sentence, last)
+
+    def _embed(self, feats: dict[str, torch.Tensor], mask: torch.Tensor | None) -> SourceEmbeddings:
+        pooled, other = {}, {}
+        for f in self.enabled:
+            if f == "concept_local":
+                local = F.normalize(feats[f], dim=-1)  # (B, L, D): one embedding for all its kernels
+                if mask is None:
+                    mask = torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
+                other = {"local": local, "mask": mask}
+            else:
+                x = F.normalize(feats[f], dim=-1)  # (B, D)
+                pooled[f] = x.unsqueeze(1).expand(-1, len(self.functions[f]), -1)  # (B, n, D), a view
+        return SourceEmbeddings(pooled, other)
+
+    def embed_image(self, feats: dict[str, torch.Tensor]) -> SourceEmbeddings:
+        return self._embed(feats, None)
+
+    def embed_text(self, feats: dict[str, torch.Tensor], word_mask: torch.Tensor) -> SourceEmbeddings:
+        return self._embed(feats, word_mask)
+
+    def kernel_values(self, feature: str, img: dict, txt: dict, pairwise: bool) -> torch.Tensor:
+        # One embedding per position, so the late interaction runs once (n = 1) for all concept_local kernels.
+        cos = local_max_cosine(img["local"].unsqueeze(1), img["mask"], txt["local"].unsqueeze(1), pairwise)[..., 0, :]
+        return torch.stack([mean_over_words(fn(cos), txt["mask"], pairwise) for fn in self.functions[feature]], -1)
+
+    def word_maps(self, feature: str, img: dict, txt: dict) -> torch.Tensor:
+        """Word x position values of every concept_local kernel for paired (image k, text k): (B, n_c, T, P)."""
+        cos = torch.einsum("bpd,btd->btp", img["local"], txt["local"])
+        return torch.stack([fn(cos) for fn in self.functions[feature]], 1)
+
+    # ----------------------------------------------------------------------------------------- the bridge
     def load_classifier(self, state: dict[str, torch.Tensor], prefix: str = "classifier") -> None:
         """Copy the ImageNet head ``<prefix>.weight`` / ``<prefix>.bias`` of a timm state dict."""
         for name, buf in (("weight", self.class_weight), ("bias", self.class_bias)):

@@ -14,10 +14,11 @@ Decisions:
       1.2, 5 neighbours and faces of 24 px at least: ~12 ms per image on one thread in a scratch timing (1.1 / 20 px:
       ~25 ms).
     - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
-    - Text side: the caption's person mass pi = its (expanded) class distribution's mass on ``kernels.person_classes``
-      (:mod:`mklvisita.sources.concept`), and for the per-word maps each token's person mass *alone*: the same expansion
-      applied to the token's own embedding, computed once per vocabulary entry when the checkpoint is built
-      (``fill_tokens``) and saved with it (fp16), so scoring only looks it up ("astronaut" 1.0, "a" 0.1, "suit" 0).
+    - Text side: the caption's person mass pi = its (expanded) class distribution's mass on
+      ``kernels.options.person.classes`` (:mod:`mklvisita.sources.concept`), and for the per-word maps each token's
+      person mass *alone*: the same expansion applied to the token's own embedding, computed once per vocabulary
+      entry when the checkpoint is built (``fill_tokens``) and saved with it (fp16), so scoring only looks it up
+      ("astronaut" 1.0, "a" 0.1, "suit" 0).
     - Kernel "person/share" = f * pi; its per-word maps are each token's person mass times the face cells.
 """
 
@@ -25,10 +26,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import ConfigError
+from ..features import ImageFeatures, TextFeatures
+from ..kernel_functions import ShareKernel
+from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
 
 CASCADE = "haarcascade_frontalface_alt2.xml"
 SCALE_STEP, NEIGHBOURS, MIN_FACE = 1.2, 5, 24
@@ -75,15 +82,55 @@ class FaceDetector:
         return out
 
 
-class PersonSource(nn.Module):
+@dataclass
+class PersonOptions:
+    """Settings of the person source (``kernels.options.person``)."""
+
+    classes: list[int] = field(default_factory=list)  # the ImageNet classes under WordNet's person, whose mass in a
+    # caption's (expanded) class distribution says it names a person
+
+    def validate(self) -> None:
+        if not (self.classes and all(0 <= c < 1000 for c in self.classes)):
+            raise ConfigError("kernels.sources 'person' needs kernels.options.person.classes: ImageNet classes (0-999)")
+
+
+@register_source
+class PersonSource(FeatureSource):
     """The "person" source (module docstring): face cells on the image side, person mass on the caption side."""
 
-    def __init__(self, person_classes, tokenizer, mean, std):
-        super().__init__()
-        self.detector = FaceDetector(mean, std)
-        self.person_classes = list(person_classes)
-        vocab = max(tokenizer.get_vocab().values()) + 1
+    name = "person"
+    features = ("person",)
+    config_class = PersonOptions
+    pooled_features = ("person",)
+    map_features = ("person",)
+
+    def __init__(self, ctx: SourceContext, enabled: list[str], options: PersonOptions):
+        super().__init__(ctx, enabled, options)
+        if "concept" not in ctx.built or ctx.tokenizer is None:
+            raise ConfigError("kernels.sources 'person' needs the concept sources and the tokenizer")
+        self.functions["person"] = nn.ModuleList([ShareKernel()])  # fixed features, one kernel
+        self.detector = FaceDetector(ctx.image.mean, ctx.image.std)
+        self.person_classes = list(options.classes)
+        self.grid = tuple(ctx.vision.grids[-1])
+        vocab = max(ctx.tokenizer.get_vocab().values()) + 1
         self.register_buffer("token_person", torch.zeros(vocab, dtype=torch.float16))  # (V,) filled by fill_tokens
+
+    def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
+        return self.image_features(self.face_cells(pixel_values, self.grid))
+
+    def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:
+        q = txt.sources["concept"]["concept_class"] ** 2  # the concept source's caption class distribution
+        return self.text_features(q, self.token_mass(input_ids, txt.word_mask))
+
+    def embed_image(self, feats: dict[str, torch.Tensor]) -> SourceEmbeddings:
+        return SourceEmbeddings({"person": feats["person"].unsqueeze(1)}, {"local": feats["person_local"]})  # (B,1,1)
+
+    def embed_text(self, feats: dict[str, torch.Tensor], word_mask: torch.Tensor) -> SourceEmbeddings:
+        return self.embed_image(feats)
+
+    def word_maps(self, feature: str, img: dict, txt: dict) -> torch.Tensor:
+        """Each token's own person mass over the cells the faces cover: (B, 1, T, P)."""
+        return (txt["local"].unsqueeze(-1) * img["local"].unsqueeze(1)).unsqueeze(1)
 
     def face_cells(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Normalised model inputs (B, 3, H, W) -> each grid cell's share covered by faces (B, gh * gw)."""

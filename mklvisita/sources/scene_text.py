@@ -15,7 +15,7 @@ Decisions:
       :data:`MAX_WORDS` per image; on the caption side the same rule on the words rebuilt from its word pieces.
     - Matching is fuzzy, because OCR misreads a letter ("CROSSINC") and captions inflect ("Measuring" / "MEASURE"):
       each word becomes a vector of hashed character trigrams (with word boundaries, :data:`DIM` buckets, unit norm),
-      and a pair matches by m = max(0, (cos - theta) / (1 - theta)), theta = ``kernels.scene_text_match``.
+      and a pair matches by m = max(0, (cos - theta) / (1 - theta)), theta = ``kernels.options.scene_text.match``.
     - Kernel: the mean over the image's words of their best match among the caption's words (late interaction, from
       the image's side: what the image says, found in the caption); 0 for an image with no text. Per-word maps: a
       caption word's match with each image word, spread over the cells of that word's text line.
@@ -26,10 +26,17 @@ from __future__ import annotations
 import re
 import threading
 import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from ..features import ImageFeatures, TextFeatures
+from ..kernel_functions import KernelFunction
+from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
 
 DIM = 256  # hashed trigram buckets
 MAX_WORDS = 16  # words kept per image
@@ -146,3 +153,84 @@ class SceneTextReader:
                 cells[i, j] = F.adaptive_avg_pool2d(box, grid)[0, 0]
         device = pixels.device
         return {"words": vectors.to(device), "mask": mask.to(device), "cells": cells.flatten(2).to(device)}
+
+
+@dataclass
+class SceneTextOptions:
+    """Settings of the scene-text source (``kernels.options.scene_text``)."""
+
+    match: float = 0.5  # trigram cosine at which two words start to match (theta)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.match < 1.0:
+            raise ConfigError(f"kernels.options.scene_text.match must be within [0, 1), not {self.match}")
+
+
+class MatchKernel(KernelFunction):
+    """The word match: max(0, (cos - theta) / (1 - theta)) of two trigram vectors."""
+
+    name = "match"
+
+    def __init__(self, theta: float):
+        super().__init__()
+        self.theta = float(theta)
+
+    def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        return soft_match(cos, self.theta)
+
+
+@register_source
+class SceneTextSource(FeatureSource):
+    """The "scene_text" source: words read in the image against the caption's words (module docstring)."""
+
+    name = "scene_text"
+    features = ("scene_text",)
+    config_class = SceneTextOptions
+    map_features = ("scene_text",)
+
+    def __init__(self, ctx: SourceContext, enabled: list[str], options: SceneTextOptions):
+        super().__init__(ctx, enabled, options)
+        if ctx.tokenizer is None:
+            raise ConfigError("kernels.sources 'scene_text' needs the tokenizer (the caption's words)")
+        self.functions["scene_text"] = nn.ModuleList([MatchKernel(options.match)])
+        self.reader = SceneTextReader(ctx.image.mean, ctx.image.std)
+        self.tokenizer = ctx.tokenizer
+        self.grid = tuple(ctx.vision.grids[-1])
+
+    def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
+        return self.reader.features(pixel_values, self.grid)  # words, mask, cells
+
+    def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:
+        return {"words": caption_word_vectors(self.tokenizer, input_ids, txt.word_mask).to(txt.pooled.device)}
+
+    def embed_image(self, feats: dict[str, torch.Tensor]) -> SourceEmbeddings:
+        return SourceEmbeddings({}, dict(feats))  # kept whole: late interaction between words
+
+    def embed_text(self, feats: dict[str, torch.Tensor], word_mask: torch.Tensor) -> SourceEmbeddings:
+        words = feats["words"]
+        return SourceEmbeddings({}, {"words": words, "mask": words.abs().sum(-1) > 0})  # the words' rows
+
+    def kernel_values(self, feature: str, img: dict, txt: dict, pairwise: bool) -> torch.Tensor:
+        """Mean over the image's words of their best match among the caption's: (Bi, Bt, 1) or (B, 1). Most images
+        say nothing, so only the images with a word are compared, chunked so a (ci, Bt, W, T) block stays near 2^24."""
+        fn = self.functions[feature][0]
+        iw, tw = img["words"], txt["words"]
+        w = img["mask"].float()  # (Bi, W)
+        count = w.sum(-1)  # (Bi,)
+        if pairwise:
+            best = fn(torch.einsum("bwd,btd->bwt", iw, tw)).amax(-1)  # (B, W)
+            return ((best * w).sum(-1) / count.clamp_min(1.0)).unsqueeze(-1)
+        out = torch.zeros(iw.shape[0], tw.shape[0], 1, dtype=tw.dtype, device=tw.device)
+        rows = torch.nonzero(count > 0).flatten()
+        chunk = max(1, 2**24 // max(1, tw.shape[0] * tw.shape[1] * iw.shape[1]))
+        for i in range(0, len(rows), chunk):
+            r = rows[i : i + chunk]
+            best = fn(torch.einsum("iwd,jtd->ijwt", iw[r], tw)).amax(-1)  # (ci, Bt, W)
+            out[r, :, 0] = (best * w[r, None, :]).sum(-1) / count[r, None]
+        return out
+
+    def word_maps(self, feature: str, img: dict, txt: dict) -> torch.Tensor:
+        """A caption word's matches, over the matched words' text lines: (B, 1, T, P)."""
+        m = self.functions[feature][0](torch.einsum("bwd,btd->bwt", img["words"], txt["words"]))
+        m = m * img["mask"].unsqueeze(-1)
+        return torch.einsum("bwt,bwp->btp", m, img["cells"]).unsqueeze(1)
