@@ -19,9 +19,9 @@ Decisions:
   request a photo never sent before (an example photo with one pixel changed, JPEG, made before the clock starts),
   so each request costs a model call, as a crowd of visitors with their own photos would.
 - ``--compare``: before and after batching in one run. The concurrent phase runs twice, each against a fresh app:
-  first with ``MKLVISITA_BATCHING=off`` (Match one request at a time in the shared model slot, as the demo served
-  before ``demo.batching``), then with batching on; each app gets one warm-up request per example first. The
-  sequential phase is skipped; rows say ``batching`` off/on and the JSON gives the ratios.
+  first with ``MKLVISITA_BATCHING=off`` (Match one request at a time in the shared model slot, every figure drawn
+  again: as the demo served before ``demo.batching``), then with batching on; each app gets one warm-up request per
+  example first. The sequential phase is skipped; rows say ``batching`` off/on and the JSON gives the ratios.
 - Phase 2, memory: ``--sequential`` requests one after another, each with an image never seen before (random
   noise with a coloured square, 320 x 240 PNG, seeded by the request number), alternating ``/match`` and
   ``/explain``, so every input-keyed cache sees only misses. The app process's RSS (psutil) after ``--first``

@@ -19,7 +19,8 @@ Decisions:
 - A failing batch (say, one request's caption has nothing the tokenizer can read) is run again one request at a
   time, so each request gets its own result or its own error.
 - ``MKLVISITA_BATCHING=off`` (read when the page is built) serves Match one request at a time in the shared
-  "model" slot, as the demo did before batching; ``benchmarks/demo_load.py --compare`` measures both.
+  "model" slot and draws every Match figure again (``demo.match`` otherwise keeps the figures of its cached
+  results), as the demo served before; ``benchmarks/demo_load.py --compare`` measures both.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from .registry import EXPLAIN_CACHE_ENTRIES, ResultCache
 
 DEFAULT_LAYER = "default"  # fusion-layer choice meaning mklvisita.explain's default layer
 DEFAULT_METHOD = "default"  # explanation method meaning the Matcher's choice: Grad-CAM with fusion, else kernel maps
+FIGURE_CACHE_ENTRIES = 16  # contribution figures kept per checkpoint (about 0.7 MB each)
 
 
 def rounded(x: Any, digits: int = 6) -> float | None:
@@ -144,7 +145,15 @@ def match(matcher: Matcher, image: Any, captions_text: Any, cache: ResultCache |
     contrib = np.array([[row["kernel_contributions"][k] for k in names] for row in ranking], dtype=np.float64)
     sims = np.array([row["similarity"] for row in ranking], dtype=np.float64)
     ranked = [row["caption"] for row in ranking]
-    fig = contributions_figure(contrib.reshape(len(ranking), -1), names, ranked, sims)
+
+    def draw() -> Image.Image:
+        return contributions_figure(contrib.reshape(len(ranking), -1), names, ranked, sims)
+
+    # Drawn from the cached numbers alone, so cached beside them: a repeated request (an example) draws nothing; each
+    # caller gets its own copy of the image. Off with batching (MKLVISITA_BATCHING=off: serving as before both).
+    keep = cache is not None and batching.enabled()
+    figures_cache = cache.sub("match figures", FIGURE_CACHE_ENTRIES) if keep else None
+    fig = figures_cache.get_or_compute(key, draw).copy() if figures_cache is not None else draw()
     return MatchView(table, fig, result, ranked)
 
 

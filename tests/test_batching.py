@@ -127,3 +127,23 @@ def test_the_toggle(monkeypatch):
     monkeypatch.setenv(batching.BATCHING_ENV, "off")
     assert not batching.enabled()
     assert batching.event_concurrency() == {"concurrency_id": "model", "concurrency_limit": 1}
+
+
+def test_a_repeated_match_draws_its_figure_once(monkeypatch):
+    """demo.match keeps the figure beside its cached numbers (batching on); with batching off it draws every time."""
+    from demo import match as match_tab
+    from demo.registry import ResultCache
+
+    matcher = Matcher.default("photo")
+    drawn = []
+    draw = match_tab.contributions_figure
+    monkeypatch.setattr(match_tab, "contributions_figure", lambda *a: drawn.append(1) or draw(*a))
+    image, captions = EXAMPLES / "cat.jpg", "a cat\na dog"
+    monkeypatch.delenv(batching.BATCHING_ENV, raising=False)
+    cache = ResultCache()
+    first, second = (match_tab.match(matcher, image, captions, cache) for _ in range(2))
+    assert len(drawn) == 1 and first.figure is not second.figure  # each caller its own copy
+    assert np.array_equal(np.asarray(first.figure), np.asarray(second.figure))
+    monkeypatch.setenv(batching.BATCHING_ENV, "off")
+    match_tab.match(matcher, image, captions, cache)
+    assert len(drawn) == 2
