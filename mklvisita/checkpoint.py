@@ -288,7 +288,8 @@ def load_model(
     """Build ``cls`` (MKLVisITA) from a checkpoint folder or Hub id (:func:`resolve`), strictly: the architecture
     from config.json (never timm's or the Hub's weights), frozen backbones from their packages (sha256 checked),
     every other weight from model.safetensors. Problems are :class:`CheckpointError` naming the file."""
-    folder = resolve(name_or_path, **resolve_kwargs)
+    hub = ("revision", "cache_dir", "force_download", "token", "local_files_only")  # others are not ours: ignored
+    folder = resolve(name_or_path, **{k: v for k, v in resolve_kwargs.items() if k in hub})
     config = read_config(folder)
     check_tokenizer_file(folder)
     try:

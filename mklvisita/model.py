@@ -25,7 +25,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, pretrained
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError  # noqa: F401  (re-exported)
 from .checkpoint import resolve as resolve_checkpoint  # noqa: F401  (re-exported)
 from .config import ConfigError, MKLVisITAConfig
@@ -208,13 +208,7 @@ class MKLVisITA(
 
     def external_weight_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes that come from installed packages (frozen backbones) and are not saved."""
-        prefixes = []
-        if self.config.vision.frozen and self.config.vision.weights:
-            prefixes.append("vision.model.")
-            prefixes += [f"kernels.sources.{n}.{w}" for n, s in self.sources.items() for w in s.vision_weights()]
-        if self.config.text.frozen and self.config.text.weights:
-            prefixes.append("text.model.")
-        return tuple(prefixes)
+        return pretrained.external_weight_prefixes(self)
 
     def zero_start_keys(self) -> set[str]:
         """State-dict keys of modules that leave the model's function unchanged when new: ``fusion.word_positions``'
@@ -225,39 +219,12 @@ class MKLVisITA(
 
     def fill_external_weights(self) -> None:
         """Load the frozen backbones (and what sources copy from them) from their packages, sha256 checked."""
-        from safetensors.torch import load_file as load_safetensors
-
-        from .pretrained import text_model_folder
-
-        prefixes = self.external_weight_prefixes()
-        if "vision.model." in prefixes:
-            state = self._vision_package_state()
-            own = self.vision.model.state_dict()
-            self.vision.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
-            self._fill_source_vision_weights(state)
-        if "text.model." in prefixes:
-            folder = text_model_folder(self.config.text.weights)
-            state = load_safetensors(str(folder / "model.safetensors"))
-            own = self.text.model.state_dict()
-            self.text.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
-
-    def _vision_package_state(self) -> dict[str, torch.Tensor]:
-        from .pretrained import vision_state_dict
-
-        return vision_state_dict(self.config.vision.weights, self.config.vision.model_name)
-
-    def _fill_source_vision_weights(self, state: dict[str, torch.Tensor]) -> None:
-        classifier = self.vision.model.pretrained_cfg.get("classifier", "classifier")
-        for source in self.sources.values():
-            if source.vision_weights():
-                source.load_vision_weights(state, classifier)
+        pretrained.fill_external_weights(self)
 
     def _build_sources(self, tokenizer) -> None:
         """A new model: sources fill what they take from pretrained parts (saved with it, never rebuilt on load)."""
-        if self.config.vision.pretrained and self.config.vision.weights and any(
-            s.vision_weights() for s in self.sources.values()
-        ):
-            self._fill_source_vision_weights(self._vision_package_state())
+        if self.config.vision.pretrained and self.config.vision.weights:
+            pretrained.fill_source_vision_weights(self)
         if tokenizer is not None:
             for source in self.sources.values():
                 source.build(self._sentence_encoder(tokenizer))
@@ -349,32 +316,15 @@ class MKLVisITA(
 
     @classmethod
     def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        force_download: bool = False,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-        map_location: str | torch.device = "cpu",
-        **_: Any,
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, map_location: str | torch.device = "cpu", **hub: Any
     ) -> MKLVisITA:
-        """Load a checkpoint folder or Hub id (``revision`` pins a branch, tag or commit), strictly.
+        """Load a checkpoint folder or Hub id strictly (:func:`mklvisita.checkpoint.load_model`); ``hub``: ``revision``
+        (a branch, tag or commit), ``cache_dir``, ``force_download``, ``token``, ``local_files_only``.
 
         Refused with a CheckpointError naming the problem: a missing file, a pickle weights file, an unknown or
-        ill-typed config field, and any missing, unexpected or mis-shaped weight (:func:`checkpoint.load_model`).
+        ill-typed config field, and any missing, unexpected or mis-shaped weight.
         """
-        return checkpoint.load_model(
-            cls,
-            pretrained_model_name_or_path,
-            map_location,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            token=token,
-            local_files_only=local_files_only,
-        )
+        return checkpoint.load_model(cls, pretrained_model_name_or_path, map_location, **hub)
 
 
 def _spread(n: int, depth: int) -> list[int]:

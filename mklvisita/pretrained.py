@@ -225,3 +225,46 @@ def efficientnet_pytorch_to_timm(state: dict[str, torch.Tensor], model_name: str
     if missing:
         raise WeightsError(f"{model_name} weights not given by the source: {missing[:5]} ({len(missing)} in all)")
     return out
+
+
+# ------------------------------------------------------------------------------------ a model's packaged weights
+def external_weight_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of an MKL-VisITA model that come from installed packages (frozen backbones, and what
+    feature sources copy from the image backbone) and are not saved in its release folder."""
+    cfg, prefixes = model.config, []
+    if cfg.vision.frozen and cfg.vision.weights:
+        prefixes.append("vision.model.")
+        prefixes += [f"kernels.sources.{n}.{w}" for n, s in model.sources.items() for w in s.vision_weights()]
+    if cfg.text.frozen and cfg.text.weights:
+        prefixes.append("text.model.")
+    return tuple(prefixes)
+
+
+def fill_external_weights(model: torch.nn.Module) -> None:
+    """Load a model's frozen backbones (and what sources copy from them) from their packages, sha256 checked,
+    strictly."""
+    from safetensors.torch import load_file
+
+    prefixes = external_weight_prefixes(model)
+    if "vision.model." in prefixes:
+        state = vision_state_dict(model.config.vision.weights, model.config.vision.model_name)
+        own = model.vision.model.state_dict()
+        model.vision.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+        fill_source_vision_weights(model, state)
+    if "text.model." in prefixes:
+        state = load_file(str(text_model_folder(model.config.text.weights) / "model.safetensors"))
+        own = model.text.model.state_dict()
+        model.text.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+def fill_source_vision_weights(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Give the feature sources that copy tensors from the image backbone's package (an ImageNet head) their
+    tensors; ``state``: the package's state dict (read here when None)."""
+    takers = [s for s in model.sources.values() if s.vision_weights()]
+    if not takers:
+        return
+    if state is None:
+        state = vision_state_dict(model.config.vision.weights, model.config.vision.model_name)
+    classifier = model.vision.model.pretrained_cfg.get("classifier", "classifier")
+    for source in takers:
+        source.load_vision_weights(state, classifier)
