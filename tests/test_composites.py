@@ -9,6 +9,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from mklvisita.config import MKLVisITAConfig
+from mklvisita.data import clipart as art
+from mklvisita.data import composite_claims as claims
 from mklvisita.data import composites as comp
 from mklvisita.inputs import Processor
 from mklvisita.model import MKLVisITA
@@ -42,10 +44,10 @@ def clipart(tmp_path, monkeypatch):
     _art(root / "shapes" / "star_01.png", "Star", PAINT[1])  # a skipped tree
     _art(root / "things" / "collection_01.png", "Various Cliparts", PAINT[2])  # generic
     _art(root / "things" / "opaque_box_01.png", "Opaque box", PAINT[2], mode="RGB")  # no transparency
-    _art(root / "things" / "gatto_01.png", "Gatto", PAINT[2], author=comp.NON_ENGLISH_AUTHORS[0])
-    monkeypatch.setenv(comp.ROOT_ENV, str(root))
-    comp.find_clipart.cache_clear()
-    library = comp.ClipArtLibrary()
+    _art(root / "things" / "gatto_01.png", "Gatto", PAINT[2], author=art.NON_ENGLISH_AUTHORS[0])
+    monkeypatch.setenv(art.ROOT_ENV, str(root))
+    art.find_clipart.cache_clear()
+    library = art.ClipArtLibrary()
     if min(len({library.arts[i].noun for i in library.indices(s)}) for s in ("train", "val")) < 4:
         pytest.skip("the fake titles put fewer than four in a split")  # NOUNS is chosen so that this does not happen
     return library
@@ -61,7 +63,7 @@ def test_split_by_title_is_disjoint_and_scenes_draw_from_their_split(clipart):
     train = {clipart.arts[i].noun for i in clipart.indices("train")}
     val = {clipart.arts[i].noun for i in clipart.indices("val")}
     assert train and val and not train & val and train | val == {a.noun for a in clipart.arts}
-    assert all(comp.title_split(n) == "val" for n in val)
+    assert all(art.title_split(n) == "val" for n in val)
     for split, allowed in (("train", train), ("test", val)):
         scenes = comp.ClipArtScenes(split, size=12, image_size=96, library=clipart)
         for i in range(len(scenes)):
@@ -106,12 +108,12 @@ def test_captions_hold_and_negatives_do_not(clipart):
         item = scenes[i]
         scene = item["scene"]
         for claim, neg, kind in zip(scene.claims, scene.negative_claims, scene.negative_kinds):
-            assert comp.holds(claim, scene.objects, 96)
-            assert not comp.holds(neg, scene.objects, 96)
+            assert claims.holds(claim, scene.objects, 96)
+            assert not claims.holds(neg, scene.objects, 96)
             assert neg.text() != claim.text()
             kinds.add(kind)
             if kind == "reverse":
-                assert neg.descs == claim.descs and neg.relation == comp.OPPOSITE[claim.relation]
+                assert neg.descs == claim.descs and neg.relation == claims.OPPOSITE[claim.relation]
             if kind == "replace":
                 assert {d.noun for d in neg.descs} - {o.noun for o in scene.objects}
     assert {"reverse", "replace", "count"} <= kinds
@@ -139,7 +141,7 @@ def test_positives_mark_a_caption_true_of_another_scene(clipart, tmp_path):
     assert pos.diagonal().all()
     for i, a in enumerate(items):
         for j, b in enumerate(items):
-            expected = i == j or comp.holds(b["claim"], a["scene_objects"], 96)
+            expected = i == j or claims.holds(b["claim"], a["scene_objects"], 96)
             assert bool(pos[i, j]) == expected
     off = pos & ~torch.eye(len(items), dtype=torch.bool)
     assert off.any()  # some caption ("there is a lion") is true of another scene of the batch
@@ -163,7 +165,7 @@ def test_dense_targets_point_words_at_their_objects_and_judge_the_relation(clipa
         assert torch.allclose(rows[rows > 0], torch.ones_like(rows[rows > 0]))
         words, token_word = processor.words(it["caption"])
         for t, w in enumerate(token_word[:32]):
-            if w is not None and words[w] in comp.RELATION_WORD_SET:
+            if w is not None and words[w] in claims.RELATION_WORD_SET:
                 assert rt[b, 0, t] == 1 and wt[b, t].sum() == 0
         assert (rt[b, 0] == 1).any()
         assert (rt[b, 1] == 0).any() == (it["negative_kind"] == "reverse")

@@ -1,26 +1,14 @@
 """Clip-art composites: photo-like scenes of public-domain clip art, captions that relate, hard negatives, masks.
 
-One to three clip-art objects (Debian's ``openclipart-png``, public domain) are scaled and placed at random without
-overlap on a varied background; the scene's captions name them by their titles made into noun phrases, with spatial
-relations, counts and colour words, and each caption has a hard negative. What the shapes scenes teach about
-binding and relations, on objects that look like the things people photograph.
+One to three clip-art objects (:mod:`mklvisita.data.clipart`) are scaled and placed at random without overlap on a
+varied background; the scene's captions (:mod:`mklvisita.data.composite_claims`) name them by their titles made into
+noun phrases, with spatial relations, counts and colour words, and each caption has a hard negative. What the shapes
+scenes teach about binding and relations, on objects that look like the things people photograph.
 
 Decisions:
 
-- **Source and titles.** Every PNG under the clip-art folder (``/usr/share/openclipart/png``, ``$MKLVISITA_OPENCLIPART``
-  or ``ClipArtLibrary(root)``) carries its title in a PNG text chunk (Inkscape's export); the title is the object's
-  name. Kept: drawings with transparency (modes RGBA, LA, or P with a transparent colour) of at most
-  ``MAX_PIXELS``, outside the trees of icons, shapes, patterns, logos and symbol sets (``SKIP_TREES``). A title is
-  cleaned ("Clipart by Nicu Buculei - pear" -> "pear", digits, ``#``, underscores and parentheses dropped,
-  lowercased) and kept only when it is English (the authors of Italian and French titles,
-  ``NON_ENGLISH_AUTHORS``, are left out, as are titles that are the author's name), names no relation word, is
-  specific (not a collection name, at most ``MAX_WORDS`` words, not shared by
-  more than ``MAX_TITLE_FILES`` files) and agrees with the file name (a title word shares its first four letters
-  with a word of the file name): exports that reused another drawing's metadata ("pear" on ``pineapple.png``) are
-  dropped. Flags become "flag of <title>", and one flag in four is kept (there are over 500).
-- **Split by title.** An object is in "val" when the first byte of sha256(its noun phrase) is below
-  ``VAL_SHARE * 256``, else "train": files with the same title share a split, so validation measures objects never
-  trained on. Scenes of split "train" use train objects only; "val" and "test" use val objects (different seeds).
+- **Splits.** Scenes of split "train" use train titles only; "val" and "test" use the held-out titles (different
+  seeds), so validation measures objects never trained on.
 - **Determinism.** Item ``i`` of ``ClipArtScenes(split, seed=s)`` depends only on ``(s, split, i)``:
   ``numpy.random.default_rng([s, split_id, i])`` draws everything, in one order.
 - **Objects.** One to three (weighted towards more); with probability ``duplicate_rate`` a second object repeats the
@@ -33,11 +21,6 @@ Decisions:
 - **Backgrounds**: plain colour, two-colour gradient, value noise, stripes, checkerboard, or another clip art of the
   same split (whose title no caption or negative of the scene names) scaled to cover the canvas, blurred and faded
   over a plain colour. Never photographs. Light pixel noise on top.
-- **Captions are claims** (as the shapes scenes): ``exists`` ("there is a red apple"), ``and``, ``relation`` ("an
-  apple to the left of a lion"; left, right, above, below between object centres, with a margin of
-  ``RELATION_MARGIN`` of the canvas), ``sides`` ("an apple on the left and a lion on the right", "... at the top and
-  ... at the bottom") and ``count`` ("two apples"). :func:`holds` evaluates a claim against a scene's objects
-  (existential reading); captions hold, negatives do not.
 - **Hard negatives** by kind: ``reverse`` (the relation reversed), ``replace`` (one object's title replaced by another
   title of the split that the scene does not show), ``swap`` (colours swapped between two named objects),
   ``change`` (one colour changed), ``count`` (the count changed). The kind is drawn with weights
@@ -46,341 +29,35 @@ Decisions:
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import html
 import itertools
-import os
-import re
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-DEFAULT_ROOT = "/usr/share/openclipart/png"  # Debian package openclipart-png
-ROOT_ENV = "MKLVISITA_OPENCLIPART"
-SPLITS = ("train", "val", "test")
-VAL_SHARE = 0.2  # share of titles held out for "val" / "test"
-SKIP_TREES = ("computer", "shapes", "special", "logos", "buttons")
-SKIP_SUBTREES = (
-    "signs_and_symbols/map_symbols",
-    "signs_and_symbols/led",
-    "transportation/aiga-symbols",
-    "recreation/games",
-    "people/smilies",
-    "people/stickmen",
+from .clipart import ClipArtError, ClipArtLibrary
+from .composite_claims import (
+    NUMBERS,
+    OPPOSITE,
+    RELATION_MARGIN,
+    RELATIONS,
+    Claim,
+    Desc,
+    Scene,
+    SceneObject,
+    holds,
+    plural,
+    relation_holds,
 )
-GENERIC = re.compile(
-    r"collection|theme|icon|svg|hash|sibmission|submission|various|clipart|^people$|^advertising$|symbol|^card$|"
-    r"gramastar|untitled|^drawing|^image|^road signs?$|^sign$",
-    re.I,
-)
-# Whose titles are not English (Italian, French): the text encoder and the evaluations speak English.
-NON_ENGLISH_AUTHORS = ("Architetto Francesco Rollandin", "yves GUILLOU")
-MAX_WORDS = 4
-MAX_TITLE_FILES = 8
-MAX_PIXELS = 4_000_000  # larger exports (posters, maps) are slow to decode and rarely single objects
-FLAG_KEEP = 64  # a flag is kept when the first byte of sha256(its path) is below this (one in four)
-THUMBNAIL = 192  # decoded clip art is kept at this longest side
 
-RELATIONS = ("left", "right", "above", "below")
-OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
-RELATION_MARGIN = 0.1  # of the canvas side: centres closer than this are neither left nor right
+SPLITS = ("train", "val", "test")
 GAP = 0.02  # of the canvas side: the least distance between two objects' bounding boxes
 COLOUR_SHARE = 0.45
 COLOUR_SIGMA = 15.0
 NEGATIVE_WEIGHTS = {"reverse": 3.0, "swap": 3.0, "replace": 2.0, "change": 1.0, "count": 1.0}
-NUMBERS = {1: "one", 2: "two", 3: "three"}
-_RELATION_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
-_SIDES = {
-    "left": ("on the left", "on the right"),
-    "right": ("on the right", "on the left"),
-    "above": ("at the top", "at the bottom"),
-    "below": ("at the bottom", "at the top"),
-}
-# Words that carry a claim's relation (targets of the relation word's verdict).
-RELATION_WORD_SET = frozenset({"left", "right", "above", "below", "top", "bottom"})
 _BACKGROUNDS = ("plain", "gradient", "noise", "stripes", "checker", "clipart")
 
 
-# ----------------------------------------------------------------------------------------------------- clip art
-@dataclass(frozen=True)
-class ClipArt:
-    """One clip-art file and the noun phrase its title gives (without article, lowercase)."""
-
-    relative: str  # path under the clip-art folder, "/"-separated
-    noun: str  # "table tennis", "flag of france"
-    flag: bool = False
-
-    @property
-    def split(self) -> str:
-        return title_split(self.noun)
-
-
-def title_split(noun: str) -> str:
-    """ "val" or "train": a fixed function of the noun phrase (see the module's decisions)."""
-    return "val" if hashlib.sha256(noun.encode()).digest()[0] < VAL_SHARE * 256 else "train"
-
-
-def plural(noun: str) -> bool:
-    """Whether a noun phrase reads as a plural ("grapes", not "glass" or "cactus")."""
-    last = noun.split()[-1] if noun.split() else ""
-    return last.endswith("s") and not last.endswith(("ss", "us", "is")) and " of " not in noun
-
-
-def pluralise(noun: str) -> str:
-    """The plural of a singular noun phrase (its last word): "apple" -> "apples", "glass" -> "glasses"."""
-    if plural(noun):
-        return noun
-    head, _, last = noun.rpartition(" ")
-    if " of " in noun:  # "flag of france" -> "flags of france"
-        first, _, rest = noun.partition(" of ")
-        return f"{pluralise(first)} of {rest}"
-    if last.endswith(("s", "x", "z", "ch", "sh")):
-        last += "es"
-    elif last.endswith("y") and len(last) > 1 and last[-2] not in "aeiou":
-        last = last[:-1] + "ies"
-    else:
-        last += "s"
-    return f"{head} {last}".strip()
-
-
-def clean_title(title: str, relative: str) -> str | None:
-    """The noun phrase of a clip art's title, or None when the title is generic, long or not about the file."""
-    t = html.unescape(title)
-    t = re.sub(r"^\s*clipart by [^-]+-\s*", "", t, flags=re.I)
-    t = re.sub(r"\([^)]*\)", " ", t)
-    t = re.sub(r"[_#\d]+", " ", t)
-    t = re.sub(r"[^A-Za-z' -]+|\s-+\s", " ", t)
-    t = re.sub(r"\s+", " ", t).strip(" -").lower()
-    words = t.split()
-    if len(t) < 3 or not words or len(words) > MAX_WORDS or "'" in t or GENERIC.search(t):
-        return None
-    if RELATION_WORD_SET.intersection(words):  # "left top corner": relation words belong to the relations
-        return None
-    stem = set(re.split(r"[^a-z]+", Path(relative).stem.lower())) - {""}
-    if not any(len(w) >= 3 and any(s[:4] == w[:4] for s in stem if len(s) >= 3) for w in words):
-        return None
-    if "/flags/" in f"/{relative}" and "flag" not in t:
-        t = f"flag of {t}"
-    return t
-
-
-def _no_flip(relative: str) -> bool:
-    """Flags and signs carry text or a fixed orientation: never mirrored."""
-    return "flag" in relative or "sign" in relative
-
-
-def _usable(relative: str, image: Image.Image) -> bool:
-    parts = relative.split("/")
-    if parts[0] in SKIP_TREES or "/".join(parts[:2]) in SKIP_SUBTREES:
-        return False
-    transparent = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
-    return transparent and image.width * image.height <= MAX_PIXELS
-
-
-@functools.lru_cache(maxsize=4)
-def find_clipart(root: str) -> tuple[ClipArt, ...]:
-    """Every usable clip art under ``root`` (sorted by path; see the module's decisions). Reads PNG headers only."""
-    folder = Path(root)
-    found: list[tuple[str, str, bool]] = []
-    for png in sorted(folder.rglob("*.png")):
-        relative = png.relative_to(folder).as_posix()
-        try:
-            with warnings.catch_warnings():  # a few huge exports warn: they are skipped below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(png) as im:
-                    if not _usable(relative, im):
-                        continue
-                    title, author = str(im.info.get("Title", "")), str(im.info.get("Author", ""))
-        except (OSError, Image.DecompressionBombError):
-            continue
-        noun = None if author in NON_ENGLISH_AUTHORS else clean_title(title, relative)
-        if noun is not None and set(noun.split()) & {w for w in author.lower().split() if len(w) >= 4}:
-            noun = None  # the author's name, not the object's
-        flag = "/flags/" in f"/{relative}"
-        if noun is None or (flag and hashlib.sha256(relative.encode()).digest()[0] >= FLAG_KEEP):
-            continue
-        found.append((relative, noun, flag))
-    counts: dict[str, int] = {}
-    for _, noun, _ in found:
-        counts[noun] = counts.get(noun, 0) + 1
-    return tuple(ClipArt(r, n, f) for r, n, f in found if counts[n] <= MAX_TITLE_FILES)
-
-
-class ClipArtError(ValueError):
-    """The clip art is not installed, or too little of it for a split."""
-
-
-def clipart_root(root: str | os.PathLike | None = None) -> Path:
-    folder = Path(root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
-    if not folder.is_dir():
-        raise ClipArtError(
-            "the clip art is not installed: `apt-get install openclipart-png` (Debian/Ubuntu), or name its PNG "
-            f"folder with ${ROOT_ENV}"
-        )
-    return folder
-
-
-class ClipArtLibrary:
-    """The usable clip art of a folder, decoded on first use and kept as thumbnails (``THUMBNAIL`` px) in memory.
-
-    ``thumbnails`` may supply the decoded pictures instead (a callable ``index -> (h, w, 4) uint8``), e.g. a cache
-    on disk shared by DataLoader workers.
-    """
-
-    def __init__(self, root: str | os.PathLike | None = None, thumbnails: Any = None):
-        self.root = clipart_root(root)
-        self.arts = list(find_clipart(str(self.root)))
-        self._thumbnails = thumbnails
-        self._memory: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.arts)
-
-    def indices(self, split: str) -> list[int]:
-        """Indices of the clip art a split's scenes draw from ("train": train titles; "val"/"test": val titles)."""
-        want = "train" if split == "train" else "val"
-        return [i for i, a in enumerate(self.arts) if a.split == want]
-
-    def decode(self, index: int) -> np.ndarray:
-        """(h, w, 4) uint8 RGBA of clip art ``index``, longest side at most ``THUMBNAIL``, cropped to its opaque box."""
-        with Image.open(self.root / self.arts[index].relative) as im:
-            rgba = im.convert("RGBA")
-        box = rgba.getchannel("A").point(lambda a: 255 if a > 127 else 0).getbbox()
-        if box is not None:
-            rgba = rgba.crop(box)
-        rgba.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
-        return np.asarray(rgba, dtype=np.uint8)
-
-    def rgba(self, index: int) -> np.ndarray:
-        if self._thumbnails is not None:
-            return self._thumbnails(index)
-        if index not in self._memory:
-            self._memory[index] = self.decode(index)
-        return self._memory[index]
-
-
-# --------------------------------------------------------------------------------------------------- claims
-@dataclass(frozen=True)
-class Desc:
-    """A noun phrase naming an object: its title's noun and, when said, its colour."""
-
-    noun: str
-    colour: str | None = None
-
-    def matches(self, obj: SceneObject) -> bool:
-        return obj.noun == self.noun and (self.colour is None or obj.colour == self.colour)
-
-    def words(self) -> str:
-        """The phrase without its article: "red apple"."""
-        return f"{self.colour} {self.noun}" if self.colour else self.noun
-
-    def text(self) -> str:
-        words = self.words()
-        if plural(self.noun):
-            return words
-        return ("an " if words[0] in "aeiou" else "a ") + words
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A caption's structure: ``kind`` is exists, and, relation, sides or count."""
-
-    kind: str
-    descs: tuple[Desc, ...] = ()
-    relation: str | None = None
-    count: int = 0
-    template: int = 0
-
-    def text(self) -> str:
-        d = [x.text() for x in self.descs]
-        if self.kind == "exists":
-            there = "there are" if plural(self.descs[0].noun) else "there is"
-            return ("{0}", there + " {0}", "a picture of {0}")[self.template].format(d[0])
-        if self.kind == "and":
-            listed = " and ".join(d) if len(d) == 2 else ", ".join(d[:-1]) + " and " + d[-1]
-            return ("{0}", "a picture of {0}")[self.template].format(listed)
-        if self.kind == "relation":
-            return f"{d[0]} {_RELATION_WORDS[self.relation]} {d[1]}"
-        if self.kind == "sides":
-            first, second = _SIDES[self.relation]
-            return f"{d[0]} {first} and {d[1]} {second}"
-        if self.kind == "count":
-            noun = self.descs[0].noun if self.count == 1 else pluralise(self.descs[0].noun)
-            return ("{0} {1}", "a picture of {0} {1}")[self.template].format(NUMBERS[self.count], noun)
-        raise ValueError(f"unknown claim kind {self.kind!r}")
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    """A placed object: its title's noun, named colour (or None), art index and box in canvas pixels."""
-
-    noun: str
-    colour: str | None
-    art: int
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    @property
-    def center(self) -> tuple[float, float]:
-        return (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2
-
-
-def relation_holds(a: SceneObject, b: SceneObject, relation: str, margin: float) -> bool:
-    (ax, ay), (bx, by) = a.center, b.center
-    if relation == "left":
-        return ax + margin < bx
-    if relation == "right":
-        return ax > bx + margin
-    if relation == "above":
-        return ay + margin < by
-    if relation == "below":
-        return ay > by + margin
-    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
-
-
-def assignment(claim: Claim, objects: list[SceneObject], image_size: int) -> tuple[int, ...] | None:
-    """The objects (indices) a claim's descriptions name: the first assignment that makes it hold, else None."""
-    margin = RELATION_MARGIN * image_size
-    for chosen in itertools.permutations(range(len(objects)), len(claim.descs)):
-        if not all(d.matches(objects[j]) for d, j in zip(claim.descs, chosen)):
-            continue
-        if claim.kind in ("relation", "sides") and not relation_holds(
-            objects[chosen[0]], objects[chosen[1]], claim.relation, margin
-        ):
-            continue
-        return chosen
-    return None
-
-
-def holds(claim: Claim, objects: list[SceneObject], image_size: int) -> bool:
-    """Whether ``claim`` is true of a scene's objects (existential reading; a count is exact)."""
-    if claim.kind == "count":
-        return sum(o.noun == claim.descs[0].noun for o in objects) == claim.count
-    if claim.kind not in ("exists", "and", "relation", "sides"):
-        raise ValueError(f"unknown claim kind {claim.kind!r}")
-    return assignment(claim, objects, image_size) is not None
-
-
-@dataclass
-class Scene:
-    """Everything about one item except its pixels."""
-
-    objects: list[SceneObject]
-    claims: list[Claim]
-    negative_claims: list[Claim]
-    negative_kinds: list[str]
-    background: str
-    background_art: int | None = None
-
-
-# ------------------------------------------------------------------------------------------------- generator
 def _colour_name(rgba: np.ndarray) -> str | None:
     """The basic colour term that holds at least ``COLOUR_SHARE`` of an object's opaque pixels, else None."""
     import torch
@@ -388,6 +65,7 @@ def _colour_name(rgba: np.ndarray) -> str | None:
     from ..sources.colour import BASIC_COLOURS, name_colours
 
     pixels = rgba[rgba[..., 3] > 127, :3]  # (n, 3)
+    pixels = pixels[:: max(1, len(pixels) // 4096)]  # a few thousand pixels name a colour as well as all of them
     if len(pixels) == 0:
         return None
     names = name_colours(torch.from_numpy(pixels).float() / 255.0, COLOUR_SIGMA).mean(0)  # (11,)
@@ -453,6 +131,7 @@ class ClipArtScenes:
         if len(self.nouns) < 4:
             raise ClipArtError(f"composites split {split!r} has {len(self.nouns)} titles; at least 4 are needed")
         self._split_id = SPLITS.index(split)
+        self._grid = np.mgrid[0:image_size, 0:image_size].astype(np.float32) / (image_size - 1)
 
     def __len__(self) -> int:
         return self.size
@@ -474,7 +153,7 @@ class ClipArtScenes:
         scale = side / max(src.shape[:2])
         w, h = max(1, round(src.shape[1] * scale)), max(1, round(src.shape[0] * scale))
         im = Image.fromarray(src, "RGBA").resize((w, h), Image.Resampling.BILINEAR)
-        if not _no_flip(self.library.arts[art].relative) and rng.random() < 0.5:
+        if self.library.arts[art].mirrorable and rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out = np.array(im)
         if self.jitter and rng.random() < 0.5:
@@ -570,14 +249,15 @@ class ClipArtScenes:
                 new[i], new[j] = Desc(a.noun, b.colour), Desc(b.noun, a.colour)
                 out["swap"].append(with_descs(new))
         for i, d in enumerate(descs):
-            for noun in rng.choice(absent, size=min(3, len(absent)), replace=False):
+            for k in rng.choice(len(absent), size=min(3, len(absent)), replace=False):
                 new = list(descs)
-                new[i] = Desc(str(noun), d.colour)
+                new[i] = Desc(absent[k], d.colour)
                 out["replace"].append(with_descs(new))
             if d.colour is not None:
-                for c in rng.permutation([c for c in BASIC_COLOURS if c != d.colour])[:3]:
+                others = [c for c in BASIC_COLOURS if c != d.colour]
+                for k in rng.choice(len(others), size=3, replace=False):
                     new = list(descs)
-                    new[i] = Desc(d.noun, str(c))
+                    new[i] = Desc(d.noun, others[k])
                     out["change"].append(with_descs(new))
         return out
 
@@ -602,7 +282,7 @@ class ClipArtScenes:
         c1, c2 = rng.uniform(0, 255, size=3), rng.uniform(0, 255, size=3)
         if kind == "plain":
             return np.broadcast_to(c1.astype(np.float32), (s, s, 3)).copy()
-        ys, xs = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1)
+        ys, xs = self._grid  # (S, S) each, in [0, 1]
         if kind == "gradient":
             theta = rng.uniform(0, 2 * np.pi)
             t = np.cos(theta) * xs + np.sin(theta) * ys
@@ -663,7 +343,7 @@ class ClipArtScenes:
             mask[obj.y0 : obj.y1, obj.x0 : obj.x1] = sp[..., 3] > 127
             masks.append(mask)
         if self.noise_std > 0:
-            img += rng.normal(0.0, self.noise_std, size=img.shape).astype(np.float32)
+            img += self.noise_std * rng.standard_normal(size=img.shape, dtype=np.float32)
         scene = Scene(objects, claims, [n for n, _ in negatives], [k for _, k in negatives], background, background_art)
         return {
             "image": Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB"),

@@ -39,9 +39,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data.composites import OPPOSITE, RELATION_WORD_SET, Claim, ClipArtScenes, Scene, SceneObject, assignment, holds
+from ..data.composite_claims import OPPOSITE, RELATION_WORD_SET, Claim, Scene, SceneObject, assignment, holds
+from ..data.composites import ClipArtScenes
 from .base import PairOptions, TaskError
 
+TRAINED_ON = (
+    "generated composites of public-domain clip art (Debian openclipart-png titles, train half of the titles) with "
+    "captions that name, count, colour and relate the objects"
+)
+CANNOT_KNOW = "what no clip-art title names; photographs' textures and scenes beyond the frozen encoders' knowledge"
 DEFAULT_SIZE = 224
 MIN_SIZE = 96
 CACHE_FORMAT = 1  # bump when the cache's files change
@@ -65,9 +71,11 @@ class CachedComposites:
 
 
 def _generator_hash() -> str:
-    from ..data import composites
+    """A hash of the generator's source (clip art, claims, scenes): an edit never reads stale scenes."""
+    from ..data import clipart, composite_claims, composites
 
-    return hashlib.sha256(Path(composites.__file__).read_bytes()).hexdigest()[:12]
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (clipart, composite_claims, composites))
+    return hashlib.sha256(sources).hexdigest()[:12]
 
 
 def cache_key(scenes: ClipArtScenes) -> str:
@@ -126,7 +134,7 @@ def cached_scenes(scenes: ClipArtScenes, cache_dir: str | os.PathLike | None = N
 
 def object_dicts(scene: Scene, labels: np.ndarray) -> list[dict[str, Any]]:
     """The ``objects`` entries of a rendered item, masks from the label map."""
-    from ..data.composites import Desc
+    from ..data.composite_claims import Desc
 
     return [
         {"phrase": Desc(o.noun, o.colour).text(), "mask": labels == k + 1, "noun": o.noun, "colour": o.colour}
