@@ -24,9 +24,11 @@ fresh `gradio_client`:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,13 @@ from demo.match import explain, match, select_word  # noqa: F401  (the handlers,
 from demo.matrix import matrix  # noqa: F401
 from demo.registry import CHECKPOINTS_ENV, DEFAULT_CHECKPOINT, Registry, allowed_checkpoints, describe, load_checkpoint
 from demo.search import Gallery, load_example_gallery, search  # noqa: F401
+from demo.temp_folder import prune_empty_folders
 from demo.ui import Context
 from mklvisita import Matcher
 
 MAX_FILE_SIZE = "10mb"
 QUEUE_MAX_SIZE = 16
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 CACHE_SECONDS = 600  # uploads and output images live this long in gradio's temp folder (a Space's disk stays bounded)
 
 INTRO = """# MKL-VisITA: which caption fits this picture, and where does each word look?
@@ -113,17 +117,46 @@ def create_demo(
     return blocks
 
 
+def example_images(examples_dir: Path = EXAMPLES_DIR) -> list[str]:
+    """The example images, file by file: the examples folder's other files (its script, its JSON) are not served."""
+    return [str(p) for p in sorted(examples_dir.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+@contextlib.asynccontextmanager
+async def prune_temp_folder(server: Any) -> AsyncIterator[None]:
+    """While the server runs: on gradio's cache-deletion schedule, remove the folders it left empty
+    (`demo.temp_folder`). `server` is gradio's FastAPI app."""
+    frequency, age = server.get_blocks().delete_cache or (None, None)
+
+    async def loop() -> None:
+        from gradio.utils import get_upload_folder  # the temp folder ($GRADIO_TEMP_DIR), read when it runs
+
+        while True:
+            await asyncio.sleep(frequency)
+            await asyncio.to_thread(prune_empty_folders, get_upload_folder(), age)
+
+    task = asyncio.create_task(loop()) if frequency and age else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def launch_kwargs() -> dict[str, Any]:
     """Launch settings that suit a 2-CPU Space; tests launch with the same ones."""
     return {
         "max_file_size": MAX_FILE_SIZE,
         "ssr_mode": False,  # no Node server: one process, fewer moving parts, nothing rendered server-side
-        "allowed_paths": [str(EXAMPLES_DIR)],  # the only files served besides uploads and gradio's own cache
+        "allowed_paths": example_images(),  # the only files served besides uploads and gradio's own cache
         "show_error": False,  # unexpected exceptions show a generic error, not a traceback; gr.Error still shows
         "mcp_server": False,
         "footer_links": ["api", "gradio"],
         "theme": gr.themes.Soft(),
         "css": CSS,
+        "app_kwargs": {"lifespan": prune_temp_folder},  # gradio runs its own cache deletion beside it
     }
 
 

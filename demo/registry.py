@@ -8,6 +8,9 @@ Decisions:
 - Both embedded checkpoints are in every allow-list, by name: "photo" (the default: real photographs, offline) and
   "shapes" (the coloured-shapes model); they load through `Matcher.default(name)`. Hub ids and local folders given
   with `--checkpoint` / `$MKLVISITA_CHECKPOINTS` follow; nothing outside the list is ever loaded.
+- Visitors see a checkpoint by its name, never by a server path: a Hub id as given, a local folder by its folder
+  name (`run-7`, then `run-7 (2)` for a second folder of that name). The name -> path table is logged once when the
+  demo starts (logger `mklvisita.demo`), and a load error's text has the path replaced by the name.
 - The default is pinned in memory; the others are evicted least-recently-used beyond `MAX_LOADED`.
 - Handler results are cached per loaded checkpoint (`ResultCache`, a bounded LRU keyed by a digest of the inputs):
   Gradio's own example cache lives on disk keyed by component id and would keep serving a previous checkpoint's
@@ -18,6 +21,7 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -34,6 +38,9 @@ CHECKPOINTS_ENV = "MKLVISITA_CHECKPOINTS"
 MAX_LOADED = 3  # checkpoints held in memory at once: photo (pinned), shapes, and one from the Hub
 CACHE_ENTRIES = 64
 EXPLAIN_CACHE_ENTRIES = 3  # an explanation holds full-size maps per word and per kernel: tens of MB each
+
+
+log = logging.getLogger("mklvisita.demo")
 
 
 class CheckpointNotAllowed(ValueError):
@@ -92,6 +99,25 @@ def allowed_checkpoints(cli: Sequence[str] = (), env: str | None = None) -> list
     return out
 
 
+def is_local(spec: str) -> bool:
+    """Whether an allow-list entry is a local folder (not an embedded name or a Hub id `owner/name[@revision]`)."""
+    name = spec.partition("@")[0] if not os.path.isdir(spec) else spec
+    return os.path.isdir(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def display_names(specs: Sequence[str]) -> dict[str, str]:
+    """Each allow-list entry's name as visitors see it (module docstring), in order: name -> entry."""
+    names: dict[str, str] = {}
+    for spec in specs:
+        base = os.path.basename(os.path.normpath(os.path.expanduser(spec))) if is_local(spec) else spec
+        name, n = base or "checkpoint", 1
+        while name in names:
+            n += 1
+            name = f"{base} ({n})"
+        names[name] = spec
+    return names
+
+
 def load_checkpoint(spec: str) -> Matcher:
     """Load an embedded checkpoint by name ("photo", "shapes") or `dir_or_hub_id[@revision]` (a pinned revision)."""
     if spec in EMBEDDED:
@@ -118,8 +144,12 @@ class Registry:
         max_loaded: int = MAX_LOADED,
         default_name: str = DEFAULT_CHECKPOINT,
     ) -> None:
-        self.choices = allowed_checkpoints([default_name, *allowed], env="")
+        self._specs = display_names(allowed_checkpoints([default_name, *allowed], env=""))
+        self.choices = list(self._specs)  # the names visitors see; the default's name is its spec
         self.default = default_name
+        for name, spec in self._specs.items():
+            if name != spec:
+                log.info("checkpoint %r is the local folder %s", name, spec)
         self.loader = loader
         self.max_loaded = max(1, max_loaded)
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
@@ -141,10 +171,13 @@ class Registry:
             if choice in self._loaded:
                 self._loaded.move_to_end(choice)
                 return self._loaded[choice]
+            spec = self._specs[choice]
             try:
-                matcher = self.loader(choice)
+                matcher = self.loader(spec)
             except Exception as e:
-                raise CheckpointLoadError(f"Could not load checkpoint {choice!r}: {e}") from e
+                log.warning("could not load checkpoint %r (%s): %s: %s", choice, spec, type(e).__name__, e)
+                reason = self._without_paths(str(e), spec, choice) if isinstance(e, ValueError) else type(e).__name__
+                raise CheckpointLoadError(f"Could not load checkpoint {choice!r}: {reason}") from e
             self._loaded[choice] = entry = Loaded(matcher)
             while len(self._loaded) > self.max_loaded:
                 oldest = next(k for k in self._loaded if k != self.default)
@@ -153,6 +186,12 @@ class Registry:
 
     def is_loaded(self, choice: str) -> bool:
         return choice in self._loaded
+
+    @staticmethod
+    def _without_paths(text: str, spec: str, name: str) -> str:
+        """A load error's text with the entry's server path (as given and resolved) replaced by its name."""
+        if not is_local(spec):
+            return text
 
 
 # ----------------------------------------------------------------------------------------- what a checkpoint is

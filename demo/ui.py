@@ -59,6 +59,9 @@ class Context:
     examples: list[dict]
     examples_dir: Path
     example_gallery: Gallery
+    # Chains the page's checkpoint switch (to the selector's value) after an event and returns the chained event;
+    # set by the Match tab, used by every tab whose examples carry their checkpoint.
+    switch_after: Callable[[Any], Any] | None = None
 
 
 def user_errors(fn: Callable) -> Callable:

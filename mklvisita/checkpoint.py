@@ -14,6 +14,11 @@ Decisions:
   3. ``rename(<dir>, <dir>.old)`` then ``rename(tmp, <dir>)`` (each atomic on one file system), fsync the parent;
   4. remove ``<dir>.old`` and stale temp folders of dead saves.
 
+  A save killed while writing leaves its temp folder; one killed while removing ``<dir>.old`` leaves part of it.
+  Both are removed by the next save (before it writes) and by the next load of ``<dir>``
+  (:func:`clean_leftovers`): a temp folder once the process that made it is gone, ``<dir>.old`` once ``<dir>`` is a
+  whole checkpoint and no live process is saving there (a live save keeps its temp folder until its swap is done).
+
   A process killed at any point leaves ``<dir>`` holding the old or the new checkpoint whole, or (killed between
   the two renames of step 3) no ``<dir>`` and the old checkpoint whole in ``<dir>.old``. The loader
   (:func:`resolve`) reads ``<dir>.old`` when ``<dir>`` is missing, and the next save renames it back, so a
@@ -89,14 +94,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temps(dest: Path) -> None:
+def _remove_stale_temps(dest: Path) -> bool:
+    """Remove the temp folders of dead saves to ``dest``; True when a live process (this one included) is saving."""
+    live = False
     for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
         try:
             pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid == os.getpid() or _pid_alive(pid):
+            live = True
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
+    return live
+
+
+def clean_leftovers(dest: str | os.PathLike) -> None:
+    """Remove what killed saves left beside ``dest`` (module docstring): temp folders of dead processes, and
+    ``<dest>.old`` when ``dest`` is whole and nobody is saving. Best effort: a read-only place is left as it is."""
+    dest = Path(dest)
+    if not dest.name:
+        return
+    old = dest.with_name(dest.name + OLD_SUFFIX)
+    try:
+        saving = _remove_stale_temps(dest)
+        whole = (dest / CONFIG_NAME).is_file() and (dest / WEIGHTS_NAME).is_file()
+        if not saving and whole and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def save(
@@ -108,6 +134,7 @@ def save(
     config and tokenizer into a fresh folder; ``files`` adds more files by name (``README.md``, ``metrics.json``)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(dest)  # a killed earlier save's temp folder would otherwise stay until this one completes
     old = dest.with_name(dest.name + OLD_SUFFIX)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()
@@ -146,6 +173,7 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, **h
     downloaded (or taken from the cache) at ``revision``."""
     path = Path(name_or_path)
     if path.is_dir():
+        clean_leftovers(path)
         return path
     if path.exists():
         raise CheckpointError(

@@ -55,6 +55,10 @@ def load_image(image: ImageInput) -> Image.Image:
         path = Path(image)
         if path.is_dir():
             raise InvalidImageError(f"{path.name} is a folder, not an image file. Give the image files in it.")
+        if path.exists() and not path.is_file():  # a device (/dev/zero), a pipe or a socket: never read it
+            raise InvalidImageError(
+                f"{path.name} is not a regular file (a device, pipe or socket). Give an image file."
+            )
         if not path.is_file():
             raise InvalidImageError(f"image file not found: {path.name}. Check the path.")
         try:

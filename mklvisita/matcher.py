@@ -30,6 +30,7 @@ from .inputs import (
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .ranking import final_score, itm_from_final, resolve_ranking, uses_itm
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
+from .threads import uses_inference_threads
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The embedded checkpoints by name: "shapes" (tiny ViT trained on shapes scenes) and "photo" (concept kernels on the
@@ -82,12 +83,14 @@ class Matcher:
         card: str = "",
         metrics: dict[str, Any] | None = None,
         source: str = "",
+        threads: int | str | None = None,
     ):
         self.model = model.eval()
         self.processor = processor or Processor(model.config, model.tokenizer)
         self.card = card
         self.metrics = metrics or {}
         self.source = source
+        self.threads = threads  # CPU threads per call; None: $MKLVISITA_THREADS or 1 (mklvisita.threads)
 
     @property
     def config(self):
@@ -118,7 +121,7 @@ class Matcher:
             try:
                 metrics = json.loads((folder / "metrics.json").read_text())
             except json.JSONDecodeError as e:
-                raise CheckpointError(f"{folder / 'metrics.json'} is not valid JSON ({e})") from e
+                raise CheckpointError(f"{folder.name}/metrics.json is not valid JSON ({e})") from e
         return cls(model, card=card, metrics=metrics, source=str(name_or_path))
 
     @classmethod
@@ -149,6 +152,7 @@ class Matcher:
         return cls.from_pretrained(folder, device=device)
 
     # ---------------------------------------------------------------------------------------------- scoring
+    @uses_inference_threads
     def score(self, images: Sequence[ImageInput], captions: Sequence[str], batch_size: int = 64) -> ScoreResult:
         """Score every image against every caption. Each image and caption is encoded once."""
         images, captions = _as_list(images, "image"), _as_list(captions, "caption")
@@ -171,6 +175,7 @@ class Matcher:
             final = final_score(ranking, None, similarity)
         return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
 
+    @uses_inference_threads
     def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str | None = None, **kwargs):
         """Heatmaps for one pair in the original image's frame; see :func:`mklvisita.explain.explain_pair`.
 
@@ -203,14 +208,17 @@ class Matcher:
         return [dict(zip(names, row)) for row in w.float().cpu().tolist()]
 
     # ----------------------------------------------------------------------------------------------- search
+    @uses_inference_threads
     def index_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> ImageIndex:
         images, batch_size = _as_list(images, "image"), check_batch_size(batch_size)
         return ImageIndex(encode_images(self.model, self.processor, images, batch_size), len(images))
 
+    @uses_inference_threads
     def index_captions(self, captions: Sequence[str], batch_size: int = 256) -> TextIndex:
         captions, batch_size = [check_caption(c) for c in _as_list(captions, "caption")], check_batch_size(batch_size)
         return TextIndex(encode_captions(self.model, self.processor, captions, batch_size), captions)
 
+    @uses_inference_threads
     def search_images(self, index: ImageIndex, text: str, top_k: int = 5) -> SearchResult:
         """Text -> the best images of an index by the cascade of ``config.ranking`` (ITM re-scores the top
         max(ranking.k, top_k)). ``top_k``: a whole number from 1 (more than the index holds returns all of it)."""
@@ -222,6 +230,7 @@ class Matcher:
         s = retrieve(self.model, index.bank, query, self._ranking(top_k))
         return self._top(s.t2i[0], s.similarity[:, 0], top_k, {"encode_query": t_enc, **s.timings}, s.pairs)
 
+    @uses_inference_threads
     def search_captions(self, index: TextIndex, image: ImageInput, top_k: int = 5) -> SearchResult:
         """Image -> the best captions of an index (``top_k`` as in :meth:`search_images`)."""
         _check_index(index, TextIndex, "search_captions", "index_captions")

@@ -427,6 +427,31 @@ def test_registry_refuses_checkpoints_outside_the_allow_list(matcher) -> None:  
         reg.get("broken/one")
 
 
+def test_local_checkpoints_are_shown_by_name_never_by_server_path(
+    app_checkpoint, matcher, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    import shutil
+
+    good, bad = tmp_path / "runs" / "run-7", tmp_path / "other" / "run-7"
+    shutil.copytree(app_checkpoint, good)
+    shutil.copytree(app_checkpoint, bad)
+    (bad / "metrics.json").write_text('{"rsum": ')  # malformed
+    with caplog.at_level(logging.INFO, logger="mklvisita.demo"):
+        demo = app.create_demo(matcher, [str(good), str(bad), "owner/model"])
+    (dropdown,) = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.elem_id == "checkpoint"]
+    assert [value for _, value in dropdown.choices] == ["photo", "shapes", "run-7", "run-7 (2)", "owner/model"]
+    assert [label for label, _ in dropdown.choices] == [value for _, value in dropdown.choices]
+    assert str(tmp_path) not in json.dumps(demo.get_config_file(), default=str)  # nor in /config
+    assert str(good) in caplog.text  # the path is in the server log, for the operator
+    reg = demo.registry
+    assert reg.get("run-7").matcher.kernel_weights() == matcher.kernel_weights()
+    with pytest.raises(registry.CheckpointLoadError) as caught:
+        reg.get("run-7 (2)")
+    message = str(caught.value)
+    assert "'run-7 (2)'" in message and "run-7/metrics.json is not valid JSON" in message, message
+    assert str(tmp_path) not in message and message.count("run-7") == 2, message
+
+
 def test_load_checkpoint_by_embedded_name_folder_and_revision(app_checkpoint, monkeypatch) -> None:  # noqa: F811
     from mklvisita import Matcher
 
@@ -474,6 +499,19 @@ def test_the_match_tab_opens_on_photo_examples_and_each_example_picks_its_checkp
     for sample in samples:
         assert sample[2] == kinds[Path(sample[0]["path"]).name]  # shapes scenes -> "shapes", photos -> "photo"
     assert {sample[2] for sample in samples} == {"photo", "shapes"}
+
+
+def test_each_matrix_example_carries_its_checkpoint_and_switches_to_it(matcher) -> None:  # noqa: F811
+    demo = app.create_demo(matcher, loader=lambda spec: matcher)
+    (dataset,) = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset) and b.elem_id == "matrix-examples"]
+    kinds = {e["image"]: e["kind"] for e in demo_examples.load_examples()}
+    assert [sample[2] for sample in dataset.samples] == ["photo", "shapes"]
+    for files, _, kind in dataset.samples:  # the table shows the file names
+        assert {kinds[name] for name in files.split(", ")} == {kind}  # every image is for the example's checkpoint
+    # loading an example runs the page's switch to its checkpoint, as a Match example does
+    (load,) = [fn for fn in demo.fns.values() if any(t[0] == dataset._id for t in fn.targets)]
+    (switch,) = [fn for fn in demo.fns.values() if fn.name == "switch" and fn.trigger_after == load._id]
+    assert [b.elem_id for b in switch.inputs] == ["checkpoint"]
 
 
 def test_switching_checkpoint_updates_the_line_and_explain_choices(matcher) -> None:  # noqa: F811

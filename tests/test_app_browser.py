@@ -226,9 +226,8 @@ def test_matrix_and_model_tabs_read_without_overlap(browser, server) -> None:  #
     _, url = server
     page = open_page(browser, url)
     page.get_by_role("tab", name="Matrix").click()
-    page.locator("#matrix-examples tbody tr").first.click()
-    page.wait_for_function("() => document.querySelector('#matrix-images').innerText.includes('shapes_005')")  # landed
-    page.get_by_role("button", name="Score matrix").click()
+    page.locator("#matrix-examples tbody tr").first.click()  # the photos; scored when loaded
+    page.wait_for_function("() => document.querySelector('#matrix-images').innerText.includes('rocket')")  # landed
     page.locator("#matrix-plot img").first.wait_for(state="visible")
     page.wait_for_function("() => document.querySelector('#matrix-best').innerText.includes('caption → image')")
     assert page.evaluate(TOOLBARS_OVER_FIGURES) == []
@@ -242,6 +241,44 @@ def test_matrix_and_model_tabs_read_without_overlap(browser, server) -> None:  #
     page.locator("#model-weights img").first.wait_for(state="visible")
     assert page.evaluate(TOOLBARS_OVER_FIGURES) == []
     assert page.evaluate(SIDEWAYS_SCROLLERS) == []
+    page.close()
+
+
+def test_the_matrix_example_runs_on_its_own_checkpoint(browser, server, server_matcher, shapes_matcher) -> None:  # noqa: F811
+    from demo.examples import load_examples
+
+    _, url = server
+    page = open_page(browser, url)
+    examples = page.locator("#match-examples tbody tr")
+    examples.first.wait_for()
+    shapes = [i for i in range(examples.count()) if examples.nth(i).inner_text().strip().endswith("shapes")]
+    examples.nth(shapes[0]).click()  # the session is now on the shapes checkpoint
+    page.locator("#checkpoint-about").get_by_text("coloured-shapes", exact=False).wait_for()
+    page.get_by_role("tab", name="Matrix").click()
+    rows = page.locator("#matrix-examples tbody tr")
+    rows.first.wait_for()
+    photos = [i for i in range(rows.count()) if rows.nth(i).inner_text().strip().endswith("photo")]
+    assert photos, rows.all_inner_texts()
+    rows.nth(photos[0]).click()  # loads, switches the page to the photo checkpoint, scores
+    page.wait_for_function("() => document.querySelector('#matrix-best').innerText.includes('caption → image')")
+    assert page.locator("#checkpoint input").input_value() == "photo"
+    page.locator("#checkpoint-about").get_by_text("coloured-shapes", exact=False).wait_for(state="detached")
+
+    chosen = [e for e in load_examples() if e["kind"] == "photo"]
+    images = [ROOT / "assets" / "examples" / e["image"] for e in chosen]
+    captions = list(dict.fromkeys(e["captions"][0] for e in chosen))
+    table = " ".join(page.locator("#matrix-best").inner_text().split())
+    for name, m in (("photo", server_matcher), ("shapes", shapes_matcher)):
+        scores = m.score(images, captions).score
+        best = [
+            f"{p.name} {captions[j]} {round(float(scores[i, j]), 3):g}"
+            for i, (p, j) in enumerate(zip(images, scores.argmax(1)))
+        ]
+        found = [b for b in best if b in table]
+        if name == "photo":
+            assert found == best, (best, table)  # every image's best caption and score, as the photo model gives
+        else:
+            assert found != best, table  # not the shapes model's answer
     page.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import httpx
@@ -97,7 +98,17 @@ def test_file_route_serves_only_the_apps_assets(server) -> None:  # noqa: F811
     with httpx.Client(base_url=url, timeout=10) as http:
         allowed = http.get(f"/gradio_api/file={CAT}")
         assert allowed.status_code == 200 and allowed.content == CAT.read_bytes()
-        for outside in ("/etc/passwd", str(ROOT / "app.py"), str(ROOT / "pyproject.toml"), "../../../etc/passwd"):
+        examples = ROOT / "assets" / "examples"
+        for outside in (
+            "/etc/passwd",
+            str(ROOT / "app.py"),
+            str(ROOT / "pyproject.toml"),
+            "../../../etc/passwd",
+            str(examples / "make_examples.py"),  # the examples folder serves its images only
+            str(examples / "examples.json"),
+            str(examples / "LICENSE.md"),
+            str(examples),
+        ):
             response = http.get(f"/gradio_api/file={outside}")
             assert response.status_code in (403, 404), (outside, response.status_code)
             assert b"root:" not in response.content and b"import gradio" not in response.content
@@ -155,6 +166,22 @@ def test_launched_with_the_safe_defaults(server) -> None:  # noqa: F811
         c["props"]["choices"] for c in config["components"] if c["props"].get("label") == "Checkpoint (allow-list)"
     ]
     assert [value for _, value in checkpoint_choices[0]] == ["photo", "shapes", "test-owner/extra-checkpoint"]
+
+
+def test_no_server_path_but_gradios_temp_folder_reaches_visitors(client: Client, server) -> None:  # noqa: F811
+    """/config and API responses name files only inside gradio's temp folder: gradio addresses every file it serves
+    by its absolute path there (FileData.path, /gradio_api/file=<path>), which cannot be changed without patching
+    gradio. Nothing under the repository or a checkpoint folder is named."""
+    from gradio.utils import get_upload_folder
+
+    _, url = server
+    config = httpx.get(f"{url}/config", timeout=10).text
+    result = client.predict(handle_file(str(CAT)), "a tabby cat lying on a rug", api_name="/match")
+    for text in (config, json.dumps(result, default=str)):
+        assert str(ROOT) not in text
+        temp = get_upload_folder()
+        paths = [p for p in re.findall(r'"(/[^"]+)"', text) if not p.startswith(("/gradio_api", "/config"))]
+        assert all(p.startswith(temp) for p in paths), [p for p in paths if not p.startswith(temp)]
 
 
 def test_readme_client_snippet_runs_against_the_app(server, monkeypatch, capsys) -> None:  # noqa: F811

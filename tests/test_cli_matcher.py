@@ -227,3 +227,29 @@ def test_whole_number_layers_and_top_k_still_work(micro):
     assert micro.explain(_IMG, "a red square", layer=-1).layer == len(micro.model.fusion_levels) - 1
     r = micro.search_images(micro.index_images([_IMG, _IMG]), "a red square", top_k=5.0)
     assert len(r.indices) == 2  # more than the gallery holds: all of it
+
+
+def test_malformed_metrics_names_no_server_path(tiny_checkpoint, images, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "my-run"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "metrics.json").write_text('{"rsum": 1.0,')  # cut off mid-file
+    with pytest.raises(CheckpointError) as caught:
+        Matcher.from_pretrained(folder)
+    message = str(caught.value)
+    assert "my-run/metrics.json is not valid JSON" in message and str(tmp_path) not in message, message
+    assert main(["score", images[0], "-c", "a red square", "--checkpoint", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "my-run/metrics.json" in err and str(tmp_path) not in err, err
+
+
+def test_cli_escapes_control_characters_from_captions(tiny_checkpoint, images, capsys):
+    caption = "a \x1b[31mred\x1b[0m square\r\x9b2J"
+    assert main(["score", images[0], "-c", caption, "--checkpoint", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\x9b" not in out, repr(out)
+    assert "\\x1b[31mred\\x1b[0m" in out  # shown escaped, so the user still sees what was typed
+    assert main(["score", images[0], "-c", caption, "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and json.loads(out)["pairs"][0]["caption"] == caption

@@ -1,4 +1,6 @@
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +74,17 @@ def test_truncated_and_non_image_bytes_are_clear_errors(tmp_path):
     (tmp_path / "notes.png").write_text("not really a png")
     with pytest.raises(InvalidImageError, match="notes.png"):
         load_image(tmp_path / "notes.png")
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero on this system")
+def test_a_device_or_pipe_is_not_a_regular_file_and_is_not_read(tmp_path):
+    with pytest.raises(InvalidImageError, match="zero is not a regular file") as caught:
+        load_image("/dev/zero")  # reading it would never end
+    assert "not found" not in str(caught.value) and "/dev" not in str(caught.value)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidImageError, match="pipe.png is not a regular file"):
+        load_image(fifo)  # opening a FIFO with no writer would block forever
 
 
 def test_decompression_bomb_is_refused_before_decoding():

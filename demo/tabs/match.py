@@ -183,6 +183,7 @@ def build(ctx: Context) -> dict[str, Any]:
 
     switch_outputs = [ctx.checkpoint, ctx.selector, ctx.about, m_rule, e_layer, e_method]
     switch_fn = user_errors(switch)
+    ctx.switch_after = lambda event: event.then(switch_fn, [ctx.selector], switch_outputs, **PRIVATE, **MODEL_CALL)
 
     def rematch(checkpoint: str, image: Any, captions: str) -> tuple:
         """After a switch, rank the inputs on the page again (nothing to do while they are empty)."""
@@ -199,7 +200,7 @@ def build(ctx: Context) -> dict[str, Any]:
         rematch, m_inputs, m_outputs, **PRIVATE, **IMAGE_CALL
     ).success(**reset).success(reexplain, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
     if ctx.examples:
-        examples.load_input_event.then(switch_fn, [ctx.selector], switch_outputs, **PRIVATE, **MODEL_CALL).success(
+        ctx.switch_after(examples.load_input_event).success(
             match_fn, m_inputs, m_outputs, **PRIVATE, **IMAGE_CALL
         ).success(**reset).success(explain_fn, e_inputs, e_outputs, **PRIVATE, **IMAGE_CALL)
     return {"layer": e_layer, "method": e_method}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..examples import checkpoint_for
 from ..inputs import MAX_MATRIX_CAPTIONS, MAX_MATRIX_IMAGES
 from ..matrix import SCORE_KINDS, MatrixView, matrix
 from ..ui import FIGURE, IMAGE_CALL, PRIVATE, Context, with_checkpoint
@@ -47,24 +48,33 @@ def build(ctx: Context) -> None:
                 )
                 with gr.Accordion("All scores (JSON)", open=False):
                     x_json = gr.JSON(show_label=False)
+        matrix_fn = with_checkpoint(ctx.registry, matrix, show)
+        x_inputs, x_outputs = [ctx.checkpoint, x_files, x_captions, x_kind], [x_plot, x_best, x_json]
         x_button.click(
-            with_checkpoint(ctx.registry, matrix, show),
-            [ctx.checkpoint, x_files, x_captions, x_kind],
-            [x_plot, x_best, x_json],
+            matrix_fn,
+            x_inputs,
+            x_outputs,
             api_name="matrix",
             **IMAGE_CALL,  # raw FileData: gr.File's preprocessing would leave an empty temp file per image (demo.ui)
         )
         if ctx.examples:
-            chosen = ctx.examples[: min(MAX_MATRIX_IMAGES, MAX_MATRIX_CAPTIONS)]
-            gr.Examples(
-                [
-                    [
-                        [str(ctx.examples_dir / e["image"]) for e in chosen],
-                        "\n".join(dict.fromkeys(e["captions"][0] for e in chosen)),
-                    ]
-                ],
-                inputs=[x_files, x_captions],
-                label="Example: the example images against each one's first caption",
+            # One example per checkpoint, each with its checkpoint as an input, as the Match examples: loading one
+            # switches the page to the checkpoint its images are for (photos mean nothing to the shapes model).
+            kinds = dict.fromkeys(checkpoint_for(e, ctx.registry.default) for e in ctx.examples)
+            rows = []
+            for kind in kinds:
+                chosen = [e for e in ctx.examples if checkpoint_for(e, ctx.registry.default) == kind]
+                chosen = chosen[: min(MAX_MATRIX_IMAGES, MAX_MATRIX_CAPTIONS)]
+                files = [str(ctx.examples_dir / e["image"]) for e in chosen]
+                rows.append([files, "\n".join(dict.fromkeys(e["captions"][0] for e in chosen)), kind])
+            examples = gr.Examples(
+                rows,
+                inputs=[x_files, x_captions, ctx.selector],
+                label="Examples: the example images against each one's first caption, on their checkpoint",
                 elem_id="matrix-examples",
                 **PRIVATE,
             )
+            if ctx.switch_after is not None:  # switch, then score on the example's checkpoint
+                ctx.switch_after(examples.load_input_event).success(
+                    matrix_fn, x_inputs, x_outputs, **PRIVATE, **IMAGE_CALL
+                )
