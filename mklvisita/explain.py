@@ -74,7 +74,7 @@ class Explanation:
     contributions: dict[str, float]  # beta_m K_m per base kernel; sums to `similarity`
     method: str  # "gradcam", "attention" or "kernel"
     layer: int  # fusion layer of the maps (non-negative index); -1 for "kernel" on a model without fusion
-    kernel_maps: dict[str, np.ndarray] = field(default_factory=dict)  # local kernel -> (n_words, H, W) in [0, 1]
+    kernel_maps: dict[str, np.ndarray] = field(default_factory=dict)  # word-map kernel -> (n_words, H, W) in [0, 1]
     rollout: np.ndarray | None = None  # (H, W) ViT attention rollout in [0, 1]; None for a CNN backbone
     pair_kernel_weights: dict[str, float] = field(default_factory=dict)  # effective beta of this pair (gate)
     head_heatmaps: np.ndarray | None = None  # (heads, n_words, H, W) when asked for (heads=True)
@@ -255,7 +255,7 @@ def _run(
             with torch.no_grad():
                 sim = model.similarity(ei, et, pairwise=True)
                 kmaps, kgrid = None, tuple(model.vision.grids[-1])
-                if model.kernels.word_map_names:  # local and concept_local kernels
+                if model.kernels.word_map_names:  # the kernels whose sources give word x cell maps
                     kmaps = model.kernels.word_patch_maps(ei, et)[0].float().cpu()  # (n, T, P)
                     shifts = check_whole_number(model.config.kernels.map_shifts, "kernels.map_shifts", 1, 8)
                     if shifts > 1:
@@ -351,9 +351,9 @@ def _token_maps(p: _Pass, model: Any, layer: int, method: str) -> torch.Tensor:
 
 
 def _kernel_token_maps(p: _Pass, model: Any) -> torch.Tensor:
-    """(T, P) mix of the local kernel maps with the (renormalised) global weights of the local kernels."""
+    """(T, P) mix of the kernels' word maps with the (renormalised) global weights of those kernels."""
     if p.kernel_maps is None:
-        raise ValueError("method='kernel' needs local kernels; this model's kernels.sources has no 'local'")
+        raise ValueError("method='kernel' needs kernels with word maps; no source in kernels.sources gives any")
     beta = model.kernel_weights().detach().float().cpu()
     word_maps = set(model.kernels.word_map_names)
     local = torch.tensor([i for i, n in enumerate(model.kernel_names) if n in word_maps])
@@ -400,7 +400,7 @@ def explain_pair(
         caption: the caption (validated like everywhere else).
         layer: fusion layer of the Grad-CAM / attention maps (negative counts from the last); None = the
             :func:`default_layer` (the second to last: in the last layer the words' Grad-CAM is zero).
-        method: "gradcam", "attention" (raw text->image attention) or "kernel" (local-kernel maps mixed by beta).
+        method: "gradcam", "attention" (raw text->image attention) or "kernel" (the kernels' word maps mixed by beta).
         normalize: "per_map" or "shared" (all word maps on one scale).
         heads: also return per-head maps (``head_heatmaps``; Grad-CAM / attention only).
         max_side: the maps' longer side at most (pixels); an image within it gets maps at its own size. None = the
@@ -421,7 +421,7 @@ def explain_pair(
     if method in ("gradcam", "attention") and not model.has_itm:
         raise ValueError(
             f"method={method!r} needs the fusion/ITM branch, which this model does not have "
-            "(fusion.enabled = false); use method='kernel' for the local-kernel maps"
+            "(fusion.enabled = false); use method='kernel' for the kernels' word maps"
         )
     li = _layer_index(model, layer) if model.has_itm else -1
     p = _run(model, processor, image, caption, grad_layers=[li] if method == "gradcam" else [])

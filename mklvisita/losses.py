@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .features import TextFeatures
+from .features import ImageFeatures, TextFeatures
 from .kernels import KernelEmbeddings
 
 
@@ -230,20 +230,45 @@ def training_losses(
         losses["patch"] = dense_attribute_loss(model.patch_heads, tokens, patch_labels)
         loss = loss + cfg.patch_weight * losses["patch"]
     if model.fusion is not None and cfg.itm_weight > 0:
-        loss = _itm_terms(model, cfg, img, txt, ei, et, neg, en, sim, pos, positives, word_targets,
-                          relation_targets, loss, losses, logs)  # fmt: skip
+        step = _Step(img, txt, ei, et, neg, en, sim.similarity, pos)
+        for name, (weight, term) in _itm_terms(model, step, word_targets, relation_targets, logs).items():
+            losses[name] = term
+            loss = loss + weight * term
     return MKLVisITAOutput(loss, losses, sim.similarity, sim.contributions, sim.weights, logs)
 
 
-def _itm_terms(model, cfg, img, txt, ei, et, neg, en, sim, pos, positives, word_targets, relation_targets, loss,
-               losses, logs) -> torch.Tensor:  # fmt: skip
-    """ITM on the positives, sampled hard negatives and the dataset's own negatives, with the grounding and relation
-    terms read from the same fusion pass; adds to ``losses`` / ``logs`` and returns the total loss."""
-    b = sim.similarity.shape[0]
-    ar = torch.arange(b, device=sim.similarity.device)
+@dataclass
+class _Step:
+    """A training step's features: images, captions, the dataset's negative captions (or None), their embeddings,
+    the similarity (B, B) and the positives mask (B, B)."""
+
+    img: ImageFeatures
+    txt: TextFeatures
+    ei: KernelEmbeddings
+    et: KernelEmbeddings
+    neg: TextFeatures | None
+    en: KernelEmbeddings | None
+    similarity: torch.Tensor
+    positives: torch.Tensor
+
+
+def _itm_terms(
+    model: Any,
+    step: _Step,
+    word_targets: torch.Tensor | None,
+    relation_targets: torch.Tensor | None,
+    logs: dict[str, float],
+) -> dict[str, tuple[float, torch.Tensor]]:
+    """ITM on the positives, sampled hard negatives and the dataset's own negatives, and the grounding and relation
+    terms read from the same fusion pass: name -> (weight, term); accuracies go to ``logs``."""
+    cfg = model.config.loss
+    img, txt, ei, et, neg, en, pos = step.img, step.txt, step.ei, step.et, step.neg, step.en, step.positives
+    b = step.similarity.shape[0]
+    ar = torch.arange(b, device=step.similarity.device)
+    terms: dict[str, tuple[float, torch.Tensor]] = {}
     img_idx, txt_idx = [ar], [ar]  # positives first
     if cfg.itm_sampled != "none" and b > 1:
-        scores = sim.similarity.detach()
+        scores = step.similarity.detach()
         if cfg.itm_negatives == "random":
             scores = torch.zeros_like(scores)  # uniform over the captions that are not true of the image
         neg_t, ok_i, neg_i, ok_t = sample_hard_negatives(scores, positives=pos)
@@ -259,25 +284,23 @@ def _itm_terms(model, cfg, img, txt, ei, et, neg, en, sim, pos, positives, word_
         img_idx.append(ar)
         txt_idx.append(ar + b)
     if sum(len(i) for i in img_idx[1:]) == 0:  # positives only: nothing to discriminate
-        return loss
+        return terms
     ii, tt = torch.cat(img_idx), torch.cat(txt_idx)
     m = model.match(img.select(ii), texts.select(tt), ei.select(ii), t_embs.select(tt))
     labels = torch.zeros(len(ii), dtype=torch.long, device=ii.device)
     labels[:b] = 1
-    losses["itm"] = itm_loss(m.logits, labels)
-    loss = loss + cfg.itm_weight * losses["itm"]
+    terms["itm"] = (cfg.itm_weight, itm_loss(m.logits, labels))
     if cfg.grounding_weight > 0 and word_targets is not None:  # the first b pairs are the positives
         t2i = [a.t2i[:b] for a in m.attentions]
-        losses["grounding"] = grounding_loss(t2i, word_targets, model.vision.num_prefix_tokens)
-        loss = loss + cfg.grounding_weight * losses["grounding"]
+        terms["grounding"] = (cfg.grounding_weight, grounding_loss(t2i, word_targets, model.vision.num_prefix_tokens))
     if model.relation_head is not None and relation_targets is not None and m.text_states is not None:
         states = m.text_states[:b]  # the positives' captions, then (when given) the dataset negatives'
         targets = relation_targets[:, 0]
         if neg is not None:
             states, targets = torch.cat([states, m.text_states[-b:]]), torch.cat([targets, relation_targets[:, 1]])
         t = min(states.shape[1], targets.shape[1])
-        losses["relation"], acc = relation_loss(model.relation_head, states[:, :t], targets[:, :t])
-        loss = loss + cfg.relation_weight * losses["relation"]
+        term, acc = relation_loss(model.relation_head, states[:, :t], targets[:, :t])
+        terms["relation"] = (cfg.relation_weight, term)
         if acc is not None:
             logs["relation_acc"] = acc
     hit = m.logits.argmax(-1) == labels
@@ -285,4 +308,4 @@ def _itm_terms(model, cfg, img, txt, ei, et, neg, en, sim, pos, positives, word_
     logs["itm_acc_pos"] = float(hit[:b].float().mean())
     if neg is not None:
         logs["itm_acc_dataset_neg"] = float(hit[-b:].float().mean())
-    return loss
+    return terms
