@@ -150,6 +150,13 @@ def test_positives_mark_a_caption_true_of_another_scene(clipart, tmp_path):
     assert np.array_equal(pairs[3 * 4]["image"], np.asarray(again["image"]))
 
 
+def test_description_spans_find_every_object_in_a_list():
+    descs = (claims.Desc("apple", "red"), claims.Desc("lion"), claims.Desc("cup"))
+    claim = claims.Claim("and", descs, template=1)
+    assert claim.text() == "a picture of a red apple, a lion and a cup"
+    assert task.description_spans(claim) == [(4, 6), (7, 8), (10, 11)]
+
+
 def test_dense_targets_point_words_at_their_objects_and_judge_the_relation(clipart, tmp_path):
     pairs = task.CompositePairs("train", 40, 0, image_size=96, cache_dir=str(tmp_path))
     model = MKLVisITA(MKLVisITAConfig.tiny())

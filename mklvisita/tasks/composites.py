@@ -193,8 +193,9 @@ def positives(items: list[dict[str, Any]]) -> torch.Tensor:
 
 
 def description_spans(claim: Claim) -> list[tuple[int, int]]:
-    """For each description of a claim, the whitespace-word span [start, end) of its words without the article."""
-    words, cursor, spans = claim.text().split(), 0, []
+    """For each description of a claim, the whitespace-word span [start, end) of its words without the article
+    (a list's comma stays on its word: "an apple, a lion and a cup")."""
+    words, cursor, spans = [w.rstrip(",") for w in claim.text().split()], 0, []
     for desc in claim.descs:
         phrase = desc.words().split()
         start = next(s for s in range(cursor, len(words) - len(phrase) + 1) if words[s : s + len(phrase)] == phrase)
