@@ -297,3 +297,39 @@ def test_reverse_negatives_outside_0_1_is_refused_when_the_config_loads(tmp_path
     with pytest.raises(RunConfigError, match="data.reverse_negatives"):
         _cfg(tmp_path, "data.reverse_negatives=1.5")
     assert _cfg(tmp_path, "data.reverse_negatives=0.5").data.reverse_negatives == 0.5
+
+
+def test_mixed_precision_falls_back_to_fp32_where_the_device_lacks_it(monkeypatch, capsys) -> None:
+    resolve = train_mod.resolve_mixed_precision
+    assert resolve("no") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve("bf16") == "bf16" and resolve("fp16") == "fp16"
+    assert resolve("bf16", cpu=True) == "no"  # `accelerate launch --cpu` on a machine with a GPU
+    assert "running on the CPU, training in fp32" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    assert resolve("bf16") == "no" and resolve("fp16") == "fp16"
+    assert "mixed_precision=bf16: Tesla V100 has no bf16, training in fp32" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if not any(
+        d is not None and d.is_available() for d in (getattr(torch.backends, "mps", None), getattr(torch, "xpu", None))
+    ):
+        assert resolve("bf16") == "no" and resolve("fp16") == "no"
+        assert "mixed_precision=fp16: no GPU found, training in fp32" in capsys.readouterr().err
+        assert resolve("bf16", say=False) == "no" and capsys.readouterr().err == ""  # processes other than the main
+
+
+def test_bf16_run_trains_with_what_the_device_has(tmp_path: Path, capsys) -> None:
+    """bf16 where the device has it (accelerate's autocast), else fp32 with a message, not a failure."""
+    from mklvisita import MKLVisITA
+
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    train_mod.train(_cfg(tmp_path, "max_steps=2", "save_every=0", "mixed_precision=bf16"))
+    out = capsys.readouterr()
+    assert f"precision {'bf16' if cuda_bf16 else 'no'}" in out.out
+    if not cuda_bf16 and not torch.cuda.is_available():
+        assert "mixed_precision=bf16: no GPU found, training in fp32" in out.err
+    assert all(torch.isfinite(torch.tensor(v)) for v in _losses(tmp_path).values())
+    weights = MKLVisITA.from_pretrained(tmp_path / "release").state_dict().values()
+    assert all(w.dtype == torch.float32 for w in weights if w.is_floating_point())  # master weights stay fp32

@@ -3,6 +3,8 @@
     python -m training.train --config training/configs/shapes.yaml [key=value ...] [--resume latest|PATH]
         [--push-to-hub REPO]
     accelerate launch -m training.train --config training/configs/flickr30k.yaml   # DDP / bf16 on GPUs
+    accelerate launch --num_processes 2 --cpu -m training.train --config ...        # two CPU processes (gloo)
+    torchrun --nproc_per_node 2 -m training.train --config ...                      # the same, without accelerate
 
 Layout of ``output_dir``::
 
@@ -15,6 +17,20 @@ Layout of ``output_dir``::
 
 Decisions:
 
+- **Global batch.** ``batch_size`` is per process: with N processes (``accelerate launch --num_processes N``) a
+  micro-batch is ``N x batch_size`` captions, process k taking the k-th ``batch_size`` slice of the sampler's order,
+  and a step is ``grad_accum_steps`` of them. A run with N processes and ``batch_size=B`` sees the same captions per
+  step as one process with ``batch_size=N*B``. The contrastive loss (ITC) is computed over the global batch, with the
+  global positives mask (:mod:`training.distributed`); ITM hard negatives are sampled within each process's
+  sub-batch and the other loss terms are per-process means that DDP averages. Logged losses are the mean over
+  micro-batches and processes; only the main process writes the config, ``losses.jsonl``, tensorboard logs,
+  evaluations, checkpoints' trainer state and the release (``save_state`` writes each process's RNG state).
+- **Random streams.** The model is initialised from ``seed`` on every process (DDP also broadcasts it); with N > 1
+  each process then reseeds with ``seed + process index``, so dropout and sampled negatives differ between
+  sub-batches as they do between rows of one batch. One process keeps the single stream of ``seed``.
+- **Mixed precision** (``mixed_precision: bf16 | fp16``) is accelerate's autocast where the device has it; bf16 on a
+  GPU without bf16 support, and either on a machine with no GPU, falls back to fp32 with a message on stderr
+  (:func:`resolve_mixed_precision`), rather than failing (fp16 needs a GPU) or crawling through CPU autocast.
 - **Steps** are optimizer steps. An epoch is ``steps_per_epoch * grad_accum_steps`` full micro-batches per
   process; the tail of a shuffled epoch that does not fill a whole step is dropped, so every step sees the same
   number of captions and epochs end on a step boundary.
@@ -24,7 +40,10 @@ Decisions:
   (no images are decoded for skipped batches).
 - **Checkpoints** are written to ``step_XXXXXXX.tmp``, completed with ``trainer_state.json`` and a ``COMPLETE``
   marker, then renamed (atomic on one filesystem). ``--resume latest`` takes the newest directory that has the
-  marker; ``.tmp`` directories and unmarked ones (an interrupted save, a partial copy) are ignored.
+  marker; ``.tmp`` directories and unmarked ones (an interrupted save, a partial copy) are ignored. A checkpoint
+  records the number of processes and the global batch; it resumes with any number of processes (``save_state``
+  keeps the main process's weights and optimizer), and replays the uninterrupted run's batches when the global
+  batch is the same (two processes of 4 -> one of 8); with another global batch it warns and goes on.
 - **A non-finite loss** (checked on every process before ``backward``) stops the run with an error naming the
   step; no optimizer step is taken and nothing is saved from that step.
 - **The scheduler** is stepped by hand once per optimizer step and registered for checkpointing (accelerate's
@@ -173,8 +192,11 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, epoch: int, keep: int) -> Path:
-    """``save_state`` into ``step_X.tmp``, mark it complete, then rename it: a crash never leaves a resumable half."""
+def save_checkpoint(
+    accelerator: Any, output_dir: str | Path, step: int, epoch: int, keep: int, global_batch: int = 0
+) -> Path:
+    """``save_state`` into ``step_X.tmp``, mark it complete, then rename it: a crash never leaves a resumable half.
+    ``global_batch``: captions per optimizer step over all processes (recorded for resuming)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -183,7 +205,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, epoch: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "epoch": epoch}) + "\n")
+        state = {"step": step, "epoch": epoch, "num_processes": accelerator.num_processes, "global_batch": global_batch}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state) + "\n")
         (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
         if final.exists():
             shutil.rmtree(final)
@@ -199,15 +222,26 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, epoch: 
 # -------------------------------------------------------------------------------------------------- train
 
 
-def resolve_mixed_precision(requested: str) -> str:
-    """The recipes' bf16 / fp16 are GPU settings; with no GPU the run trains in fp32 and says so, instead of failing
-    (fp16 needs a GPU) or crawling through CPU autocast (bf16)."""
+def resolve_mixed_precision(requested: str, cpu: bool = False, say: bool = True) -> str:
+    """The mixed precision accelerate gets: ``requested`` where the device has it, else ``"no"`` (fp32), said on
+    stderr. The recipes' bf16 / fp16 are GPU settings: with no GPU (or ``cpu``, as under ``accelerate launch
+    --cpu``) the run trains in fp32 instead of failing (fp16 needs a GPU) or crawling through CPU autocast (bf16);
+    bf16 on a CUDA GPU without bf16 support (before Ampere) also trains in fp32. ``say``: print the fallback (the
+    main process does)."""
+    if requested == "no":
+        return requested
     mps = getattr(torch.backends, "mps", None)
     xpu = getattr(torch, "xpu", None)
-    gpu = torch.cuda.is_available() or any(d is not None and d.is_available() for d in (mps, xpu))
-    if requested == "no" or gpu:
+    cuda = torch.cuda.is_available() and not cpu
+    gpu = not cpu and (cuda or any(d is not None and d.is_available() for d in (mps, xpu)))
+    if not gpu:
+        why = "no GPU found" if not cpu else "running on the CPU"
+    elif requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        why = f"{torch.cuda.get_device_name()} has no bf16"
+    else:
         return requested
-    print(f"mixed_precision={requested}: no GPU found, training in fp32", file=sys.stderr)
+    if say:
+        print(f"mixed_precision={requested}: {why}, training in fp32", file=sys.stderr)
     return "no"
 
 
@@ -247,15 +281,18 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
 
     from mklvisita.evaluation import evaluate_model, load_eval_data
     from mklvisita.tasks import TrainCollate, get_task
+    from training.distributed import MetadataCollate, global_batch_loss, mean_over_processes
 
     out_dir = Path(cfg.output_dir)
     # accelerate only goes multi-process on CPUs when asked for the CPU; torchrun on a GPU-less host would otherwise
     # start N independent single-process runs that all write the same files.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    on_cpu = multi_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    precision = resolve_mixed_precision(cfg.mixed_precision, cpu=on_cpu, say=os.environ.get("RANK", "0") == "0")
     accelerator = Accelerator(
         cpu=multi_cpu,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+        mixed_precision=precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
@@ -265,25 +302,31 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
         cfg.save(out_dir)
 
     model, processor = build_model_and_processor(cfg)
+    n_proc = accelerator.num_processes
+    if n_proc > 1:  # the same initial weights everywhere, then one random stream per process
+        set_seed(cfg.seed + accelerator.process_index)
     dataset = build_train_dataset(cfg)
     sampler = EpochSampler(len(dataset), cfg.seed)
     loss_cfg = model.config.loss
+    task = get_task(cfg.data.train)
+    collate = TrainCollate(
+        processor,
+        task,
+        cfg.data.hard_negatives,
+        dense=any(w > 0 for w in (loss_cfg.patch_weight, loss_cfg.grounding_weight, loss_cfg.relation_weight)),
+        grid=model.vision.grid,
+    )
+    # Several processes: the ITC covers the global batch, whose positives mask needs every process's items.
+    global_itc = n_proc > 1 and loss_cfg.itc_weight > 0
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=TrainCollate(
-            processor,
-            get_task(cfg.data.train),
-            cfg.data.hard_negatives,
-            dense=any(w > 0 for w in (loss_cfg.patch_weight, loss_cfg.grounding_weight, loss_cfg.relation_weight)),
-            grid=model.vision.grid,
-        ),
+        collate_fn=MetadataCollate(collate) if global_itc else collate,
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # worker seeds must not consume the global RNG
     )
-    n_proc = accelerator.num_processes
     steps_per_epoch = len(dataset) // (cfg.batch_size * n_proc) // cfg.grad_accum_steps
     if steps_per_epoch == 0:
         raise RunConfigError(
@@ -291,6 +334,11 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
             f"x {n_proc} processes; lower batch_size or grad_accum_steps"
         )
     samples_per_step = cfg.batch_size * n_proc * cfg.grad_accum_steps
+    accelerator.print(
+        f"{n_proc} process{'es' if n_proc > 1 else ''} on {accelerator.device.type}, {samples_per_step} captions "
+        f"per step (batch_size {cfg.batch_size} per process x grad_accum_steps {cfg.grad_accum_steps}), "
+        f"precision {precision}"
+    )
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas)
@@ -304,15 +352,24 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     ckpt = resolve_resume(resume, out_dir)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / TRAINER_STATE).read_text())["step"]
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        step = state["step"]
         accelerator.print(f"resumed from {ckpt} at step {step}")
+        if state.get("global_batch", samples_per_step) != samples_per_step:
+            accelerator.print(
+                f"warning: the checkpoint was written with {state['global_batch']} captions per step "
+                f"({state.get('num_processes', '?')} processes), this run takes {samples_per_step} "
+                f"({n_proc} x batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps}): the rest of the "
+                "run does not replay the uninterrupted run's batches; set batch_size so that the products match"
+            )
         if accelerator.is_main_process:
             _truncate_log(out_dir / "losses.jsonl", step)  # steps after the checkpoint are about to be redone
     elif resume is not None:
         accelerator.print(f"--resume {resume}: no complete checkpoint in {out_dir / 'checkpoints'}; starting fresh")
 
     eval_data = load_eval_data(cfg.data.eval, cfg.data.eval_split, cfg.data.eval_limit) if cfg.data.eval else None
-    accelerator.init_trackers("train", config=_flat_scalars(cfg.to_dict()))
+    tracked = {**cfg.to_dict(), "num_processes": n_proc, "global_batch": samples_per_step, "precision": precision}
+    accelerator.init_trackers("train", config=_flat_scalars(tracked))
     loss_log = out_dir / "losses.jsonl"
     history: list[dict[str, Any]] = []
     if accelerator.is_main_process and (out_dir / "metrics.json").is_file() and ckpt is not None:
@@ -344,36 +401,41 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     while step < stop_at:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, start=done_in_epoch * samples_per_step, length=steps_per_epoch * samples_per_step)
-        t0, terms_sum, micro = time.perf_counter(), {}, 0
+        t0, terms_sum = time.perf_counter(), {}
         for batch in loader:
             with accelerator.accumulate(model):
-                out = model(**batch, return_loss=True)
-                finite = torch.isfinite(out.loss.detach()).float()
+                if global_itc:  # the gathered ITC runs outside the prepared forward: autocast it as the forward is
+                    with accelerator.autocast():
+                        unwrapped = accelerator.unwrap_model(model)
+                        out, loss, losses = global_batch_loss(model, unwrapped, batch, task, loss_cfg.itc_weight)
+                else:
+                    out = model(**batch, return_loss=True)
+                    loss, losses = out.loss, out.losses
+                finite = torch.isfinite(loss.detach()).float()
                 if accelerator.reduce(finite, reduction="sum").item() < n_proc:
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step + 1} (epoch {epoch}): "
-                        + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.losses.items())
+                        + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
                         + "; stopped without an optimizer step or a checkpoint. Lower optim.lr, check the data, "
                         "or resume from the last checkpoint with --resume latest"
                     )
-                accelerator.backward(out.loss)
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            # Loss terms plus the model's own detached logs (kernel entropy, temperature, ITM accuracy).
-            for k, v in {"loss": out.loss, **out.losses, **getattr(out, "logs", {})}.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+            # Loss terms plus the model's own detached logs (kernel entropy, temperature, ITM accuracy): sum and
+            # count per name, as a term can be missing from a micro-batch (no relation caption in it).
+            for k, v in {"loss": loss, **losses, **getattr(out, "logs", {})}.items():
+                total, n = terms_sum.get(k, (0.0, 0))
+                terms_sum[k] = (total + float(v.detach() if torch.is_tensor(v) else v), n + 1)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
             bar.update(1)
-            # Mean over micro-batches and processes (one small all-reduce per step).
-            mean = accelerator.reduce(torch.tensor(list(terms_sum.values()), device=accelerator.device) / micro, "mean")
-            terms = dict(zip(terms_sum, mean.tolist()))
-            terms_sum, micro = {}, 0
+            terms = mean_over_processes(terms_sum, n_proc)
+            terms_sum = {}
             if accelerator.is_main_process:
                 with loss_log.open("a") as f:
                     f.write(json.dumps({"step": step, **terms, "lr": scheduler.get_last_lr()[0]}) + "\n")
@@ -393,7 +455,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
             if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or epoch_end or step == total_steps:
                 metrics = run_eval()
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(accelerator, out_dir, step, epoch, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, out_dir, step, epoch, cfg.keep_checkpoints, samples_per_step)
             if epoch_end or step >= stop_at:
                 break
     bar.close()
@@ -526,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RunConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from training.distributed import launch_cpu_processes, requested_cpu_processes
+
+    n = requested_cpu_processes()
+    if n > 1:  # `accelerate launch --cpu --num_processes N` started this process alone: start the N here
+        return launch_cpu_processes(n, "training.train", sys.argv[1:] if argv is None else argv)
     try:
         train(cfg, resume=args.resume, push_to_hub=args.push_to_hub)
     except NonFiniteLossError as e:
