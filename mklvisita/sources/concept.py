@@ -18,9 +18,9 @@ Decisions:
       prompts built from timm's ImageNet synset lemmas and WordNet definitions: "<lemmas>", "<lemmas>: <definition>"
       and "a photo of a <first lemma>, <definition>". Chosen, with T = 0.5 and tau = 0.02, on the tune half of the
       Tux Paint photo stamps (mklvisita.tasks.tuxpaint), never on its test half.
-    - WordNet expansion (``concept_synsets`` > 0): a caption naming something outside the 1,000 classes ("A sitting
-      gnu", "A yak") lands on the wrong class when compared with the class prompts alone (MiniLM puts "yak" near
-      "yawl"). The bridge also holds the lemma embeddings of ImageNet-21k's WordNet synsets and, for each, the
+    - WordNet expansion (``kernels.options.concept.synsets`` > 0): a caption naming something outside the 1,000 classes
+      ("A sitting gnu", "A yak") lands on the wrong class when compared with the class prompts alone (MiniLM puts "yak"
+      near "yawl"). The bridge also holds the lemma embeddings of ImageNet-21k's WordNet synsets and, for each, the
       ImageNet-1k classes under its nearest WordNet ancestor that has any (gnu -> antelope -> hartebeest, impala,
       gazelle; yak -> ox). The caption's class distribution becomes (1 - w) q + w r @ M, where r = softmax(cos(caption,
       synset lemmas) / tau_s) and M spreads each synset uniformly over its classes. Only the sentence-level q
