@@ -165,34 +165,17 @@ def _assert_same_index(a: Path, b: Path, atol: float = 0.0) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate (a training dependency)")
 def test_accelerate_launch_two_cpu_processes_equals_one_process(matcher, folder, one_process, tmp_path):
+    """Two processes under accelerate launch (torchrun; gloo on CPU) write the one-process index. ``--multi_gpu``
+    is what starts several processes on a machine without GPUs: accelerate's ``--cpu`` launcher starts one process
+    unless an MPI hostfile is given."""
     out = tmp_path / "launched"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "mklvisita",
-        "index",
-        str(folder),
-        "--checkpoint",
-        "shapes",
-        "--out",
-        str(out),
-        "--chunk-size",
-        "8",
-    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "mklvisita", "index", str(folder)]
+    cmd += ["--checkpoint", "shapes", "--out", str(out), "--chunk-size", "8"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[process 1/2] 24/24 images" in r.stderr and "[process 2/2] 17/17 images" in r.stderr  # both took part
     assert f"indexed {N_IMAGES} images (1 unreadable" in r.stdout
     # each process encodes its own chunks; the same images in the same batches give the same vectors
     _assert_same_index(out, one_process[0], atol=1e-6)
@@ -213,7 +196,7 @@ def test_ivf_with_every_cell_probed_finds_the_exact_top(tmp_path):
     exact = np.argsort(-(x @ q.T), axis=0)[:10].T
     for j in range(5):
         assert set(rows[j].tolist()) == set(exact[j].tolist())
-    assert gallery.ivf_nlist(1_000_000) == 4096 and gallery.ivf_nlist(1000) == 25
+    assert gallery.ivf_nlist(1_000_000) == 1024 and gallery.ivf_nlist(1000) == 25
 
 
 def test_cli_index_and_search(folder, tmp_path, capsys):
@@ -250,3 +233,47 @@ def test_a_file_list_names_images_relative_to_itself(matcher, folder, tmp_path):
     files, root = gallery.list_images(listing)
     assert files == ["b/scene_039.png", "a/scene_000.png"] and root == folder.resolve()
     listing.unlink()
+
+
+def test_demo_searches_an_allow_listed_saved_index(matcher, one_process, monkeypatch):
+    from demo.saved_index import INDEXES_ENV, allowed_indexes, search_saved_index
+
+    out, _ = one_process
+    monkeypatch.setenv(INDEXES_ENV, f"{out}, ,{out}")
+    indexes = allowed_indexes()
+    assert list(indexes) == ["one", "one (2)"]
+    hits, timings = search_saved_index(matcher, "one", "a red circle", 3, indexes=indexes)
+    assert len(hits) == 3 and all(
+        img.size[0] <= 512 and label.startswith(f"#{i}") for i, (img, label) in enumerate(hits, 1)
+    )
+    assert "first_stage" in timings
+    with pytest.raises(ValueError, match="Choose a saved index"):
+        search_saved_index(matcher, str(out), "a red circle", indexes=indexes)  # a path is not a choice
+    other = copy.deepcopy(matcher.model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="not by the loaded checkpoint") as e:
+        search_saved_index(Matcher(other), "one", "a red circle", indexes=indexes)
+    assert str(out.parent) not in str(e.value)
+
+
+@pytest.mark.slow
+def test_app_search_tab_searches_a_saved_index_through_the_api(matcher, one_process, monkeypatch):
+    """The Search tab's saved-index endpoint, driven through gradio_client on a launched app."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+
+    import app
+    from demo.saved_index import INDEXES_ENV
+    from tests.app_fixtures import free_port
+
+    out, _ = one_process
+    monkeypatch.setenv(INDEXES_ENV, str(out))
+    demo = app.create_demo(matcher, default="shapes", loader=lambda spec: matcher)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        images, timings = Client(url, verbose=False).predict("one", "a red circle", 3, api_name="/search_index")
+        assert len(images) == 3 and images[0]["caption"].startswith("#1 score")
+        assert timings["first_stage"] >= 0
+    finally:
+        demo.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..inputs import MAX_GALLERY_CAPTIONS, MAX_GALLERY_IMAGES, MAX_TOP_K
+from ..saved_index import INDEXES_ENV, allowed_indexes, search_saved_index
 from ..search import SearchView, search
 from ..ui import IMAGE_CALL, IMAGE_UPLOAD, Context, with_checkpoint
 
@@ -61,3 +62,33 @@ def build(ctx: Context) -> None:
             api_name="search",
             **IMAGE_CALL,
         )
+        _saved_index(ctx)
+
+
+def _saved_index(ctx: Context) -> None:
+    """Text → images over a saved gallery index from the allow-list (`$MKLVISITA_INDEXES`), opened memory-mapped."""
+    indexes = allowed_indexes()
+    with gr.Accordion("Saved gallery index", open=bool(indexes)):
+        gr.Markdown(
+            "Searches an index built once with `python -m mklvisita index FOLDER --out INDEX`: FAISS picks the "
+            "candidates, the checkpoint re-ranks them. "
+            + (
+                "Indexes allow-listed by this app: " + ", ".join(f"`{n}`" for n in indexes) + "."
+                if indexes
+                else f"None is allow-listed: start the app with `{INDEXES_ENV}=index1,index2`."
+            )
+        )
+        with gr.Row():
+            choice = gr.Dropdown(list(indexes), value=next(iter(indexes), None), label="Index", elem_id="index-choice")
+            text = gr.Textbox(label="Text query → images", placeholder="a red bicycle", elem_id="index-text")
+            k = gr.Slider(1, MAX_TOP_K, value=5, step=1, label="top k")
+        button = gr.Button("Search the index", elem_id="index-button")
+        hits = gr.Gallery(label="Top images", columns=5, height=360, object_fit="contain", elem_id="index-images")
+        with gr.Accordion("Time per stage (ms)", open=False):
+            times = gr.JSON(show_label=False)
+    button.click(
+        with_checkpoint(ctx.registry, search_saved_index, lambda r: r, indexes=indexes),
+        [ctx.checkpoint, choice, text, k],
+        [hits, times],
+        api_name="search_index",
+    )
