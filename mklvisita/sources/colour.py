@@ -73,6 +73,17 @@ def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
 
 
+def _lab_channels(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, N) sRGB in [0, 1] -> (3, N) CIELAB: :func:`srgb_to_lab` with the channels first, as an image's pixels lie
+    in memory (no transposed copy of every pixel on the way in or out; the same arithmetic, the same numbers)."""
+    rgb = rgb.clamp(0.0, 1.0)
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = torch.tensor(_SRGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device) @ linear
+    xyz = xyz / torch.tensor(_D65, dtype=rgb.dtype, device=rgb.device).view(3, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+    return torch.stack([116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])])
+
+
 def name_colours(rgb: torch.Tensor, sigma: float) -> torch.Tensor:
     """(..., 3) sRGB in [0, 1] -> (..., 11) soft colour names (rows sum to 1)."""
     lab = srgb_to_lab(rgb.float())
@@ -84,8 +95,9 @@ def _names(lab: torch.Tensor, sigma: float) -> torch.Tensor:
     is several times slower on a CPU, and this runs on every pixel of every image scored."""
     protos = srgb_to_lab(torch.tensor(PROTOTYPES, dtype=torch.float32, device=lab.device) / 255.0)  # (11, 3)
     d2 = (lab * lab).sum(0, keepdim=True) - 2.0 * protos @ lab + (protos * protos).sum(-1, keepdim=True)  # (11, N)
-    w = torch.exp(-(d2 - d2.amin(0, keepdim=True)) / (2.0 * sigma**2))
-    return w / w.sum(0, keepdim=True)
+    # exp(-(d2 - min) / 2 sigma^2), normalised: in place, one (11, N) buffer instead of five
+    w = d2.sub_(d2.amin(0, keepdim=True)).div_(-(2.0 * sigma**2)).exp_()
+    return w.div_(w.sum(0, keepdim=True))
 
 
 def colour_token_table(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +148,10 @@ class ColourNames(nn.Module):
         rgb = pixel_values.float() * self.std + self.mean  # (B, 3, H, W) in [0, 1]
         valid = ((rgb - self.pad).abs() > 0.5 / 255.0).any(1, keepdim=True).float()  # (B, 1, H, W)
         b, _, height, width = rgb.shape
-        lab = srgb_to_lab(rgb.permute(0, 2, 3, 1)).reshape(-1, 3).T  # (3, B H W)
-        names = _names(lab, self.sigma).view(NUM_COLOURS, b, height, width).transpose(0, 1) * valid  # (B, 11, H, W)
-        total = F.adaptive_avg_pool2d(names, grid)
+        lab = _lab_channels(rgb.transpose(0, 1).reshape(3, -1))  # (3, B H W)
+        # pooled as (11, B, H, W) planes, each the same sums as the (B, 11, H, W) view's, without transposing them
+        names = _names(lab, self.sigma).view(NUM_COLOURS, b, height, width).mul_(valid.transpose(0, 1))
+        total = F.adaptive_avg_pool2d(names, grid).transpose(0, 1)  # (B, 11, gh, gw)
         share = F.adaptive_avg_pool2d(valid, grid)
         return (total / share.clamp_min(1e-6)).flatten(2).transpose(1, 2)  # (B, P, 11)
 
