@@ -42,6 +42,7 @@ from mklvisita import Matcher
 from mklvisita.matcher import ScoreResult
 from mklvisita.ranking import final_score, resolve_ranking
 from mklvisita.retrieval import encode_captions, encode_images, match_pairs
+from mklvisita.threads import inference_threads
 
 MAX_BATCH = 16  # requests per model call at most (the demo's queue holds 16)
 MAX_WAIT_S = 0.005  # how long an idle model waits for a batch to fill after its first request
@@ -71,11 +72,17 @@ def exclusive() -> Iterator[None]:
 
 def score_blocks(matcher: Matcher, requests: Sequence[tuple[Any, Sequence[str]]]) -> list[ScoreResult]:
     """Score several (image, captions) requests in one pass: images encoded together, captions encoded together,
-    each image scored against its own captions only.
+    each image scored against its own captions only; with the Matcher's CPU threads (``mklvisita.threads``), as
+    ``Matcher.score`` runs.
 
     Returns:
         One ScoreResult per request, shaped (1, n_captions) like ``matcher.score([image], captions)``.
     """
+    with inference_threads(getattr(matcher, "threads", None)):
+        return _score_blocks(matcher, requests)
+
+
+def _score_blocks(matcher: Matcher, requests: Sequence[tuple[Any, Sequence[str]]]) -> list[ScoreResult]:
     model, processor = matcher.model, matcher.processor
     captions = [c for _, cs in requests for c in cs]
     images = encode_images(model, processor, [image for image, _ in requests])
