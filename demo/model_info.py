@@ -7,20 +7,20 @@ Decisions:
 - Every kernel of the similarity S is listed, the photo checkpoint's concept kernels included; the fusion layers'
   weights (their attention bias over the local kernels) follow, one row per layer, named "fusion layer 1..L" in
   the table, the figure and the Match tab's layer selector alike (the API takes the 0-based index).
-- The card's YAML front matter (Hub metadata) is not Markdown: it is taken off the top and shown as a YAML block
-  at the end, so it does not render as a heading.
+- The card's YAML front matter (Hub metadata, :mod:`mklvisita.cards`) is not Markdown: it is taken off the top
+  (`mklvisita.cards.split_front_matter`) and shown as a YAML block at the end, so it does not render as a heading.
 - Metrics are rounded to 4 significant digits for display (no `11.700000000000001`); nested groups are kept.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import pandas as pd
 from PIL import Image
 
 from mklvisita import Matcher, figures
+from mklvisita.cards import split_front_matter
 
 from .match import rounded
 
@@ -36,12 +36,6 @@ class ModelView(NamedTuple):
 def fusion_layer_name(i: int) -> str:
     """The name a fusion layer (0-based index) has everywhere in the UI."""
     return f"fusion layer {i + 1}"
-
-
-def split_front_matter(card: str) -> tuple[str, str]:
-    """(front matter YAML or "", the Markdown body) of a model card."""
-    m = re.match(r"\A---\s*\n(.*?)\n---\s*\n?", card, re.S)
-    return (m.group(1), card[m.end() :]) if m else ("", card)
 
 
 def card_markdown(card: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mklvisita import Matcher
+from mklvisita.cards import CardError, CardMetadata, read_card
+from mklvisita.ranking import describe_ranking, resolve_ranking
 
 EMBEDDED = ("photo", "shapes")  # Matcher.default(name); the first is the demo's default
 DEFAULT_CHECKPOINT = EMBEDDED[0]
@@ -195,39 +196,21 @@ class Registry:
 
 
 # ----------------------------------------------------------------------------------------- what a checkpoint is
-# Per training task, what a model trained only on it cannot know: used when a card does not say so itself.
-CANNOT_KNOW = {"shapes": "photographs and real objects: it has only ever seen coloured shapes on plain backgrounds"}
-
-
-def _card_field(card: str, name: str) -> str | None:
-    """The text after `**<name>:**` in a card, up to the next bold field or blank line, on one line."""
-    m = re.search(rf"\*\*{re.escape(name)}:\*\*\s*(.+?)(?=\s*\*\*[^*]+:\*\*|\n\s*\n|\Z)", card, re.S)
-    return " ".join(m.group(1).split()).rstrip(".") if m else None
-
-
 def describe(matcher: Matcher) -> str:
-    """One line: what the checkpoint was trained on and what it cannot know, from its card and config.
-
-    A card may say it in `**Trained on:** ...` and `**It cannot know:** ...` fields (the photo checkpoint's does);
-    otherwise the card's "Trained ... on `<task>`" line names the data and :data:`CANNOT_KNOW` the gap.
-    """
-    card = matcher.card or ""
-    trained = _card_field(card, "Trained on")
-    cannot = _card_field(card, "It cannot know")
-    task = re.search(r"Trained with .*? on `([^`]+)`", card, re.S)
-    task = task.group(1) if task else None
-    if trained is None and task is not None:
-        trained = "coloured-shapes scenes only (procedurally generated)" if task == "shapes" else f"`{task}`"
-    cannot = cannot or CANNOT_KNOW.get(task or "")
-    if not trained:  # no card to say it: what the config tells
+    """One line: what the checkpoint was trained on and what it cannot know, from its card's metadata
+    (:func:`mklvisita.cards.read_card`: the front matter's ``trained_on`` and ``cannot_know``, which the card writer
+    takes from the training task); a checkpoint whose card does not say gets what its config tells."""
+    try:
+        meta = read_card(matcher.card or "")
+    except CardError:
+        meta = CardMetadata()  # an unreadable card says nothing; the Model tab still shows its text
+    trained, cannot = meta.trained_on.strip().rstrip("."), meta.cannot_know.strip().rstrip(".")
+    if not trained:
         fusion = "with" if matcher.model.has_itm else "without"
         trained = f"not recorded (no card); {matcher.config.vision.model_name or 'a ViT'} {fusion} a fusion head"
     return f"**Trained on:** {trained}." + (f" **It cannot know:** {cannot}." if cannot else "")
 
 
 def ranking_rule(matcher: Matcher) -> str:
-    """The checkpoint's ranking rule (`config.ranking`, its one owner) in words: what the "score" column is."""
-    r = matcher.config.ranking
-    if not matcher.model.has_itm:
-        return "score = S (this checkpoint has no fusion head, so no ITM)"
-    return f"score = {r.itm_weight:g} × ITM + {r.similarity_weight:g} × S"
+    """The checkpoint's ranking rule (:mod:`mklvisita.ranking`, its one owner) in words: what the "score" column is."""
+    return describe_ranking(resolve_ranking(matcher), matcher.model.has_itm)

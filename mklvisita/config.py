@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .presets import preset_names, preset_spec
+
 KERNEL_FUNCTIONS = ("cosine", "poly", "rbf", "sigmoid")
 
 
@@ -182,30 +184,15 @@ class MKLVisITAConfig:
 
     @classmethod
     def tiny(cls) -> MKLVisITAConfig:
-        """A random-init model small enough to train on a CPU in minutes (64 px, 8 px patches)."""
-        return cls(
-            vision=VisionConfig(
-                model_name="vit_tiny_patch16_224", image_size=64, patch_size=8, width=128, depth=4, heads=4
-            ),
-            text=TextConfig(width=128, layers=2, heads=4, max_length=24),
-            kernels=KernelConfig(proj_dim=64),
-            fusion=FusionConfig(layers=2, width=128, heads=4, image_pool=2, image_mlp_ratio=1.0),
-        )
+        """The ``tiny`` preset (:mod:`mklvisita.presets`): a random-init model small enough to train on a CPU in
+        minutes (64 px, 8 px patches)."""
+        return create_config("tiny")
 
     @classmethod
     def base(cls, pretrained: bool = False) -> MKLVisITAConfig:
-        """ViT-B/16 + BERT-base sized. ``pretrained=True`` loads timm and Hub weights (needs the network).
-
-        The fusion (random init in every case: no pretrained weights exist for it) keeps six layers, one per
-        level of the hierarchy (ViT blocks 1, 3, ..., 11), at width 512 with 8 heads of 64: the ITM branch of a
-        Match (1 image x 5 captions) costs about 1.2x the two encoders run as a plain dual encoder (issue 9's budget
-        is 1.3x); width 768 / 12 heads (ALBEF's fusion width) measured 1.4-1.5x. README, "Performance"."""
-        return cls(
-            vision=VisionConfig(model_name="vit_base_patch16_224", pretrained=pretrained, image_size=224),
-            text=TextConfig(model_name="bert-base-uncased" if pretrained else None, pretrained=pretrained),
-            kernels=KernelConfig(proj_dim=256),
-            fusion=FusionConfig(layers=6, width=512, heads=8, image_pool=2, image_mlp_ratio=0.0),
-        )
+        """The ``base`` preset (:mod:`mklvisita.presets`): ViT-B/16 + BERT-base sized. ``pretrained=True`` loads timm
+        and Hub weights (needs the network)."""
+        return create_config("base", pretrained=pretrained)
 
     @property
     def itm_score_weight(self) -> float:
@@ -258,6 +245,23 @@ def load_dataclass(cls: type, data: Any, where: str = "config") -> Any:
     """The project's one strict dataclass loader (model configs here, run configs in ``training.config``): nested
     mappings -> ``cls``; an unknown field, or a value of the wrong type, is a :class:`ConfigError` naming its path."""
     return _from_dict(cls, data, where)
+
+
+def create_config(name: str, **options: Any) -> MKLVisITAConfig:
+    """The model config of the preset ``name`` with its ``options``: the one factory of presets
+    (:mod:`mklvisita.presets`: ``tiny``, ``base`` (option ``pretrained``), ``base-pretrained``, ``default``; see
+    :func:`mklvisita.presets.preset_names`).
+
+    Raises:
+        ConfigError: an unknown preset, an option the preset does not take, or a preset field the config lacks.
+    """
+    if name not in preset_names():
+        raise ConfigError(f"unknown model preset {name!r}; choose from {preset_names()}")
+    try:
+        spec = preset_spec(name, **options)
+    except TypeError as e:
+        raise ConfigError(f"preset {name!r}: {e}") from e
+    return MKLVisITAConfig.from_dict(spec)
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:

@@ -100,16 +100,19 @@ def itm_from_final(ranking: RankingConfig, final: float, similarity: float) -> f
     return (final - ranking.similarity_weight * similarity) / ranking.itm_weight
 
 
-def describe_ranking(ranking: RankingConfig, has_itm: bool) -> str:
-    """The rule in words, for the demo and model cards: what the "score" is and how retrieval reaches it."""
+def describe_ranking(ranking: RankingConfig, has_itm: bool, retrieval: bool = False) -> str:
+    """The rule in words, for the demo and model cards: what the "score" is (``retrieval``: and how retrieval reaches
+    it: the cascade's candidates and the re-ranking depth)."""
+    if not has_itm:
+        rule = "score = S (no fusion head, so no ITM)"
+    elif ranking.k <= 0:
+        rule = "score = S (k = 0: similarity only)"
+    else:
+        rule = f"score = {ranking.itm_weight:g} × ITM + {ranking.similarity_weight:g} × S"
+    if not retrieval:
+        return rule
     cascade = (
         f"{ranking.candidates} candidates per query from the global kernels" if ranking.candidates else "exhaustive S"
     )
-    if not has_itm:
-        return f"score = S (no fusion head, so no ITM); retrieval: {cascade}"
-    if ranking.k <= 0:
-        return f"score = S (k = 0: similarity only); retrieval: {cascade}"
-    return (
-        f"score = {ranking.itm_weight:g} × ITM + {ranking.similarity_weight:g} × S; retrieval: {cascade}, "
-        f"the ITM head re-ranks the top k = {ranking.k} per query"
-    )
+    rerank = f", the ITM head re-ranks the top k = {ranking.k} per query" if uses_itm(ranking, has_itm) else ""
+    return f"{rule}; retrieval: {cascade}{rerank}"

@@ -71,9 +71,10 @@ def test_registry_and_handlers_import_no_gradio() -> None:
 def test_each_tab_has_its_own_module_with_build() -> None:
     from demo import tabs
 
-    for name in ("match", "matrix", "search", "model"):
+    handlers = {"match": "match", "matrix": "matrix", "search": "search", "model": "model_info"}  # tab -> handlers
+    for name, handler in handlers.items():
         assert callable(getattr(tabs, name).build), name
-        assert (ROOT / "demo" / f"{name}.py").is_file() and (ROOT / "demo" / "tabs" / f"{name}.py").is_file()
+        assert (ROOT / "demo" / f"{handler}.py").is_file() and (ROOT / "demo" / "tabs" / f"{name}.py").is_file()
     assert len((ROOT / "app.py").read_text().splitlines()) < 200  # the entry point only builds and launches
 
 
@@ -377,7 +378,7 @@ def test_model_info_shows_every_kernel_weights_card_and_metrics(matcher, photo_m
 def test_card_front_matter_is_not_a_heading_and_metrics_are_rounded(photo_matcher) -> None:  # noqa: F811
     shown = card_markdown(photo_matcher.card)
     assert photo_matcher.card.startswith("---") and not shown.startswith("---")
-    assert shown.startswith("# MKL-VisITA photo checkpoint") and "```yaml\nlibrary_name: mklvisita" in shown
+    assert shown.startswith("# MKL-VisITA photo checkpoint") and "```yaml\nlicense: apache-2.0" in shown
     assert round_metrics({"t2i_r1": 13.100000000000001, "nested": {"f1": 0.40057020669992877, "n": 486}}) == {
         "t2i_r1": 13.1,
         "nested": {"f1": 0.4006, "n": 486},

@@ -132,9 +132,12 @@ def test_resolve_ranking_applies_overrides_and_refuses_what_cannot_rank():
 
 def test_the_rule_in_words_names_the_weights():
     r = RankingConfig(itm_weight=0.5, similarity_weight=2.0, k=16, candidates=0)
-    assert "0.5 × ITM + 2 × S" in describe_ranking(r, has_itm=True) and "k = 16" in describe_ranking(r, True)
+    assert describe_ranking(r, has_itm=True) == "score = 0.5 × ITM + 2 × S"
+    long = describe_ranking(r, has_itm=True, retrieval=True)
+    assert long.startswith("score = 0.5 × ITM + 2 × S; retrieval: exhaustive S") and "top k = 16" in long
     assert describe_ranking(r, has_itm=False).startswith("score = S")
     assert "k = 0" in describe_ranking(dataclasses.replace(r, k=0), has_itm=True)
+    assert "128 candidates" in describe_ranking(dataclasses.replace(r, candidates=128), True, retrieval=True)
 
 
 def test_rescored_pairs_stay_above_the_rest_under_a_large_similarity_weight(tiny_checkpoint):

@@ -3,11 +3,11 @@
     cfg = load_config("training/configs/shapes.yaml", ["optim.lr=3e-4", "model.vision.image_size=32"])
 
 Keys are dotted paths into :class:`RunConfig` (``batch_size``, ``optim.lr``, ``data.train``, ...) or into the model
-config (``model.fusion.enabled``), whose defaults come from the preset named by ``model_preset``
-(``MKLVisITAConfig.tiny()`` / ``.base()``). Values are parsed as YAML and checked against the field's type; an
-unknown key is an error that names it and suggests the closest known keys. The resolved config is written with
-every run (``config.yaml`` and ``config.json`` in the output directory). A YAML file may start from another with
-``extends: <file>`` (the ablation configs extend ``shapes.yaml``).
+config (``model.fusion.enabled``), whose defaults come from the preset named by ``model_preset`` (the library's one
+factory, :func:`mklvisita.config.create_config`: ``tiny``, ``base``, ``base-pretrained``, ...). Values are parsed as
+YAML and checked against the field's type; an unknown key is an error that names it and suggests the closest known
+keys. The resolved config is written with every run (``config.yaml`` and ``config.json`` in the output directory). A
+YAML file may start from another with ``extends: <file>`` (the ablation configs extend ``shapes.yaml``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Any
 
 import yaml
 
-from mklvisita.config import ConfigError, MKLVisITAConfig, load_dataclass
-
-MODEL_PRESETS = ("tiny", "base", "base-pretrained", "default")
+from mklvisita.config import ConfigError, MKLVisITAConfig, create_config, load_dataclass
+from mklvisita.presets import preset_names
 
 
 class RunConfigError(ConfigError):
@@ -82,7 +81,7 @@ class EvalConfig:
 class RunConfig:
     """One training run. Steps are optimizer steps (one step = grad_accum_steps micro-batches)."""
 
-    model_preset: str = "tiny"  # tiny | base | base-pretrained: the model config `model` is merged onto
+    model_preset: str = "tiny"  # a preset of mklvisita.presets (tiny, base, ...): the config `model` is merged onto
     model: dict[str, Any] = field(default_factory=dict)  # nested overrides of MKLVisITAConfig fields
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -122,15 +121,10 @@ class RunConfig:
 
 
 def _preset_dict(name: str) -> dict[str, Any]:
-    if name == "tiny":
-        return MKLVisITAConfig.tiny().to_dict()
-    if name == "base":
-        return MKLVisITAConfig.base(pretrained=False).to_dict()
-    if name == "base-pretrained":
-        return MKLVisITAConfig.base(pretrained=True).to_dict()
-    if name == "default":
-        return MKLVisITAConfig().to_dict()
-    raise RunConfigError(f"model_preset: unknown preset {name!r}; choose from {list(MODEL_PRESETS)}")
+    """The model preset ``name`` from the library's one factory (:func:`mklvisita.config.create_config`)."""
+    if name not in preset_names():
+        raise RunConfigError(f"model_preset: unknown preset {name!r}; choose from {preset_names()}")
+    return create_config(name).to_dict()
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:

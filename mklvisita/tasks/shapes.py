@@ -38,6 +38,12 @@ from ..data.shapes import OPPOSITE, SHAPES_VOCABULARY, Claim, Desc, Scene, Scene
 from .base import EvalData, PairOptions, TaskError
 
 VOCABULARY = SHAPES_VOCABULARY
+# For the card of a model trained on this task (mklvisita.cards).
+TRAINED_ON = (
+    "procedurally generated shapes scenes only: coloured circles, squares, triangles, stars, crosses and diamonds on "
+    "plain backgrounds, with captions about colour, size, count and left/right/above/below"
+)
+CANNOT_KNOW = "photographs and real objects: it has only ever seen coloured shapes on plain backgrounds"
 CACHE_ENV = "MKLVISITA_CACHE"
 CACHE_FORMAT = 2  # bump when the cache's files change
 TEST_SIZE = 1000  # scenes of the held-out test splits (5 captions each)
