@@ -13,6 +13,14 @@ Command line (a figure set for one image and some captions)::
     python -m mklvisita.figures --checkpoint DIR|HUB_ID --image photo.jpg --caption "a dog" --caption "a cat" \
         --out figures/ [--format png svg] [--method gradcam] [--layer 0]
     python -m mklvisita.figures --checkpoint DIR --shapes 3 --out docs/figures   # a shapes test scene
+
+Decisions: text in figures falls back, glyph by glyph, through :data:`FONT_FALLBACK` (matplotlib >= 3.6 font
+fallback), so captions in Chinese, Japanese, Korean or with emoji draw instead of missing-glyph boxes. The fonts are
+Debian packages: DejaVu Sans (matplotlib ships it), Noto Sans CJK (``fonts-noto-cjk``: Chinese, Japanese, Korean;
+Droid Sans Fallback from ``fonts-droid-fallback`` is used where it is the one installed, without Hangul) and
+Symbola (``fonts-symbola``: emoji and symbols, monochrome; colour emoji fonts are bitmaps matplotlib cannot draw).
+Families that are not installed are left out of the list (no warning per figure); without them such glyphs draw
+as boxes, as before. Setting the list changes matplotlib's ``font.family`` for the process, once, at import.
 """
 
 from __future__ import annotations
@@ -36,6 +44,34 @@ from .inputs import ImageInput, load_image
 
 FigureLike = Union[Figure, Callable[[], Figure]]
 DPI = 100
+# Fallback order for text (module docstring): Latin, Greek and Cyrillic; CJK; emoji and symbols.
+FONT_FALLBACK = ("DejaVu Sans", "Noto Sans CJK JP", "Droid Sans Fallback", "Symbola")
+# Where the Debian packages put them: matplotlib's font cache, built before a package was installed, misses them.
+FONT_FILES = {
+    "Noto Sans CJK JP": "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "Droid Sans Fallback": "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "Symbola": "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf",
+}
+
+
+def _use_font_fallback() -> list[str]:
+    """Set matplotlib's font family to the installed families of :data:`FONT_FALLBACK`; returns them."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for name, file in FONT_FILES.items():
+        if name not in installed and Path(file).is_file():
+            try:
+                font_manager.fontManager.addfont(file)
+                installed.add(name)
+            except (OSError, RuntimeError):  # an unreadable font file: that family is left out
+                pass
+    families = [name for name in FONT_FALLBACK if name in installed] or ["sans-serif"]
+    matplotlib.rcParams["font.family"] = families
+    return families
+
+
+FONT_FAMILIES = _use_font_fallback()
 
 
 # ------------------------------------------------------------------------------------------ rendering
