@@ -66,20 +66,20 @@ def build(ctx: Context) -> None:
 
 
 def _saved_index(ctx: Context) -> None:
-    """Text → images over a saved gallery index from the allow-list (`$MKLVISITA_INDEXES`), opened memory-mapped."""
+    """Text → images over a saved gallery index from the allow-list (`$MKLVISITA_INDEXES`), opened memory-mapped; no
+    section (and no `/search_index` endpoint) when nothing is allow-listed."""
     indexes = allowed_indexes()
-    with gr.Accordion("Saved gallery index", open=bool(indexes)):
+    if not indexes:
+        return
+    with gr.Accordion("Saved gallery index", open=True):
         gr.Markdown(
             "Searches an index built once with `python -m mklvisita index FOLDER --out INDEX`: FAISS picks the "
-            "candidates, the checkpoint re-ranks them. "
-            + (
-                "Indexes allow-listed by this app: " + ", ".join(f"`{n}`" for n in indexes) + "."
-                if indexes
-                else f"None is allow-listed: start the app with `{INDEXES_ENV}=index1,index2`."
-            )
+            "candidates, the checkpoint re-ranks them. This app allow-lists "
+            + ", ".join(f"`{n}`" for n in indexes)
+            + f" (`{INDEXES_ENV}`)."
         )
         with gr.Row():
-            choice = gr.Dropdown(list(indexes), value=next(iter(indexes), None), label="Index", elem_id="index-choice")
+            choice = gr.Dropdown(list(indexes), value=next(iter(indexes)), label="Index", elem_id="index-choice")
             text = gr.Textbox(label="Text query → images", placeholder="a red bicycle", elem_id="index-text")
             k = gr.Slider(1, MAX_TOP_K, value=5, step=1, label="top k")
         button = gr.Button("Search the index", elem_id="index-button")
