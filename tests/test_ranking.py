@@ -2,6 +2,7 @@
 its weights."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -150,3 +151,16 @@ def test_rescored_pairs_stay_above_the_rest_under_a_large_similarity_weight(tiny
     for i, row in enumerate(s.i2t):
         rest = np.delete(row, top[i])
         assert row[top[i]].min() > rest.max()
+
+
+def test_the_evaluation_command_overrides_the_rule_field_by_field(tiny_checkpoint, tmp_path, capsys):
+    from training import evaluate
+
+    out = tmp_path / "m.json"
+    common = ["--checkpoint", str(tiny_checkpoint), "--data", "shapes", "--limit", "3", "--no-extra", "--out", str(out)]
+    assert evaluate.main([*common, "--similarity-weight", "2.5", "--k", "2"]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    assert (meta["similarity_weight"], meta["k"], meta["itm_weight"]) == (2.5, 2, 1.0)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([*common, "--similarity-weight", "0"])
+    assert stop.value.code == 2 and "similarity_weight must be > 0" in capsys.readouterr().err

@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the metrics JSON")
     parser.add_argument("--k", type=int, default=None, help="re-rank top k by ITM (default: the model's ranking.k)")
     parser.add_argument(
-        "--itm-weight", type=float, default=None, help="final score = w * ITM + similarity (default: ranking's)"
+        "--itm-weight", type=float, default=None, help="final score = w * ITM + w_s * S: w (default: ranking's)"
+    )
+    parser.add_argument(
+        "--similarity-weight",
+        type=float,
+        default=None,
+        help="final score = w * ITM + w_s * S: w_s (default: ranking's)",
     )
     parser.add_argument(
         "--candidates", type=int, default=None, help="cascade: global kernels keep N per query; 0 = exhaustive S"
@@ -69,23 +75,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mklvisita import Matcher
+    from mklvisita.ranking import resolve_ranking
 
     matcher = Matcher.from_pretrained(args.checkpoint, revision=args.revision)
     model = matcher.model.to(args.device)
     data = load_eval_data(args.data, args.split, args.limit)
-    ranking = model.config.ranking  # the one owner of k and the weights; the flags override it
-    k = ranking.k if args.k is None else args.k
-    itm_weight = ranking.itm_weight if args.itm_weight is None else args.itm_weight
-    candidates = ranking.candidates if args.candidates is None else args.candidates
+    # The checkpoint's ranking rule (mklvisita.ranking, its one owner), each flag that is given overriding its field.
+    try:
+        ranking = resolve_ranking(
+            model,
+            k=args.k,
+            itm_weight=args.itm_weight,
+            similarity_weight=args.similarity_weight,
+            candidates=args.candidates,
+        )
+    except ValueError as e:
+        parser.error(str(e))
     metrics = evaluate_model(
         model,
         matcher.processor,
         data,
-        k=k,
-        itm_weight=itm_weight,
+        k=ranking.k,
+        itm_weight=ranking.itm_weight,
         batch_size=args.batch_size,
         extra_metrics={} if args.no_extra else None,
-        candidates=candidates,
+        candidates=ranking.candidates,
+        similarity_weight=ranking.similarity_weight,
     )
     result = {
         **metrics,
@@ -96,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             "split": data.split,
             "n_images": len(data.images),
             "n_captions": len(data.captions),
-            "k": k if model.has_itm else 0,
-            "itm_weight": itm_weight,
-            "candidates": candidates,
+            "k": ranking.k if model.has_itm else 0,
+            "itm_weight": ranking.itm_weight,
+            "similarity_weight": ranking.similarity_weight,
+            "candidates": ranking.candidates,
             "command": "python -m training.evaluate "
             + " ".join(portable_argument(a) for a in (sys.argv[1:] if argv is None else argv)),
         },
