@@ -1,4 +1,4 @@
-"""What does a shapes checkpoint's image side know of each attribute? (training/README.md, session 7)
+"""What does a shapes checkpoint's image side know of each attribute? (docs/experiments.md)
 
     python -m training.shape_probe --checkpoint assets/mklvisita-shapes [--scenes 500] [--out probe.json]
 
@@ -11,9 +11,10 @@ Two views on validation scenes, both per attribute (colour, shape, size):
   split by the attribute that changed, for the final score (the checkpoint's ranking rule, :mod:`mklvisita.ranking`),
   with counts.
 
-Session 7 found shape the weak attribute of session 6's checkpoint: its patch heads named an object patch's shape
-27 % of the time (colour 97 %, size 90 %) and a changed shape word was caught in 69 % of captions (colour and size
-95 %; docs/results/shape_probe/shipped_s6.json). A research diagnostic: nothing else imports it.
+On the shapes checkpoint trained without the convolutional stem it found shape the weak attribute: the patch heads
+named an object patch's shape 27 % of the time (colour 97 %, size 90 %) and a changed shape word was caught in 69 % of
+captions (colour and size 95 %; docs/results/shape_probe/stage2_no_stem.json). A research diagnostic: nothing else
+imports it.
 """
 
 from __future__ import annotations
