@@ -39,8 +39,8 @@ def test_result_files_named_in_the_docs_exist(page: Path) -> None:
     """A result file is named by its path from the repository or from docs/results, or by a name found there."""
     names = {p.name for p in RESULTS.rglob("*") if p.is_file()}
     for token in re.findall(r"`([\w./-]+\.jsonl?)`", page.read_text()):
-        if token.startswith("runs/") or token in ("config.json", "metrics.json"):
-            continue  # a command's own output, or a file of a checkpoint folder
+        if token.startswith("runs/") or token in ("config.json", "metrics.json", "meta.json"):
+            continue  # a command's own output, or a file of a checkpoint or index folder
         found = (ROOT / token).exists() or (RESULTS / token).exists() or (RESULTS / "benchmarks" / token).exists()
         assert found or Path(token).name in names, f"{page.relative_to(ROOT)} names {token}, which is not committed"
 
