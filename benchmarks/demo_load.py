@@ -300,6 +300,7 @@ def compare(args: Any) -> dict:
         "p50_on_over_off": on["p50_ms"] / off["p50_ms"],
         "throughput_on_over_off": on["throughput_rps"] / off["throughput_rps"],
         "settings": {k: getattr(args, k) for k in ("clients", "requests", "inputs")},
+        "command": " ".join(["python -m benchmarks.demo_load", *args.argv]),
     }
     print(json.dumps(extra))
     return report(f"demo_load_compare_{args.inputs}", args, rows, extra)
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pid", type=int, default=None, help="with --url: the app's process id (for its RSS)")
     p.add_argument("--temp-dir", default=None, help="with --url: its GRADIO_TEMP_DIR")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     setup(args)
     if args.quick:
         args.clients, args.requests, args.sequential, args.first = 2, 3, 6, 3

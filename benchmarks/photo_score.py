@@ -173,8 +173,8 @@ class PartTimers:
         for c, t in zip(self.calls, total):
             c = {p: c.get(p, 0.0) for p in self.parts}
             if "scene text (all)" in c:
-                c["scene text (rest)"] = c.pop("scene text (all)") - c.get("text detection", 0) - c.get(
-                    "text recognition", 0
+                c["scene text (rest)"] = (
+                    c.pop("scene text (all)") - c.get("text detection", 0) - c.get("text recognition", 0)
                 )
             c["other"] = t - sum(c.values())
             rows.append(c)
@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     image = Path(args.image)
     result = {"checkpoint": Path(args.checkpoint).name, "image": image.name, "threads": args.threads}
+    result["command"] = " ".join(["python benchmarks/photo_score.py", *(sys.argv[1:] if argv is None else argv)])
     result |= time_score(matcher, image, args.repeats)
     result["load_s"] = round(load_s, 2)
     if args.explain:

@@ -1,0 +1,52 @@
+"""benchmarks/photo_score.py: the floor, the ratio and every part's share are reported, each part found in the code
+as it is (a renamed method would fall out of the shares silently otherwise); scores saved and compared. No time is
+asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def photo_score():
+    spec = importlib.util.spec_from_file_location("photo_score", ROOT / "benchmarks" / "photo_score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floor_ratio_and_parts(photo_score, tmp_path):
+    out = tmp_path / "photo.json"
+    assert photo_score.main(["--repeats", "3", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["parts_not_found"] == []  # every part of PARTS exists in the installed code
+    assert saved["floor_median_ms"] > 0 and saved["score_1x5_median_ms"] > 0
+    assert saved["ratio"] == pytest.approx(saved["score_1x5_median_ms"] / saved["floor_median_ms"], rel=0.05)
+    parts = saved["score_parts_median_ms"]
+    named = {"image backbone", "text backbone", "colour naming", "face detection", "text detection", "concept bridge"}
+    assert named | {"text recognition", "kernels", "scene text (rest)", "other"} <= set(parts)
+    assert all(parts[p] > 0 for p in named)  # each was timed inside score
+    assert parts["text recognition"] == 0  # the cat has no text line: nothing is read
+    assert saved["command"].startswith("python benchmarks/photo_score.py --repeats 3")
+
+
+def test_saved_scores_compare(photo_score, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert photo_score.main(["--save-scores", str(a)]) == 0
+    saved = json.loads(a.read_text())
+    assert {"cat.jpg", "rocket.jpg", "astronaut.jpg"} <= set(saved)
+    cat = saved["cat.jpg"]
+    assert len(cat["similarity"]) == len(cat["captions"]) and len(cat["kernel_contributions"][0]) == len(
+        cat["kernel_names"]
+    )
+    changed = dict(saved, **{"cat.jpg": dict(cat, similarity=[s + 0.25 for s in cat["similarity"]])})
+    b.write_text(json.dumps(changed))
+    result = photo_score.compare_scores(saved, json.loads(b.read_text()))
+    assert result["images_compared"] == len(saved) and result["max_abs_diff"] == pytest.approx(0.25)
+    assert result["per_image"]["cat.jpg"] == pytest.approx(0.25) and result["per_image"]["rocket.jpg"] == 0
