@@ -2,6 +2,8 @@
 
 Run `python app.py` for the embedded checkpoints ("photo", the default, and "shapes"); add Hub checkpoints or local
 folders to the allow-list with `--checkpoint owner/name[@revision]` (repeatable) or `MKLVISITA_CHECKPOINTS="id1,id2"`.
+`--host` / `--port` (or `$GRADIO_SERVER_NAME` / `$GRADIO_SERVER_PORT`) choose where it listens (127.0.0.1:7860 by
+default); `--threads N` (or `$MKLVISITA_THREADS`) the CPU threads of each model call (1 by default: mklvisita.threads).
 
 Where things are (STYLE.md: the hysts Spaces pattern, one module per tab):
 
@@ -43,6 +45,7 @@ from demo.search import Gallery, load_example_gallery, search  # noqa: F401
 from demo.temp_folder import prune_empty_folders
 from demo.ui import Context
 from mklvisita import Matcher
+from mklvisita.threads import DEFAULT_THREADS, THREADS_ENV, default_threads, parse_threads
 
 MAX_FILE_SIZE = "10mb"
 QUEUE_MAX_SIZE = 16
@@ -53,14 +56,23 @@ INTRO = """# MKL-VisITA: which caption fits this picture, and where does each wo
 Captions are ranked by **score**, the checkpoint's ranking rule: the similarity S (a learned mix of base kernels)
 plus, where the checkpoint has a fusion head, the match probability ITM (absolute: one caption alone can score low)."""
 
-# Read at 1400 px (issue 10): figures keep their image toolbar in a strip of their own above them (it covered the
-# score matrix's colour bar); the search results' captions (rank, score, file name) wrap instead of ending in "…",
-# and the results start below the gallery's label and button.
+# Read at 1400 px: figures keep their image toolbar in a strip of their own above them (it covered the score matrix's
+# colour bar); the search results' captions (rank, score, file name) wrap instead of ending in "…", sit below their
+# image (not over it), and the results start below the gallery's label and button; a card's code blocks wrap; the
+# per-word gallery grows with the caption (a fixed height cut the last row of a long caption's word maps off).
 CSS = """
 #caption-heatmap img, #word-maps img {image-rendering: auto;}
 #checkpoint-about p {margin: 0;}
+#model-card pre, #model-card pre code {white-space: pre-wrap !important; overflow-wrap: anywhere;}
+#word-maps, #word-maps .grid-wrap {height: auto !important; max-height: none !important;}
+#word-maps .grid-wrap {overflow-y: visible !important;}
 .figure .image-container {padding-top: 2.5rem;}
-#search-images .caption-label {white-space: normal; overflow-wrap: anywhere; max-width: calc(100% - 1rem);}
+#search-images .caption-label {white-space: normal; overflow-wrap: anywhere; max-width: calc(100% - 0.5rem);}
+#search-images .thumbnail-item {display: flex; flex-direction: column; aspect-ratio: auto; height: auto;}
+#search-images .thumbnail-item img {flex: none; height: 180px; width: 100%; object-fit: contain;}
+#search-images .caption-label {position: static; transform: none; margin: 4px auto 2px;}
+#search-images, #search-images .grid-wrap {height: auto !important; max-height: none !important;}
+#search-images .grid-wrap {overflow-y: visible !important;}
 #search-images .grid-container {padding-top: 2.5rem;}
 """
 
@@ -169,16 +181,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="DIR_OR_HUB_ID[@REVISION]",
         help=f"add a checkpoint to the allow-list (repeatable; also ${CHECKPOINTS_ENV}, comma-separated)",
     )
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (also $GRADIO_SERVER_NAME; 0.0.0.0 for every interface; default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        help="port to listen on (also $GRADIO_SERVER_PORT; default 7860)",
+    )
+    parser.add_argument(
+        "--threads",
+        default=None,
+        metavar="N|auto",
+        help=f"CPU threads per model call (also ${THREADS_ENV}; default {DEFAULT_THREADS}: see mklvisita.threads)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        try:
+            parse_threads(args.threads, "--threads")
+        except ValueError as e:
+            parser.error(str(e))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads is not None:
+        os.environ[THREADS_ENV] = args.threads  # read by every model call (mklvisita.threads)
     # One line per user error in the server log (demo.ui); real faults keep gradio's traceback.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup requests
+    threads = default_threads()
+    logging.getLogger("mklvisita.demo").info("model calls use %s CPU thread(s) each", threads or "torch's default")
     allowed = [c for c in allowed_checkpoints(args.checkpoint) if c != DEFAULT_CHECKPOINT]
     blocks = create_demo(load_checkpoint(DEFAULT_CHECKPOINT), allowed)
     blocks.launch(server_name=args.host, server_port=args.port, **launch_kwargs())

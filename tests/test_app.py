@@ -403,6 +403,17 @@ def test_allow_list_from_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -
     assert registry.allowed_checkpoints(args.checkpoint) == ["photo", "shapes", "a/b", "e/f@v1", "c/d"]
 
 
+def test_threads_host_and_port_flags(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    args = app.parse_args(["--threads", "2"])
+    assert (args.threads, args.port, args.host) == ("2", 8123, "0.0.0.0")
+    assert app.parse_args(["--port", "9000", "--host", "127.0.0.1"]).port == 9000
+    with pytest.raises(SystemExit):
+        app.parse_args(["--threads", "many"])
+    assert "--threads must be a whole number" in capsys.readouterr().err
+
+
 def test_registry_refuses_checkpoints_outside_the_allow_list(matcher) -> None:  # noqa: F811
     loaded: list[str] = []
 

@@ -110,6 +110,28 @@ GALLERY_CAPTIONS_CUT = """el => {
             || r.bottom > box.bottom + 1 || r.top < box.top - 1 || r.right > box.right + 1; }).map(c => c.innerText);
 }"""
 
+# The page is on the shapes checkpoint (arg true) or off it (false): the selector and the line about it agree.
+ON_SHAPES = """on => {
+    const about = (document.querySelector('#checkpoint-about') || {}).innerText || '';
+    const shapes = /coloured[- ]shapes/.test(about);
+    return shapes === on && (document.querySelector('#checkpoint input').value === 'shapes') === on;
+}"""
+
+# Every word map of the per-word gallery in view: no inner scroll, the last row inside the gallery's box.
+WORD_ROWS_CUT = """() => {
+    const g = document.querySelector('#word-maps'), wrap = g.querySelector('.grid-wrap');
+    const box = g.getBoundingClientRect();
+    const cut = [...g.querySelectorAll('button:has(img)')]
+        .filter(b => b.getBoundingClientRect().bottom > box.bottom + 1);
+    return {scrolls: wrap.scrollHeight > wrap.clientHeight + 1, cut: cut.map(b => b.innerText.trim())};
+}"""
+# Search results: each caption below its image, covering none of it.
+GALLERY_CAPTIONS_OVER_IMAGES = """el => [...el.querySelectorAll('.thumbnail-item')].filter(t => {
+    const img = t.querySelector('img').getBoundingClientRect();
+    const c = t.querySelector('.caption-label').getBoundingClientRect();
+    return c.top < img.bottom - 1 && c.bottom > img.top + 1;
+}).map(t => t.querySelector('.caption-label').innerText)"""
+
 
 def open_page(browser, url: str):
     page = browser.new_page(viewport={"width": 1400, "height": 1400})  # the width issue 10 was read at
@@ -182,7 +204,7 @@ def test_examples_switch_checkpoint_and_reset_the_word_gallery(browser, server, 
     shapes = [i for i in range(examples.count()) if examples.nth(i).inner_text().strip().endswith("shapes")]
     assert shapes, "no shapes example"
     examples.nth(shapes[0]).click()
-    page.locator("#checkpoint-about").get_by_text("coloured-shapes", exact=False).wait_for()
+    page.wait_for_function(ON_SHAPES, arg=True)
     assert page.locator("#checkpoint input").input_value() == "shapes"
     # the explained caption is now one of the shapes scene's ranked captions (the top one), no longer the cat's
     ranked_is_explained = """() => {
@@ -198,6 +220,9 @@ def test_examples_switch_checkpoint_and_reset_the_word_gallery(browser, server, 
         return labels.join(' ') === caption;
     }"""
     page.wait_for_function(explained)  # the shapes caption's words, one map each
+    page.wait_for_function("() => [...document.querySelectorAll('#word-maps button img')].every(i => i.complete)")
+    words = page.evaluate(WORD_ROWS_CUT)  # a shapes caption has 9-13 words: three or four rows of maps
+    assert not words["scrolls"] and words["cut"] == [], words
     first_word = page.locator("#word-maps button:has(img)").first.inner_text().strip()
     assert page.locator("#explain-word input").input_value() == first_word  # the selector and the gallery agree
     seen = page.locator("#match-ranking").evaluate(NUMERIC_COLUMNS_VISIBLE)  # the shapes table has ITM too
@@ -253,7 +278,7 @@ def test_the_matrix_example_runs_on_its_own_checkpoint(browser, server, server_m
     examples.first.wait_for()
     shapes = [i for i in range(examples.count()) if examples.nth(i).inner_text().strip().endswith("shapes")]
     examples.nth(shapes[0]).click()  # the session is now on the shapes checkpoint
-    page.locator("#checkpoint-about").get_by_text("coloured-shapes", exact=False).wait_for()
+    page.wait_for_function(ON_SHAPES, arg=True)
     page.get_by_role("tab", name="Matrix").click()
     rows = page.locator("#matrix-examples tbody tr")
     rows.first.wait_for()
@@ -262,7 +287,7 @@ def test_the_matrix_example_runs_on_its_own_checkpoint(browser, server, server_m
     rows.nth(photos[0]).click()  # loads, switches the page to the photo checkpoint, scores
     page.wait_for_function("() => document.querySelector('#matrix-best').innerText.includes('caption → image')")
     assert page.locator("#checkpoint input").input_value() == "photo"
-    page.locator("#checkpoint-about").get_by_text("coloured-shapes", exact=False).wait_for(state="detached")
+    page.wait_for_function(ON_SHAPES, arg=False)
 
     chosen = [e for e in load_examples() if e["kind"] == "photo"]
     images = [ROOT / "assets" / "examples" / e["image"] for e in chosen]
@@ -292,6 +317,7 @@ def test_search_results_read_in_full(browser, server) -> None:  # noqa: F811
     labels = page.locator("#search-images .caption-label").all_inner_texts()
     assert all(re.fullmatch(r"#\d+ score -?\d\.\d+ \S+\.(jpg|png)", " ".join(t.split())) for t in labels), labels
     assert page.locator("#search-images").evaluate(GALLERY_CAPTIONS_CUT) == []
+    assert page.locator("#search-images").evaluate(GALLERY_CAPTIONS_OVER_IMAGES) == []
     assert page.evaluate(SIDEWAYS_SCROLLERS) == []
 
     page.locator("#search-text textarea").fill("")

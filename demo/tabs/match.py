@@ -124,7 +124,6 @@ def build(ctx: Context) -> dict[str, Any]:
                 e_words = gr.Gallery(
                     label="Per-word heatmaps (click one for its kernel maps)",
                     columns=4,
-                    height=460,  # two rows of maps with their labels
                     object_fit="contain",
                     elem_id="word-maps",
                 )
