@@ -93,6 +93,7 @@ def build(cache: Path, rows: int, dim: int, seed: int, nlist: int | None, thread
         "nlist": nlist or gallery.ivf_nlist(rows),
         "version": gallery.VERSION,
         "kmeans_iterations": gallery.KMEANS_ITERATIONS,
+        "dims_padded_to_multiple_of": 8,
     }
     info_file = cache / "build.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}

@@ -15,17 +15,21 @@ Decisions:
   product. Below :data:`FLAT_MAX` rows the index is exact (``IndexFlatIP``); from there on it is IVF with 8-bit
   scalar-quantised codes (``IVF{nlist},SQ8``, nlist ~ sqrt(N) rounded to a power of two), searched with the
   ``nprobe`` recorded in meta.json, and its top ``refine * n`` are re-scored exactly from ``embeddings.npy`` (a few
-  hundred rows read from the memory map), so the quantisation costs no recall. HNSW was not chosen: building its
-  graph over a million 1,396-d rows takes hours on two cores, IVF minutes; ``benchmarks/index_scale.py`` measures
-  the IVF choice (recall@100 against exact search, query median, open time).
+  hundred rows read from the memory map), so the quantisation costs little recall. HNSW was not chosen: its build
+  searches the graph for every row inserted (efConstruction candidates per layer), IVF assigns each row to its
+  nearest of nlist centroids once, and a million rows already take minutes to assign on a shared two-core machine;
+  IVF met the targets. ``benchmarks/index_scale.py`` measures the choice (recall@100 against exact search, query
+  median, open time).
 - The re-ranking stage re-encodes the first stage's candidates from their files rather than caching their tokens:
   the photo checkpoint's second-stage features are ~200 KB per image in float32 (49 cells x 1,000 concept
   classes, scene-text lines, colour cells; 100 GB for half a million photos), the shapes checkpoint's 64 KB plus its
   fusion tokens. Re-encoding ``candidates`` images (default :data:`DEFAULT_CANDIDATES`) costs a fixed time per query
-  whatever the gallery's size, and the index stays ~4-6 KB per image. The full model then ranks them by the
+  whatever the gallery's size, and the index stays ~7 KB per image for the photo checkpoint (a 1,396-d float32
+  vector and its 8-bit codes). The full model then ranks them by the
   checkpoint's own rule (``retrieval.retrieve``: S on every candidate, ITM on the top ``ranking.k``).
 - Identity: sha256 over the model's state dict (names, dtypes, shapes, bytes) and its config JSON: the weights
-  actually loaded, whatever folder, Hub id or pip package they came from. An index whose identity differs from the
+  actually loaded, whatever folder, Hub id or pip package they came from (the photo checkpoint's backbones come from
+  pip packages, so a hash of its model.safetensors alone would miss them). An index whose identity differs from the
   searching checkpoint's is refused (:class:`IndexMismatchError`).
 - Building is resumable and shardable. Images are cut into chunks of ``chunk_size`` in file order; chunk j is
   encoded by process ``j % world_size`` and written atomically (temp file + rename) to ``parts/``; a rerun skips
@@ -422,17 +426,21 @@ def write_faiss(
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
         params: dict[str, Any] = {"type": "flat", "metric": "inner_product"}
+        pad = 0
     else:
+        # FAISS's SIMD scalar-quantiser kernels need the dimension to be a multiple of 8 (1,396 -> 1,400 is 7x
+        # faster per query, measured on a 100,000-row slice); zero columns leave every inner product unchanged.
+        pad = (-d) % 8
         nlist = nlist or ivf_nlist(n)
-        quantizer = faiss.IndexFlatIP(d)
+        quantizer = faiss.IndexFlatIP(d + pad)
         index = faiss.IndexIVFScalarQuantizer(
-            quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            quantizer, d + pad, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
         )
         rng = np.random.default_rng(seed)
         n_train = min(n, 40 * nlist)
         sample = np.sort(rng.choice(n, n_train, replace=False))
         index.cp.seed, index.cp.niter = seed, KMEANS_ITERATIONS
-        index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+        index.train(_padded(vectors[sample], pad))
         params = {
             "type": "ivf",
             "metric": "inner_product",
@@ -442,14 +450,23 @@ def write_faiss(
             "refine": refine,
             "train_rows": int(n_train),
             "kmeans_iterations": KMEANS_ITERATIONS,
+            "padded_dim": d + pad,
         }
     for i in range(0, n, batch):
-        index.add(np.ascontiguousarray(vectors[i : i + batch], dtype=np.float32))
+        index.add(_padded(vectors[i : i + batch], pad))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
     return params
+
+
+def _padded(x: np.ndarray, pad: int) -> np.ndarray:
+    """(n, d) -> contiguous float32 (n, d + pad), zeros on the right."""
+    x = np.asarray(x, dtype=np.float32)
+    if pad:
+        x = np.concatenate([x, np.zeros((len(x), pad), np.float32)], 1)
+    return np.ascontiguousarray(x)
 
 
 def read_faiss(path: str | os.PathLike, params: dict[str, Any]) -> Any:
@@ -478,7 +495,7 @@ def first_stage(
     if params["type"] != "ivf":
         return index.search(queries, n)
     m = min(len(embeddings), n * int(params.get("refine", 1)))
-    _, cand = index.search(queries, m)
+    _, cand = index.search(_padded(queries, index.d - queries.shape[1]), m)
     scores = np.full((len(queries), n), -np.inf, np.float32)
     out = np.full((len(queries), n), -1, np.int64)
     for q in range(len(queries)):

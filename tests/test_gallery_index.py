@@ -185,11 +185,11 @@ def test_accelerate_launch_two_cpu_processes_equals_one_process(matcher, folder,
 
 def test_ivf_with_every_cell_probed_finds_the_exact_top(tmp_path):
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((20, 16)).astype(np.float32)
-    x = centres[rng.integers(0, 20, 2000)] + 0.3 * rng.standard_normal((2000, 16)).astype(np.float32)
+    centres = rng.standard_normal((20, 13)).astype(np.float32)  # 13 dims: padded to 16 for FAISS's SIMD kernels
+    x = centres[rng.integers(0, 20, 2000)] + 0.3 * rng.standard_normal((2000, 13)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     params = gallery.write_faiss(x, tmp_path / "ivf.faiss", "ivf", nlist=16)
-    assert params["type"] == "ivf" and params["nlist"] == 16
+    assert params["type"] == "ivf" and params["nlist"] == 16 and params["padded_dim"] == 16
     index = gallery.read_faiss(tmp_path / "ivf.faiss", {**params, "nprobe": 16})
     q = x[:5] + 0.05
     _, rows = gallery.first_stage(index, x, {**params, "nprobe": 16}, q, 10)
