@@ -60,6 +60,7 @@ COLUMN_KEYS = {
     "swap / reverse / change / count": [f"binding_acc_{kind}" for kind in ("swap", "reverse", "change", "count")],
     "pointing phrase / word": ["pointing_acc", "word_pointing_acc"],
     "pointing game": ["pointing_acc"],
+    "reverse / replace / swap": [f"binding_acc_{kind}" for kind in ("reverse", "replace", "swap")],
 }
 
 
