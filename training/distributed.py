@@ -246,12 +246,14 @@ def requested_cpu_processes(parent_cmdline: list[str] | None = None) -> int:
     """The N of ``accelerate launch --cpu --num_processes N`` when accelerate started this process alone.
 
     Without MPI, accelerate's launcher starts one process for ``--cpu`` whatever ``--num_processes`` says (its
-    multi-CPU path is ``mpirun``); it does export ``MASTER_ADDR`` when N > 1. Such a process (CPU, a master
-    address, no rank variables) reads N from its launcher's command line (``/proc/<parent>/cmdline`` unless given),
-    parsed by accelerate's own argument parser. Returns 1 in every other case.
+    multi-CPU path is ``mpirun``), and so it does on a machine with no GPU without ``--cpu``; it exports
+    ``MASTER_ADDR`` when N > 1. Such a process (on the CPU, a master address, no rank variables) reads N from its
+    launcher's command line (``/proc/<parent>/cmdline`` unless given), parsed by accelerate's own argument parser.
+    Returns 1 in every other case.
     """
     env = os.environ
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes") or "MASTER_ADDR" not in env:
+    cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    if not cpu or "MASTER_ADDR" not in env:
         return 1
     if any(v in env for v in _RANK_VARIABLES):
         return 1
@@ -280,6 +282,7 @@ def launch_cpu_processes(n: int, module: str, argv: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
+    print(f"accelerate started one process on the CPU: starting {n} (gloo, {addr}:{port})", file=sys.stderr)
     args = get_args_parser().parse_args(
         ["--nnodes", "1", "--nproc_per_node", str(n), "--master_addr", addr, "--master_port", port]
         + ["--module", module, *argv]

@@ -287,7 +287,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
     # accelerate only goes multi-process on CPUs when asked for the CPU; torchrun on a GPU-less host would otherwise
     # start N independent single-process runs that all write the same files.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    on_cpu = multi_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")  # accelerate launch --cpu
     precision = resolve_mixed_precision(cfg.mixed_precision, cpu=on_cpu, say=os.environ.get("RANK", "0") == "0")
     accelerator = Accelerator(
         cpu=multi_cpu,
