@@ -174,15 +174,15 @@ def global_itc_loss(
 ) -> torch.Tensor:
     """The forward's ITC over the global batch, from the embeddings :func:`capture_similarity_inputs` recorded.
 
-    Same rule as :meth:`mklvisita.model.MKLVisITA.forward`: the captions' similarity (G, G), the dataset hard
-    negatives as extra distractors when the forward used them (with a positives mask, each image's own negative
-    only), temperature ``exp(logit_scale)`` capped at 100. ``positives``: the global (G, G) mask; without it the
-    gathered ``image_ids`` (G,) make captions of one image positives (neither: the diagonal only).
+    Same rule as the forward's (:func:`mklvisita.losses.training_losses`): the captions' similarity (G, G), the
+    dataset hard negatives as extra distractors when the forward used them (with a positives mask, each image's own
+    negative only), temperature ``exp(logit_scale)`` capped at 100. ``positives``: the global (G, G) mask; without
+    it the gathered ``image_ids`` (G,) make captions of one image positives (neither: the diagonal only).
     """
     if not calls:
         raise RuntimeError(
-            "the model's forward computed no all-pairs similarity to gather; the global-batch ITC "
-            "(training/distributed.py) must follow the forward's loss"
+            "the model's forward made no all-pairs model.similarity call, so there are no embeddings to gather for "
+            "the global-batch ITC; training/distributed.py must follow how mklvisita.losses.training_losses computes it"
         )
     ei, et = calls[0]
     ei_all = gather_embeddings(ei)
