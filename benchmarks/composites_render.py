@@ -6,11 +6,13 @@ with every picture already decoded (warm), and what the decode cache holds.
 Decisions: one process renders scenes 0..N-1 of the "train" split twice, the first pass with an empty decode cache
 (each picture decoded the first time a scene uses it), the second with the same library (everything decoded);
 per-scene times are single calls, so the cold pass's tail is the decoding. Needs Debian's ``openclipart-png``. The
-index of the clip art (PNG headers only) is timed apart. Saves ``composites_render.json``.
+index of the clip art (PNG headers only) is timed apart. The 1-minute load average before and after is saved with the
+figures (on a shared machine they are upper bounds). Saves ``composites_render.json``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mklvisita.data.composites import ClipArtScenes
 
     n = 10 if args.quick else args.scenes
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     library = ClipArtLibrary()
     index_s = time.perf_counter() - t0
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": args.image_size,
         "decoded_mb": library.cache_info()[1] / 2**20,
         "rss_mb": rss_mb(),
+        "load_average_1m": [load_before, os.getloadavg()[0]],  # before and after: a shared machine says so here
         "command": "python -m benchmarks.composites_render " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     return report("composites_render", args, rows, extra)
