@@ -62,6 +62,7 @@ import torch
 from .inputs import InvalidImageError, check_caption, check_whole_number, load_image
 from .ranking import itm_from_final, resolve_ranking, uses_itm
 from .retrieval import encode_captions, encode_images, global_vectors, retrieve
+from .threads import inference_threads
 
 FORMAT = "mklvisita-gallery-index"
 VERSION = 1
@@ -282,6 +283,7 @@ def build_index(
         _write_text(plan_file, json.dumps(plan, indent=1))
 
     started = time.time()
+    (parts / f"failed-{rank}").unlink(missing_ok=True)  # this process's marker from an earlier, failed run
     n_chunks = (len(files) + chunk_size - 1) // chunk_size
     mine = [j for j in range(n_chunks) if j % world == rank]
     todo = [j for j in mine if not _chunk_path(parts, j).is_file()]
@@ -289,12 +291,8 @@ def build_index(
     total = sum(min(chunk_size, len(files) - j * chunk_size) for j in mine)
     bar = _Progress(total, f"[process {rank + 1}/{world}] " if world > 1 else "", done_images) if progress else None
     try:
-        for j in todo:
-            chunk = files[j * chunk_size : (j + 1) * chunk_size]
-            vecs, ok = _encode_chunk(matcher, root, chunk, batch_size)
-            _atomic_write(_chunk_path(parts, j), lambda p, v=vecs, o=ok: _save_npz(p, vectors=v, ok=o))
-            if bar:
-                bar.update(len(chunk), int((~ok).sum()))
+        with inference_threads(getattr(matcher, "threads", None)):  # the library's thread policy (mklvisita.threads)
+            _encode_chunks(matcher, root, files, todo, chunk_size, batch_size, parts, bar)
     except BaseException:
         (parts / f"failed-{rank}").write_text(str(time.time()))
         raise
@@ -304,6 +302,24 @@ def build_index(
         return None
     _wait_for_chunks(parts, n_chunks, world, started, wait_timeout)
     return _merge(out, files, root, n_chunks, kind, identity, checkpoint_name, matcher)
+
+
+def _encode_chunks(
+    matcher: Any,
+    root: Path,
+    files: list[str],
+    todo: list[int],
+    chunk_size: int,
+    batch_size: int,
+    parts: Path,
+    bar: _Progress | None,
+) -> None:
+    for j in todo:
+        chunk = files[j * chunk_size : (j + 1) * chunk_size]
+        vecs, ok = _encode_chunk(matcher, root, chunk, batch_size)
+        _atomic_write(_chunk_path(parts, j), lambda p, v=vecs, o=ok: _save_npz(p, vectors=v, ok=o))
+        if bar:
+            bar.update(len(chunk), int((~ok).sum()))
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -241,6 +241,7 @@ class Matcher:
         s = retrieve(self.model, query, index.bank, self._ranking(top_k))
         return self._top(s.i2t[0], s.similarity[0], top_k, {"encode_query": t_enc, **s.timings}, s.pairs)
 
+    @uses_inference_threads
     def search(self, index: Any, text: str, top_k: int = 5, candidates: int | None = None) -> Any:
         """Text -> the best images of a saved gallery index (a folder from ``python -m mklvisita index``, or an opened
         :class:`mklvisita.gallery.GalleryIndex`): the FAISS first stage keeps ``candidates`` (default 32), the full
