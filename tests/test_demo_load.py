@@ -162,3 +162,15 @@ def test_demo_load_quick_has_the_documented_columns(app_process, tmp_path):
     assert sequential["rss_mb"] > 0 and sequential["rss_first_mb"] > 0 and sequential["temp_files"] > 0
     assert {"rss_growth", "temp_files_first", "temp_mb_first", "temp_mb"} <= set(sequential)
     assert out["still_serving"] and out["rss_at_rest_mb"] > 0
+
+
+def test_demo_load_compare_quick_measures_batching_off_then_on(tmp_path):
+    """``--compare``: two fresh apps, batching off then on, each answering every request (no time is asserted)."""
+    out = demo_load.main(["--compare", "--quick", "--inputs", "distinct", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "demo_load_compare_distinct.json").read_text())["rows"] == out["rows"]
+    off, on = out["rows"]
+    assert (off["batching"], on["batching"]) == ("off", "on") and off["inputs"] == on["inputs"] == "distinct"
+    for row in (off, on):
+        assert row["requests"] == row["answered"] == 2 * 3 and row["failed"] == 0 and row["throughput_rps"] > 0
+    assert out["throughput_on_over_off"] == on["throughput_rps"] / off["throughput_rps"]
+    assert out["command"] == "python -m benchmarks.demo_load --compare --quick --inputs distinct --out " + str(tmp_path)
