@@ -112,9 +112,8 @@ def _search_command(args: argparse.Namespace) -> int:
 
     index = GalleryIndex.open(args.index, root=args.root)
     checkpoint = args.checkpoint
-    if checkpoint is None:  # the one that built the index, when it can be found here
-        recorded = index.meta["checkpoint"].get("name") or None
-        checkpoint = recorded if recorded and ("/" not in recorded or os.path.isdir(recorded)) else None
+    if checkpoint is None:  # the one that built the index: an embedded name, a folder or a Hub id
+        checkpoint = index.meta["checkpoint"].get("name") or None
     r = search_index(_load(checkpoint, args.revision), index, args.text, args.k, args.candidates)
     if args.json:
         keys = ("files", "scores", "itm", "similarity", "first_stage")
