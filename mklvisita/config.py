@@ -47,6 +47,9 @@ class VisionConfig:
     # feature map, as the hybrids of the ViT paper; the fusion levels are then these blocks
     hybrid_width: int | None = None  # width of the hybrid blocks; None = the CNN's final feature width
     hybrid_heads: int | None = None  # attention heads of the hybrid blocks; None = width // 64 (at least 1)
+    level_grid: int = 0  # CNN: the side of the grid every feature stage but the last is resampled to (0 = the final
+    # map's grid); e.g. 14 keeps EfficientNet's stride-16 stage at 224 px whole for the fusion's maps. The last level
+    # stays the final map (the kernels' maps read its grid)
     conv_stem: tuple[int, ...] = ()  # ViT, random init: replace the patch projection by one stride-2 3x3 conv
     # (+ GroupNorm, GELU) per entry, of these widths, then a 1x1 conv to the ViT's width; needs
     # 2 ** len(conv_stem) == patch_size (an "early convolutions" stem, Xiao et al. 2021; same token grid)

@@ -13,7 +13,10 @@ Decisions:
           last level is the backbone's final feature map (``forward_features``, e.g. EfficientNet's head conv).
           Earlier stages are average-pooled to the final map's grid: fusion carries one image stream from layer
           to layer (img_l = img_{l-1} + proj_l(level_l)), which needs one token count, and the maps of every
-          level then share one grid. A CNN has no CLS: ``num_prefix_tokens = 0`` and ``pooled`` is timm's pooled
+          level then share one grid. ``VisionConfig.level_grid`` > 0 puts the earlier stages on that finer grid
+          instead (EfficientNet's stride-16 stage whole at 14 x 14), the last level staying the final map; the
+          fusion then resamples the levels it reads to its finest grid (:mod:`mklvisita.fusion`).
+          A CNN has no CLS: ``num_prefix_tokens = 0`` and ``pooled`` is timm's pooled
           pre-logits feature (``forward_head(pre_logits=True)``).
         * Hybrid (``VisionConfig.hybrid_layers > 0`` on a CNN): transformer blocks with a CLS token and learned
           position embeddings over the CNN's final feature map, as the hybrid models of the original ViT paper
@@ -155,6 +158,7 @@ class TimmImageEncoder(nn.Module):
         tokens = hasattr(self.model, "patch_embed") and hasattr(self.model, "num_prefix_tokens")
         self.kind = "vit" if tokens else "cnn"
         self.hybrid: HybridTransformer | None = None
+        self.level_grid: tuple[int, int] | None = None  # CNN: the grid of every stage but the last (level_grid)
         if self.kind == "vit":
             if cfg.hybrid_layers:
                 raise ValueError(
@@ -177,7 +181,11 @@ class TimmImageEncoder(nn.Module):
             self.backbone_depth = len(self.model.feature_info)
             widths, grid, pooled_width = _probe_cnn(self.model, cfg.image_size)
             self.num_prefix_tokens = 0
-            self.widths, self.grids, self.pooled_width = widths, [grid] * len(widths), pooled_width
+            if cfg.level_grid > 0 and not cfg.hybrid_layers:
+                self.level_grid = (cfg.level_grid, cfg.level_grid)
+            stage_grid = self.level_grid or grid
+            self.widths, self.pooled_width = widths, pooled_width
+            self.grids = [stage_grid] * (len(widths) - 1) + [grid]
             self.attention_modules = []
             if cfg.conv_stem:
                 raise ValueError(
@@ -198,6 +206,11 @@ class TimmImageEncoder(nn.Module):
         self.depth: int = len(self.widths)
         self.width: int = self.widths[-1]
         self.grid: tuple[int, int] = self.grids[-1]
+        if cfg.level_grid < 0 or (cfg.level_grid and self.kind == "vit"):
+            raise ValueError(
+                f"vision.level_grid={cfg.level_grid} resamples a CNN's stages; use 0 for a ViT (its tokens have one "
+                "grid) and a positive side for a CNN"
+            )
         if cfg.pretrained and cfg.weights:
             self._load_weights(cfg)
 
@@ -286,10 +299,19 @@ class TimmImageEncoder(nn.Module):
             return VisionOutput(tokens, outs[-1][:, 0], backbone_map=fmap, backbone_pooled=pooled)
         tokens = {}
         for lvl, x in zip(stages, inter):
-            x = F.adaptive_avg_pool2d(x, grid)  # (B, C_l, H, W) on the final grid
+            x = resample_map(x, self.level_grid or tuple(grid))  # (B, C_l, H, W) on the stages' grid
             tokens[lvl] = x.flatten(2).transpose(1, 2)  # (B, H*W, C_l)
         tokens[self.depth - 1] = fmap
         return VisionOutput(tokens, pooled, backbone_map=fmap, backbone_pooled=pooled)
+
+
+def resample_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *grid): averaged over windows onto a coarser grid, bilinear onto a finer one."""
+    if tuple(x.shape[-2:]) == tuple(grid):
+        return x
+    if x.shape[-2] >= grid[0] and x.shape[-1] >= grid[1]:
+        return F.adaptive_avg_pool2d(x, grid)
+    return F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
 
 
 def _create_timm_model(cfg: VisionConfig) -> nn.Module:

@@ -22,8 +22,9 @@ Maps, all in the *original* image's pixel frame (the letterbox of preprocessing 
   out (``rollout`` is None, and asking for it by name is a ValueError).
 
 Everything is read from what the model returns (typed outputs): the encoder's attention probabilities
-(``encode_image(..., output_attentions=True)``), the fusion attentions of :meth:`MKLVisITA.match`, and the grid of
-each encoder level (``model.vision.grids``), so the maps work on ViT, CNN and hybrid backbones alike.
+(``encode_image(..., output_attentions=True)``), the fusion attentions of :meth:`MKLVisITA.match`, the grid of the
+fusion's image stream (``model.fusion.image_grids``: a CNN's finer stage when ``vision.level_grid`` is set) and of
+the last encoder level (kernel maps, rollout), so the maps work on ViT, CNN and hybrid backbones alike.
 
 Resolution: maps cover the original image's frame, at its own size up to :data:`MAP_MAX_SIDE` (1,024) pixels on the
 longer side; a larger image gets maps scaled down to that (aspect ratio kept: ``Explanation.map_size``), and
@@ -373,8 +374,9 @@ def _words_and_caption(tok: torch.Tensor, p: _Pass) -> tuple[torch.Tensor, torch
 def _grid(x: torch.Tensor, model: Any, layer: int | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
     """(..., P) -> (..., gh, gw) on the grid of fusion layer ``layer``'s image level (None: the last level, which the
     local kernels and the rollout read), or on ``shape`` (kernel maps: ``_Pass.kernel_grid``)."""
-    level = -1 if layer is None else model.fusion_levels[layer]
-    gh, gw = shape or model.vision.grids[level]
+    if shape is None and layer is not None and model.fusion is not None and model.fusion.image_grids:
+        shape = model.fusion.image_grids[layer]  # the fusion's stream grid (finer levels: VisionConfig.level_grid)
+    gh, gw = shape or model.vision.grids[-1]
     return x.reshape(*x.shape[:-1], gh, gw).numpy()
 
 

@@ -36,6 +36,11 @@ caption over every token):
   float rounding; the maps path is unchanged. When every pair reads one image (a Match: one image, n captions), the
   pairs' query rows are stacked against that image's keys and values instead of copying them once per pair.
 The dataclass defaults (p = 1, image MLP = mlp_ratio) are the original architecture, weight for weight.
+
+Levels on different grids (a CNN's finer stages beside its final map, ``VisionConfig.level_grid``): the image stream
+runs on the finest grid of the levels the fusion reads; a coarser level's tokens are resampled onto it (bilinear)
+before its projection, so each word's text->image map (and its Grad-CAM) is on that finer grid. The affinity bias
+must come on that grid too (the concept source's ``affinity_grid``); a mismatch is a ValueError naming the sizes.
 """
 
 from __future__ import annotations
@@ -472,6 +477,11 @@ class HierarchicalFusion(nn.Module):
             raise ValueError(f"fusion.image_pool must be >= 1 (1 = every token), got {cfg.image_pool}")
         if cfg.image_pool > 1 and image_grids is None:
             raise ValueError("fusion.image_pool > 1 needs the image levels' grids")
+        # Each level's own grid, and the one grid the stream runs on (the finest; coarser levels resampled to it).
+        self.level_grids = [tuple(g) for g in image_grids] if image_grids is not None else None
+        if self.level_grids is not None:
+            finest = max(self.level_grids, key=lambda g: g[0] * g[1])
+            image_grids = [finest] * len(self.level_grids)
         self.image_grids = [tuple(g) for g in image_grids] if image_grids is not None else None
         self.text_in = nn.Linear(text_width, cfg.width)
         widths = image_widths or [image_width] * len(image_levels)
@@ -497,6 +507,16 @@ class HierarchicalFusion(nn.Module):
             # Per-layer mix over the local kernels, and a per-layer scale (starts at 1: the bias is on from step 0).
             self.bias_logits = nn.Parameter(torch.zeros(len(image_levels), num_local_kernels))
             self.bias_scale = nn.Parameter(torch.ones(len(image_levels)))
+
+    def _on_grid(self, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        """Tokens (Bi, prefix + P, C) of fusion layer ``i``'s level on the stream's grid (bilinear when coarser)."""
+        if self.level_grids is None or self.level_grids[i] == self.image_grids[i]:
+            return tokens
+        prefix, (gh, gw) = self.num_prefix_tokens, self.level_grids[i]
+        b, _, c = tokens.shape
+        fmap = tokens[:, prefix:].transpose(1, 2).reshape(b, c, gh, gw)
+        fine = F.interpolate(fmap, size=self.image_grids[i], mode="bilinear", align_corners=False)
+        return torch.cat([tokens[:, :prefix], fine.flatten(2).transpose(1, 2)], 1)
 
     def level_weights(self) -> torch.Tensor:
         """Each fusion layer's weights over the local kernels: (L, n)."""
@@ -529,7 +549,8 @@ class HierarchicalFusion(nn.Module):
         centroids = None  # word_positions: (B, T, 2) where each word looked in the latest text->image attention
         n = len(self.layers)
         for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
-            x = proj(image_levels[level])  # (Bi, N, W): once per image
+            x = self._on_grid(proj(image_levels[level]), i)  # (Bi, N, W): once per image; projected before a
+            # coarser level is resampled (bilinear and linear commute: the same tokens at a quarter of the cost)
             if self.image_pos is not None:  # each layer its own projection of the fixed 2-D positions
                 x = x + self.image_pos[i](self.get_buffer(f"grid_pos_{i}"))  # (N, W) broadcast over Bi
             if not pooled and image_index is not None:
@@ -539,6 +560,12 @@ class HierarchicalFusion(nn.Module):
             if self.use_bias and affinity_fn is not None:
                 aff = affinity_fn(self.level_weights()[i]) * self.bias_scale[i]  # (B, T, P)
                 aff = aff if t_used is None else aff[:, :t_used]
+                n_img = x.shape[1] - self.num_prefix_tokens
+                if aff.shape[-1] != n_img:
+                    raise ValueError(
+                        f"the affinity bias has {aff.shape[-1]} cells but fusion layer {i} reads {n_img} image tokens; "
+                        "give the affinity source the fusion's grid (kernels.options.concept.affinity_grid)"
+                    )
                 bias = F.pad(aff, (self.num_prefix_tokens, 0))  # no bias on the CLS / register keys
             cls_only = not output_attentions and i == n - 1
             if output_attentions and i == n - 1:

@@ -286,7 +286,8 @@ def _itm_terms(
     if sum(len(i) for i in img_idx[1:]) == 0:  # positives only: nothing to discriminate
         return terms
     ii, tt = torch.cat(img_idx), torch.cat(txt_idx)
-    m = model.match(img.select(ii), texts.select(tt), ei.select(ii), t_embs.select(tt))
+    # The fusion's caption-independent image work once per image of the batch (image_index), not once per pair.
+    m = model.match(img, texts.select(tt), ei, t_embs.select(tt), image_index=ii)
     labels = torch.zeros(len(ii), dtype=torch.long, device=ii.device)
     labels[:b] = 1
     terms["itm"] = (cfg.itm_weight, itm_loss(m.logits, labels))

@@ -149,3 +149,48 @@ def photo(bridge: bool = False, synsets: int = 0, links: int = 0) -> PresetSpec:
         "fusion": {"enabled": False},
         "ranking": {"k": 0, "candidates": 0},
     }
+
+
+# The photo checkpoint with the fusion branch and ITM head (``training/configs/photo_fusion.yaml`` trains it on
+# clip-art composites, from the photo checkpoint's sources and kernel weights).
+PHOTO_FUSION_GRID = 14  # EfficientNet-Lite0's stride-16 stage at 224 px: the fusion's maps are 14 x 14, not 7 x 7
+PHOTO_FUSION_LEVELS = [3, 4]  # the stride-16 stage (112 channels), then the final 1280-channel map resampled to 14 x 14
+
+
+@register_preset("photo-fusion")
+def photo_fusion(synsets: int = 0, links: int = 0) -> PresetSpec:
+    """``photo`` plus the fusion and ITM head over the frozen backbones' token levels, with the mechanisms that made
+    the shapes checkpoint bind and relate: fixed 2-D image positions, text->image attention before the text
+    self-attention, relative offsets between where words look, and the concept kernels' word x cell maps as the
+    fusion's affinity bias (resampled to its 14 x 14 grid). ITM re-ranks the top 16; the ITM weight of the ranking
+    is chosen on the tune half of the Tux Paint photo stamps after training.
+
+    Args:
+        synsets, links: the size of the WordNet expansion of captions, as in ``photo``.
+    """
+    spec = photo(synsets=synsets, links=links)
+    spec["vision"]["level_grid"] = PHOTO_FUSION_GRID
+    spec["kernels"]["options"]["concept"]["affinity_grid"] = PHOTO_FUSION_GRID
+    spec["fusion"] = {
+        "enabled": True,
+        "layers": len(PHOTO_FUSION_LEVELS),
+        "image_levels": list(PHOTO_FUSION_LEVELS),
+        "width": 256,
+        "heads": 4,
+        "mlp_ratio": 2.0,
+        "image_mlp_ratio": 1.0,
+        "image_pool": 2,  # the caption-aware image update at 7 x 7; words still attend to all 14 x 14 cells
+        "image_positions": True,
+        "cross_first": True,
+        "word_positions": True,
+        "affinity_bias": True,
+        "itm_similarity": True,
+    }
+    spec["loss"] = {
+        "itm_negatives": "hard",
+        "itm_sampled": "text",
+        "relation_weight": 1.0,
+        "grounding_weight": 1.0,
+    }
+    spec["ranking"] = {"k": 16, "candidates": 0, "itm_weight": 1.0}
+    return spec

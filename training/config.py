@@ -49,6 +49,9 @@ class DataConfig:
     reverse_negatives: float = 0.0  # shapes only: share of relation captions trained against their reversed
     # relation ("left of" -> "right of") instead of the generator's negative (an attribute swap when one exists)
     num_workers: int = 0  # DataLoader workers for decoding + preprocessing
+    feature_cache: bool = False  # frozen encoders only: keep each training image's and caption's encoder and source
+    # features in memory after their first step (keyed by content; training.photo_cache), so later epochs run only
+    # the trained parts (kernel weights, fusion, heads). Scenes must repeat: a fixed pool (data.train_size)
 
 
 @dataclass
@@ -100,6 +103,8 @@ class RunConfig:
     stop_after: int = 0  # stop (as if killed) after this many optimizer steps, no release; for tests (0 = off)
     init_from: str = ""  # fine-tune: start from this release folder's weights and tokenizer (the run's model config
     # must build the same architecture; the loss and ranking settings may differ); optimizer and schedule start fresh
+    init_new: list[str] = field(default_factory=list)  # with init_from: state-dict prefixes of modules the checkpoint
+    # lacks that start fresh (random init), e.g. ["fusion.", "itm_head."] to add a fusion branch to a dual encoder
 
     def model_config(self) -> MKLVisITAConfig:
         """The model config: the preset with ``model`` merged in (unknown fields raise)."""

@@ -245,6 +245,13 @@ def resolve_mixed_precision(requested: str, cpu: bool = False, say: bool = True)
     return "no"
 
 
+def _target_grid(model: Any) -> tuple[int, int]:
+    """The grid of the dense targets: the fusion's attention maps (its image stream's grid), else the last level."""
+    if model.fusion is not None and model.fusion.image_grids:
+        return tuple(model.fusion.image_grids[0])
+    return tuple(model.vision.grid)
+
+
 def build_model_and_processor(cfg: RunConfig) -> tuple[Any, Any]:
     from mklvisita import MKLVisITA
     from mklvisita.inputs import Processor
@@ -256,10 +263,14 @@ def build_model_and_processor(cfg: RunConfig) -> tuple[Any, Any]:
         source = MKLVisITA.from_pretrained(cfg.init_from)
     except (ValueError, OSError) as e:
         raise RunConfigError(f"init_from: cannot load the checkpoint ({e})") from e
-    model = MKLVisITA(cfg.model_config(), tokenizer=source.tokenizer)
+    config = cfg.model_config()
+    config.text.backbone_config = source.config.text.backbone_config  # loaded, not built: sources take the weights
+    model = MKLVisITA(config, tokenizer=source.tokenizer)
     # Every weight of the run's model from the checkpoint, except modules that start at zero (new relative-position
-    # projections: the function starts as the checkpoint's); nothing of the checkpoint left over.
-    fresh = model.zero_start_keys() - set(source.state_dict())
+    # projections: the function starts as the checkpoint's) and those ``init_new`` names; nothing of the checkpoint
+    # left over.
+    new = {k for k in model.state_dict() if any(k.startswith(p) for p in cfg.init_new)}
+    fresh = (model.zero_start_keys() | new) - set(source.state_dict())
     try:
         model.load_state_dict({**{k: model.state_dict()[k] for k in fresh}, **source.state_dict()})  # strict
     except RuntimeError as e:
@@ -269,7 +280,8 @@ def build_model_and_processor(cfg: RunConfig) -> tuple[Any, Any]:
             "use the checkpoint's model settings (fusion, kernels, encoders) in the run config"
         ) from e
     if fresh:
-        print(f"init_from: {len(fresh)} zero-initialised weights start fresh ({min(fresh)}, ...)", file=sys.stderr)
+        first = min(fresh)
+        print(f"init_from: {len(fresh)} weights start fresh (zero-start or init_new: {first}, ...)", file=sys.stderr)
     return model, Processor(model.config, model.tokenizer)
 
 
@@ -307,6 +319,10 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
         set_seed(cfg.seed + accelerator.process_index)
     dataset = build_train_dataset(cfg)
     sampler = EpochSampler(len(dataset), cfg.seed)
+    if cfg.data.feature_cache:
+        from training.photo_cache import install_feature_cache
+
+        install_feature_cache(model)
     loss_cfg = model.config.loss
     task = get_task(cfg.data.train)
     collate = TrainCollate(
@@ -314,7 +330,7 @@ def train(cfg: RunConfig, resume: str | None = None, push_to_hub: str | None = N
         task,
         cfg.data.hard_negatives,
         dense=any(w > 0 for w in (loss_cfg.patch_weight, loss_cfg.grounding_weight, loss_cfg.relation_weight)),
-        grid=model.vision.grid,
+        grid=_target_grid(model),
     )
     # Several processes: the ITC covers the global batch, whose positives mask needs every process's items.
     global_itc = n_proc > 1 and loss_cfg.itc_weight > 0

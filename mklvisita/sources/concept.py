@@ -26,6 +26,10 @@ Decisions:
       synset lemmas) / tau_s) and M spreads each synset uniformly over its classes. Only the sentence-level q
       (``concept_class``) is expanded; the per-word maps keep the class prompts. The buffers are built by
       ``training.photo`` (timm's synset lemmas, the WordNet noun hierarchy) and saved with the checkpoint (fp16).
+    - Fusion affinity (``affinity_feature`` = "concept_local"): the word x position maps, which need no training
+      and hold on photos, bias the fusion's text->image attention (the paper's affinity bias from local kernels),
+      zero on rows that are not words. They live on the final map's grid; ``affinity_grid`` > 0 resamples them
+      (bilinear) to the fusion's finer grid (``vision.level_grid``). Only a model with fusion reads them.
     - The classifier is a frozen copy of the backbone package's ImageNet head (buffers: not trained, not saved in
       a release folder whose vision backbone comes from a package); the prompt embeddings are a buffer saved with
       the checkpoint (computing them again needs ~3,000 encoder passes).
@@ -62,6 +66,8 @@ class ConceptOptions:
     synset_links: int = 0  # (synset, ImageNet class) links of that expansion (fixes the buffers' shapes)
     synset_temperature: float = 0.02  # temperature of the caption's distribution over those synsets
     synset_weight: float = 0.5  # share of the synset expansion in the caption's class distribution
+    affinity_grid: int = 0  # side of the grid the concept_local maps are resampled to when they bias the fusion's
+    # attention (its image stream's grid: vision.level_grid); 0 = the final feature map's own grid
 
     def validate(self) -> None:
         bad = [f for f in self.functions if f not in KERNEL_FUNCTIONS]
@@ -71,6 +77,10 @@ class ConceptOptions:
             )
         if self.prompts not in ("ensemble", "photo"):
             raise ConfigError(f"kernels.options.concept.prompts must be 'ensemble' or 'photo', not {self.prompts!r}")
+        if self.affinity_grid < 0:
+            raise ConfigError(
+                f"kernels.options.concept.affinity_grid must be 0 or a grid side, not {self.affinity_grid}"
+            )
         if (self.synsets > 0) != (self.synset_links > 0):
             raise ConfigError("kernels.options.concept.synsets and .synset_links are both 0 or both > 0")
 
@@ -105,6 +115,7 @@ class ConceptBridge(FeatureSource):
     config_class = ConceptOptions
     pooled_features = ("concept", "concept_class")
     map_features = ("concept_local",)
+    affinity_feature = "concept_local"
 
     def __init__(self, ctx: SourceContext, enabled: list[str], options: ConceptOptions):
         super().__init__(ctx, enabled, options)
@@ -115,6 +126,8 @@ class ConceptBridge(FeatureSource):
         self.text_temperature = options.text_temperature
         self.sources = self.enabled
         self.last_text = ctx.text.depth - 1
+        self.map_grid = tuple(ctx.vision.grids[-1])  # the final feature map's grid (concept_local's positions)
+        self.affinity_grid = (options.affinity_grid,) * 2 if options.affinity_grid > 0 else self.map_grid
         for f in self.enabled:
             self.functions[f] = nn.ModuleList([make_kernel_function(fn, ctx.kernels) for fn in options.functions])
         # Buffers, not frozen parameters: DDP must not wait for a gradient that never comes.
@@ -181,6 +194,16 @@ class ConceptBridge(FeatureSource):
         cos = torch.einsum("bpd,btd->btp", img["local"], txt["local"])
         return torch.stack([fn(cos) for fn in self.functions[feature]], 1)
 
+    def affinity_maps(self, img: dict, txt: dict) -> torch.Tensor:
+        """concept_local's word x position maps (B, n, T, P') on ``affinity_grid``, zero on rows that are not words."""
+        maps = self.word_maps("concept_local", img, txt) * txt["mask"][:, None, :, None]  # (B, n, T, P)
+        if self.affinity_grid == self.map_grid:
+            return maps
+        b, n, t, _ = maps.shape
+        grid = maps.reshape(b * n * t, 1, *self.map_grid)
+        fine = F.interpolate(grid, size=self.affinity_grid, mode="bilinear", align_corners=False)
+        return fine.reshape(b, n, t, -1)
+
     # ----------------------------------------------------------------------------------------- the bridge
     def load_classifier(self, state: dict[str, torch.Tensor], prefix: str = "classifier") -> None:
         """Copy the ImageNet head ``<prefix>.weight`` / ``<prefix>.bias`` of a timm state dict."""
@@ -237,8 +260,10 @@ class ConceptBridge(FeatureSource):
         if getattr(self, "_link_cache", (None,))[0] != key:
             rows, cols = self.synset_links.long()
             shape = (self.class_text.shape[0], self.synset_text.shape[0])
-            with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; this product is checked
-                warnings.simplefilter("ignore", UserWarning)  # against the loop it replaces (tests/test_source_speed.py)
+            # torch calls its sparse CSR support "beta"; this product is checked against the loop it replaces
+            # (tests/test_source_speed.py)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
                 coo = torch.sparse_coo_tensor(torch.stack([cols, rows]), self.synset_link_weight.float(), shape)
                 self._link_cache = (key, coo.coalesce().to_sparse_csr())
         return self._link_cache[1]
