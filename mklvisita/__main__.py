@@ -77,9 +77,12 @@ def _gallery_parsers(sub) -> None:
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _index_command(args: argparse.Namespace) -> int:
-    from .gallery import build_index
+def _index_command(args: argparse.Namespace, argv: list[str]) -> int:
+    from .gallery import build_index, launch_cpu_processes, requested_cpu_processes
 
+    n = requested_cpu_processes()
+    if n > 1:  # `accelerate launch --cpu --num_processes N` started this process alone: start the N here
+        return launch_cpu_processes(n, "mklvisita", argv)
     matcher = _load(args.checkpoint, args.revision)
     meta = build_index(
         matcher,
@@ -196,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("index", "search"):
         try:
-            return (_index_command if args.command == "index" else _search_command)(args)
+            if args.command == "index":
+                return _index_command(args, sys.argv[1:] if argv is None else list(argv))
+            return _search_command(args)
         except ValueError as e:  # bad folder, file list, index or query; an index of another checkpoint
             print(f"error: {printable(str(e), keep=chr(10))}", file=sys.stderr)
             return 2

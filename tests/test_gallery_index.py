@@ -165,17 +165,21 @@ def _assert_same_index(a: Path, b: Path, atol: float = 0.0) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate (a training dependency)")
 def test_accelerate_launch_two_cpu_processes_equals_one_process(matcher, folder, one_process, tmp_path):
-    """Two processes under accelerate launch (torchrun; gloo on CPU) write the one-process index. ``--multi_gpu``
-    is what starts several processes on a machine without GPUs: accelerate's ``--cpu`` launcher starts one process
-    unless an MPI hostfile is given."""
+    """``accelerate launch --num_processes 2 --cpu -m mklvisita index`` writes the one-process index. Without MPI
+    accelerate starts one process for --cpu; the index command reads N from its launcher and starts the two itself
+    (torchrun's launcher), each encoding its own chunks."""
     out = tmp_path / "launched"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split()
+    launch = "--num_processes 2 --cpu --num_machines 1 --mixed_precision no --dynamo_backend no".split()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "mklvisita", "index", str(folder)]
     cmd += ["--checkpoint", "shapes", "--out", str(out), "--chunk-size", "8"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "[process 1/2] 24/24 images" in r.stderr and "[process 2/2] 17/17 images" in r.stderr  # both took part
+    assert (
+        "starting 2" in r.stderr
+        and "[process 1/2] 24/24 images" in r.stderr
+        and "[process 2/2] 17/17 images" in r.stderr
+    )  # both took part
     assert f"indexed {N_IMAGES} images (1 unreadable" in r.stdout
     # each process encodes its own chunks; the same images in the same batches give the same vectors
     _assert_same_index(out, one_process[0], atol=1e-6)
@@ -277,3 +281,17 @@ def test_app_search_tab_searches_a_saved_index_through_the_api(matcher, one_proc
         assert timings["first_stage"] >= 0
     finally:
         demo.close()
+
+
+def test_the_cpu_process_count_is_read_from_the_accelerate_launcher(monkeypatch):
+    for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    launcher = ["python", "/venv/bin/accelerate", "launch", "--num_processes", "3", "--cpu", "-m", "mklvisita"]
+    assert gallery.requested_cpu_processes(launcher) == 3
+    module_form = ["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes=2", "-m", "mklvisita"]
+    assert gallery.requested_cpu_processes(module_form) == 2
+    assert gallery.requested_cpu_processes(["python", "-m", "mklvisita", "index"]) == 1  # not under accelerate
+    monkeypatch.setenv("RANK", "0")  # a process that accelerate (torchrun) started among several
+    assert gallery.requested_cpu_processes(launcher) == 1
