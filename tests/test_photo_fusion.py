@@ -206,3 +206,23 @@ def test_init_new_adds_a_fusion_branch_to_a_dual_encoder_release(tmp_path):
         assert torch.equal(model.state_dict()[name], weight), name  # everything else from the release
     with pytest.raises(ValueError, match="do not fit"):  # without init_new the missing fusion is refused
         build_model_and_processor(RunConfig(model_preset="tiny", model=sizes, init_from=str(tmp_path / "dual")))
+
+
+def test_the_itm_weight_sweep_reranks_only_the_top_k_and_keeps_s_below():
+    import numpy as np
+
+    from training.photo_fusion_tune import _ranked
+
+    sim = np.array([[0.9, 0.8, 0.1, 0.05], [0.2, 0.1, 0.7, 0.6]])  # 2 images x 4 captions
+    itm = np.full_like(sim, np.nan)
+    top_i = np.array([[0, 1], [2, 3]])  # k = 2 by S
+    top_t = np.array([[0], [0], [1], [1]])
+    itm[0, [0, 1]] = [0.1, 0.9]
+    itm[1, [2, 3]] = [0.2, 0.3]
+    s = {"sim": sim, "itm": itm, "top_i": top_i, "top_t": top_t}
+    i2t, t2i = _ranked(s, 0.0)
+    assert (np.argsort(-i2t, 1) == np.argsort(-sim, 1)).all()  # w = 0: S's order
+    i2t, _ = _ranked(s, 1.0)
+    assert list(np.argsort(-i2t[0])) == [1, 0, 2, 3]  # ITM lifts caption 1 over 0 inside the top 2 only
+    assert list(np.argsort(-i2t[1])) == [3, 2, 0, 1]
+    assert np.isfinite(t2i).all()

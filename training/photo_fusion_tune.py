@@ -1,0 +1,144 @@
+"""Choose the photo-fusion checkpoint's ITM weight on the tune half of the Tux Paint photo stamps (never the test half).
+
+    python -m training.photo_fusion_tune --checkpoint runs/photo_fusion/release \
+        --out docs/results/photo_fusion/itm_weight_tune.json [--write runs/photo_fusion/release]
+
+Decisions:
+    - One encoding, every weight: the banks, S for every pair, ITM for the top-k pairs of each query (k = the
+      checkpoint's ``ranking.k``) and for each relation caption and its hard negative are computed once; each weight
+      only recombines them (``final = w x ITM + S``, as :func:`mklvisita.ranking.final_score`), so the sweep costs one
+      evaluation. Retrieval follows the cascade with exhaustive S: the top k by S are re-ranked by the final score and
+      stay above every caption (image) outside them, which keep S's order.
+    - The rule: the largest relation-binding accuracy (``tuxpaint-relations`` tune: relation reversed, object replaced,
+      objects swapped, every caption against its hard negative) among the weights whose single-stamp R@1 (``tuxpaint``
+      tune, the mean of both directions) is within 1 point of S alone (w = 0); ties go to the smaller weight.
+    - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight`` (nothing else changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@torch.no_grad()
+def _scores(model: Any, processor: Any, spec: str, split: str, k: int, limit: int = 0) -> dict[str, Any]:
+    """S, the ITM of the top-k pairs of each query and of the hard-negative pairs, for one data spec."""
+    from mklvisita.evaluation import load_eval_data
+    from mklvisita.retrieval import encode_captions, encode_images, match_pairs, similarity_matrix
+
+    data = load_eval_data(spec, split, limit)
+    images = encode_images(model, processor, data.images)
+    texts = encode_captions(model, processor, data.captions)
+    sim = similarity_matrix(model, images, texts).float()  # (n_img, n_txt)
+    k_i, k_t = min(k, sim.shape[1]), min(k, sim.shape[0])
+    top_i = sim.topk(k_i, dim=1).indices  # (n_img, k): captions of each image query
+    top_t = sim.T.topk(k_t, dim=1).indices  # (n_txt, k): images of each caption query
+    pairs = {(int(i), int(t)) for i in range(sim.shape[0]) for t in top_i[i]}
+    pairs |= {(int(i), int(t)) for t in range(sim.shape[1]) for i in top_t[t]}
+    ordered = sorted(pairs)
+    ii = torch.tensor([p[0] for p in ordered])
+    tt = torch.tensor([p[1] for p in ordered])
+    itm = torch.full_like(sim, float("nan"))
+    itm[ii, tt] = match_pairs(model, images, texts, ii, tt)
+    out = {"sim": sim.numpy(), "itm": itm.numpy(), "top_i": top_i.numpy(), "top_t": top_t.numpy(), "data": data}
+    if data.negatives is not None:
+        from mklvisita.evaluation import pair_scores
+
+        negs = encode_captions(model, processor, data.negatives)
+        idx = np.arange(len(data.captions))
+        image_of = np.asarray(data.txt2img)
+        out["pos"] = pair_scores(model, images, texts, image_of, idx)
+        out["neg"] = pair_scores(model, images, negs, image_of, idx)
+    return out
+
+
+def _ranked(s: dict[str, Any], w: float) -> tuple[np.ndarray, np.ndarray]:
+    """i2t (n_img, n_txt) and t2i (n_txt, n_img) scores under weight w: the top k by S re-ranked by w x ITM + S,
+    placed above everything outside them (which keeps S's order)."""
+    sim, itm = s["sim"], s["itm"]
+    lift = float(np.abs(sim).max() + abs(w) + 1.0) * 4
+    i2t = sim.astype(np.float64).copy()
+    rows = np.arange(sim.shape[0])[:, None]
+    i2t[rows, s["top_i"]] = w * itm[rows, s["top_i"]] + sim[rows, s["top_i"]] + lift
+    t2i = sim.T.astype(np.float64).copy()
+    cols = np.arange(sim.shape[1])[:, None]
+    t2i[cols, s["top_t"]] = w * itm.T[cols, s["top_t"]] + sim.T[cols, s["top_t"]] + lift
+    return i2t, t2i
+
+
+def sweep(
+    model: Any, processor: Any, split: str = "tune", weights: tuple[float, ...] = WEIGHTS, limit: int = 0
+) -> dict[str, Any]:
+    """Per weight: single-stamp retrieval and relation binding on ``split``; the chosen weight by the module's rule.
+    ``limit`` > 0: the first ``limit`` images of each set (a quick check, not a choice)."""
+    from mklvisita.evaluation import binding_metrics
+    from mklvisita.metrics import retrieval_metrics
+
+    k = model.config.ranking.k
+    stamps = _scores(model, processor, "tuxpaint", split, k, limit)
+    relations = _scores(model, processor, "tuxpaint-relations", split, k, limit)
+    rows = []
+    for w in weights:
+        i2t, t2i = _ranked(stamps, w)
+        single = retrieval_metrics(i2t, stamps["data"].txt2img, t2i)
+        r_i2t, r_t2i = _ranked(relations, w)
+        rel = retrieval_metrics(r_i2t, relations["data"].txt2img, r_t2i)
+        (ps, pi), (ns, ni) = relations["pos"], relations["neg"]
+        binding = binding_metrics(w * pi + ps, w * ni + ns, relations["data"].negative_kinds)
+        rows.append(
+            {
+                "itm_weight": w,
+                "single_i2t_r1": single["i2t_r1"],
+                "single_t2i_r1": single["t2i_r1"],
+                "single_r1_mean": (single["i2t_r1"] + single["t2i_r1"]) / 2,
+                "relations_i2t_r1": rel["i2t_r1"],
+                "relations_t2i_r1": rel["t2i_r1"],
+                **binding,
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    floor = next(r["single_r1_mean"] for r in rows if r["itm_weight"] == 0.0) - 1.0
+    allowed = [r for r in rows if r["single_r1_mean"] >= floor] or rows[:1]
+    chosen = max(allowed, key=lambda r: (r["binding_acc"], -r["itm_weight"]))
+    return {"split": split, "k": k, "rows": rows, "single_r1_floor": floor, "chosen_itm_weight": chosen["itm_weight"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="release folder of a checkpoint with fusion")
+    parser.add_argument("--out", required=True, help="where to write the sweep's JSON")
+    parser.add_argument("--split", default="tune", choices=["tune"], help="the Tux Paint half to choose on")
+    parser.add_argument("--limit", type=int, default=0, help="the first N images of each set only (a quick check)")
+    parser.add_argument("--write", help="save the checkpoint with the chosen ranking.itm_weight to this folder")
+    args = parser.parse_args(argv)
+
+    from mklvisita import MKLVisITA
+    from mklvisita.inputs import Processor
+
+    model = MKLVisITA.from_pretrained(args.checkpoint).eval()
+    if not model.has_itm:
+        parser.error("the checkpoint has no fusion/ITM branch: there is no ITM weight to choose")
+    torch.set_num_threads(1)
+    result = sweep(model, Processor(model.config, model.tokenizer), args.split, limit=args.limit)
+    result["command"] = "python -m training.photo_fusion_tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"chosen itm_weight {result['chosen_itm_weight']} (written to {out})")
+    if args.write:
+        model.config.ranking.itm_weight = float(result["chosen_itm_weight"])
+        model.save_pretrained(args.write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
