@@ -25,12 +25,14 @@ Decisions:
   classes, scene-text lines, colour cells; 100 GB for half a million photos), the shapes checkpoint's 64 KB plus its
   fusion tokens. Re-encoding ``candidates`` images (default :data:`DEFAULT_CANDIDATES`) costs a fixed time per query
   whatever the gallery's size, and the index stays ~7 KB per image for the photo checkpoint (a 1,396-d float32
-  vector and its 8-bit codes). The full model then ranks them by the
-  checkpoint's own rule (``retrieval.retrieve``: S on every candidate, ITM on the top ``ranking.k``).
-- Identity: sha256 over the model's state dict (names, dtypes, shapes, bytes) and its config JSON: the weights
-  actually loaded, whatever folder, Hub id or pip package they came from (the photo checkpoint's backbones come from
-  pip packages, so a hash of its model.safetensors alone would miss them). An index whose identity differs from the
-  searching checkpoint's is refused (:class:`IndexMismatchError`).
+  vector and its 8-bit codes). The full model then ranks them by the checkpoint's own rule (``retrieval.retrieve``:
+  S on every candidate, ITM on the top ``ranking.k``).
+- Identity: sha256 over the model's state dict (names, dtypes, shapes, bytes) and its config as loaded (every field,
+  defaults included, so a library version that reads the same checkpoint into another config refuses the index
+  rather than mixing vectors computed two ways): the weights actually loaded, whatever folder, Hub id or pip
+  package they came from (the photo checkpoint's backbones come from pip packages, so a hash of its
+  model.safetensors alone would miss them). An index whose identity differs from the searching checkpoint's is
+  refused (:class:`IndexMismatchError`).
 - Building is resumable and shardable. Images are cut into chunks of ``chunk_size`` in file order; chunk j is
   encoded by process ``j % world_size`` and written atomically (temp file + rename) to ``parts/``; a rerun skips
   chunks already written. Chunks hold the same images in the same batches whatever the number of processes, so
@@ -646,7 +648,9 @@ class GalleryIndex:
             built = Path(built).name if os.path.isabs(built) else built  # a folder by its name, never a server path
             raise IndexMismatchError(
                 f"{self.path.name} was built by {built} (sha256 {self.identity[:12]}), not by the loaded checkpoint "
-                f"(sha256 {mine[:12]}). Search it with the checkpoint that built it, or rebuild it with "
+                f"(sha256 {mine[:12]}): other weights or another configuration (a library version that reads the "
+                "checkpoint's config differently counts too). Search it with the checkpoint that built it, or rebuild "
+                "it with "
                 "`python -m mklvisita index ... --checkpoint <this checkpoint>`."
             )
 
