@@ -20,6 +20,10 @@ Decisions:
   letterbox, tokenise), the two backbones inside the model, colour naming, face detection, text detection and text
   recognition (RapidOCR's two networks, with their own pre- and post-processing), the rest of scene text, the
   concept bridge, the kernels (embeddings and similarity); ``other`` is what no timer covers. Medians per call, ms.
+- Overlap (``$MKLVISITA_OVERLAP``, :mod:`mklvisita.sources.overlap`): with it on, the detectors run on a worker
+  thread beside the backbone. A part's time counts wherever it ran (``score_parts_median_ms``); the worker's share of
+  it is also listed apart (``worker_parts_median_ms``), ``other`` subtracts only what ran on the calling thread, and
+  ``waiting for the worker`` is the calling thread's wait for the detectors' results. The run records the setting.
 - ``--explain`` also times ``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's
   ``kernels.map_shifts`` and with one pass, alternating call by call, and its parts (the word maps included).
 - ``--save-scores`` writes the scores (S and every kernel's contribution) of the example photos and a fixed set of
@@ -34,8 +38,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import statistics
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -77,9 +83,10 @@ PARTS = [
     ("image backbone", "@vision"),
     ("text backbone", "@text"),
     ("colour naming", "mklvisita.sources.colour:ColourNames.cells"),
-    ("face detection", "mklvisita.sources.person:FaceDetector.boxes"),
+    ("face detection", "mklvisita.sources.person:FaceDetector.detect"),
     ("text detection", "rapidocr_onnxruntime.ch_ppocr_det.text_detect:TextDetector.__call__"),
     ("text recognition", "rapidocr_onnxruntime.ch_ppocr_rec.text_recognize:TextRecognizer.__call__"),
+    ("scene text (all)", "mklvisita.sources.scene_text:SceneTextReader.read_images"),
     ("scene text (all)", "mklvisita.sources.scene_text:SceneTextReader.features"),
     ("concept bridge", "mklvisita.sources.concept:ConceptBridge.encode_image"),
     ("concept bridge", "mklvisita.sources.concept:ConceptBridge.encode_text"),
@@ -89,6 +96,7 @@ PARTS = [
     ("kernels", "@kernels.embed_text"),
     ("kernels", "@kernels.forward"),
     ("the maps", "@kernels.word_patch_maps"),
+    ("waiting for the worker", "mklvisita.sources.overlap:Prefetch.result"),
 ]
 
 
@@ -119,7 +127,8 @@ def _resolve(spec: str, matcher: Any) -> tuple[type, str] | None:
 
 
 class PartTimers:
-    """Wraps the PARTS' methods with timers while active; ``calls`` holds each call's ms per part."""
+    """Wraps the PARTS' methods with timers while active; ``calls`` holds each call's ms per part, and ``worker`` the
+    share of it spent off the calling thread (the overlap worker)."""
 
     def __init__(self, matcher: Any) -> None:
         self.found: list[tuple[str, type, str]] = []
@@ -132,19 +141,25 @@ class PartTimers:
                 self.found.append((part, *where))
         self.parts = list(dict.fromkeys(part for part, _, _ in self.found))
         self._current: dict[str, float] = defaultdict(float)
-        self._depth: dict[str, int] = defaultdict(int)
+        self._worker: dict[str, float] = defaultdict(float)
+        self._depth: dict[tuple[str, int], int] = defaultdict(int)
         self.calls: list[dict[str, float]] = []
+        self.worker: list[dict[str, float]] = []
 
     def _wrap(self, part: str, fn: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self._depth[part] += 1
+            key = (part, threading.get_ident())
+            self._depth[key] += 1
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._depth[part] -= 1
-                if not self._depth[part]:  # the outermost call of this part counts
-                    self._current[part] += (time.perf_counter() - t) * 1000
+                self._depth[key] -= 1
+                if not self._depth[key]:  # the outermost call of this part (in this thread) counts
+                    ms = (time.perf_counter() - t) * 1000
+                    self._current[part] += ms
+                    if threading.current_thread() is not threading.main_thread():
+                        self._worker[part] += ms
 
         return timed
 
@@ -163,22 +178,34 @@ class PartTimers:
 
     @contextmanager
     def call(self):
-        self._current = defaultdict(float)
+        self._current, self._worker = defaultdict(float), defaultdict(float)
         yield
         self.calls.append(dict(self._current))
+        self.worker.append(dict(self._worker))
+
+    @staticmethod
+    def _rest(c: dict[str, float]) -> dict[str, float]:
+        if "scene text (all)" in c:
+            c["scene text (rest)"] = (
+                c.pop("scene text (all)") - c.get("text detection", 0) - c.get("text recognition", 0)
+            )
+        return c
 
     def medians(self, total: list[float]) -> dict[str, float]:
         """Median ms per part over the calls; 'scene text (rest)' and 'other' derived (see the module's decisions)."""
         rows = []
-        for c, t in zip(self.calls, total):
-            c = {p: c.get(p, 0.0) for p in self.parts}
-            if "scene text (all)" in c:
-                c["scene text (rest)"] = (
-                    c.pop("scene text (all)") - c.get("text detection", 0) - c.get("text recognition", 0)
-                )
-            c["other"] = t - sum(c.values())
+        for c, w, t in zip(self.calls, self.worker, total):
+            c = self._rest({p: c.get(p, 0.0) for p in self.parts})
+            w = self._rest({p: w.get(p, 0.0) for p in self.parts})
+            c["other"] = t - sum(v - w.get(k, 0.0) for k, v in c.items())  # what the calling thread spent elsewhere
             rows.append(c)
         return {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
+
+    def worker_medians(self) -> dict[str, float]:
+        """Median ms per part spent on the overlap worker (parts it never ran left out)."""
+        ran = [p for p in self.parts if any(w.get(p) for w in self.worker)]
+        rows = [self._rest({p: w.get(p, 0.0) for p in ran}) for w in self.worker]
+        return {k: round(statistics.median(r[k] for r in rows), 2) for k in (rows[0] if rows else {})}
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -227,6 +254,7 @@ def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
         "floor_text_backbone_ms": _median(texts),
         "ratio": round(statistics.median(scores) / statistics.median(floors), 3),
         "score_parts_median_ms": timers.medians(scores),
+        "worker_parts_median_ms": timers.worker_medians(),
         "parts_not_found": timers.missing,
     }
 
@@ -329,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result, indent=2))
         return 0
     image = Path(args.image)
+    from mklvisita.sources.overlap import OVERLAP_ENV, overlap_enabled
+
     result = {"checkpoint": Path(args.checkpoint).name, "image": image.name, "threads": args.threads}
-    result["command"] = " ".join(["python benchmarks/photo_score.py", *(sys.argv[1:] if argv is None else argv)])
+    result["overlap"] = {"enabled": overlap_enabled(), OVERLAP_ENV: os.environ.get(OVERLAP_ENV, "")}
+    env = [f"{OVERLAP_ENV}={os.environ[OVERLAP_ENV]}"] if os.environ.get(OVERLAP_ENV) else []
+    result["command"] = " ".join([*env, "python benchmarks/photo_score.py", *(sys.argv[1:] if argv is None else argv)])
     result |= time_score(matcher, image, args.repeats)
     result["load_s"] = round(load_s, 2)
     if args.explain:

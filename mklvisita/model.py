@@ -170,10 +170,18 @@ class MKLVisITA(
     def encode_image(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> ImageFeatures:
         """Level tokens, pooled feature and every source's image features; ``output_attentions`` adds the ViT (or
         hybrid) blocks' attention probabilities, (B, heads, N, N) per block (a ValueError for a CNN backbone)."""
-        out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
-        img = ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
-        for name, source in self.sources.items():  # in order: a source may read the ones before it
-            img.sources[name] = source.encode_image(pixel_values, img)
+        # what a source can do from the pixels alone starts first, beside the backbone (mklvisita.sources.overlap)
+        started = {name: source.prefetch_image(pixel_values) for name, source in self.sources.items()}
+        try:
+            out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
+            img = ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
+            for name, source in self.sources.items():  # in order: a source may read the ones before it
+                more = {} if started[name] is None else {"prefetched": started[name]}
+                img.sources[name] = source.encode_image(pixel_values, img, **more)
+        finally:  # after a failure, drop what has not started yet
+            for job in started.values():
+                if job is not None:
+                    job.cancel()
         return img
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:

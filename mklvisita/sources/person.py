@@ -13,6 +13,8 @@ Decisions:
     - It runs on the model's own input (the letterboxed 224 x 224 image, grey, histogram-equalised) with scale step
       1.2, 5 neighbours and faces of 24 px at least: ~12 ms per image on one thread in a scratch timing (1.1 / 20 px:
       ~25 ms).
+    - It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the grey images are made on the calling
+      thread, the cascade (OpenCV, which releases the GIL) runs on the overlap worker, the boxes become cells after.
     - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
     - Text side: the caption's person mass pi = its (expanded) class distribution's mass on
       ``kernels.options.person.classes`` (:mod:`mklvisita.sources.concept`), and for the per-word maps each token's
@@ -28,6 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +39,9 @@ from ..config import ConfigError
 from ..features import ImageFeatures, TextFeatures
 from ..kernel_functions import ShareKernel
 from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
+from .overlap import Prefetch, start
+
+Box = tuple[int, int, int, int]  # (x, y, w, h) in input pixels
 
 CASCADE = "haarcascade_frontalface_alt2.xml"
 SCALE_STEP, NEIGHBOURS, MIN_FACE = 1.2, 5, 24
@@ -69,13 +75,26 @@ class FaceDetector:
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
-    def boxes(self, pixels: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    def boxes(self, pixels: torch.Tensor) -> list[list[Box]]:
         """Normalised model inputs (B, 3, H, W) -> each image's faces as (x, y, w, h) in input pixels."""
+        return self.detect(self.greys(pixels))
+
+    def greys(self, pixels: torch.Tensor) -> list[np.ndarray]:
+        """Normalised model inputs (B, 3, H, W) -> the grey uint8 images (H, W) the cascade reads (torch: run it on
+        the calling thread)."""
         luma = torch.tensor((0.299, 0.587, 0.114)).view(3, 1, 1)
         out = []
         for x in pixels.detach().float().cpu():
             rgb = (x * self._std + self._mean).clamp(0.0, 1.0) * 255.0
-            grey = self._cv2.equalizeHist((rgb * luma).sum(0).round().to(torch.uint8).numpy())
+            out.append((rgb * luma).sum(0).round().to(torch.uint8).numpy())
+        return out
+
+    def detect(self, greys: list[np.ndarray]) -> list[list[Box]]:
+        """Grey uint8 images -> each one's faces as (x, y, w, h). OpenCV only, no torch: it may run on the overlap
+        worker."""
+        out = []
+        for grey in greys:
+            grey = self._cv2.equalizeHist(grey)
             with self._lock:
                 found = self._cascade.detectMultiScale(grey, SCALE_STEP, NEIGHBOURS, minSize=(MIN_FACE, MIN_FACE))
             out.append([tuple(int(v) for v in b) for b in found])
@@ -115,8 +134,14 @@ class PersonSource(FeatureSource):
         vocab = max(ctx.tokenizer.get_vocab().values()) + 1
         self.register_buffer("token_person", torch.zeros(vocab, dtype=torch.float16))  # (V,) filled by fill_tokens
 
-    def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
-        return self.image_features(self.face_cells(pixel_values, self.grid))
+    def prefetch_image(self, pixel_values: torch.Tensor) -> Prefetch:
+        return start(self.detector.detect, self.detector.greys(pixel_values))  # the cascade, beside the backbone
+
+    def encode_image(
+        self, pixel_values: torch.Tensor, img: ImageFeatures, prefetched: Prefetch | None = None
+    ) -> dict[str, torch.Tensor]:
+        boxes = self.detector.boxes(pixel_values) if prefetched is None else prefetched.result()
+        return self.image_features(self.cells(boxes, pixel_values, self.grid))
 
     def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:
         q = txt.sources["concept"]["concept_class"] ** 2  # the concept source's caption class distribution
@@ -134,9 +159,14 @@ class PersonSource(FeatureSource):
 
     def face_cells(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Normalised model inputs (B, 3, H, W) -> each grid cell's share covered by faces (B, gh * gw)."""
+        return self.cells(self.detector.boxes(pixels), pixels, grid)
+
+    @staticmethod
+    def cells(faces: list[list[Box]], pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Each image's face boxes in the inputs ``pixels`` (B, 3, H, W) -> each grid cell's share covered (B, P)."""
         _, _, height, width = pixels.shape
         masks = torch.zeros(pixels.shape[0], 1, height, width)
-        for i, boxes in enumerate(self.detector.boxes(pixels)):
+        for i, boxes in enumerate(faces):
             for x, y, w, h in boxes:
                 masks[i, 0, y : y + h, x : x + w] = 1.0
         return F.adaptive_avg_pool2d(masks, grid).flatten(1).to(pixels.device)

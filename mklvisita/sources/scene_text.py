@@ -10,7 +10,9 @@ Decisions:
       letterboxed 224 x 224 image) with the detector's shorter side at 256 px (scratch timings on one thread: the
       engine's default, 736, took ~220 ms per image, 256 ~18 ms median and reads the same words on the tune half's
       signs; ``benchmarks/photo_score.py`` times the whole scoring call), no angle classifier, one thread, and lines
-      read with confidence >= 0.5 kept.
+      read with confidence >= 0.5 kept. It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the
+      uint8 images are made on the calling thread, the engine (onnxruntime, which releases the GIL) runs on the
+      overlap worker, and the words become tensors after.
     - Words: lower-cased letter runs of 3 or more letters, a few function words left out (``STOP``), at most
       :data:`MAX_WORDS` per image; on the caption side the same rule on the words rebuilt from its word pieces.
     - Matching is fuzzy, because OCR misreads a letter ("CROSSINC") and captions inflect ("Measuring" / "MEASURE"):
@@ -29,6 +31,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,11 +40,13 @@ from ..config import ConfigError
 from ..features import ImageFeatures, TextFeatures
 from ..kernel_functions import KernelFunction
 from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
+from .overlap import Prefetch, start
 
 DIM = 256  # hashed trigram buckets
 MAX_WORDS = 16  # words kept per image
 MIN_CONFIDENCE = 0.5
 DET_SIDE = 256
+Words = list[tuple[str, tuple[float, float, float, float]]]  # one image's words with their line's box (x0, y0, x1, y1)
 STOP = frozenset(
     "the and for you your are this that with have has its our was not but all can out who let any from into".split()
 )
@@ -118,13 +123,26 @@ class SceneTextReader:
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
-    def read(self, pixels: torch.Tensor) -> list[list[tuple[str, tuple[float, float, float, float]]]]:
+    def read(self, pixels: torch.Tensor) -> list[Words]:
         """Normalised model inputs (B, 3, H, W) -> per image, its words with their line's box (x0, y0, x1, y1)."""
+        return self.read_images(self.images(pixels))
+
+    def images(self, pixels: torch.Tensor) -> list[np.ndarray]:
+        """Normalised model inputs (B, 3, H, W) -> the uint8 RGB images (H, W, 3) the engine reads (torch: run it on
+        the calling thread)."""
         out = []
         for x in pixels.detach().float().cpu():
             rgb = ((x * self._std + self._mean).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+            out.append(rgb.permute(1, 2, 0).contiguous().numpy())
+        return out
+
+    def read_images(self, images: list[np.ndarray]) -> list[Words]:
+        """uint8 RGB images -> per image, its words with their line's box. The engine only, no torch: it may run on
+        the overlap worker."""
+        out = []
+        for image in images:
             with self._lock:
-                result, _ = self._engine(rgb.permute(1, 2, 0).contiguous().numpy())
+                result, _ = self._engine(image)
             found = []
             for box, text, score in result or []:
                 if float(score) < MIN_CONFIDENCE:
@@ -134,14 +152,17 @@ class SceneTextReader:
             out.append(found[:MAX_WORDS])
         return out
 
-    def features(self, pixels: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """words (B, MAX_WORDS, DIM), mask (B, MAX_WORDS), cells (B, MAX_WORDS, P): each word's line over the grid."""
+    def features(
+        self, pixels: torch.Tensor, grid: tuple[int, int], read: list[Words] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """words (B, MAX_WORDS, DIM), mask (B, MAX_WORDS), cells (B, MAX_WORDS, P): each word's line over the grid.
+        ``read``: what :meth:`read` gives for ``pixels``, when it was read already (else it is read here)."""
         b, _, height, width = pixels.shape
         gh, gw = grid
         vectors = torch.zeros(b, MAX_WORDS, DIM)
         mask = torch.zeros(b, MAX_WORDS, dtype=torch.bool)
         cells = torch.zeros(b, MAX_WORDS, gh, gw)
-        for i, found in enumerate(self.read(pixels)):
+        for i, found in enumerate(self.read(pixels) if read is None else read):
             if not found:
                 continue
             vectors[i, : len(found)] = word_vectors([w for w, _ in found], len(found))
@@ -197,8 +218,14 @@ class SceneTextSource(FeatureSource):
         self.tokenizer = ctx.tokenizer
         self.grid = tuple(ctx.vision.grids[-1])
 
-    def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
-        return self.reader.features(pixel_values, self.grid)  # words, mask, cells
+    def prefetch_image(self, pixel_values: torch.Tensor) -> Prefetch:
+        return start(self.reader.read_images, self.reader.images(pixel_values))  # the OCR, beside the backbone
+
+    def encode_image(
+        self, pixel_values: torch.Tensor, img: ImageFeatures, prefetched: Prefetch | None = None
+    ) -> dict[str, torch.Tensor]:
+        read = None if prefetched is None else prefetched.result()
+        return self.reader.features(pixel_values, self.grid, read)  # words, mask, cells
 
     def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:
         return {"words": caption_word_vectors(self.tokenizer, input_ids, txt.word_mask).to(txt.pooled.device)}

@@ -1,0 +1,112 @@
+"""Running a source's work that needs no torch beside the encoders: face detection and OCR while the backbone runs.
+
+Decisions:
+
+- What overlaps: before the image backbone runs, the model asks every source for the part of its image features that
+  needs only the model inputs (:meth:`~mklvisita.sources.base.FeatureSource.prefetch_image`) and hands what was
+  started back to that source's ``encode_image``, which waits for it where it needs the result. The person source
+  (OpenCV's Haar cascade) and the scene-text source (RapidOCR's ONNX networks) do this: both libraries release the
+  GIL, so the detectors run on a second core while the calling thread runs the image network and the sources that
+  read its output. The model names no source; a source without the hook runs as before.
+- The worker runs no torch code: a source turns the pixels into uint8 arrays on the calling thread and the
+  detections into tensors after the wait, so torch's thread count (:mod:`mklvisita.threads`: one intra-op thread per
+  call unless told otherwise) is untouched. The worker adds one thread: OpenCV's pool follows the call's count (one
+  by default) and the OCR engine is built with one thread (:mod:`mklvisita.sources.scene_text`).
+- One worker thread per process (a ``ThreadPoolExecutor`` with one worker, started on first use and again in a forked
+  child), shared by every model and every calling thread. Jobs run in the order they were started; a caller waits
+  only for its own jobs; a job takes only its detector's lock and never waits on another job, so concurrent calls
+  cannot deadlock. Work started from the worker thread itself runs there at once.
+- Switch: ``$MKLVISITA_OVERLAP`` = ``auto`` (the default: on where the process may use 2 or more CPUs), ``on`` (or
+  1) or ``off`` (or 0), read at each call. Off, the same functions run on the calling thread, in the same order, so
+  the scores are the same either way (``tests/test_source_overlap.py``).
+- Errors: an exception raised in the worker is raised again, the same object, in the calling thread when the source
+  waits for the result. Off, it is raised when the work is started.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+OVERLAP_ENV = "MKLVISITA_OVERLAP"
+_ON, _OFF, _AUTO = ("1", "on", "true", "yes"), ("0", "off", "false", "no"), "auto"
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_local = threading.local()  # .worker: True on the worker thread
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # platforms without CPU affinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def overlap_enabled() -> bool:
+    """Whether sources run their prefetched work beside the caller (``$MKLVISITA_OVERLAP``, module docstring)."""
+    value = os.environ.get(OVERLAP_ENV, "").strip().lower() or _AUTO
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    if value == _AUTO:
+        return _usable_cpus() >= 2
+    raise ValueError(f"{OVERLAP_ENV} must be 'auto', 'on' or 'off' (or 1 / 0), got {value!r}")
+
+
+def _mark_worker() -> None:
+    _local.worker = True
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(1, thread_name_prefix="mklvisita-overlap", initializer=_mark_worker)
+        return _pool
+
+
+def _after_fork_in_child() -> None:  # the parent's worker thread does not exist in a forked child
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Prefetch:
+    """Work a source started before the backbone ran; :meth:`result` waits for it and returns (or raises) its
+    outcome."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The work's return value (its exception raised here); ``timeout`` seconds at most, else TimeoutError."""
+        return self._future.result(timeout)
+
+    def cancel(self) -> None:
+        """Drop the work if it has not started (the call it was for failed); no effect once it runs or ran."""
+        self._future.cancel()
+
+
+def start(fn: Callable[..., Any], *args: Any) -> Prefetch:
+    """``fn(*args)`` on the worker thread when overlap is on (module docstring), else now on this thread.
+
+    ``fn`` must not run torch code (its thread count is the caller's business) nor wait for other started work.
+    """
+    if overlap_enabled() and not getattr(_local, "worker", False):
+        try:
+            return Prefetch(_executor().submit(fn, *args))
+        except RuntimeError:  # the interpreter is shutting down and starts no threads: run it here
+            pass
+    done: Future = Future()
+    done.set_result(fn(*args))
+    return Prefetch(done)
