@@ -2,7 +2,7 @@
 alone on the same input, and where the rest of the time goes.
 
     python benchmarks/photo_score.py [--checkpoint assets/mklvisita-photo] [--repeats 30] [--threads 1]
-        [--image assets/examples/cat.jpg] [--explain] [--out FILE.json]
+        [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--out FILE.json]
     python benchmarks/photo_score.py --image /usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png  # has text
     python benchmarks/photo_score.py --save-scores FILE.json [--compare-scores REFERENCE.json]  # no timing
 
@@ -24,6 +24,10 @@ Decisions:
   thread beside the backbone. A part's time counts wherever it ran (``score_parts_median_ms``); the worker's share of
   it is also listed apart (``worker_parts_median_ms``), ``other`` subtracts only what ran on the calling thread, and
   ``waiting for the worker`` is the calling thread's wait for the detectors' results. The run records the setting.
+  ``--overlap-ab`` also scores with the overlap off and on in turn, call by call, each call followed by the floor, so
+  both see the same load (``overlap_ab``: each setting's medians and ratio). It also gives CPU times (the process's,
+  and the calling thread's alone) and ``calling_thread_cpu_ratio`` = the calling thread's CPU per score over the
+  floor's: what the ratio would be with a core free for the worker, on a machine whose other jobs leave none.
 - ``--explain`` also times ``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's
   ``kernels.map_shifts`` and with one pass, alternating call by call, and its parts (the word maps included).
 - ``--save-scores`` writes the scores (S and every kernel's contribution) of the example photos and a fixed set of
@@ -213,7 +217,8 @@ def _median(xs: list[float]) -> float:
     return round(statistics.median(xs), 1)
 
 
-def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+def _floor(matcher: Any, image: Path) -> Callable[[], tuple[float, float]]:
+    """A function timing the two backbones alone on the image and CAPTIONS: (image ms, text ms)."""
     from mklvisita.inputs import load_image
 
     pv, _ = matcher.processor.images([load_image(image)])
@@ -229,6 +234,11 @@ def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
             text(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             return t_img * 1000, (time.perf_counter() - t) * 1000
 
+    return floor
+
+
+def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+    floor = _floor(matcher, image)
     for _ in range(3):
         matcher.score([image], CAPTIONS)
         floor()
@@ -257,6 +267,50 @@ def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
         "worker_parts_median_ms": timers.worker_medians(),
         "parts_not_found": timers.missing,
     }
+
+
+def time_overlap_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+    """Score with the overlap off and on in turn, call by call, each call followed by the floor (same load for both)."""
+    from mklvisita.sources.overlap import OVERLAP_ENV
+
+    floor, before = _floor(matcher, image), os.environ.get(OVERLAP_ENV)
+    runs: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in ("off", "on")}
+    try:
+        for i in range(3 + repeats):
+            for mode, r in runs.items():
+                os.environ[OVERLAP_ENV] = mode
+                t, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
+                matcher.score([image], CAPTIONS)
+                ms = (time.perf_counter() - t) * 1000
+                own, cpu = (time.thread_time() - own) * 1000, (time.process_time() - cpu) * 1000
+                if i >= 3:  # three warm-up rounds
+                    r["score"].append(ms)
+                    r["cpu"].append(cpu)
+                    r["caller_cpu"].append(own)
+                    t = time.thread_time()
+                    r["floor"].append(sum(floor()))
+                    r["floor_cpu"].append((time.thread_time() - t) * 1000)
+    finally:
+        if before is None:
+            del os.environ[OVERLAP_ENV]
+        else:
+            os.environ[OVERLAP_ENV] = before
+    out: dict[str, Any] = {
+        mode: {
+            "score_1x5_median_ms": _median(r["score"]),
+            "floor_median_ms": _median(r["floor"]),
+            "ratio": round(statistics.median(r["score"]) / statistics.median(r["floor"]), 3),
+            "score_cpu_median_ms": _median(r["cpu"]),
+            "score_calling_thread_cpu_median_ms": _median(r["caller_cpu"]),
+            "floor_cpu_median_ms": _median(r["floor_cpu"]),
+            "calling_thread_cpu_ratio": round(
+                statistics.median(r["caller_cpu"]) / statistics.median(r["floor_cpu"]), 3
+            ),
+        }
+        for mode, r in runs.items()
+    }
+    out["score_off_over_on"] = round(out["off"]["score_1x5_median_ms"] / out["on"]["score_1x5_median_ms"], 3)
+    return {"overlap_ab": out}
 
 
 def time_explain(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
@@ -339,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default=str(ROOT / "assets" / "examples" / "cat.jpg"), help="the photo scored")
     parser.add_argument("--save-scores", help="write the example and stamp scores here (no timing)")
     parser.add_argument("--compare-scores", help="with --save-scores: the largest difference from this reference")
+    parser.add_argument("--overlap-ab", action="store_true", help="also time score with the overlap off and on in turn")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -365,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = " ".join([*env, "python benchmarks/photo_score.py", *(sys.argv[1:] if argv is None else argv)])
     result |= time_score(matcher, image, args.repeats)
     result["load_s"] = round(load_s, 2)
+    if args.overlap_ab:
+        result |= time_overlap_ab(matcher, image, args.repeats)
     if args.explain:
         result |= time_explain(matcher, image, args.repeats)
     print(json.dumps(result, indent=2))
