@@ -28,6 +28,7 @@ Decisions:
   both see the same load (``overlap_ab``: each setting's medians and ratio). It also gives CPU times (the process's,
   and the calling thread's alone) and ``calling_thread_cpu_ratio`` = the calling thread's CPU per score over the
   floor's: what the ratio would be with a core free for the worker, on a machine whose other jobs leave none.
+  ``two_thread_speedup_before_after`` says how much a second thread could gain at the time (:func:`two_thread_speedup`).
 - ``--explain`` also times ``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's
   ``kernels.map_shifts`` and with one pass, alternating call by call, and its parts (the word maps included).
 - ``--save-scores`` writes the scores (S and every kernel's contribution) of the example photos and a fixed set of
@@ -269,11 +270,33 @@ def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
     }
 
 
+def two_thread_speedup(n: int = 4) -> float:
+    """How many cores' worth this process gets for two threads now: the time of 2n sorts (numpy, which releases the
+    GIL) on one thread over the time of n sorts on each of two threads. 1.0: no free second core (other jobs hold it),
+    so no overlap can pay; 2.0: two free cores."""
+    data = np.random.default_rng(0).random(1_000_000)
+
+    def sorts(k: int) -> None:
+        for _ in range(k):
+            np.sort(data)
+
+    t = time.perf_counter()
+    sorts(2 * n)
+    one = time.perf_counter() - t
+    t = time.perf_counter()
+    worker = threading.Thread(target=sorts, args=(n,))
+    worker.start()
+    sorts(n)
+    worker.join()
+    return round(one / (time.perf_counter() - t), 2)
+
+
 def time_overlap_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
     """Score with the overlap off and on in turn, call by call, each call followed by the floor (same load for both)."""
     from mklvisita.sources.overlap import OVERLAP_ENV
 
     floor, before = _floor(matcher, image), os.environ.get(OVERLAP_ENV)
+    speedup_before = two_thread_speedup()
     runs: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in ("off", "on")}
     try:
         for i in range(3 + repeats):
@@ -310,6 +333,7 @@ def time_overlap_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
         for mode, r in runs.items()
     }
     out["score_off_over_on"] = round(out["off"]["score_1x5_median_ms"] / out["on"]["score_1x5_median_ms"], 3)
+    out["two_thread_speedup_before_after"] = [speedup_before, two_thread_speedup()]
     return {"overlap_ab": out}
 
 
