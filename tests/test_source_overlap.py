@@ -3,6 +3,7 @@ worker's errors raised in the caller, and concurrent calls that finish."""
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -124,3 +125,18 @@ def test_the_switch(monkeypatch):
         overlap_enabled()
     monkeypatch.setenv(OVERLAP_ENV, "off")
     assert start(threading.current_thread).result() is threading.current_thread()  # off: run here, now
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_its_own_worker(monkeypatch):
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    assert start(lambda: 1).result(timeout=30) == 1  # the parent's worker is running
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's worker thread is not here; a new one must serve it
+        code = 1
+        try:
+            code = 0 if start(threading.current_thread).result(timeout=30).name.startswith(WORKER) else 1
+        finally:
+            os._exit(code)  # never return into the test runner
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
