@@ -10,8 +10,12 @@ Decisions:
   read its output. The model names no source; a source without the hook runs as before.
 - The worker runs no torch code: a source turns the pixels into uint8 arrays on the calling thread and the
   detections into tensors after the wait, so torch's thread count (:mod:`mklvisita.threads`: one intra-op thread per
-  call unless told otherwise) is untouched. The worker adds one thread: OpenCV's pool follows the call's count (one
-  by default) and the OCR engine is built with one thread (:mod:`mklvisita.sources.scene_text`).
+  call unless told otherwise) is untouched. The worker adds one thread: inside a Matcher call (or
+  ``inference_threads``) OpenCV's pool follows the call's count (one by default), and the OCR engine is built with
+  one intra-op and one inter-op thread (:mod:`mklvisita.sources.scene_text`). Where no core is free (other jobs hold
+  them), the worker only takes turns with the caller (a 1 x 5 photo score 7% slower on a 2-core machine whose other
+  jobs held the second core: ``docs/results/benchmarks/photo_score_overlap_ab.json``); turn it off there.
+  ``benchmarks/photo_score.py --overlap-ab`` measures both settings and how much a second thread can gain at the time.
 - One worker thread per process (a ``ThreadPoolExecutor`` with one worker, started on first use and again in a forked
   child), shared by every model and every calling thread. Jobs run in the order they were started; a caller waits
   only for its own jobs; a job takes only its detector's lock and never waits on another job, so concurrent calls
