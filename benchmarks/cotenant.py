@@ -15,6 +15,9 @@ Decisions:
   interleaved blocks, so a change of the machine's other load during the run hits every cell alike.
 - ``ratio`` = load median / idle median of the same policy, both from this one run; the target is <= 1.5 for the
   policy. The machine's load average before and after the run is saved with the figures.
+- Each call's process CPU time is recorded beside its wall time (``cpu_ratio``: load / idle median): a call whose
+  CPU time grows under load is slowed by the hardware it shares (caches, memory bandwidth, a hyperthread sibling),
+  which no thread count can give back; one whose CPU time stays is only waiting for a core.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     cotenant = CoTenant(args.cotenant_threads)
     times: dict[tuple[str, str], list[float]] = {(p, c): [] for p in policies for c in ("idle", "load")}
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in times}
     try:
         for threads in policies.values():  # warm-up, idle
             matcher.threads = threads
@@ -136,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                 for policy, threads in policies.items():
                     matcher.threads = threads
                     for _ in range(block):
-                        t = time.perf_counter()
+                        t, c = time.perf_counter(), time.process_time()
                         matcher.score([IMAGE], CAPTIONS)
                         times[policy, condition].append((time.perf_counter() - t) * 1000)
+                        cpu[policy, condition].append((time.process_time() - c) * 1000)
     finally:
         cotenant.close()
     rows = []
@@ -154,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 "idle_p95_ms": idle["p95_ms"],
                 "load_p95_ms": load["p95_ms"],
                 "load_max_ms": load["max_ms"],
+                "idle_cpu_p50_ms": round(float(np.median(cpu[policy, "idle"])), 1),
+                "load_cpu_p50_ms": round(float(np.median(cpu[policy, "load"])), 1),
+                "cpu_ratio": round(float(np.median(cpu[policy, "load"]) / np.median(cpu[policy, "idle"])), 2),
             }
         )
     extra = {
