@@ -26,11 +26,9 @@ fresh `gradio_client`:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +40,13 @@ from demo.match import explain, match, select_word  # noqa: F401  (the handlers,
 from demo.matrix import matrix  # noqa: F401
 from demo.registry import CHECKPOINTS_ENV, DEFAULT_CHECKPOINT, Registry, allowed_checkpoints, describe, load_checkpoint
 from demo.search import Gallery, load_example_gallery, search  # noqa: F401
-from demo.temp_folder import prune_empty_folders
+from demo.server import example_images, prune_temp_folder
 from demo.ui import Context
 from mklvisita import Matcher
 from mklvisita.threads import DEFAULT_THREADS, THREADS_ENV, default_threads, parse_threads
 
 MAX_FILE_SIZE = "10mb"
 QUEUE_MAX_SIZE = 16
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 CACHE_SECONDS = 600  # uploads and output images live this long in gradio's temp folder (a Space's disk stays bounded)
 
 INTRO = """# MKL-VisITA: which caption fits this picture, and where does each word look?
@@ -127,34 +124,6 @@ def create_demo(
     blocks.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=1, api_open=False)
     blocks.registry = registry  # for tests and for callers who want to inspect what is loaded
     return blocks
-
-
-def example_images(examples_dir: Path = EXAMPLES_DIR) -> list[str]:
-    """The example images, file by file: the examples folder's other files (its script, its JSON) are not served."""
-    return [str(p) for p in sorted(examples_dir.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-
-
-@contextlib.asynccontextmanager
-async def prune_temp_folder(server: Any) -> AsyncIterator[None]:
-    """While the server runs: on gradio's cache-deletion schedule, remove the folders it left empty
-    (`demo.temp_folder`). `server` is gradio's FastAPI app."""
-    frequency, age = server.get_blocks().delete_cache or (None, None)
-
-    async def loop() -> None:
-        from gradio.utils import get_upload_folder  # the temp folder ($GRADIO_TEMP_DIR), read when it runs
-
-        while True:
-            await asyncio.sleep(frequency)
-            await asyncio.to_thread(prune_empty_folders, get_upload_folder(), age)
-
-    task = asyncio.create_task(loop()) if frequency and age else None
-    try:
-        yield
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def launch_kwargs() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from demo.match import (
 from demo.matrix import matrix
 from demo.model_info import card_markdown, model_info, round_metrics
 from demo.search import load_example_gallery, search
+from demo.server import prune_temp_folder
 from demo.tabs.match import show_explanation
 from demo.ui import user_errors
 from mklvisita.explain import default_layer
@@ -440,7 +441,10 @@ def test_registry_refuses_checkpoints_outside_the_allow_list(matcher) -> None:  
 
 
 def test_local_checkpoints_are_shown_by_name_never_by_server_path(
-    app_checkpoint, matcher, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
+    app_checkpoint,
+    matcher,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,  # noqa: F811
 ) -> None:
     import shutil
 
@@ -542,7 +546,9 @@ def test_launch_settings_are_safe_for_a_small_space() -> None:
     kwargs = app.launch_kwargs()
     assert kwargs["ssr_mode"] is False and kwargs["show_error"] is False
     assert kwargs["max_file_size"] == app.MAX_FILE_SIZE
-    assert [Path(p) for p in kwargs["allowed_paths"]] == [EXAMPLES]
+    served = [Path(p) for p in kwargs["allowed_paths"]]  # the example images, file by file: not the folder
+    assert served == sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".jpg", ".png")) and len(served) == 8
+    assert kwargs["app_kwargs"]["lifespan"] is prune_temp_folder  # empty temp folders are removed while it runs
 
 
 def test_examples_exist_are_licensed_and_small() -> None:
