@@ -441,10 +441,10 @@ def test_registry_refuses_checkpoints_outside_the_allow_list(matcher) -> None:  
 
 
 def test_local_checkpoints_are_shown_by_name_never_by_server_path(
-    app_checkpoint,
-    matcher,
+    app_checkpoint,  # noqa: F811
+    matcher,  # noqa: F811
     tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import shutil
 
