@@ -5,7 +5,7 @@ folders to the allow-list with `--checkpoint owner/name[@revision]` (repeatable)
 `--host` / `--port` (or `$GRADIO_SERVER_NAME` / `$GRADIO_SERVER_PORT`) choose where it listens (127.0.0.1:7860 by
 default); `--threads N` (or `$MKLVISITA_THREADS`) the CPU threads of each model call (1 by default: mklvisita.threads).
 
-Where things are (STYLE.md: the hysts Spaces pattern, one module per tab):
+Where things are (the pattern of hysts' multi-tab Spaces: one module per tab):
 
 - `demo/registry.py`: the checkpoint allow-list, the loaded Matchers and their result caches (no Gradio);
 - `demo/match.py`, `demo/matrix.py`, `demo/search.py`, `demo/model_info.py`: each tab's handlers, returning plain data

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: timing percentiles, the machine, tables and JSON.
 
 Decisions: percentiles are taken over individually timed calls after warm-up calls; a table is plain text (the
-README copies it as markdown from :func:`markdown_table`); every JSON carries the machine it ran on.
+docs/benchmarks.md copies it as markdown from :func:`markdown_table`); every JSON carries the machine it ran on.
 """
 
 from __future__ import annotations

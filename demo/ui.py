@@ -39,7 +39,7 @@ IMAGE_UPLOAD = {"type": "filepath", "image_mode": None}
 #   (show_error=False);
 # - gr.File(type="filepath") (gradio 6.31, `File._process_single_file`) opens a NamedTemporaryFile(delete=False) in the
 #   temp folder for every file it receives, only to rename a Python object: the empty file is tracked by nothing, so
-#   delete_cache never removes it and the temp folder would grow by one file per uploaded image for good (issue 10).
+#   delete_cache never removes it and the temp folder would grow by one file per uploaded image for good.
 RAW_INPUTS = {"preprocess": False}
 # crisp text, exportable; the "figure" class puts the toolbar above the figure, not over its colour bar (app.CSS)
 FIGURE = {"type": "pil", "format": "png", "buttons": ["download", "fullscreen"], "elem_classes": ["figure"]}

@@ -1,6 +1,6 @@
 """Evaluation as library code: the trainer, ``python -m training.evaluate`` and anyone else call the same functions.
 
-The protocol (DESIGN.md): two-stage retrieval from :mod:`mklvisita.retrieval` (similarity over cached embeddings
+The protocol (docs/results.md): two-stage retrieval from :mod:`mklvisita.retrieval` (similarity over cached embeddings
 ranks everything, the ITM head re-scores the top k, final score by the checkpoint's ranking rule,
 :mod:`mklvisita.ranking`), then
 :func:`mklvisita.metrics.retrieval_metrics` (R@1/5/10 both ways, RSUM, r_mean, median/mean rank, mAP). With the

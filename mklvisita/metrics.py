@@ -1,6 +1,6 @@
 """Retrieval and matching metrics (numpy only).
 
-The protocol is DESIGN.md's (ALBEF/BLIP ``itm_eval``): a score matrix over all images x all captions,
+The protocol is ALBEF/BLIP's (``itm_eval``): a score matrix over all images x all captions,
 ``txt2img[j]`` = the index of caption j's image (an image usually has several captions, a caption exactly one
 image).
 

@@ -134,7 +134,7 @@ GALLERY_CAPTIONS_OVER_IMAGES = """el => [...el.querySelectorAll('.thumbnail-item
 
 
 def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 1400})  # the width issue 10 was read at
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})  # the width the layout was reviewed at
     page.set_default_timeout(90_000)
     page.goto(url)
     return page

@@ -6,7 +6,7 @@ plain message (no gradio "upstream app has raised an exception", no server path,
 server log), the app still serves afterwards, and the temp folder is bounded: uploads and outputs are stored by
 content, so repeating the same requests adds no file (distinct inputs are removed by gradio's cache deletion after
 ``app.CACHE_SECONDS``, tested with a short interval in test_app_cache.py). The full 16 x 50 run and 1,000 distinct
-requests are ``python -m benchmarks.demo_load`` (README, Performance); its ``--quick`` mode is checked here too.
+requests are ``python -m benchmarks.demo_load`` (docs/benchmarks.md); its ``--quick`` mode is checked here too.
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ def test_pointing_headline_is_never_the_caption_blind_rollout():
     assert "pointing_acc_rollout" in out and "pointing_acc" not in out
 
 
-# ------------------------------------------------------------------------------------------ large images (issue 10)
+# ------------------------------------------------------------------------------------------ large images
 def _explain_numpy_peak(model, processor, image, **kwargs):
     """The explanation and the peak of numpy memory (tracemalloc traces every numpy allocation) during the call."""
     import tracemalloc
@@ -359,7 +359,7 @@ def _explain_numpy_peak(model, processor, image, **kwargs):
 
 
 def test_maps_of_a_large_image_are_capped_and_cost_what_a_capped_image_costs(model, processor):
-    """Maps in the original frame must not cost memory in proportion to the image (issue 10: 7.8 GB at 16 MP)."""
+    """Maps in the original frame must not cost memory in proportion to the image (7.8 GB at 16 MP before they were capped)."""
     n = len(CAPTION.split())
     big, _ = _explain_numpy_peak(model, processor, _image(400, 300), heads=True)  # warm-up: lazy one-off allocations
     big, peak_big = _explain_numpy_peak(model, processor, _image(4000, 3000), heads=True)

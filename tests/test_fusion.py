@@ -22,7 +22,7 @@ CAPTIONS = [
 ]
 IMAGES = ["shapes_001.png", "shapes_004.png"]
 # Matcher.score of the shipped shapes checkpoint on IMAGES x CAPTIONS, recorded with the code it was trained with
-# (session 7: stage 2 with the convolutional stem, cross_first, word_positions and the relation target); later code
+# (stage 2 with the convolutional stem, cross_first, word_positions and the relation target); later code
 # must reproduce them. (Earlier checkpoints were checked the same way against the code they were trained with,
 # before image_pool, the no-map fast path, the one-image stacking of the folded attention and the once-per-match
 # affinity maps existed.)

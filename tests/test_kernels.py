@@ -105,7 +105,7 @@ def test_chunked_late_interaction_equals_direct():
 
 
 def test_fused_ranking_differs_from_a_single_cosine_kernel():
-    """DESIGN.md: MKL must change the ranking, not only rescale a cosine."""
+    """docs/architecture.md: MKL must change the ranking, not only rescale a cosine."""
     torch.manual_seed(1)
     mkl = _mkl()
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""Tune-half experiments on the photo checkpoint (sessions 8-9): what else was tried for issue 8; only ``colour``
-(session 9) was adopted.
+"""Tune-half experiments on the photo checkpoint: what was tried to raise its retrieval and maps without
+photo-caption data; ``colour``, ``scene_text`` and ``person_weight`` set the shipped fixed sources.
 
     python -m training.photo_experiments lexicon      # caption nouns looked up in WordNet (exact lemmas, not MiniLM)
     python -m training.photo_experiments calibration  # content-free calibration of the image's class logits
@@ -9,18 +9,18 @@
     python -m training.photo_experiments weights      # a caption's visual classifier predicted from its embedding
     python -m training.photo_experiments captions     # caption rewrites before the sentence encoder
     python -m training.photo_experiments pointing     # word-map variants in the composite pointing game
-    python -m training.photo_experiments colour       # session 9: the colour kernel's sigma, saliency power, weight
-    python -m training.photo_experiments scene_text   # session 9: the scene-text kernel's match threshold, weight
-    python -m training.photo_experiments person_weight  # session 9: the example photos against the person weight
+    python -m training.photo_experiments colour       # the colour kernel's sigma, saliency power, weight
+    python -m training.photo_experiments scene_text   # the scene-text kernel's match threshold, weight
+    python -m training.photo_experiments person_weight  # the example photos against the person weight
 
 Each prints one JSON line per setting: R@1 both ways and RSUM on the Tux Paint *tune* half with the shipped kernel
 weights and with the best weights of the same grid as ``python -m training.photo --tune`` (one more kernel: one more
-weight). The session-8 lines in ``docs/results/photo_s8/`` came from session 8's checkpoint (three concept kernels,
-commit cf2203c); run against today's they add to its four kernels (the colour kernel is 0 for images other than
+weight). The lines in ``docs/results/photo_tune_concept_kernels/`` came from the build with three concept kernels
+(commit cf2203c); run against today's they add to its four kernels (the colour kernel is 0 for images other than
 the stamps), and ``colour`` always puts its own colour kernel beside the three concept kernels. Nothing here reads
 the test half. Needs ``apt-get install tuxpaint-stamps-default wordnet-base``;
 ``clipart`` and ``reference`` also ``openclipart-png openclipart-svg`` (public domain: clip art with titles). Results
-and what they say: README, "Results: photos".
+and what they say: docs/experiments.md.
 
 Decisions:
     - Features are computed once per split (CNN pooled feature and final map, the text encoder's last layer) and every
@@ -651,7 +651,7 @@ def person_weight(b: Bench) -> None:
 EXPERIMENTS = {
     f.__name__: f
     for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing)
-    + (colour, scene_text, person_weight)  # session 9
+    + (colour, scene_text, person_weight)  # the fixed sources
 }
 
 

@@ -1,4 +1,4 @@
-"""Do object positions reach the fused words? A linear probe on a shapes checkpoint (training/README.md, session 5).
+"""Do object positions reach the fused words? A linear probe on a shapes checkpoint (docs/experiments.md).
 
     python -m training.position_probe --checkpoint assets/mklvisita-shapes [--scenes 1500] [--limit 700]
 

@@ -3,7 +3,7 @@
 Decisions:
     - Image -> class probabilities p = softmax(classifier(pooled CNN feature) / T) -> sum_c p_c e_c, where e_c is
       the unit sentence embedding of class c's prompts. Caption -> its mean-pooled sentence embedding (how
-      all-MiniLM-L6-v2 was trained to embed sentences). The "concept" kernel compares the two (DESIGN.md's bridge).
+      all-MiniLM-L6-v2 was trained to embed sentences). The "concept" kernel compares the two (the bridge).
     - "concept_class" compares distributions over the 1000 classes: sqrt(p) against sqrt(q), with
       q = softmax(cos(caption, e_c) / tau); the cosine of two square-rooted distributions is their Bhattacharyya
       coefficient. It rewards agreeing on *which* class rather than on a blurred average embedding.
