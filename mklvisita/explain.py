@@ -15,8 +15,8 @@ Maps, all in the *original* image's pixel frame (the letterbox of preprocessing 
   where an object falls inside a cell, and the peak of one pass often lands on that aliasing rather than on the
   object: in the Tux Paint composite pointing game (tune half) the photo checkpoint's phrase maps hit their stamp
   17.3 % of the time with one pass and 26.3 % with n = 2 (n = 3: 24.4 %; a blur of the one-pass map instead:
-  25.2 %; four passes interleaved into a finer grid without averaging: 15.7 %; docs/experiments.md). It costs n^2 - 1 more image
-  passes per explanation.
+  25.2 %; four passes interleaved into a finer grid without averaging: 15.7 %; docs/experiments.md). It costs
+  n^2 - 1 more image passes per explanation.
 - **Attention rollout** over the ViT (Abnar & Zuidema 2020): an image-only saliency, the same for every caption.
   Offered where the image encoder has transformer blocks (a ViT or a hybrid); a plain CNN has no attention to roll
   out (``rollout`` is None, and asking for it by name is a ValueError).

@@ -359,7 +359,7 @@ def _explain_numpy_peak(model, processor, image, **kwargs):
 
 
 def test_maps_of_a_large_image_are_capped_and_cost_what_a_capped_image_costs(model, processor):
-    """Maps in the original frame must not cost memory in proportion to the image (7.8 GB at 16 MP before they were capped)."""
+    """Maps in the original frame must not cost memory in proportion to the image (7.8 GB at 16 MP before capping)."""
     n = len(CAPTION.split())
     big, _ = _explain_numpy_peak(model, processor, _image(400, 300), heads=True)  # warm-up: lazy one-off allocations
     big, peak_big = _explain_numpy_peak(model, processor, _image(4000, 3000), heads=True)
