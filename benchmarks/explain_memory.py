@@ -1,4 +1,4 @@
-"""Peak memory and time of one ``Matcher.explain`` call on a large image (7.8 GB, 32 s at 16 MP before maps were capped).
+"""Peak memory and time of one ``Matcher.explain`` call on a large image (7.8 GB, 32 s at 16 MP before capped maps).
 
     python -m benchmarks.explain_memory [--quick] [--size 4000x4000] [--checkpoint shapes] [--words 10]
 
