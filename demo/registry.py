@@ -193,6 +193,10 @@ class Registry:
         """A load error's text with the entry's server path (as given and resolved) replaced by its name."""
         if not is_local(spec):
             return text
+        folder = spec.partition("@")[0] if not os.path.isdir(spec) else spec
+        for path in sorted({os.path.realpath(folder), os.path.abspath(folder), folder}, key=len, reverse=True):
+            text = text.replace(path, name)
+        return text
 
 
 # ----------------------------------------------------------------------------------------- what a checkpoint is
