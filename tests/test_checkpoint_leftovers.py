@@ -98,7 +98,12 @@ def test_kill_9_during_saves_then_a_load_leaves_only_the_checkpoint(tmp_path: Pa
                 models[i % 2].save_pretrained(dest)
             finally:
                 os._exit(0)
-        time.sleep(duration * (0.2 + 0.6 * (i % 5) / 4))  # inside the save's writing, most of the time
+        # kill inside the save's writing: wait (with a deadline, not a fixed sleep a loaded machine can beat) for
+        # the child's temp folder to appear, then let it write for a varying part of a save
+        deadline = time.perf_counter() + 20 * duration + 10
+        while time.perf_counter() < deadline and not any(tmp_path.glob(f".ckpt.tmp-{pid}-*")):
+            time.sleep(0.001)
+        time.sleep(duration * 0.15 * (i % 5))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         left += sum(1 for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-"))
