@@ -119,7 +119,17 @@ def test_the_switch(monkeypatch):
         monkeypatch.setenv(OVERLAP_ENV, value)
         assert overlap_enabled() is expected
     monkeypatch.delenv(OVERLAP_ENV)
-    assert overlap_enabled() is (overlap._usable_cpus() >= 2)
+    # auto: on only where a core is free now, besides the caller's
+    monkeypatch.setattr(overlap, "_usable_cpus", lambda: 2)
+    for others, expected in [(0, True), (1, False), (2, False), (None, True)]:
+        monkeypatch.setattr(overlap, "_others_running", lambda n=others: n)
+        assert overlap_enabled() is expected, others
+    monkeypatch.setattr(overlap, "_usable_cpus", lambda: 1)
+    monkeypatch.setattr(overlap, "_others_running", lambda: 0)
+    assert overlap_enabled() is False
+    monkeypatch.undo()
+    monkeypatch.delenv(OVERLAP_ENV, raising=False)
+    assert isinstance(overlap._others_running(), (int, type(None)))
     monkeypatch.setenv(OVERLAP_ENV, "sometimes")
     with pytest.raises(ValueError, match=OVERLAP_ENV):
         overlap_enabled()

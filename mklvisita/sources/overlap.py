@@ -20,9 +20,15 @@ Decisions:
   child), shared by every model and every calling thread. Jobs run in the order they were started; a caller waits
   only for its own jobs; a job takes only its detector's lock and never waits on another job, so concurrent calls
   cannot deadlock. Work started from the worker thread itself runs there at once.
-- Switch: ``$MKLVISITA_OVERLAP`` = ``auto`` (the default: on where the process may use 2 or more CPUs), ``on`` (or
-  1) or ``off`` (or 0), read at each call. Off, the same functions run on the calling thread, in the same order, so
-  the scores are the same either way (``tests/test_source_overlap.py``).
+- Switch: ``$MKLVISITA_OVERLAP`` = ``auto`` (the default), ``on`` (or 1) or ``off`` (or 0), read at each call.
+  ``auto`` overlaps when a core is free at that moment: the process may use 2 or more CPUs and, on Linux, the number
+  of runnable threads on the machine (``/proc/loadavg``'s fourth field, an instant count, not an average) leaves one
+  besides the caller. Measured on the 2-core machine, quiet: the overlap takes a photo score from 96 to 79 ms
+  (``docs/results/benchmarks/photo_score_overlap_ab_quiet_machine.json``); beside a torch co-tenant holding both cores
+  it only takes turns with the caller and the call slows from 125 to 146 ms
+  (``docs/results/benchmarks/cotenant_threads_quiet_machine*.json``), so it should run only where a core is idle.
+  Where ``/proc/loadavg`` cannot be read, ``auto`` goes by the CPU count alone. Off, the same functions run on the
+  calling thread, in the same order, so the scores are the same either way (``tests/test_source_overlap.py``).
 - Errors: an exception raised in the worker is raised again, the same object, in the calling thread when the source
   waits for the result. Off, it is raised when the work is started.
 """
@@ -50,6 +56,16 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _others_running() -> int | None:
+    """Runnable threads on the machine now, the caller left out (``/proc/loadavg``); None where it cannot be read."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - 1)
+
+
 def overlap_enabled() -> bool:
     """Whether sources run their prefetched work beside the caller (``$MKLVISITA_OVERLAP``, module docstring)."""
     value = os.environ.get(OVERLAP_ENV, "").strip().lower() or _AUTO
@@ -58,7 +74,9 @@ def overlap_enabled() -> bool:
     if value in _OFF:
         return False
     if value == _AUTO:
-        return _usable_cpus() >= 2
+        cpus = _usable_cpus()
+        others = _others_running()
+        return cpus >= 2 and (others is None or others <= cpus - 2)
     raise ValueError(f"{OVERLAP_ENV} must be 'auto', 'on' or 'off' (or 1 / 0), got {value!r}")
 
 
