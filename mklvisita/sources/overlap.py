@@ -26,7 +26,7 @@ Decisions:
   besides the caller. Measured on the 2-core machine, quiet: the overlap takes a photo score from 96 to 79 ms
   (``docs/results/benchmarks/photo_score_overlap_ab_quiet_machine.json``); beside a torch co-tenant holding both cores
   it only takes turns with the caller and the call slows from 125 to 146 ms
-  (``docs/results/benchmarks/cotenant_threads_quiet_machine*.json``), so it should run only where a core is idle.
+  (``docs/results/benchmarks/cotenant_threads_quiet_machine_*.json``), so it should run only where a core is idle.
   Where ``/proc/loadavg`` cannot be read, ``auto`` goes by the CPU count alone. Off, the same functions run on the
   calling thread, in the same order, so the scores are the same either way (``tests/test_source_overlap.py``).
 - Errors: an exception raised in the worker is raised again, the same object, in the calling thread when the source
