@@ -13,6 +13,9 @@ Decisions:
       objects swapped, every caption against its hard negative) among the weights whose single-stamp R@1 (``tuxpaint``
       tune, the mean of both directions) is within 1 point of S alone (w = 0); ties go to the smaller weight.
     - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight`` (nothing else changes).
+    - ``--beta-from CHECKPOINT`` first copies that checkpoint's kernel weights beta (same kernels, e.g. the photo
+      checkpoint's tune-half grid) over the learned ones, so the learned and the grid beta are compared on the tune
+      half by the sweep's S-alone row (``itm_weight`` 0) of each run.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where to write the sweep's JSON")
     parser.add_argument("--split", default="tune", choices=["tune"], help="the Tux Paint half to choose on")
     parser.add_argument("--limit", type=int, default=0, help="the first N images of each set only (a quick check)")
+    parser.add_argument("--beta-from", help="use this checkpoint's kernel weights beta (same kernels) instead")
     parser.add_argument("--write", help="save the checkpoint with the chosen ranking.itm_weight to this folder")
     args = parser.parse_args(argv)
 
@@ -128,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if not model.has_itm:
         parser.error("the checkpoint has no fusion/ITM branch: there is no ITM weight to choose")
     torch.set_num_threads(1)
+    if args.beta_from:
+        other = MKLVisITA.from_pretrained(args.beta_from)
+        if other.kernel_names != model.kernel_names:
+            parser.error(f"--beta-from has kernels {other.kernel_names}, this checkpoint {model.kernel_names}")
+        with torch.no_grad():
+            model.kernels.logits.copy_(other.kernels.logits)
     result = sweep(model, Processor(model.config, model.tokenizer), args.split, limit=args.limit)
+    result["beta"] = dict(zip(model.kernel_names, [round(x, 4) for x in model.kernel_weights().tolist()]))
     result["command"] = "python -m training.photo_fusion_tune " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
