@@ -78,11 +78,12 @@ def _gallery_parsers(sub) -> None:
 
 
 def _index_command(args: argparse.Namespace, argv: list[str]) -> int:
-    from .gallery import build_index, launch_cpu_processes, requested_cpu_processes
+    from .gallery import build_index
+    from .processes import launch_cpu_processes, requested_cpu_processes
 
     n = requested_cpu_processes()
     if n > 1:  # `accelerate launch --cpu --num_processes N` started this process alone: start the N here
-        return launch_cpu_processes(n, "mklvisita", argv)
+        return launch_cpu_processes(n, "mklvisita", argv, "indexing")
     matcher = _load(args.checkpoint, args.revision)
     meta = build_index(
         matcher,

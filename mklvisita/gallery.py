@@ -41,7 +41,7 @@ Decisions:
   builds the FAISS index and writes ``meta.json`` last: a folder without it is an unfinished build. Rank and world
   size come from ``torch.distributed`` when it is initialised, else from ``RANK`` / ``WORLD_SIZE`` as ``accelerate
   launch`` (torchrun) sets them; the library never imports accelerate. ``accelerate launch --cpu --num_processes
-  N`` starts one process without MPI; the index command then starts the N itself (:func:`requested_cpu_processes`,
+  N`` starts one process without MPI; the index command then starts the N itself (:mod:`mklvisita.processes`,
   as the trainer does); ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs and
   ``torchrun --nproc_per_node N`` start them directly.
 - Unreadable files (not an image, too large, missing) are skipped and counted; their names go to ``skipped.txt``.
@@ -160,60 +160,6 @@ def process_rank() -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
-
-
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def requested_cpu_processes(parent_cmdline: list[str] | None = None) -> int:
-    """The N of ``accelerate launch --cpu --num_processes N`` when accelerate started this process alone, else 1.
-
-    Without MPI, accelerate's launcher starts one process for ``--cpu`` whatever ``--num_processes`` says (its
-    multi-CPU path is ``mpirun``); it exports ``MASTER_ADDR`` when N > 1. Such a process (on the CPU, a master
-    address, no rank variables) reads N from its launcher's command line (``/proc/<parent>/cmdline`` unless given).
-    The same rule as ``training.distributed``, without importing accelerate."""
-    env = os.environ
-    cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    if not cpu or "MASTER_ADDR" not in env or any(v in env for v in _RANK_VARIABLES):
-        return 1
-    if parent_cmdline is None:
-        try:
-            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-        except OSError:
-            return 1
-        parent_cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-    starts = [i for i, part in enumerate(parent_cmdline) if part in ("launch", "accelerate.commands.launch")]
-    if not starts:
-        return 1
-    words = parent_cmdline[starts[0] + 1 :]
-    for i, word in enumerate(words):
-        for flag in ("--num_processes", "--num-processes"):
-            value = word[len(flag) + 1 :] if word.startswith(flag + "=") else None
-            if word == flag and i + 1 < len(words):
-                value = words[i + 1]
-            if value is not None:
-                return max(1, int(value)) if value.isdigit() else 1
-    return 1
-
-
-def launch_cpu_processes(n: int, module: str, argv: list[str]) -> int:
-    """Start ``n`` processes of ``python -m module argv`` on this machine with torchrun's launcher, on accelerate's
-    ``MASTER_ADDR`` / ``MASTER_PORT``; 0 when all of them succeed, else 1."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
-    print(f"accelerate started one process on the CPU: starting {n}", file=sys.stderr)
-    args = get_args_parser().parse_args(
-        ["--nnodes", "1", "--nproc_per_node", str(n), "--master_addr", addr, "--master_port", port]
-        + ["--module", module, *argv]
-    )
-    try:
-        run(args)
-    except ChildFailedError as e:
-        print(f"error: {len(e.failures)} of {n} indexing processes failed", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -159,7 +159,7 @@ def test_two_processes_follow_one_process_and_resume_in_one(tmp_path: Path) -> N
 
 
 def test_cpu_process_count_comes_from_the_accelerate_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from training.distributed import requested_cpu_processes
+    from mklvisita.processes import requested_cpu_processes
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

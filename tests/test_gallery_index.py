@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mklvisita import Matcher, gallery
+from mklvisita import Matcher, gallery, processes
 from mklvisita.__main__ import main as cli
 from mklvisita.retrieval import encode_images, global_vectors
 
@@ -289,9 +289,9 @@ def test_the_cpu_process_count_is_read_from_the_accelerate_launcher(monkeypatch)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     launcher = ["python", "/venv/bin/accelerate", "launch", "--num_processes", "3", "--cpu", "-m", "mklvisita"]
-    assert gallery.requested_cpu_processes(launcher) == 3
+    assert processes.requested_cpu_processes(launcher) == 3
     module_form = ["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes=2", "-m", "mklvisita"]
-    assert gallery.requested_cpu_processes(module_form) == 2
-    assert gallery.requested_cpu_processes(["python", "-m", "mklvisita", "index"]) == 1  # not under accelerate
+    assert processes.requested_cpu_processes(module_form) == 2
+    assert processes.requested_cpu_processes(["python", "-m", "mklvisita", "index"]) == 1  # not under accelerate
     monkeypatch.setenv("RANK", "0")  # a process that accelerate (torchrun) started among several
-    assert gallery.requested_cpu_processes(launcher) == 1
+    assert processes.requested_cpu_processes(launcher) == 1

@@ -32,20 +32,18 @@ Decisions:
   ``relation_acc``), which a plain all-reduce of one vector per process would misalign.
 - **CPU processes.** Without MPI, ``accelerate launch --cpu --num_processes N`` starts the script once (accelerate's
   multi-CPU launcher is ``mpirun``). The lone process finds N on its launcher's command line
-  (:func:`requested_cpu_processes`) and starts the N processes itself with torchrun's launcher
-  (:func:`launch_cpu_processes`), on accelerate's master address and port; ``torchrun --nproc_per_node N`` and
-  ``accelerate launch --multi_gpu --num_processes N`` on a machine without a GPU start them directly. All use gloo.
+  (:func:`mklvisita.processes.requested_cpu_processes`) and starts the N processes itself with torchrun's launcher
+  (:func:`mklvisita.processes.launch_cpu_processes`), on accelerate's master address and port; ``torchrun
+  --nproc_per_node N`` and ``accelerate launch --multi_gpu --num_processes N`` on a machine without a GPU start them
+  directly. All use gloo.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -235,61 +233,3 @@ def mean_over_processes(terms: dict[str, tuple[float, int]], n_proc: int) -> dic
         count = sum(part[k][1] for part in parts if k in part)
         out[k] = total / count
     return out
-
-
-# ------------------------------------------------------------------------------------- CPU process launch
-
-_RANK_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def requested_cpu_processes(parent_cmdline: list[str] | None = None) -> int:
-    """The N of ``accelerate launch --cpu --num_processes N`` when accelerate started this process alone.
-
-    Without MPI, accelerate's launcher starts one process for ``--cpu`` whatever ``--num_processes`` says (its
-    multi-CPU path is ``mpirun``), and so it does on a machine with no GPU without ``--cpu``; it exports
-    ``MASTER_ADDR`` when N > 1. Such a process (on the CPU, a master address, no rank variables) reads N from its
-    launcher's command line (``/proc/<parent>/cmdline`` unless given), parsed by accelerate's own argument parser.
-    Returns 1 in every other case.
-    """
-    env = os.environ
-    cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    if not cpu or "MASTER_ADDR" not in env:
-        return 1
-    if any(v in env for v in _RANK_VARIABLES):
-        return 1
-    if parent_cmdline is None:
-        try:
-            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-        except OSError:
-            return 1
-        parent_cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-    starts = [i for i, part in enumerate(parent_cmdline) if part in ("launch", "accelerate.commands.launch")]
-    if not starts:
-        return 1
-    from accelerate.commands.launch import launch_command_parser
-
-    try:
-        args, _ = launch_command_parser().parse_known_args(parent_cmdline[starts[0] + 1 :])
-    except SystemExit:
-        return 1
-    return max(1, int(args.num_processes or 1))
-
-
-def launch_cpu_processes(n: int, module: str, argv: list[str]) -> int:
-    """Start ``n`` processes of ``python -m module argv`` on this machine (torchrun's launcher, gloo on the CPU),
-    on accelerate's ``MASTER_ADDR`` / ``MASTER_PORT``; returns 0 when all of them succeed, else 1."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
-    print(f"accelerate started one process on the CPU: starting {n} (gloo, {addr}:{port})", file=sys.stderr)
-    args = get_args_parser().parse_args(
-        ["--nnodes", "1", "--nproc_per_node", str(n), "--master_addr", addr, "--master_port", port]
-        + ["--module", module, *argv]
-    )
-    try:
-        run(args)
-    except ChildFailedError as e:
-        print(f"error: {len(e.failures)} of {n} training processes failed", file=sys.stderr)
-        return 1
-    return 0

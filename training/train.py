@@ -613,11 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RunConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from training.distributed import launch_cpu_processes, requested_cpu_processes
+    from mklvisita.processes import launch_cpu_processes, requested_cpu_processes
 
     n = requested_cpu_processes()
     if n > 1:  # `accelerate launch --cpu --num_processes N` started this process alone: start the N here
-        return launch_cpu_processes(n, "training.train", sys.argv[1:] if argv is None else argv)
+        return launch_cpu_processes(n, "training.train", sys.argv[1:] if argv is None else argv, "training")
     try:
         train(cfg, resume=args.resume, push_to_hub=args.push_to_hub)
     except NonFiniteLossError as e:
