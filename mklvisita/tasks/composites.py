@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -112,19 +111,10 @@ def _build(scenes: ClipArtScenes, tmp: Path) -> None:
 
 def cached_scenes(scenes: ClipArtScenes, cache_dir: str | os.PathLike | None = None) -> CachedComposites:
     """The scenes rendered into the cache (built on first use, with a progress message on stderr)."""
-    from .shapes import cache_root
+    from .shapes import build_once, cache_root
 
     folder = cache_root(cache_dir) / "composites" / cache_key(scenes)
-    if not folder.is_dir():
-        print(f"composites cache: rendering {len(scenes)} {scenes.split} scenes once into {folder}", file=sys.stderr)
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        _build(scenes, tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same folder first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_once(folder, lambda tmp: _build(scenes, tmp), f"composites cache: {len(scenes)} {scenes.split} scenes")
     with (folder / "scenes.pkl").open("rb") as f:
         structures = pickle.load(f)  # written by _build above, never downloaded
     pixels = np.load(folder / "pixels.npy", mmap_mode="r")

@@ -25,7 +25,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,22 @@ class CachedScenes:
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mklvisita")
+
+
+def build_once(folder: Path, build: Callable[[Path], None], what: str) -> Path:
+    """``folder``, built by ``build(tmp)`` into a temp folder and renamed into place if it does not exist yet, so a
+    killed build never leaves a half folder under the final name; ``what`` names it in the progress message."""
+    if not folder.is_dir():
+        print(f"{what}: rendering once into {folder}", file=sys.stderr)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        build(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same folder first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _generator_hash() -> str:
@@ -143,16 +159,7 @@ def _build(scenes: ShapesScenes, tmp: Path) -> None:
 def cached_scenes(scenes: ShapesScenes, cache_dir: str | os.PathLike | None = None) -> CachedScenes:
     """The scenes rendered into the cache (built on first use, with a progress message on stderr)."""
     folder = cache_root(cache_dir) / "shapes" / cache_key(scenes)
-    if not folder.is_dir():
-        print(f"shapes cache: rendering {len(scenes)} {scenes.split} scenes once into {folder}", file=sys.stderr)
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        _build(scenes, tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same folder first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_once(folder, lambda tmp: _build(scenes, tmp), f"shapes cache: {len(scenes)} {scenes.split} scenes")
     return _load(folder, scenes.image_size)
 
 
