@@ -58,3 +58,18 @@ def caption_positives(items: list[dict[str, Any]]) -> torch.Tensor:
     for i in range(len(items)):
         has_text[i, codes[same_image[i]]] = True
     return has_text[:, codes] | same_image
+
+
+class LazyImages:
+    """The images of generated scenes (anything whose item ``i`` is a dict with an ``image``), rendered when indexed."""
+
+    def __init__(self, scenes: Sequence[dict[str, Any]]):
+        self.scenes = scenes
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self.scenes[i]["image"] for i in range(*index.indices(len(self)))]
+        return self.scenes[index]["image"]

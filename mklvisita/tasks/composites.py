@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,40 +83,18 @@ def cache_key(scenes: ClipArtScenes) -> str:
     )
 
 
-def _build(scenes: ClipArtScenes, tmp: Path) -> None:
-    n, s = len(scenes), scenes.image_size
-    tmp.mkdir(parents=True)
-    pixels = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
-    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, s, s))
-    structures = []
-    t0, every = time.perf_counter(), max(1, n // 10)
-    for i in range(n):
-        item = scenes[i]
-        pixels[i] = np.asarray(item["image"], dtype=np.uint8)
-        for k, obj in enumerate(item["objects"]):
-            labels[i][obj["mask"]] = k + 1
-        structures.append(item["scene"])
-        if (i + 1) % every == 0 or i + 1 == n:
-            print(
-                f"composites cache: {i + 1}/{n} scenes ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True
-            )
-    pixels.flush()
-    labels.flush()
-    del pixels, labels
-    with (tmp / "scenes.pkl").open("wb") as f:
-        pickle.dump(structures, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def cached_scenes(scenes: ClipArtScenes, cache_dir: str | os.PathLike | None = None) -> CachedComposites:
     """The scenes rendered into the cache (built on first use, with a progress message on stderr)."""
-    from .shapes import build_once, cache_root
+    from .shapes import build_once, cache_root, read_cache, write_cache
+
+    def render(i: int) -> tuple[dict, Any]:
+        item = scenes[i]
+        return item, item["scene"]
 
     folder = cache_root(cache_dir) / "composites" / cache_key(scenes)
-    build_once(folder, lambda tmp: _build(scenes, tmp), f"composites cache: {len(scenes)} {scenes.split} scenes")
-    with (folder / "scenes.pkl").open("rb") as f:
-        structures = pickle.load(f)  # written by _build above, never downloaded
-    pixels = np.load(folder / "pixels.npy", mmap_mode="r")
-    labels = np.load(folder / "labels.npy", mmap_mode="r")
+    write = partial(write_cache, n=len(scenes), size=scenes.image_size, render=render, what="composites cache")
+    build_once(folder, write, f"composites cache: {len(scenes)} {scenes.split} scenes")
+    pixels, labels, structures = read_cache(folder)
     return CachedComposites(pixels, labels, structures, scenes.image_size)
 
 
@@ -264,25 +240,10 @@ def dense_targets(
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-class LazyImages:
-    """The images of generated scenes, rendered when indexed."""
-
-    def __init__(self, scenes: ClipArtScenes):
-        self.scenes = scenes
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return [self.scenes[i]["image"] for i in range(*index.indices(len(self)))]
-        return self.scenes[index]["image"]
-
-
 def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> Any:
     """``composites``: ``TEST_SIZE`` scenes of held-out titles (split ``test`` or ``val``), 4 captions each with its
     hard negative and the negative's kind; ``limit`` > 0 keeps the first ``limit`` scenes."""
-    from .base import EvalData
+    from .base import EvalData, LazyImages
 
     if spec != "composites":
         raise TaskError(f"unknown composites spec {spec!r}; use 'composites'")

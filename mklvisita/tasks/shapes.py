@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,30 +126,30 @@ def _scene(t: tuple) -> Scene:
     )
 
 
-def _load(folder: Path, image_size: int) -> CachedScenes:
+def read_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, list]:
+    """(pixels, labels, scene structures) of a cache folder written by :func:`write_cache`, memory-mapped."""
     with (folder / "scenes.pkl").open("rb") as f:
-        scenes = pickle.load(f)  # written by _build below, never downloaded
-    pixels = np.load(folder / "pixels.npy", mmap_mode="r")
-    labels = np.load(folder / "labels.npy", mmap_mode="r")
-    return CachedScenes(pixels, labels, scenes, image_size)
+        structures = pickle.load(f)  # written by write_cache, never downloaded
+    return np.load(folder / "pixels.npy", mmap_mode="r"), np.load(folder / "labels.npy", mmap_mode="r"), structures
 
 
-def _build(scenes: ShapesScenes, tmp: Path) -> None:
-    n, s = len(scenes), scenes.image_size
+def write_cache(tmp: Path, n: int, size: int, render: Callable[[int], tuple[dict, Any]], what: str) -> None:
+    """Render ``n`` items into ``tmp``: pixels (n, size, size, 3) and object labels (n, size, size) as uint8 .npy
+    files (label k + 1 = the item's k-th object), and the pickled scene structures. ``render(i)`` gives (item,
+    structure); ``what`` names the cache in the progress messages."""
     tmp.mkdir(parents=True)
-    pixels = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
-    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, s, s))
+    pixels = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
     structures = []
     t0, every = time.perf_counter(), max(1, n // 10)
     for i in range(n):
-        scene = scenes.scene(i)
-        item = scenes.render(scene, i)
+        item, structure = render(i)
         pixels[i] = np.asarray(item["image"], dtype=np.uint8)
         for k, obj in enumerate(item["objects"]):
             labels[i][obj["mask"]] = k + 1
-        structures.append(_scene_tuple(scene))
+        structures.append(structure)
         if (i + 1) % every == 0 or i + 1 == n:
-            print(f"shapes cache: {i + 1}/{n} scenes ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(f"{what}: {i + 1}/{n} scenes ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     pixels.flush()
     labels.flush()
     del pixels, labels
@@ -156,11 +157,18 @@ def _build(scenes: ShapesScenes, tmp: Path) -> None:
         pickle.dump(structures, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _render_shapes(scenes: ShapesScenes, i: int) -> tuple[dict, Any]:
+    scene = scenes.scene(i)
+    return scenes.render(scene, i), _scene_tuple(scene)
+
+
 def cached_scenes(scenes: ShapesScenes, cache_dir: str | os.PathLike | None = None) -> CachedScenes:
     """The scenes rendered into the cache (built on first use, with a progress message on stderr)."""
     folder = cache_root(cache_dir) / "shapes" / cache_key(scenes)
-    build_once(folder, lambda tmp: _build(scenes, tmp), f"shapes cache: {len(scenes)} {scenes.split} scenes")
-    return _load(folder, scenes.image_size)
+    render = partial(_render_shapes, scenes)
+    write = partial(write_cache, n=len(scenes), size=scenes.image_size, render=render, what="shapes cache")
+    build_once(folder, write, f"shapes cache: {len(scenes)} {scenes.split} scenes")
+    return CachedScenes(*read_cache(folder), scenes.image_size)
 
 
 def object_dicts(scene: Scene, labels: np.ndarray) -> list[dict[str, Any]]:

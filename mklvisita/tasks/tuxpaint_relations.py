@@ -187,22 +187,9 @@ class RelationScenes:
         }
 
 
-class _Images:
-    def __init__(self, scenes: RelationScenes):
-        self.scenes = scenes
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return [self.scenes[i]["image"] for i in range(*index.indices(len(self)))]
-        return self.scenes[index]["image"]
-
-
 def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> Any:
     """EvalData for ``tuxpaint-relations[:<folder>]`` on a half of the stamps; ``limit`` keeps the first N scenes."""
-    from .base import EvalData
+    from .base import EvalData, LazyImages
 
     if split not in ("test", "tune"):
         raise TaskError(f"tuxpaint-relations split {split!r} is unknown; choose 'test' or 'tune'")
@@ -217,7 +204,7 @@ def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> Any:
         kinds += item["negative_kinds"]
         txt2img += [i] * len(item["captions"])
     return EvalData(
-        spec, split, _Images(scenes), captions, np.asarray(txt2img), negatives, scenes, negative_kinds=kinds
+        spec, split, LazyImages(scenes), captions, np.asarray(txt2img), negatives, scenes, negative_kinds=kinds
     )
 
 
