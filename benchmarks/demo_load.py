@@ -4,6 +4,7 @@ after many sequential requests with distinct images.
     python -m benchmarks.demo_load [--quick] [--clients 16] [--requests 50] [--sequential 1000] [--first 100]
         [--inputs examples|distinct] [--url URL --pid PID --temp-dir DIR]
     python -m benchmarks.demo_load --compare [--inputs examples|distinct] [--clients 16] [--requests 50]
+        [--before GIT_REF] [--endpoint match|search]
 
 Decisions:
 
@@ -22,6 +23,15 @@ Decisions:
   first with ``MKLVISITA_BATCHING=off`` (Match one request at a time in the shared model slot, every figure drawn
   again: as the demo served before ``demo.batching``), then with batching on; each app gets one warm-up request per
   example first. The sequential phase is skipped; rows say ``batching`` off/on and the JSON gives the ratios.
+- ``--before GIT_REF`` adds a first row to ``--compare``: the demo as it was at that commit (a ``git worktree`` of it
+  in the run's temp folder, its own ``app.py``, library and checkpoints, on this environment's packages), served as
+  it served then, with the same clients and inputs; the JSON adds the ratios of batching on to it. Off/on measure
+  batching in today's code; before/on measure everything between that commit and today (batching, the cheaper
+  Match figure, whatever else changed in the library).
+- ``--endpoint search`` (with ``--compare``) sends text queries instead of Match requests: ``/search`` over the
+  example gallery, each client's queries drawn in turn from the example captions (with ``--inputs distinct``, each
+  one a caption never sent before: a number appended), top 3. The search cache keeps the gallery's index, so a
+  request costs its query's encoding and ranking.
 - Phase 2, memory: ``--sequential`` requests one after another, each with an image never seen before (random
   noise with a coloured square, 320 x 240 PNG, seeded by the request number), alternating ``/match`` and
   ``/explain``, so every input-keyed cache sees only misses. The app process's RSS (psutil) after ``--first``
@@ -66,9 +76,15 @@ def free_port() -> int:
 
 
 def start_app(
-    temp_dir: Path, log: Path, port: int | None = None, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    temp_dir: Path,
+    log: Path,
+    port: int | None = None,
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> tuple[Any, str]:
-    """``python app.py --port P`` with GRADIO_TEMP_DIR = temp_dir (and ``env``), output to ``log``; (Popen, url)."""
+    """``python app.py --port P`` in ``cwd`` (the repository by default) with GRADIO_TEMP_DIR = temp_dir (and
+    ``env``), output to ``log``; (Popen, url)."""
     port = port or free_port()
     env = {
         **os.environ,
@@ -80,7 +96,7 @@ def start_app(
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "app.py", "--port", str(port), *args], cwd=ROOT, env=env, stdout=out, stderr=out
+            [sys.executable, "app.py", "--port", str(port), *args], cwd=cwd, env=env, stdout=out, stderr=out
         )
     return proc, f"http://127.0.0.1:{port}"
 
@@ -145,6 +161,17 @@ def match_once(client: Any, image: Path | str, captions: str) -> dict:
     return client.predict(handle_file(str(image)), captions, api_name="/match")[2]
 
 
+def search_once(client: Any, query: str) -> Any:
+    """A text query over the example gallery (no uploads), top 3; the hits' labels."""
+    return client.predict(query, None, None, "", 3, api_name="/search")[0]
+
+
+def search_queries(n: int, distinct: bool) -> list[str]:
+    """``n`` text queries: the example captions in turn, each made new by its number when ``distinct``."""
+    captions = [c for _, cs in REQUESTS for c in cs.split("\n")]
+    return [captions[i % len(captions)] + (f" {i}" if distinct else "") for i in range(n)]
+
+
 def distinct_photos(n: int, folder: Path) -> list[Path]:
     """``n`` JPEGs, each an example photo of :data:`REQUESTS` (in turn) with one pixel set from its number: the same
     work for the model as the example, a different digest for the demo's result cache."""
@@ -161,11 +188,14 @@ def distinct_photos(n: int, folder: Path) -> list[Path]:
     return paths
 
 
-def concurrent_phase(url: str, clients: int, requests: int, photos: list[Path] | None = None) -> dict[str, Any]:
+def concurrent_phase(
+    url: str, clients: int, requests: int, photos: list[Path] | None = None, queries: list[str] | None = None
+) -> dict[str, Any]:
     """``clients`` threads x ``requests`` /match calls; latencies (s) of the answered ones and the failures.
 
     ``photos``: one image per request (client k's i-th request sends ``photos[k * requests + i]`` with the captions
-    of its example), instead of the example images themselves."""
+    of its example), instead of the example images themselves. ``queries``: /search text queries instead of /match
+    (client k's i-th request sends ``queries[k * requests + i]``)."""
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -180,7 +210,10 @@ def concurrent_phase(url: str, clients: int, requests: int, photos: list[Path] |
             path = photos[n] if photos else EXAMPLES / image
             t = time.perf_counter()
             try:
-                match_once(client, path, captions)
+                if queries is not None:
+                    search_once(client, queries[n])
+                else:
+                    match_once(client, path, captions)
                 with lock:
                     latencies.append(time.perf_counter() - t)
             except Exception as e:  # counted, reported
@@ -270,40 +303,88 @@ def _photos_for(args: Any, folder: Path) -> list[Path] | None:
     return distinct_photos(args.clients * args.requests, folder) if args.inputs == "distinct" else None
 
 
+def worktree(ref: str, folder: Path) -> tuple[Path, str]:
+    """A detached ``git worktree`` of ``ref`` at ``folder``; (its root, the commit's short id)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", f"{ref}^{{commit}}"], cwd=ROOT, capture_output=True, text=True
+    )
+    if commit.returncode != 0:
+        raise ValueError(f"--before {ref!r} is not a commit of this repository: {commit.stderr.strip()}")
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), ref], cwd=ROOT, check=True, capture_output=True)
+    return folder, commit.stdout.strip()
+
+
+def remove_worktree(folder: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True)
+
+
 def compare(args: Any) -> dict:
-    """The concurrent phase with batching off, then on, each against a fresh app (see the module's decisions)."""
+    """The concurrent phase with batching off, then on, each against a fresh app (see the module's decisions); with
+    ``--before``, first against the demo at that commit."""
     rows = []
+    search = args.endpoint == "search"
     with tempfile.TemporaryDirectory(prefix="demo-load-") as work:
-        photos = _photos_for(args, Path(work))
-        for mode in ("off", "on"):
-            temp_dir, log = Path(work) / f"gradio-{mode}", Path(work) / f"app-{mode}.log"
-            temp_dir.mkdir()
-            proc, url = start_app(temp_dir, log, env={"MKLVISITA_BATCHING": mode})
-            try:
-                t = time.perf_counter()
-                wait_ready(proc, url, log)
-                started = time.perf_counter() - t
-                client = _client(url)
-                for image, captions in REQUESTS:  # warm-up: lazily loaded parts, and the examples' cache entries
-                    match_once(client, EXAMPLES / image, captions)
-                conc = concurrent_phase(url, args.clients, args.requests, photos)
-                conc["rss_after_mb"] = rss_mb(proc.pid)
-            finally:
-                stop_app(proc)
-            failures = conc.pop("failures")
-            rows.append({"phase": "concurrent /match", "batching": mode, "inputs": args.inputs, **conc})
-            rows[-1]["app_started_s"] = started
-            if failures:
-                rows[-1]["first_failures"] = failures
-    off, on = rows
-    extra = {
+        photos = None if search else _photos_for(args, Path(work))
+        queries = search_queries(args.clients * args.requests, args.inputs == "distinct") if search else None
+        modes: list[tuple[str, Path, str | None]] = [("off", ROOT, None), ("on", ROOT, None)]
+        tree = None
+        if args.before:
+            tree, commit = worktree(args.before, Path(work) / "before")
+            modes.insert(0, (f"before (commit {commit})", tree, commit))
+        try:
+            for mode, root, commit in modes:
+                rows.append(_compare_one(args, Path(work), mode, root, commit, photos, queries))
+        finally:
+            if tree is not None:
+                remove_worktree(tree)
+    by_mode = {row["batching"] if row["batching"] in ("off", "on") else "before": row for row in rows}
+    off, on = by_mode["off"], by_mode["on"]
+    extra: dict[str, Any] = {
         "p50_on_over_off": on["p50_ms"] / off["p50_ms"],
         "throughput_on_over_off": on["throughput_rps"] / off["throughput_rps"],
-        "settings": {k: getattr(args, k) for k in ("clients", "requests", "inputs")},
-        "command": " ".join(["python -m benchmarks.demo_load", *args.argv]),
     }
+    if "before" in by_mode:
+        before = by_mode["before"]
+        extra["p50_on_over_before"] = on["p50_ms"] / before["p50_ms"]
+        extra["throughput_on_over_before"] = on["throughput_rps"] / before["throughput_rps"]
+        extra["before"] = args.before
+    extra["settings"] = {k: getattr(args, k) for k in ("clients", "requests", "inputs", "endpoint")}
+    extra["command"] = " ".join(["python -m benchmarks.demo_load", *args.argv])
     print(json.dumps(extra))
-    return report(f"demo_load_compare_{args.inputs}", args, rows, extra)
+    name = f"demo_load_compare_{args.inputs}" + ("_search" if search else "")
+    return report(name, args, rows, extra)
+
+
+def _compare_one(
+    args: Any, work: Path, mode: str, root: Path, commit: str | None, photos: list[Path] | None, queries: list | None
+) -> dict[str, Any]:
+    """One row of :func:`compare`: a fresh app (``root``'s app.py; batching ``mode`` when it is off/on), warmed up,
+    then the concurrent phase."""
+    tag = "before" if commit else mode
+    temp_dir, log = work / f"gradio-{tag}", work / f"app-{tag}.log"
+    temp_dir.mkdir()
+    env = {"MKLVISITA_BATCHING": mode} if commit is None else {"PYTHONPATH": str(root)}
+    proc, url = start_app(temp_dir, log, env=env, cwd=root)
+    try:
+        t = time.perf_counter()
+        wait_ready(proc, url, log)
+        started = time.perf_counter() - t
+        client = _client(url)
+        for image, captions in REQUESTS:  # warm-up: lazily loaded parts, and the examples' cache entries
+            match_once(client, EXAMPLES / image, captions)
+        if queries is not None:
+            search_once(client, "a photo")  # the example gallery's index
+        conc = concurrent_phase(url, args.clients, args.requests, photos, queries)
+        conc["rss_after_mb"] = rss_mb(proc.pid)
+    finally:
+        stop_app(proc)
+    failures = conc.pop("failures")
+    endpoint = "/search" if queries is not None else "/match"
+    row = {"phase": f"concurrent {endpoint}", "batching": mode, "inputs": args.inputs, **conc}
+    row["app_started_s"] = started
+    if failures:
+        row["first_failures"] = failures
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -319,6 +400,18 @@ def main(argv: list[str] | None = None) -> dict:
         help="concurrent phase: the example requests over and over, or a photo never sent before per request",
     )
     p.add_argument("--compare", action="store_true", help="concurrent phase with batching off, then on (fresh apps)")
+    p.add_argument(
+        "--before",
+        default=None,
+        metavar="GIT_REF",
+        help="with --compare: first the demo as it was at this commit (a git worktree; see the decisions)",
+    )
+    p.add_argument(
+        "--endpoint",
+        choices=("match", "search"),
+        default="match",
+        help="with --compare: /match requests (default) or /search text queries over the example gallery",
+    )
     p.add_argument("--url", default=None, help="measure an app already running here instead of starting one")
     p.add_argument("--pid", type=int, default=None, help="with --url: the app's process id (for its RSS)")
     p.add_argument("--temp-dir", default=None, help="with --url: its GRADIO_TEMP_DIR")
@@ -331,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.url:
             p.error("--compare starts its own apps (batching off, then on); leave out --url")
         return compare(args)
+    if args.before or args.endpoint != "match":
+        p.error("--before and --endpoint go with --compare")
     first = min(args.first, args.sequential)
 
     proc, work = None, None

@@ -1,7 +1,8 @@
-"""Concurrent Match requests served by one model call: their images and captions are stacked and scored together.
+"""Concurrent Match and Search requests served by one model call: their images and captions are stacked together.
 
 No Gradio here: the tabs take the events' concurrency from :func:`event_concurrency`, the handlers call
-:func:`score` instead of ``Matcher.score`` and hold :func:`exclusive` around their other model calls.
+:func:`score` instead of ``Matcher.score`` and :func:`search_images` instead of ``Matcher.search_images``, and hold
+:func:`exclusive` around their other model calls.
 
 Decisions:
 
@@ -16,11 +17,16 @@ Decisions:
   own captions only (per-request blocks: k requests of n captions cost k x n pairs, not k x kn). A batch of one is
   ``Matcher.score`` itself. Larger batches give the one-by-one numbers up to float32 rounding of the larger matrix
   products (about 2e-7 measured on the examples; the demo shows 6 decimals), and the same rankings.
+- Text queries over the same image index (the Search tab's text -> image, one gallery) batch together: their
+  captions are encoded in one call (:func:`search_images_many`), then each query is ranked alone by the cascade
+  ``Matcher.search_images`` runs (its ranking depth and its reading of the top k), so a batched query gets the
+  one-by-one ranking, and its scores up to float32 rounding of the padded caption batch. A batch holds one kind of
+  request, of one checkpoint (and one index); others wait for the next.
 - A failing batch (say, one request's caption has nothing the tokenizer can read) is run again one request at a
   time, so each request gets its own result or its own error.
-- ``MKLVISITA_BATCHING=off`` (read when the page is built) serves Match one request at a time in the shared
-  "model" slot and draws every Match figure again (``demo.match`` otherwise keeps the figures of its cached
-  results), as the demo served before; ``benchmarks/demo_load.py --compare`` measures both.
+- ``MKLVISITA_BATCHING=off`` (read when the page is built) serves Match and Search one request at a time in the
+  shared "model" slot and draws every Match figure again (``demo.match`` otherwise keeps the figures of its cached
+  results); ``benchmarks/demo_load.py --compare`` measures both.
 """
 
 from __future__ import annotations
@@ -39,9 +45,10 @@ import torch
 from PIL import Image
 
 from mklvisita import Matcher
-from mklvisita.matcher import ScoreResult
+from mklvisita.inputs import check_caption, check_whole_number
+from mklvisita.matcher import ImageIndex, ScoreResult, SearchResult
 from mklvisita.ranking import final_score, resolve_ranking
-from mklvisita.retrieval import encode_captions, encode_images, match_pairs
+from mklvisita.retrieval import TextBank, encode_captions, encode_images, match_pairs, retrieve
 from mklvisita.threads import inference_threads
 
 MAX_BATCH = 16  # requests per model call at most (the demo's queue holds 16)
@@ -56,8 +63,8 @@ def enabled() -> bool:
 
 
 def event_concurrency() -> dict[str, Any]:
-    """Gradio event settings for the Match event: many at once when batching (they meet in the batcher), else the
-    shared one-at-a-time "model" slot."""
+    """Gradio event settings for the Match and Search events: many at once when batching (they meet in the
+    batcher), else the shared one-at-a-time "model" slot."""
     if enabled():
         return {"concurrency_id": "batched", "concurrency_limit": MAX_BATCH}
     return {"concurrency_id": "model", "concurrency_limit": 1}
@@ -108,19 +115,63 @@ def _score_blocks(matcher: Matcher, requests: Sequence[tuple[Any, Sequence[str]]
     return out
 
 
+def search_images_many(matcher: Matcher, index: ImageIndex, queries: Sequence[tuple[str, int]]) -> list[SearchResult]:
+    """``matcher.search_images(index, text, top_k)`` for several (text, top_k) queries over one image index: the
+    texts encoded in one call, then each query ranked alone by the same cascade (see the module's decisions).
+
+    Returns:
+        One SearchResult per query, in order; ``timings["encode_query"]`` is the shared encoding's time over the
+        number of queries.
+
+    Raises:
+        ValueError: a query that is not a caption, or a top_k that is not a whole number from 1.
+    """
+    if not isinstance(index, ImageIndex):
+        raise ValueError(f"search_images_many searches an ImageIndex (from Matcher.index_images), got {type(index)}")
+    texts = [check_caption(text) for text, _ in queries]
+    top_ks = [check_whole_number(k, "top_k", 1, 1_000_000) for _, k in queries]
+    model = matcher.model
+    with inference_threads(getattr(matcher, "threads", None)):
+        t0 = time.perf_counter()
+        bank = encode_captions(model, matcher.processor, texts)
+        t_enc = (time.perf_counter() - t0) / max(1, len(texts))
+        out = []
+        for q, top_k in enumerate(top_ks):
+            one = slice(q, q + 1)
+            query = TextBank(bank.embeddings.select(one), None if bank.features is None else bank.features.select(one))
+            # The Matcher's own ranking depth and top-k reading: a batched query is ranked as search_images ranks it.
+            s = retrieve(model, index.bank, query, matcher._ranking(top_k))
+            timings = {"encode_query": t_enc, **s.timings}
+            out.append(matcher._top(s.t2i[0], s.similarity[:, 0], top_k, timings, s.pairs))
+    return out
+
+
 @dataclass
 class _Job:
     matcher: Matcher
-    image: Image.Image | Any
-    captions: list[str]
+    image: Image.Image | Any  # a Match request's image; None for a search
+    captions: list[str]  # a Match request's captions; a search's one query
+    index: ImageIndex | None = None  # a search's image index (None: a Match request)
+    top_k: int = 0
     arrived: float = field(default_factory=time.monotonic)
     done: bool = False
-    result: ScoreResult | None = None
+    result: ScoreResult | SearchResult | None = None
     error: BaseException | None = None
+
+    def kind(self) -> tuple[int, ...]:
+        """What may share a model call with this job: the same checkpoint, and for a search the same index."""
+        return (id(self.matcher),) if self.index is None else (id(self.matcher), id(self.index))
+
+    def alone(self) -> ScoreResult | SearchResult:
+        """This request as the Matcher answers it alone."""
+        if self.index is None:
+            return self.matcher.score([self.image], self.captions)
+        return self.matcher.search_images(self.index, self.captions[0], top_k=self.top_k)
 
 
 class Batcher:
-    """Collects concurrent score requests and runs them as one model call (see the module's decisions).
+    """Collects concurrent Match (score) and Search (text -> images) requests and runs those that can share one as
+    one model call (see the module's decisions).
 
     Args:
         max_batch: requests per model call at most.
@@ -139,7 +190,14 @@ class Batcher:
 
     def score(self, matcher: Matcher, image: Any, captions: Sequence[str]) -> ScoreResult:
         """``matcher.score([image], captions)``, computed in one model call with the requests that arrive with it."""
-        job = _Job(matcher, image, list(captions))
+        return self._submit(_Job(matcher, image, list(captions)))
+
+    def search_images(self, matcher: Matcher, index: ImageIndex, text: str, top_k: int = 5) -> SearchResult:
+        """``matcher.search_images(index, text, top_k)``, its query encoded with the queries over the same index
+        that arrive with it."""
+        return self._submit(_Job(matcher, None, [text], index=index, top_k=top_k))
+
+    def _submit(self, job: _Job) -> Any:
         with self._cond:
             self._queue.append(job)
             self._cond.notify_all()
@@ -167,8 +225,8 @@ class Batcher:
                 deadline = self._queue[0].arrived + self.max_wait
                 while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
-                first = self._queue[0].matcher
-                batch = [j for j in self._queue if j.matcher is first][: self.max_batch]
+                first = self._queue[0].kind()
+                batch = [j for j in self._queue if j.kind() == first][: self.max_batch]
                 self._queue = [j for j in self._queue if not any(j is b for b in batch)]
             self.batch_sizes[len(batch)] += 1
             try:
@@ -181,8 +239,12 @@ class Batcher:
 
     def _run(self, batch: list[_Job]) -> None:
         if len(batch) > 1:
+            matcher, index = batch[0].matcher, batch[0].index
             try:
-                results = score_blocks(batch[0].matcher, [(j.image, j.captions) for j in batch])
+                if index is None:
+                    results: list = score_blocks(matcher, [(j.image, j.captions) for j in batch])
+                else:
+                    results = search_images_many(matcher, index, [(j.captions[0], j.top_k) for j in batch])
             except Exception:  # one request's bad input: each one alone, each with its own answer
                 pass
             else:
@@ -191,13 +253,13 @@ class Batcher:
                 return
         for job in batch:
             try:
-                job.result = job.matcher.score([job.image], job.captions)
+                job.result = job.alone()
             except Exception as e:
                 job.error = e
             job.done = True
 
 
-BATCHER = Batcher()  # the demo's: every Match request of the process goes through it
+BATCHER = Batcher()  # the demo's: every Match request and text search of the process goes through it
 
 
 def score(matcher: Matcher, image: Any, captions: Sequence[str]) -> ScoreResult:
@@ -207,3 +269,12 @@ def score(matcher: Matcher, image: Any, captions: Sequence[str]) -> ScoreResult:
         with exclusive():
             return matcher.score([image], captions)
     return BATCHER.score(matcher, image, captions)
+
+
+def search_images(matcher: Matcher, index: ImageIndex, text: str, top_k: int = 5) -> SearchResult:
+    """The Search handler's text -> image model call: batched with concurrent queries over the same index (or alone,
+    holding the model, when batching is off)."""
+    if not enabled():
+        with exclusive():
+            return matcher.search_images(index, text, top_k=top_k)
+    return BATCHER.search_images(matcher, index, text, top_k)

@@ -3,7 +3,8 @@
 No Gradio here; returns plain data for `demo/tabs/search.py`. Retrieval is the library's two-stage cascade
 (`Matcher.search_images` / `search_captions`): S ranks every candidate from cached embeddings, the fusion head
 re-scores the top k, and results are ordered by the checkpoint's ranking score, the same rule as the Match tab.
-Gallery embeddings are cached per checkpoint, so a second query over the same gallery only encodes the query.
+Gallery embeddings are cached per checkpoint, so a second query over the same gallery only encodes the query, and
+concurrent text queries over the same gallery have their queries encoded in one model call (`demo.batching`).
 """
 
 from __future__ import annotations
@@ -107,8 +108,7 @@ def search(
         else:
             images, names, shown = example_gallery.images, example_gallery.names, example_gallery.paths
         index = indexed("images", tuple(image_digest(i) for i in images), lambda: matcher.index_images(images))
-        with batching.exclusive():
-            r = matcher.search_images(index, query, top_k=min(top_k, len(images)))
+        r = batching.search_images(matcher, index, query, min(top_k, len(images)))  # with concurrent queries
         timings.update({f"text→image {k}": 1e3 * float(v) for k, v in r.timings.items()})
         image_hits = [
             (shown[i], _label(rank, names[i], s, p))

@@ -14,7 +14,13 @@ Command line (a figure set for one image and some captions)::
         --out figures/ [--format png svg] [--method gradcam] [--layer 0]
     python -m mklvisita.figures --checkpoint DIR --shapes 3 --out docs/figures   # a shapes test scene
 
-Decisions: text in figures falls back, glyph by glyph, through :data:`FONT_FALLBACK` (matplotlib >= 3.6 font
+Decisions: the Match tab's kernel bars (:func:`contribution_bars`) are drawn with PIL straight into an image, the
+same chart as :func:`plot_contributions` (colours, stacking, total tick, legend, axis) without a matplotlib figure: a
+figure costs about 100 ms of Python per request (layout and text), about as much as the model call it shows, and a web
+server drawing one per request spends half its CPU there; the PIL chart costs a few ms. Its text uses the same fonts
+in the same fallback order, glyph by glyph (:class:`FallbackText`). Files for papers stay matplotlib figures.
+
+Text in figures falls back, glyph by glyph, through :data:`FONT_FALLBACK` (matplotlib >= 3.6 font
 fallback), so captions in Chinese, Japanese, Korean or with emoji draw instead of missing-glyph boxes. The fonts are
 Debian packages: DejaVu Sans (matplotlib ships it), Noto Sans CJK (``fonts-noto-cjk``: Chinese, Japanese, Korean;
 Droid Sans Fallback from ``fonts-droid-fallback`` is used where it is the one installed, without Hangul) and
@@ -26,10 +32,12 @@ as boxes, as before. Setting the list changes matplotlib's ``font.family`` for t
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import math
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -38,7 +46,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .inputs import ImageInput, load_image
 
@@ -131,6 +139,21 @@ def _fit(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return h
 
 
+@functools.lru_cache(maxsize=16)
+def _colour_table(cmap: str) -> np.ndarray:
+    """A colour map's N colours, (N, 3) float32 in [0, 1]."""
+    cm = matplotlib.colormaps[cmap]
+    return np.asarray(cm(np.arange(cm.N))[:, :3], dtype=np.float32)
+
+
+def _colours(cmap: str, h: np.ndarray) -> np.ndarray:
+    """``matplotlib.colormaps[cmap](h)[..., :3]`` for a [0, 1] map, as float32 from a table (the same bins: value v
+    takes colour ``min(int(v * N), N - 1)``), without the float64 RGBA image the colour map's call builds."""
+    table = _colour_table(cmap)
+    index = np.minimum((h * len(table)).astype(np.intp), len(table) - 1)
+    return table[index]
+
+
 def overlay(image: ImageInput, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
     """Blend a [0, 1] heatmap over an image (no matplotlib figure: fast enough for every UI update).
 
@@ -138,7 +161,7 @@ def overlay(image: ImageInput, heatmap: np.ndarray, alpha: float = 0.5, cmap: st
     """
     img = load_image(image)
     h = np.clip(np.nan_to_num(_fit(heatmap, img.size)), 0.0, 1.0)
-    colours = matplotlib.colormaps[cmap](h)[..., :3]  # (H, W, 3) in [0, 1]
+    colours = _colours(cmap, h)  # (H, W, 3) in [0, 1]
     base = np.asarray(img, dtype=np.float32) / 255.0
     out = (1.0 - alpha) * base + alpha * colours
     return Image.fromarray((out * 255.0).round().astype(np.uint8), "RGB")
@@ -159,7 +182,7 @@ def overlay_transparent(
     """
     img = load_image(image)
     h = np.clip(np.nan_to_num(_fit(heatmap, img.size)), 0.0, 1.0)  # (H, W)
-    colours = matplotlib.colormaps[cmap](h)[..., :3]  # (H, W, 3) in [0, 1]
+    colours = _colours(cmap, h)  # (H, W, 3) in [0, 1]
     alpha = max_alpha * np.clip((h - floor) / max(1e-6, 1.0 - floor), 0.0, 1.0)[..., None]  # (H, W, 1)
     base = np.asarray(img, dtype=np.float32) / 255.0
     out = (1.0 - alpha) * base + alpha * colours
@@ -358,6 +381,219 @@ def plot_score_matrix(
 
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# ------------------------------------------------------------------------------------------ charts drawn with PIL
+PX_PER_PT = DPI / 72  # text sizes in points, as the matplotlib figures give them, in pixels at DPI
+
+
+class FallbackText:
+    """PIL text with per-glyph font fallback: each character is drawn with the first of ``families`` (matplotlib
+    family names, the figures' :data:`FONT_FAMILIES` by default) whose font has it, the first font where none has it.
+
+    A font's character map is read (fontTools, which matplotlib requires) only when a character is missing from the
+    fonts before it, so Latin text never opens the CJK font. Thread-safe.
+    """
+
+    def __init__(self, families: Sequence[str] | None = None) -> None:
+        from matplotlib import font_manager
+
+        found = []
+        for family in families or FONT_FAMILIES:
+            try:
+                found.append(
+                    font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+                )
+            except ValueError:  # not installed: left out, as in the matplotlib figures
+                pass
+        found = found or [font_manager.findfont(font_manager.FontProperties())]
+        # (file, face index): a collection (.ttc) holds several faces; matplotlib >= 3.10 says which one it found
+        self.paths = list(dict.fromkeys((str(p), int(getattr(p, "face_index", 0))) for p in found))
+        self._charmaps: dict[int, set[int]] = {}
+        self._fonts: dict[tuple[int, int], ImageFont.FreeTypeFont] = {}
+        self._lock = threading.RLock()
+
+    def _has(self, i: int, char: str) -> bool:
+        if i not in self._charmaps:
+            from fontTools.ttLib import TTFont
+
+            try:
+                file, face = self.paths[i]
+                with TTFont(file, fontNumber=face, lazy=True) as font:
+                    self._charmaps[i] = set(font.getBestCmap() or {})
+            except Exception:  # an unreadable font: treated as having no glyphs
+                self._charmaps[i] = set()
+        return ord(char) in self._charmaps[i]
+
+    def runs(self, text: str) -> list[tuple[int, str]]:
+        """``text`` cut into (font index, piece) runs; spaces stay with the run they are in."""
+        out: list[tuple[int, str]] = []
+        with self._lock:
+            for char in text:
+                if char.isspace() and out:
+                    i = out[-1][0]
+                else:
+                    i = next((j for j in range(len(self.paths)) if self._has(j, char)), 0)
+                if out and out[-1][0] == i:
+                    out[-1] = (i, out[-1][1] + char)
+                else:
+                    out.append((i, char))
+        return out
+
+    def font(self, i: int, px: int) -> ImageFont.FreeTypeFont:
+        with self._lock:
+            key = (i, px)
+            if key not in self._fonts:
+                file, face = self.paths[i]
+                self._fonts[key] = ImageFont.truetype(file, px, index=face)
+            return self._fonts[key]
+
+    def length(self, text: str, px: int) -> float:
+        """Width of ``text`` in pixels at size ``px``."""
+        return sum(self.font(i, px).getlength(piece) for i, piece in self.runs(text))
+
+    def draw(
+        self,
+        draw: ImageDraw.ImageDraw,
+        xy: tuple[float, float],
+        text: str,
+        px: int,
+        fill: Any = "black",
+        align: str = "left",
+    ) -> None:
+        """Draw ``text`` with its vertical middle at ``xy[1]`` and its left end, centre or right end at ``xy[0]``."""
+        x, y = xy
+        width = self.length(text, px)
+        x -= {"left": 0.0, "center": width / 2, "right": width}[align]
+        baseline = y + 0.36 * px  # the middle of a capital letter (DejaVu Sans: cap height 0.73 em)
+        with self._lock:
+            for i, piece in self.runs(text):
+                font = self.font(i, px)
+                draw.text((x, baseline), piece, font=font, fill=fill, anchor="ls")
+                x += font.getlength(piece)
+
+
+_TEXT: FallbackText | None = None
+
+
+def fallback_text() -> FallbackText:
+    """The process's :class:`FallbackText` over :data:`FONT_FAMILIES` (made on first use)."""
+    global _TEXT
+    if _TEXT is None:
+        _TEXT = FallbackText()
+    return _TEXT
+
+
+def _nice_ticks(lo: float, hi: float, n: int) -> tuple[np.ndarray, list[str]]:
+    """About ``n`` round tick values inside [lo, hi] and their labels (matplotlib's locator; a real minus sign)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = MaxNLocator(nbins=max(2, n), steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+    ticks = ticks[(ticks >= lo - 1e-12) & (ticks <= hi + 1e-12)]
+    decimals = next((d for d in range(8) if np.allclose(ticks * 10**d, np.round(ticks * 10**d), atol=1e-6)), 8)
+    labels = [f"{0.0 if abs(t) < 1e-12 else t:.{decimals}f}".replace("-", "\u2212") for t in ticks]
+    return ticks, labels
+
+
+def contribution_bars(
+    contributions: np.ndarray,
+    kernel_names: Sequence[str],
+    labels: Sequence[str],
+    *,
+    title: str = "kernel contributions to the similarity",
+    xlabel: str = "contribution β_m·K_m",
+    total_label: str = "S (total)",
+    width: int = 800,
+) -> Image.Image:
+    """The chart of :func:`plot_contributions`, drawn with PIL into an RGB image (no matplotlib figure: a few ms).
+
+    Stacked bars of (n_rows, n_kernels) contributions, one row per label from the top, positive parts stacking right
+    and negative parts left; a black tick at each row's sum; a legend of the kernels on the right.
+    """
+    c = np.asarray(contributions, dtype=np.float64)
+    if c.ndim != 2 or c.shape != (len(labels), len(kernel_names)):
+        raise ValueError(
+            f"contributions must be (n_captions={len(labels)}, n_kernels={len(kernel_names)}), got shape {c.shape}"
+        )
+    c = np.nan_to_num(c)
+    n, k = c.shape
+    text = fallback_text()
+    size = {name: round(pt * PX_PER_PT) for name, pt in (("title", 10), ("label", 8), ("tick", 10), ("legend", 7))}
+    height = round((max(0.5 * n, 0.18 * k) + 1.4) * DPI)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    labels = [_short(t, 64) for t in labels]
+
+    # Layout: title above the axes, row labels left of them, tick labels and the axis label below, the legend right.
+    pad, tick = 6, 4
+    legend_w = 30 + max([text.length(s, size["legend"]) for s in [total_label, *kernel_names]], default=0)
+    top = pad + round(1.6 * size["title"])
+    bottom = height - pad - round(1.4 * size["tick"]) - round(1.6 * size["tick"]) - tick
+    left = pad + max([text.length(s, size["label"]) for s in labels], default=0) + 2 * tick + 4
+    right = width - pad - legend_w - 12
+    if right - left < 80:  # very long labels: the axes keep 80 px at least
+        left = right - 80
+
+    pos = np.clip(c, 0, None).sum(1)
+    neg = np.clip(c, None, 0).sum(1)
+    totals = c.sum(1)
+    lo = min(0.0, float(neg.min(initial=0.0)), float(totals.min(initial=0.0)))
+    hi = max(0.0, float(pos.max(initial=0.0)), float(totals.max(initial=0.0)))
+    span = hi - lo or 1.0
+    lo, hi = lo - 0.05 * span, hi + 0.05 * span
+
+    def x(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * (right - left)
+
+    row = (bottom - top) / max(n, 1)
+
+    def y(r: int) -> float:
+        return top + (r + 0.5) * row
+
+    # Bars, kernel by kernel: positive parts stack right from 0, negative parts left.
+    cmap = matplotlib.colormaps["tab20"]
+    colours = [tuple(round(255 * v) for v in cmap(j % 20)[:3]) for j in range(k)]
+    pos_left, neg_left = np.zeros(n), np.zeros(n)
+    for j in range(k):
+        v = c[:, j]
+        start = np.where(v >= 0, pos_left, neg_left)
+        for r in range(n):
+            x0, x1 = sorted((x(start[r]), x(start[r] + v[r])))
+            if x1 - x0 >= 0.5:  # at least half a pixel: one pixel wide at least
+                a, b = round(x0), max(round(x0), round(x1) - 1)
+                draw.rectangle([a, round(y(r) - 0.3 * row), b, round(y(r) + 0.3 * row)], colours[j])
+        pos_left += np.clip(v, 0, None)
+        neg_left += np.clip(v, None, 0)
+    draw.line([(round(x(0.0)), top), (round(x(0.0)), bottom)], fill=(128, 128, 128), width=1)
+    half = min(12.0, 0.4 * row)
+    for r in range(n):  # the total of each row
+        xt = round(x(totals[r]))
+        draw.rectangle([xt - 1, round(y(r) - half), xt + 1, round(y(r) + half)], "black")
+    draw.rectangle([left, top, right, bottom], outline="black", width=1)
+
+    # Axes text: row labels, x ticks, the axis label, the title.
+    for r, label in enumerate(labels):
+        draw.line([(left - tick, round(y(r))), (left, round(y(r)))], fill="black")
+        text.draw(draw, (left - 2 * tick - 2, y(r)), label, size["label"], align="right")
+    ticks, tick_labels = _nice_ticks(lo, hi, int((right - left) // (3 * size["tick"])))  # as matplotlib spaces them
+    for t, s in zip(ticks, tick_labels):
+        xt = round(x(t))
+        draw.line([(xt, bottom), (xt, bottom + tick)], fill="black")
+        text.draw(draw, (xt, bottom + tick + 0.8 * size["tick"]), s, size["tick"], align="center")
+    text.draw(draw, ((left + right) / 2, height - pad - 0.7 * size["tick"]), xlabel, size["tick"], align="center")
+    text.draw(draw, ((left + right) / 2, pad + 0.7 * size["title"]), title, size["title"], align="center")
+
+    # Legend: the total's tick, then each kernel's colour.
+    step = round(1.5 * size["legend"])
+    ly = (top + bottom) / 2 - step * (k + 1) / 2 + step / 2
+    lx = right + 14
+    draw.rectangle([lx + 9, round(ly - 0.6 * size["legend"]), lx + 10, round(ly + 0.6 * size["legend"])], "black")
+    text.draw(draw, (lx + 26, ly), total_label, size["legend"])
+    for j, name in enumerate(kernel_names):
+        yy = ly + (j + 1) * step
+        draw.rectangle([lx, round(yy - 0.3 * size["legend"]), lx + 19, round(yy + 0.3 * size["legend"])], colours[j])
+        text.draw(draw, (lx + 26, yy), name, size["legend"])
+    return img
 
 
 # ------------------------------------------------------------------------------------------ figure sets

@@ -147,3 +147,107 @@ def test_a_repeated_match_draws_its_figure_once(monkeypatch):
     monkeypatch.setenv(batching.BATCHING_ENV, "off")
     match_tab.match(matcher, image, captions, cache)
     assert len(drawn) == 2
+
+
+# ---------------------------------------------------------------------------------------------- search batching
+QUERIES = [  # (text, top_k): different lengths (the batch pads them to the longest) and depths
+    ("a cat", 3),
+    ("a cup of coffee on a saucer", 4),
+    ("a rocket taking off from a launch pad at night", 2),
+    ("a large purple cross and a yellow star", 4),
+    ("an astronaut", 1),
+]
+
+
+def _searched(batcher: batching.Batcher, matcher: Matcher, index, queries: list) -> list:
+    """Every query from its own thread, all released at once; each thread's result or exception."""
+    out: list = [None] * len(queries)
+    barrier = threading.Barrier(len(queries))
+
+    def work(i: int) -> None:
+        text, top_k = queries[i]
+        barrier.wait()
+        try:
+            out[i] = batcher.search_images(matcher, index, text, top_k)
+        except Exception as e:  # judged by the test
+            out[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(queries))]
+    [t.start() for t in threads]
+    [t.join(300) for t in threads]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gallery(matcher):
+    names = ["cat.jpg", "coffee.jpg", "rocket.jpg", "shapes_004.png"]
+    return matcher.index_images([load_image(EXAMPLES / n) for n in names])
+
+
+def test_concurrent_searches_are_one_model_call_with_the_one_by_one_rankings(matcher, gallery):
+    batcher = batching.Batcher(max_batch=len(QUERIES), max_wait=30.0)
+    results = _searched(batcher, matcher, gallery, QUERIES)
+    assert batcher.batch_sizes == {len(QUERIES): 1}  # one model call served them all
+    for (text, top_k), got in zip(QUERIES, results):
+        alone = matcher.search_images(gallery, text, top_k=top_k)
+        assert not isinstance(got, Exception), got
+        assert got.indices == alone.indices and len(got.indices) == top_k
+        for name in ("scores", "itm", "similarity"):
+            np.testing.assert_allclose(getattr(got, name), getattr(alone, name), rtol=0, atol=1e-5, err_msg=name)
+        assert got.pairs == alone.pairs and set(got.timings) == set(alone.timings)
+
+
+def test_a_bad_query_gets_its_own_error_and_the_others_their_results(matcher, gallery):
+    queries = [QUERIES[0], ("\u200b\u200b", 3), QUERIES[1], ("a cat", 0)]  # nothing to read; top_k below 1
+    batcher = batching.Batcher(max_batch=len(queries), max_wait=30.0)
+    results = _searched(batcher, matcher, gallery, queries)
+    assert isinstance(results[1], InvalidCaptionError) and isinstance(results[3], ValueError)
+    assert "top_k" in str(results[3])
+    for i in (0, 2):
+        text, top_k = queries[i]
+        assert not isinstance(results[i], Exception), results[i]
+        assert results[i].indices == matcher.search_images(gallery, text, top_k=top_k).indices
+
+
+def test_match_and_search_requests_and_two_indexes_never_share_a_call(monkeypatch):
+    """A batch holds one kind of request: Match requests of one checkpoint, or text queries over one index."""
+    lock = threading.Lock()
+    batcher = batching.Batcher(max_batch=8, max_wait=0.0, lock=lock)
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(batching, "score_blocks", lambda m, reqs: calls.append(("score", len(reqs))) or reqs)
+    monkeypatch.setattr(
+        batching,
+        "search_images_many",
+        lambda m, index, queries: calls.append((f"search {index}", len(queries))) or queries,
+    )
+
+    class Alone:  # a batch of one is the Matcher's own call
+        def score(self, images, captions):
+            return calls.append(("score", 1)) or captions
+
+        def search_images(self, index, text, top_k):
+            return calls.append((f"search {index}", 1)) or text
+
+    matcher = Alone()
+    one, two = batching.ImageIndex(None, 1), batching.ImageIndex(None, 2)
+    jobs = [
+        lambda: batcher.score(matcher, None, ["x"]),
+        lambda: batcher.search_images(matcher, one, "q", 1),
+        lambda: batcher.score(matcher, None, ["y"]),
+        lambda: batcher.search_images(matcher, two, "q", 1),
+        lambda: batcher.search_images(matcher, one, "r", 1),
+    ]
+    with lock:  # the model is busy: every request arrives meanwhile
+        threads = [threading.Thread(target=job) for job in jobs]
+        [t.start() for t in threads]
+        while len(batcher._queue) < len(jobs):
+            time.sleep(0.01)
+    [t.join(30) for t in threads]
+    assert sorted(calls) == sorted([("score", 2), (f"search {one}", 2), (f"search {two}", 1)])
+
+
+def test_search_with_batching_off_is_matcher_search_itself(matcher, gallery, monkeypatch):
+    monkeypatch.setenv(batching.BATCHING_ENV, "off")
+    got = batching.search_images(matcher, gallery, "a cat", 2)
+    alone = matcher.search_images(gallery, "a cat", top_k=2)
+    assert got.indices == alone.indices and got.scores == alone.scores

@@ -174,3 +174,29 @@ def test_demo_load_compare_quick_measures_batching_off_then_on(tmp_path):
         assert row["requests"] == row["answered"] == 2 * 3 and row["failed"] == 0 and row["throughput_rps"] > 0
     assert out["throughput_on_over_off"] == on["throughput_rps"] / off["throughput_rps"]
     assert out["command"] == "python -m benchmarks.demo_load --compare --quick --inputs distinct --out " + str(tmp_path)
+
+
+def test_demo_load_compare_quick_before_a_commit_and_on_search(tmp_path):
+    """``--before REF``: a first app from a git worktree of that commit, then off and on; ``--endpoint search``
+    sends text queries. Every request answered, the worktree removed afterwards (no time is asserted)."""
+    import subprocess
+
+    args = ["--compare", "--quick", "--endpoint", "search", "--before", "HEAD", "--out", str(tmp_path)]
+    out = demo_load.main(args)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=demo_load.ROOT, capture_output=True, text=True)
+    before, off, on = out["rows"]
+    assert before["batching"] == f"before (commit {commit.stdout.strip()})"
+    assert (off["batching"], on["batching"]) == ("off", "on")
+    for row in (before, off, on):
+        assert row["phase"] == "concurrent /search" and row["answered"] == row["requests"] == 6 and row["failed"] == 0
+    assert out["throughput_on_over_before"] == on["throughput_rps"] / before["throughput_rps"]
+    assert (tmp_path / "demo_load_compare_examples_search.json").is_file()
+    trees = subprocess.run(["git", "worktree", "list"], cwd=demo_load.ROOT, capture_output=True, text=True).stdout
+    assert "demo-load-" not in trees
+
+
+def test_demo_load_before_needs_a_commit_and_compare(tmp_path):
+    with pytest.raises(ValueError, match="not a commit"):
+        demo_load.main(["--compare", "--quick", "--before", "no-such-ref-anywhere", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        demo_load.main(["--quick", "--before", "HEAD", "--out", str(tmp_path)])

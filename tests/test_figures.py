@@ -170,3 +170,61 @@ def test_figure_set_command_defaults_fit_the_checkpoint(tmp_path):
     assert figures.main(["--shapes", "3", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "fusion_kernel_weights.png").is_file()  # the shapes model (it has fusion) was used
     assert not plt.get_fignums()
+
+
+def test_contribution_bars_draw_the_chart_without_a_figure():
+    """The Match tab's bars (PIL): each kernel's colour on its side of zero in its row, the totals' ticks in black."""
+    c = np.array([[0.3, 0.1], [0.0, -0.2]])
+    live = sum(type(o) is Figure for o in gc.get_objects())
+    img = figures.contribution_bars(c, ["global/cosine", "local/rbf"], ["first", "second"])
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.width == 800 and _not_blank(img)
+    assert sum(type(o) is Figure for o in gc.get_objects()) <= live and not plt.get_fignums()
+    a = np.asarray(img).astype(int)
+    frame = np.nonzero(((a == 0).all(-1)).sum(0) > a.shape[0] / 2)[0]  # the axes' left and right edges
+    a = a[:, : frame.max()]  # the legend (right of the axes) repeats the colours
+    blue, light = (figures._colour_table("tab20")[:2] * 255).round().astype(int)
+
+    def where(colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.nonzero((np.abs(a - colour) <= 1).all(-1))
+
+    by, bx = where(blue)  # kernel 0: row 0 only, right of zero
+    ly, lx = where(light)  # kernel 1: row 0 right of kernel 0's bar, row 1 left of zero
+    assert by.size and ly.size
+    rows = np.unique(ly > a.shape[0] / 2)
+    assert by.max() < a.shape[0] / 2 and set(rows) == {False, True}
+    zero = bx.min()  # kernel 0's bar starts at zero
+    assert lx[ly < a.shape[0] / 2].min() >= bx.max() and lx[ly > a.shape[0] / 2].max() < zero
+    with pytest.raises(ValueError, match="n_captions"):
+        figures.contribution_bars(np.zeros((2, 3)), NAMES, ["a", "b"])
+
+
+def test_fallback_text_takes_each_glyph_from_the_first_font_that_has_it():
+    text = figures.FallbackText()
+    runs = text.runs("a cat 猫")
+    assert runs[0] == (0, "a cat ")  # Latin and its spaces: the first font
+    if len(text.paths) > 1 and any(f in figures.FONT_FAMILIES for f in ("Noto Sans CJK JP", "Droid Sans Fallback")):
+        assert runs[-1][0] > 0 and runs[-1][1] == "猫"
+        only_first = figures.FallbackText(["DejaVu Sans"])
+        assert only_first.runs("猫") == [(0, "猫")]  # no other font: a missing-glyph box, as matplotlib draws
+    assert text.length("a cat", 11) > text.length("a", 11) > 0
+
+
+def test_overlay_colours_are_the_colour_maps():
+    """The overlays' colour table gives the colour map's own colours, bin for bin."""
+    import matplotlib
+
+    h = np.linspace(0, 1, 1001, dtype=np.float32)
+    for cmap in ("jet", "inferno", "gray"):
+        want = matplotlib.colormaps[cmap](h)[:, :3]
+        assert np.allclose(figures._colours(cmap, h), want, atol=1e-6)
+
+
+def test_contribution_bars_take_any_numbers():
+    """Bars narrower than a pixel, all zeros, one row, many rows, NaN: a chart every time."""
+    rng = np.random.default_rng(3)
+    for c in [np.zeros((2, 3)), np.array([[1e-9, 0.0, 0.3], [0.0, 0.2, -1e-9]]), rng.normal(size=(16, 4)) * 1e-3]:
+        img = figures.contribution_bars(c, NAMES[: c.shape[1]], [f"caption {i}" for i in range(len(c))])
+        assert img.width == 800 and img.height > 100
+    for width in np.linspace(0.0, 0.01, 41):  # every sub-pixel offset of a narrow bar next to a wide one
+        figures.contribution_bars(np.array([[1.0, width], [0.5, -width]]), NAMES[:2], ["a", "b"])
+    assert figures.contribution_bars(np.array([[np.nan, 1.0]]), NAMES[:2], ["a"]).height > 100

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..batching import event_concurrency
 from ..inputs import MAX_GALLERY_CAPTIONS, MAX_GALLERY_IMAGES, MAX_TOP_K
 from ..saved_index import INDEXES_ENV, allowed_indexes, search_saved_index
 from ..search import SearchView, search
-from ..ui import IMAGE_CALL, IMAGE_UPLOAD, Context, with_checkpoint
+from ..ui import IMAGE_UPLOAD, RAW_INPUTS, Context, with_checkpoint
 
 
 def show(view: SearchView) -> tuple:
@@ -60,7 +61,8 @@ def build(ctx: Context) -> None:
             [ctx.checkpoint, s_text, s_image, s_files, s_captions, s_k],
             [s_images, s_caps, s_time],
             api_name="search",
-            **IMAGE_CALL,
+            **RAW_INPUTS,
+            **event_concurrency(),  # text queries over one gallery meet in demo.batching: one model call
         )
         _saved_index(ctx)
 
