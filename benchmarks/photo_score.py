@@ -18,12 +18,16 @@ Decisions:
 - Shares: during the timed score calls each part below is wrapped by a timer (found by its class and method at run
   time; a part the installed code does not have is listed under ``parts_not_found``): preprocessing (decode,
   letterbox, tokenise), the two backbones inside the model, colour naming, face detection, text detection and text
-  recognition (RapidOCR's two networks, with their own pre- and post-processing), the rest of scene text, the
-  concept bridge, the kernels (embeddings and similarity); ``other`` is what no timer covers. Medians per call, ms.
+  recognition (RapidOCR's two networks, with their own pre- and post-processing), the rest of scene text (and its
+  caption side), the concept bridge's image side (the classes at every cell) and caption side (the class prompts and
+  the WordNet expansion), the kernels (embeddings and similarity); ``other`` is what no timer covers. Medians per
+  call, ms.
 - Overlap (``$MKLVISITA_OVERLAP``, :mod:`mklvisita.sources.overlap`): with it on, the detectors run on a worker
-  thread beside the backbone. A part's time counts wherever it ran (``score_parts_median_ms``); the worker's share of
-  it is also listed apart (``worker_parts_median_ms``), ``other`` subtracts only what ran on the calling thread, and
-  ``waiting for the worker`` is the calling thread's wait for the detectors' results. The run records the setting.
+  thread beside the image backbone, and the image sources' work after the backbone (concept bridge image side, colour
+  naming, the detections turned into cells) on the same worker beside the text backbone. A part's time counts
+  wherever it ran (``score_parts_median_ms``); the worker's share of it is also listed apart
+  (``worker_parts_median_ms``), ``other`` subtracts only what ran on the calling thread, and ``waiting for the
+  worker`` is the calling thread's wait for the worker's results. The run records the setting.
   ``--overlap-ab`` also scores with the overlap off and on in turn, call by call, each call followed by the floor, so
   both see the same load (``overlap_ab``: each setting's medians and ratio). It also gives CPU times (the process's,
   and the calling thread's alone) and ``calling_thread_cpu_ratio`` = the calling thread's CPU per score over the
@@ -93,10 +97,11 @@ PARTS = [
     ("text recognition", "rapidocr_onnxruntime.ch_ppocr_rec.text_recognize:TextRecognizer.__call__"),
     ("scene text (all)", "mklvisita.sources.scene_text:SceneTextReader.read_images"),
     ("scene text (all)", "mklvisita.sources.scene_text:SceneTextReader.features"),
-    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.encode_image"),
-    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.encode_text"),
-    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.image_features"),
-    ("concept bridge", "mklvisita.sources.concept:ConceptBridge.text_features"),
+    ("concept bridge (image)", "mklvisita.sources.concept:ConceptBridge.encode_image"),
+    ("concept bridge (image)", "mklvisita.sources.concept:ConceptBridge.image_features"),
+    ("concept bridge (captions)", "mklvisita.sources.concept:ConceptBridge.encode_text"),
+    ("concept bridge (captions)", "mklvisita.sources.concept:ConceptBridge.text_features"),
+    ("scene text (captions)", "mklvisita.sources.scene_text:SceneTextSource.encode_text"),
     ("kernels", "@kernels.embed_image"),
     ("kernels", "@kernels.embed_text"),
     ("kernels", "@kernels.forward"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .features import ImageFeatures
 from .inputs import (
     ImageInput,
     InvalidCaptionError,
@@ -27,6 +28,7 @@ from .inputs import (
     check_caption,
     check_whole_number,
 )
+from .kernels import KernelEmbeddings
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .ranking import final_score, itm_from_final, resolve_ranking, uses_itm
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
@@ -157,8 +159,9 @@ class Matcher:
         """Score every image against every caption. Each image and caption is encoded once."""
         images, captions = _as_list(images, "image"), _as_list(captions, "caption")
         batch_size = check_batch_size(batch_size)
-        images_bank = encode_images(self.model, self.processor, images, batch_size)
-        texts_bank = encode_captions(self.model, self.processor, captions, batch_size)
+        finish_images = self._start_images(images, batch_size)
+        texts_bank = encode_captions(self.model, self.processor, captions, batch_size)  # beside the image sources
+        images_bank = finish_images()
         n_i, n_t = len(images), len(captions)
         with torch.inference_mode():
             sim = self.model.similarity(images_bank.embeddings, texts_bank.embeddings)
@@ -174,6 +177,26 @@ class Matcher:
             itm = np.full_like(similarity, np.nan)
             final = final_score(ranking, None, similarity)
         return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
+
+    @torch.inference_mode()
+    def _start_images(self, images: list, batch_size: int) -> Callable[[], ImageBank]:
+        """:func:`mklvisita.retrieval.encode_images` in two steps for one batch: the image backbone runs now, the
+        sources' image features that read its output on the overlap worker (:meth:`MKLVisITA.start_encode_image`)
+        until the returned function is called, which gives the bank; more than one batch is encoded now."""
+        if len(images) > batch_size:
+            bank = encode_images(self.model, self.processor, images, batch_size)
+            return lambda: bank
+        pv, _ = self.processor.images(images)
+        job = self.model.start_encode_image(pv.to(self.device))
+        keep = self.model.fusion.image_levels if self.model.has_itm else None
+
+        @torch.inference_mode()
+        def finish() -> ImageBank:
+            img = job.result()
+            feats = None if keep is None else ImageFeatures.cat([img.keep(keep)])
+            return ImageBank(KernelEmbeddings.cat([self.model.embed_image(img)]), feats)  # as encode_images builds it
+
+        return finish
 
     @uses_inference_threads
     def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str | None = None, **kwargs):

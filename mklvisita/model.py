@@ -35,6 +35,7 @@ from .fusion import HierarchicalFusion, LayerAttentions
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import MKLVisITAOutput, training_losses
 from .sources import SourceContext, build_sources
+from .sources.overlap import Prefetch, done, start_torch
 from .tokenizer import builtin_tokenizer, load_tokenizer
 
 __all__ = ["MKLVisITA", "ImageFeatures", "TextFeatures", "MatchOutput", "MKLVisITAOutput", "CheckpointError"]
@@ -170,19 +171,41 @@ class MKLVisITA(
     def encode_image(self, pixel_values: torch.Tensor, output_attentions: bool = False) -> ImageFeatures:
         """Level tokens, pooled feature and every source's image features; ``output_attentions`` adds the ViT (or
         hybrid) blocks' attention probabilities, (B, heads, N, N) per block (a ValueError for a CNN backbone)."""
+        return self.start_encode_image(pixel_values, output_attentions, overlap=False).result()
+
+    def start_encode_image(
+        self, pixel_values: torch.Tensor, output_attentions: bool = False, overlap: bool = True
+    ) -> Prefetch:
+        """:meth:`encode_image` in two steps, so that the caller can encode captions in between: the image backbone
+        runs now, and the sources' image features (which read its output) are started on the overlap worker, where
+        they run beside the caller's next work (:func:`mklvisita.sources.overlap.start_torch`: on a CPU without
+        gradients, when the overlap is on; else now, as with ``overlap`` False). ``.result()`` gives the features."""
         # what a source can do from the pixels alone starts first, beside the backbone (mklvisita.sources.overlap)
         started = {name: source.prefetch_image(pixel_values) for name, source in self.sources.items()}
-        try:
-            out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
-            img = ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
-            for name, source in self.sources.items():  # in order: a source may read the ones before it
-                more = {} if started[name] is None else {"prefetched": started[name]}
-                img.sources[name] = source.encode_image(pixel_values, img, **more)
-        finally:  # after a failure, drop what has not started yet
+
+        def drop() -> None:  # after a failure, drop what has not started yet
             for job in started.values():
                 if job is not None:
                     job.cancel()
-        return img
+
+        def source_features(img: ImageFeatures) -> ImageFeatures:
+            try:
+                for name, source in self.sources.items():  # in order: a source may read the ones before it
+                    more = {} if started[name] is None else {"prefetched": started[name]}
+                    img.sources[name] = source.encode_image(pixel_values, img, **more)
+            finally:
+                drop()
+            return img
+
+        try:
+            out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
+        except BaseException:
+            drop()
+            raise
+        img = ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
+        if overlap and pixel_values.device.type == "cpu":
+            return start_torch(source_features, img)
+        return done(source_features(img))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         """Layer tokens, [CLS], masks and every source's caption features."""

@@ -73,8 +73,9 @@ def test_cli_runs_as_a_module(tiny_checkpoint, images):
 def test_score_encodes_each_image_once(tiny_checkpoint, images, monkeypatch):
     m = Matcher.from_pretrained(tiny_checkpoint)
     calls = []
-    original = m.model.encode_image
-    monkeypatch.setattr(m.model, "encode_image", lambda pv: calls.append(pv.shape[0]) or original(pv))
+    original = m.model.vision.forward  # the image network: once per image, whichever encode path score takes
+    spy = lambda pv, *a, **k: calls.append(pv.shape[0]) or original(pv, *a, **k)  # noqa: E731
+    monkeypatch.setattr(m.model.vision, "forward", spy)
     r = m.score(images, [f"caption {i}" for i in range(7)])
     assert sum(calls) == len(images)
     assert r.itm.shape == (2, 7) and r.kernel_contributions.shape == (2, 7, len(r.kernel_names))

@@ -1,4 +1,5 @@
-"""Running a source's work that needs no torch beside the encoders: face detection and OCR while the backbone runs.
+"""Running a source's work beside the encoders: face detection and OCR while the image backbone runs, and the image
+features that read the backbone's output while the captions' encoder runs.
 
 Decisions:
 
@@ -6,26 +7,37 @@ Decisions:
   needs only the model inputs (:meth:`~mklvisita.sources.base.FeatureSource.prefetch_image`) and hands what was
   started back to that source's ``encode_image``, which waits for it where it needs the result. The person source
   (OpenCV's Haar cascade) and the scene-text source (RapidOCR's ONNX networks) do this: both libraries release the
-  GIL, so the detectors run on a second core while the calling thread runs the image network and the sources that
-  read its output. The model names no source; a source without the hook runs as before.
-- The worker runs no torch code: a source turns the pixels into uint8 arrays on the calling thread and the
-  detections into tensors after the wait, so torch's thread count (:mod:`mklvisita.threads`: one intra-op thread per
-  call unless told otherwise) is untouched. The worker adds one thread: inside a Matcher call (or
-  ``inference_threads``) OpenCV's pool follows the call's count (one by default), and the OCR engine is built with
-  one intra-op and one inter-op thread (:mod:`mklvisita.sources.scene_text`). Where no core is free (other jobs hold
-  them), the worker only takes turns with the caller (a 1 x 5 photo score 7% slower on a 2-core machine whose other
-  jobs held the second core: ``docs/results/benchmarks/photo_score_overlap_ab.json``); turn it off there.
-  ``benchmarks/photo_score.py --overlap-ab`` measures both settings and how much a second thread can gain at the time.
+  GIL, so the detectors run on a second core while the calling thread runs the image network. The model names no
+  source; a source without the hook runs as before.
+- After the backbone, :meth:`~mklvisita.model.MKLVisITA.start_encode_image` starts every source's ``encode_image``
+  (the concept bridge's classes at every cell, colour naming, the detections turned into cells) as one job on the same
+  worker (:func:`start_torch`), and ``Matcher.score`` encodes the captions before it waits for that job: the image
+  side's work after the backbone runs beside the text encoder. A photo's 1 x 5 score on the 2-core machine spent
+  ~7 ms of its calling thread there (``benchmarks/photo_score.py``'s parts). Only calls without gradients on a CPU
+  go there (training, explanations and GPU work run it in the caller, as ``encode_image`` always does).
+- Thread counts: the detectors' jobs run no torch code (a source turns the pixels into uint8 arrays on the calling
+  thread and the detections into tensors in the later job); a torch job runs with the caller's intra-op count, set
+  in the worker thread before it runs (:mod:`mklvisita.threads`: one per call unless told otherwise), and under the
+  caller's autograd mode (``inference_mode`` or ``no_grad``), so it computes what the caller would have. The worker
+  adds one thread: inside a Matcher call (or ``inference_threads``) OpenCV's pool follows the call's count (one by
+  default), and the OCR engine is built with one intra-op and one inter-op thread
+  (:mod:`mklvisita.sources.scene_text`). Where no core is free (other jobs hold them), the worker only takes turns
+  with the caller (a 1 x 5 photo score 7% slower on a 2-core machine whose other jobs held the second core:
+  ``docs/results/benchmarks/photo_score_overlap_ab.json``); turn it off there. ``benchmarks/photo_score.py
+  --overlap-ab`` measures both settings and how much a second thread can gain at the time.
 - One worker thread per process (a ``ThreadPoolExecutor`` with one worker, started on first use and again in a forked
   child), shared by every model and every calling thread. Jobs run in the order they were started; a caller waits
-  only for its own jobs; a job takes only its detector's lock and never waits on another job, so concurrent calls
-  cannot deadlock. Work started from the worker thread itself runs there at once.
+  only for its own jobs; a job takes only its detector's lock and waits for nothing but jobs its caller started
+  before it (already done when it runs, the worker being one thread in order), so concurrent calls cannot deadlock.
+  Work started from the worker thread itself runs there at once.
 - Switch: ``$MKLVISITA_OVERLAP`` = ``auto`` (the default), ``on`` (or 1) or ``off`` (or 0), read at each call.
   ``auto`` overlaps when a core is free at that moment: the process may use 2 or more CPUs and, on Linux, the number
   of runnable threads on the machine (``/proc/loadavg``'s fourth field, an instant count, not an average) leaves one
-  besides the caller. Measured on the 2-core machine, quiet: the overlap takes a photo score from 96 to 79 ms
-  (``docs/results/benchmarks/photo_score_overlap_ab_quiet_machine.json``); beside a torch co-tenant holding both cores
-  it only takes turns with the caller and the call slows from 125 to 146 ms
+  besides the caller (the worker itself, busy with a job started earlier, is not counted: work queued behind it adds
+  no thread; else the second start of a call would find the core taken by the first). Measured on the 2-core machine,
+  quiet, with the detectors alone on the worker: the overlap took a photo score from 96 to 79 ms
+  (``docs/results/benchmarks/photo_score_overlap_ab_quiet_machine.json``); beside a torch co-tenant holding both
+  cores it only takes turns with the caller and the call slows from 125 to 146 ms
   (``docs/results/benchmarks/cotenant_threads_quiet_machine_*.json``), so it should run only where a core is idle.
   Where ``/proc/loadavg`` cannot be read, ``auto`` goes by the CPU count alone. Off, the same functions run on the
   calling thread, in the same order, so the scores are the same either way (``tests/test_source_overlap.py``).
@@ -41,12 +53,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import torch
+
 OVERLAP_ENV = "MKLVISITA_OVERLAP"
+LOADAVG = "/proc/loadavg"  # Linux: its fourth field counts the runnable threads now
 _ON, _OFF, _AUTO = ("1", "on", "true", "yes"), ("0", "off", "false", "no"), "auto"
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _local = threading.local()  # .worker: True on the worker thread
+_busy = 0  # 1 while the worker runs a job: a job queued behind it adds no thread, so auto does not count it
 
 
 def _usable_cpus() -> int:
@@ -57,13 +73,14 @@ def _usable_cpus() -> int:
 
 
 def _others_running() -> int | None:
-    """Runnable threads on the machine now, the caller left out (``/proc/loadavg``); None where it cannot be read."""
+    """Runnable threads on the machine now, the caller and this process's worker (while it runs a job) left out
+    (``/proc/loadavg``); None where it cannot be read."""
     try:
-        with open("/proc/loadavg", encoding="ascii") as f:
+        with open(LOADAVG, encoding="ascii") as f:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return None
-    return max(0, running - 1)
+    return max(0, running - 1 - _busy)
 
 
 def overlap_enabled() -> bool:
@@ -101,6 +118,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    """A job on the worker thread, marked busy while it runs."""
+    global _busy
+    _busy = 1
+    try:
+        return fn(*args)
+    finally:
+        _busy = 0
+
+
 class Prefetch:
     """Work a source started before the backbone ran; :meth:`result` waits for it and returns (or raises) its
     outcome."""
@@ -122,13 +149,38 @@ class Prefetch:
 def start(fn: Callable[..., Any], *args: Any) -> Prefetch:
     """``fn(*args)`` on the worker thread when overlap is on (module docstring), else now on this thread.
 
-    ``fn`` must not run torch code (its thread count is the caller's business) nor wait for other started work.
+    ``fn`` must not run torch code (:func:`start_torch` runs that) nor wait for work started after it.
     """
     if overlap_enabled() and not getattr(_local, "worker", False):
         try:
-            return Prefetch(_executor().submit(fn, *args))
+            return Prefetch(_executor().submit(_run, fn, *args))
         except RuntimeError:  # the interpreter is shutting down and starts no threads: run it here
             pass
-    done: Future = Future()
-    done.set_result(fn(*args))
-    return Prefetch(done)
+    return done(fn(*args))
+
+
+def start_torch(fn: Callable[..., Any], *args: Any) -> Prefetch:
+    """``fn(*args)``, torch code, as :func:`start` runs it: on the worker thread when overlap is on, with this thread's
+    intra-op count and autograd mode (``inference_mode`` or ``no_grad``); here and now while gradients are recorded
+    (a graph stays in the thread that will run backward) or when overlap is off.
+
+    ``fn`` must not wait for work started after it.
+    """
+    if torch.is_grad_enabled():
+        return done(fn(*args))
+    threads, inference = torch.get_num_threads(), torch.is_inference_mode_enabled()
+
+    def run() -> Any:
+        if torch.get_num_threads() != threads:  # the worker thread's own count (OpenMP keeps one per thread)
+            torch.set_num_threads(threads)
+        with torch.inference_mode() if inference else torch.no_grad():
+            return fn(*args)
+
+    return start(run)
+
+
+def done(value: Any) -> Prefetch:
+    """Work already done: a :class:`Prefetch` whose result is ``value``."""
+    finished: Future = Future()
+    finished.set_result(value)
+    return Prefetch(finished)

@@ -1,0 +1,180 @@
+"""The image sources' work after the backbone on the overlap worker, beside the captions' encoder
+(MKLVisITA.start_encode_image, overlap.start_torch): the same scores as on the calling thread, the caller's thread count
+and autograd mode in the worker, errors raised in the caller, and auto's count of free cores."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mklvisita import Matcher
+from mklvisita.matcher import EMBEDDED
+from mklvisita.sources import overlap
+from mklvisita.sources.colour import ColourNames
+from mklvisita.sources.concept import ConceptBridge
+from mklvisita.sources.overlap import OVERLAP_ENV, start, start_torch
+from mklvisita.threads import inference_threads
+
+EXAMPLES = EMBEDDED["photo"].parent / "examples"
+PHOTOS = ["cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"]
+SIGN = Path("/usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png")  # a stamp with printed words
+CAPTIONS = [
+    "a tabby cat lying on a rug",
+    "a cup of coffee on a saucer",
+    "an astronaut in an orange suit",
+    "a rocket lifting off from a launch pad",
+    "a give way sign",
+]
+WORKER = "mklvisita-overlap"
+
+
+@pytest.fixture(scope="module")
+def matcher() -> Matcher:
+    if not (EMBEDDED["photo"] / "model.safetensors").is_file():
+        pytest.skip("no shipped photo checkpoint")
+    return Matcher.default("photo")
+
+
+@pytest.fixture
+def image_work_threads(monkeypatch) -> list[str]:
+    """The threads the concept bridge's and colour naming's image side ran on, in call order."""
+    seen: list[str] = []
+    for cls, name in ((ConceptBridge, "encode_image"), (ColourNames, "cells")):
+        original = getattr(cls, name)
+
+        def recorded(*args, _original=original, **kwargs):
+            seen.append(threading.current_thread().name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, recorded)
+    return seen
+
+
+def _photos() -> list[str]:
+    return [str(EXAMPLES / p) for p in PHOTOS] + ([str(SIGN)] if SIGN.is_file() else [])
+
+
+@pytest.mark.parametrize("photo", _photos(), ids=lambda p: Path(p).name)
+def test_overlap_on_and_off_give_identical_scores(matcher, image_work_threads, monkeypatch, photo):
+    """One photo x five captions, the demo's Match call: the image sources ran on the worker with the overlap on and
+    on the calling thread with it off, and every number is the same."""
+    results = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv(OVERLAP_ENV, mode)
+        image_work_threads.clear()
+        results[mode] = matcher.score([photo], CAPTIONS)
+        on_worker = [name.startswith(WORKER) for name in image_work_threads]
+        assert on_worker == [mode == "on"] * 2, image_work_threads
+    off, on = results["off"], results["on"]
+    np.testing.assert_array_equal(on.similarity, off.similarity)
+    np.testing.assert_array_equal(on.kernel_contributions, off.kernel_contributions)
+    np.testing.assert_array_equal(on.score, off.score)
+    assert np.abs(on.kernel_contributions).sum() > 0
+
+
+def test_several_images_and_several_batches_score_alike(matcher, monkeypatch):
+    """More images than one batch take encode_images's path; one batch the overlapped one: the same scores."""
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    photos = [str(EXAMPLES / p) for p in PHOTOS[:3]]
+    one_batch = matcher.score(photos, CAPTIONS)
+    batches = matcher.score(photos, CAPTIONS, batch_size=2)
+    np.testing.assert_allclose(one_batch.similarity, batches.similarity, atol=1e-6)
+    np.testing.assert_allclose(one_batch.kernel_contributions, batches.kernel_contributions, atol=1e-6)
+
+
+def test_encode_image_equals_its_two_steps(matcher, monkeypatch):
+    """encode_image (everything on the calling thread) and start_encode_image(...).result() (the sources on the
+    worker) give the same features; with gradients recorded the sources run on the calling thread."""
+    model = matcher.model
+    pv, _ = matcher.processor.images([str(EXAMPLES / "astronaut.jpg")])
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    with torch.inference_mode():
+        direct = model.encode_image(pv)
+        job = model.start_encode_image(pv)
+        later = job.result(timeout=120)
+    for name, feats in direct.sources.items():
+        for key, value in feats.items():
+            assert torch.equal(later.sources[name][key], value), (name, key)
+    seen: list[str] = []
+    original = ConceptBridge.encode_image
+
+    def recorded(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ConceptBridge, "encode_image", recorded)
+    with torch.enable_grad():
+        graded = model.start_encode_image(pv).result(timeout=120)
+    assert seen == [threading.current_thread().name]
+    assert torch.allclose(graded.sources["concept"]["concept"].detach(), direct.sources["concept"]["concept"])
+
+
+def test_start_torch_brings_the_callers_thread_count_and_mode(monkeypatch):
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+
+    def state():
+        return (
+            threading.current_thread().name,
+            torch.get_num_threads(),
+            torch.is_inference_mode_enabled(),
+            torch.is_grad_enabled(),
+        )
+
+    before = torch.get_num_threads()
+    try:
+        start(torch.set_num_threads, 2).result(timeout=30)  # the worker thread's own count differs from the call's
+        with inference_threads(1):
+            with torch.inference_mode():
+                name, threads, inference, grad = start_torch(state).result(timeout=30)
+            assert name.startswith(WORKER) and (threads, inference, grad) == (1, True, False)
+            with torch.no_grad():
+                name, threads, inference, grad = start_torch(state).result(timeout=30)
+            assert name.startswith(WORKER) and (threads, inference, grad) == (1, False, False)
+            name, threads, _, grad = start_torch(state).result(timeout=30)  # recording gradients: here, now
+            assert name == threading.current_thread().name and grad
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv(OVERLAP_ENV, "off")
+    with torch.inference_mode():
+        assert start_torch(state).result()[0] == threading.current_thread().name  # off: here, now
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_an_error_after_the_backbone_reaches_the_caller_unchanged(matcher, monkeypatch, mode):
+    monkeypatch.setenv(OVERLAP_ENV, mode)
+    error = RuntimeError("colour naming failed")
+    raised_on: list[str] = []
+
+    def broken(*args, **kwargs):
+        raised_on.append(threading.current_thread().name)
+        raise error
+
+    with monkeypatch.context() as m:
+        m.setattr(ColourNames, "cells", broken)
+        with pytest.raises(RuntimeError, match="colour naming failed") as info:
+            matcher.score([str(EXAMPLES / "cat.jpg")], CAPTIONS)
+    assert info.value is error
+    assert raised_on and raised_on[0].startswith(WORKER) == (mode == "on")
+    r = matcher.score([str(EXAMPLES / "cat.jpg")], CAPTIONS)  # the worker still serves the next call
+    assert np.isfinite(r.similarity).all()
+
+
+def test_auto_does_not_count_its_own_busy_worker(tmp_path, monkeypatch):
+    """A second start within a call (the worker running the first) must not read the worker as another job."""
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.50 0.40 0.30 2/300 12345\n")  # two runnable: the caller and one more
+    monkeypatch.setattr(overlap, "LOADAVG", str(loadavg))
+    monkeypatch.setattr(overlap, "_usable_cpus", lambda: 2)
+    monkeypatch.delenv(OVERLAP_ENV, raising=False)
+    monkeypatch.setattr(overlap, "_busy", 0)
+    assert overlap._others_running() == 1 and overlap.overlap_enabled() is False  # another job holds the core
+    monkeypatch.setattr(overlap, "_busy", 1)
+    assert overlap._others_running() == 0 and overlap.overlap_enabled() is True  # that job is this worker
+    monkeypatch.setattr(overlap, "_busy", 0)
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    assert start(lambda: overlap._busy).result(timeout=30) == 1  # marked while it runs
+    assert overlap._busy == 0  # and no longer once it ran
