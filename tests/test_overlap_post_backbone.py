@@ -178,3 +178,29 @@ def test_auto_does_not_count_its_own_busy_worker(tmp_path, monkeypatch):
     monkeypatch.setenv(OVERLAP_ENV, "on")
     assert start(lambda: overlap._busy).result(timeout=30) == 1  # marked while it runs
     assert overlap._busy == 0  # and no longer once it ran
+
+
+def test_the_synset_cosines_split_with_the_worker(matcher, monkeypatch):
+    """Half the WordNet product on the worker when it is free, both halves here when it is busy: the same numbers as
+    one product, and a busy worker never makes the caller wait."""
+    concept = matcher.model.sources["concept"]
+    if not concept.expands:
+        pytest.skip("the photo checkpoint has no WordNet expansion")
+    sentence = torch.nn.functional.normalize(torch.randn(5, concept.class_text.shape[1]), dim=-1)
+    with torch.inference_mode():
+        plain = sentence @ concept._synset_matrix().T
+        monkeypatch.setenv(OVERLAP_ENV, "off")
+        off = concept._synset_cosines(sentence)
+        monkeypatch.setenv(OVERLAP_ENV, "on")
+        on = concept._synset_cosines(sentence)
+        release = threading.Event()
+        blocker = start(release.wait, 60)  # the worker is busy with another call's job
+        try:
+            busy = concept._synset_cosines(sentence)  # returns without waiting for the blocker
+            with pytest.raises(TimeoutError):
+                blocker.result(timeout=0)  # still running: the caller did not wait for it
+        finally:
+            release.set()
+        assert blocker.result(timeout=60)
+    assert torch.equal(on, off) and torch.equal(busy, off)
+    torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)

@@ -141,9 +141,10 @@ class Prefetch:
         """The work's return value (its exception raised here); ``timeout`` seconds at most, else TimeoutError."""
         return self._future.result(timeout)
 
-    def cancel(self) -> None:
-        """Drop the work if it has not started (the call it was for failed); no effect once it runs or ran."""
-        self._future.cancel()
+    def cancel(self) -> bool:
+        """Drop the work if it has not started (the call it was for failed, or the caller will do it itself): True
+        when it was dropped; no effect (False) once it runs or ran."""
+        return self._future.cancel()
 
 
 def start(fn: Callable[..., Any], *args: Any) -> Prefetch:

@@ -83,12 +83,12 @@ def soft_match(cos: torch.Tensor, theta: float) -> torch.Tensor:
 
 def caption_word_vectors(tokenizer, input_ids: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) ids -> (B, T, DIM): each word's trigram vector on its first word piece, 0 elsewhere."""
-    out = torch.zeros(*input_ids.shape, DIM)
-    for b, ids in enumerate(input_ids.tolist()):
+    out = np.zeros((*input_ids.shape, DIM), dtype=np.float32)  # filled in numpy: no tensor op per token
+    for b, (ids, words) in enumerate(zip(input_ids.tolist(), word_mask.tolist())):
         tokens = tokenizer.convert_ids_to_tokens(ids)
         starts: list[tuple[int, str]] = []
         for t, tok in enumerate(tokens):
-            if not bool(word_mask[b, t]):
+            if not words[t]:
                 continue
             if tok.startswith("##") and starts:
                 starts[-1] = (starts[-1][0], starts[-1][1] + tok[2:])
@@ -97,8 +97,9 @@ def caption_word_vectors(tokenizer, input_ids: torch.Tensor, word_mask: torch.Te
         for t, word in starts:
             found = words_of(word)
             if len(found) == 1 and found[0] == word.lower():
-                out[b, t] = word_vectors(found, 1)[0]
-    return out
+                idx, val = _trigram_vector(found[0])
+                out[b, t, list(idx)] = val  # as word_vectors writes it (float32)
+    return torch.from_numpy(out)
 
 
 class SceneTextReader:
