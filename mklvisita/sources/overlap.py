@@ -14,7 +14,9 @@ Decisions:
   worker (:func:`start_torch`), and ``Matcher.score`` encodes the captions before it waits for that job: the image
   side's work after the backbone runs beside the text encoder. A photo's 1 x 5 score on the 2-core machine spent
   ~7 ms of its calling thread there (``benchmarks/photo_score.py``'s parts). Only calls without gradients on a CPU
-  go there (training, explanations and GPU work run it in the caller, as ``encode_image`` always does).
+  go there (training, explanations and GPU work run it in the caller, as ``encode_image`` always does). The caption
+  side's largest product (the concept bridge's 20k WordNet synsets) hands half its rows to the worker, idle by then,
+  and takes them back when the worker has not started them (:meth:`Prefetch.cancel`).
 - Thread counts: the detectors' jobs run no torch code (a source turns the pixels into uint8 arrays on the calling
   thread and the detections into tensors in the later job); a torch job runs with the caller's intra-op count, set
   in the worker thread before it runs (:mod:`mklvisita.threads`: one per call unless told otherwise), and under the
