@@ -21,8 +21,10 @@ Decisions:
   so each request costs a model call, as a crowd of visitors with their own photos would.
 - ``--compare``: before and after batching in one run. The concurrent phase runs twice, each against a fresh app:
   first with ``MKLVISITA_BATCHING=off`` (Match one request at a time in the shared model slot, every figure drawn
-  again: as the demo served before ``demo.batching``), then with batching on; each app gets one warm-up request per
+  again), then with batching on; each app gets one warm-up request per
   example first. The sequential phase is skipped; rows say ``batching`` off/on and the JSON gives the ratios.
+- ``--compare`` rows also give the app process's CPU time per answered request (user + system, all its threads,
+  over the concurrent phase): unlike latency and throughput it hardly depends on what else the machine runs.
 - ``--before GIT_REF`` adds a first row to ``--compare``: the demo as it was at that commit (a ``git worktree`` of it
   in the run's temp folder, its own ``app.py``, library and checkpoints, on this environment's packages), served as
   it served then, with the same clients and inputs; the JSON adds the ratios of batching on to it. Off/on measure
@@ -36,7 +38,7 @@ Decisions:
   noise with a coloured square, 320 x 240 PNG, seeded by the request number), alternating ``/match`` and
   ``/explain``, so every input-keyed cache sees only misses. The app process's RSS (psutil) after ``--first``
   requests and after all of them, and the temp folder's file count and size at both marks. Bounded = RSS growth
-  within 10-15% (issues 9 and 10) and a temp folder that stops growing once gradio's cache deletion runs (every
+  within 10-15% (the demo's memory bound) and a temp folder that stops growing once gradio's cache deletion runs (every
   ``app.CACHE_SECONDS``; a run shorter than that sees the folder grow by the uploads and outputs of the run).
 - ``--quick``: 2 clients x 3 requests, 6 sequential (mark after 3): a test checks the output's shape, not a time.
 """
@@ -140,6 +142,14 @@ def folder_stats(folder: Path) -> tuple[int, int]:
             except OSError:  # deleted meanwhile by gradio's cache deletion
                 pass
     return files, size
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the process has used so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def rss_mb(pid: int) -> float:
@@ -374,7 +384,9 @@ def _compare_one(
             match_once(client, EXAMPLES / image, captions)
         if queries is not None:
             search_once(client, "a photo")  # the example gallery's index
+        cpu0 = cpu_s(proc.pid)
         conc = concurrent_phase(url, args.clients, args.requests, photos, queries)
+        conc["app_cpu_ms_per_request"] = 1000 * (cpu_s(proc.pid) - cpu0) / max(1, conc["answered"])
         conc["rss_after_mb"] = rss_mb(proc.pid)
     finally:
         stop_app(proc)

@@ -410,6 +410,8 @@ class FallbackText:
         # (file, face index): a collection (.ttc) holds several faces; matplotlib >= 3.10 says which one it found
         self.paths = list(dict.fromkeys((str(p), int(getattr(p, "face_index", 0))) for p in found))
         self._charmaps: dict[int, set[int]] = {}
+        self._runs: dict[str, list[tuple[int, str]]] = {}  # text -> its runs
+        self._masks: dict[tuple[str, int], tuple[Image.Image, int, float]] = {}  # (text, px) -> drawn
         self._fonts: dict[tuple[int, int], ImageFont.FreeTypeFont] = {}
         self._lock = threading.RLock()
 
@@ -427,9 +429,17 @@ class FallbackText:
 
     def runs(self, text: str) -> list[tuple[int, str]]:
         """``text`` cut into (font index, piece) runs; spaces stay with the run they are in."""
+        with self._lock:
+            if text in self._runs:
+                return self._runs[text]
         out: list[tuple[int, str]] = []
         with self._lock:
-            for char in text:
+            if self._has_all(0, text):  # the common case: the first font has every character
+                out = [(0, text)] if text else []
+                chars = ""
+            else:
+                chars = text
+            for char in chars:
                 if char.isspace() and out:
                     i = out[-1][0]
                 else:
@@ -438,19 +448,50 @@ class FallbackText:
                     out[-1] = (i, out[-1][1] + char)
                 else:
                     out.append((i, char))
+            if len(self._runs) >= 4096:  # labels repeat (names, titles, ticks); captions come and go
+                self._runs.clear()
+            self._runs[text] = out
         return out
 
+    def _has_all(self, i: int, text: str) -> bool:
+        if not text:
+            return True
+        self._has(i, text[0])  # reads the font's character map on first use
+        return set(map(ord, text)) <= self._charmaps[i]
+
     def font(self, i: int, px: int) -> ImageFont.FreeTypeFont:
+        """Font ``i`` at ``px`` pixels, laid out left to right glyph by glyph (as matplotlib lays text out)."""
         with self._lock:
             key = (i, px)
             if key not in self._fonts:
                 file, face = self.paths[i]
-                self._fonts[key] = ImageFont.truetype(file, px, index=face)
+                self._fonts[key] = ImageFont.truetype(file, px, index=face, layout_engine=ImageFont.Layout.BASIC)
             return self._fonts[key]
 
     def length(self, text: str, px: int) -> float:
         """Width of ``text`` in pixels at size ``px``."""
-        return sum(self.font(i, px).getlength(piece) for i, piece in self.runs(text))
+        return self._rendered(text, px)[2]
+
+    def _rendered(self, text: str, px: int) -> tuple[Image.Image, int, float]:
+        """``text`` at ``px`` as a coverage mask ("L"), its baseline's row in it, and its advance width; kept (labels,
+        ticks and titles repeat from chart to chart)."""
+        key = (text, px)
+        with self._lock:
+            if key in self._masks:
+                return self._masks[key]
+            runs = [(self.font(i, px), piece) for i, piece in self.runs(text)]
+            ascent = max([f.getmetrics()[0] for f, _ in runs], default=px)
+            descent = max([f.getmetrics()[1] for f, _ in runs], default=0)
+            width = sum(f.getlength(piece) for f, piece in runs)
+            mask = Image.new("L", (max(1, math.ceil(width) + 2), ascent + descent + 2), 0)
+            pen, x = ImageDraw.Draw(mask), 0.0
+            for f, piece in runs:
+                pen.text((x, ascent + 1), piece, font=f, fill=255, anchor="ls")
+                x += f.getlength(piece)
+            if len(self._masks) >= 2048:
+                self._masks.clear()
+            self._masks[key] = out = (mask, ascent + 1, width)
+            return out
 
     def draw(
         self,
@@ -462,15 +503,10 @@ class FallbackText:
         align: str = "left",
     ) -> None:
         """Draw ``text`` with its vertical middle at ``xy[1]`` and its left end, centre or right end at ``xy[0]``."""
-        x, y = xy
-        width = self.length(text, px)
-        x -= {"left": 0.0, "center": width / 2, "right": width}[align]
-        baseline = y + 0.36 * px  # the middle of a capital letter (DejaVu Sans: cap height 0.73 em)
-        with self._lock:
-            for i, piece in self.runs(text):
-                font = self.font(i, px)
-                draw.text((x, baseline), piece, font=font, fill=fill, anchor="ls")
-                x += font.getlength(piece)
+        mask, baseline_row, width = self._rendered(text, px)
+        x = xy[0] - {"left": 0.0, "center": width / 2, "right": width}[align]
+        baseline = xy[1] + 0.36 * px  # the middle of a capital letter (DejaVu Sans: cap height 0.73 em)
+        draw.bitmap((round(x), round(baseline) - baseline_row), mask, fill=fill)
 
 
 _TEXT: FallbackText | None = None
