@@ -27,7 +27,8 @@ Decisions:
   naming, the detections turned into cells) on the same worker beside the text backbone. A part's time counts
   wherever it ran (``score_parts_median_ms``); the worker's share of it is also listed apart
   (``worker_parts_median_ms``), ``other`` subtracts only what ran on the calling thread, and ``waiting for the
-  worker`` is the calling thread's wait for the worker's results. The run records the setting.
+  worker`` is the calling thread's wait for the worker's results (a job the worker had not started by then runs on
+  the calling thread instead: its parts count there). The run records the setting.
   ``--overlap-ab`` also scores with the overlap off and on in turn, call by call, each call followed by the floor, so
   both see the same load (``overlap_ab``: each setting's medians and ratio). It also gives CPU times (the process's,
   and the calling thread's alone) and ``calling_thread_cpu_ratio`` = the calling thread's CPU per score over the

@@ -192,7 +192,7 @@ class Matcher:
 
         @torch.inference_mode()
         def finish() -> ImageBank:
-            img = job.result()
+            img = job.collect()  # run here if the worker has not started it
             feats = None if keep is None else ImageFeatures.cat([img.keep(keep)])
             return ImageBank(KernelEmbeddings.cat([self.model.embed_image(img)]), feats)  # as encode_images builds it
 

@@ -179,7 +179,8 @@ class MKLVisITA(
         """:meth:`encode_image` in two steps, so that the caller can encode captions in between: the image backbone
         runs now, and the sources' image features (which read its output) are started on the overlap worker, where
         they run beside the caller's next work (:func:`mklvisita.sources.overlap.start_torch`: on a CPU without
-        gradients, when the overlap is on; else now, as with ``overlap`` False). ``.result()`` gives the features."""
+        gradients, when the overlap is on; else now, as with ``overlap`` False). ``.collect()`` gives the features
+        (computed here if the worker has not started them by then)."""
         # what a source can do from the pixels alone starts first, beside the backbone (mklvisita.sources.overlap)
         started = {name: source.prefetch_image(pixel_values) for name, source in self.sources.items()}
 

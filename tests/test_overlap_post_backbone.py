@@ -16,7 +16,7 @@ from mklvisita.matcher import EMBEDDED
 from mklvisita.sources import overlap
 from mklvisita.sources.colour import ColourNames
 from mklvisita.sources.concept import ConceptBridge
-from mklvisita.sources.overlap import OVERLAP_ENV, start, start_torch
+from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, start, start_torch
 from mklvisita.threads import inference_threads
 
 EXAMPLES = EMBEDDED["photo"].parent / "examples"
@@ -62,6 +62,7 @@ def _photos() -> list[str]:
 def test_overlap_on_and_off_give_identical_scores(matcher, image_work_threads, monkeypatch, photo):
     """One photo x five captions, the demo's Match call: the image sources ran on the worker with the overlap on and
     on the calling thread with it off, and every number is the same."""
+    monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # always the worker's run (taking back: tested below)
     results = {}
     for mode in ("off", "on"):
         monkeypatch.setenv(OVERLAP_ENV, mode)
@@ -74,6 +75,47 @@ def test_overlap_on_and_off_give_identical_scores(matcher, image_work_threads, m
     np.testing.assert_array_equal(on.kernel_contributions, off.kernel_contributions)
     np.testing.assert_array_equal(on.score, off.score)
     assert np.abs(on.kernel_contributions).sum() > 0
+
+
+def test_a_busy_worker_never_makes_the_call_wait(matcher, image_work_threads, monkeypatch):
+    """The worker held by another call's job: the caller runs its own queued jobs (detectors and image sources)
+    itself, and the scores are those of the overlap off."""
+    photo = str(EXAMPLES / "astronaut.jpg")
+    monkeypatch.setenv(OVERLAP_ENV, "off")
+    expected = matcher.score([photo], CAPTIONS)
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    image_work_threads.clear()
+    release = threading.Event()
+    blocker = start(release.wait, 120)
+    try:
+        got = matcher.score([photo], CAPTIONS)  # would hang for two minutes if it waited for the worker
+        with pytest.raises(TimeoutError):
+            blocker.result(timeout=0)  # still held: everything ran here
+    finally:
+        release.set()
+    assert blocker.result(timeout=60)
+    assert image_work_threads == [threading.current_thread().name] * 2
+    np.testing.assert_array_equal(got.similarity, expected.similarity)
+    np.testing.assert_array_equal(got.kernel_contributions, expected.kernel_contributions)
+
+
+def test_collect_runs_unstarted_work_here(monkeypatch):
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    release = threading.Event()
+    blocker = start(release.wait, 60)
+    try:
+        queued = start(threading.current_thread)
+        failing = start(int, "not a number")
+        assert queued.collect() is threading.current_thread()  # not started: ran here
+        assert queued.result() is threading.current_thread()  # and kept
+        with pytest.raises(ValueError, match="not a number"):
+            failing.collect()
+    finally:
+        release.set()
+    assert blocker.result(timeout=60)
+    ran = start(threading.current_thread)
+    ran.result(timeout=30)
+    assert ran.collect().name.startswith(WORKER)  # done on the worker: its result
 
 
 def test_several_images_and_several_batches_score_alike(matcher, monkeypatch):

@@ -275,14 +275,14 @@ class ConceptBridge(FeatureSource):
         (N, D) @ (D, B), not (B, D) @ (D, N): MKL copies (packs) a transposed right-hand matrix, here all 20k x D
         floats, on every call; this way it reads the rows once (~3x faster for a few captions; scores within 1e-7 of
         the other order: benchmarks/photo_score.py --compare-scores). Reading 30 MB is most of its time, so the second
-        half of the rows goes to the overlap worker (idle by then in a Matcher call) unless it has not started it by
-        the time the first half is done (then it runs here); either way the same products, in the same halves.
+        half of the rows goes to the overlap worker (idle by then in a Matcher call), or runs here when the worker has
+        not started it by the time the first half is done; either way the same products, in the same halves.
         """
         matrix = self._synset_matrix()
         half = matrix.shape[0] // 2
         second = start_torch(torch.matmul, matrix[half:], sentence.T)
         first = matrix[:half] @ sentence.T
-        rest = matrix[half:] @ sentence.T if second.cancel() else second.result()
+        rest = second.collect()
         return torch.cat([first, rest]).T
 
     def synset_expansion(self, sentence: torch.Tensor) -> torch.Tensor:

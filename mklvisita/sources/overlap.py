@@ -32,6 +32,9 @@ Decisions:
   only for its own jobs; a job takes only its detector's lock and waits for nothing but jobs its caller started
   before it (already done when it runs, the worker being one thread in order), so concurrent calls cannot deadlock.
   Work started from the worker thread itself runs there at once.
+- Taking work back: when the caller needs a job's result and the worker has not started it yet (busy with another
+  call's jobs, or slowed by other jobs on the machine), the caller runs it itself (:meth:`Prefetch.collect`), so the
+  overlap never leaves the caller idle while its own work waits in the queue.
 - Switch: ``$MKLVISITA_OVERLAP`` = ``auto`` (the default), ``on`` (or 1) or ``off`` (or 0), read at each call.
   ``auto`` overlaps when a core is free at that moment: the process may use 2 or more CPUs and, on Linux, the number
   of runnable threads on the machine (``/proc/loadavg``'s fourth field, an instant count, not an average) leaves one
@@ -131,21 +134,36 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class Prefetch:
-    """Work a source started before the backbone ran; :meth:`result` waits for it and returns (or raises) its
+    """Work started on the worker (or done already); :meth:`collect` (or :meth:`result`) returns (or raises) its
     outcome."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_work")
 
-    def __init__(self, future: Future):
+    def __init__(self, future: Future, work: tuple[Callable[..., Any], tuple] | None = None):
         self._future = future
+        self._work = work  # (fn, args): what :meth:`collect` runs here when the worker has not started it
 
     def result(self, timeout: float | None = None) -> Any:
-        """The work's return value (its exception raised here); ``timeout`` seconds at most, else TimeoutError."""
+        """The work's return value (its exception raised here), waiting for the worker; ``timeout`` seconds at most,
+        else TimeoutError."""
         return self._future.result(timeout)
 
+    def collect(self) -> Any:
+        """The work's return value (its exception raised here); run here and now when the worker has not started it
+        (busy with earlier jobs, or slowed by other jobs on the machine), so a caller never waits for work it can do
+        itself. The same function either way, so the same outcome."""
+        if self._work is not None and self._future.cancel():
+            fn, args = self._work
+            self._work, self._future = None, Future()
+            try:
+                self._future.set_result(fn(*args))
+            except BaseException as e:
+                self._future.set_exception(e)
+        return self.result()
+
     def cancel(self) -> bool:
-        """Drop the work if it has not started (the call it was for failed, or the caller will do it itself): True
-        when it was dropped; no effect (False) once it runs or ran."""
+        """Drop the work if it has not started (the call it was for failed): True when it was dropped; no effect
+        (False) once it runs or ran."""
         return self._future.cancel()
 
 
@@ -156,7 +174,7 @@ def start(fn: Callable[..., Any], *args: Any) -> Prefetch:
     """
     if overlap_enabled() and not getattr(_local, "worker", False):
         try:
-            return Prefetch(_executor().submit(_run, fn, *args))
+            return Prefetch(_executor().submit(_run, fn, *args), (fn, args))
         except RuntimeError:  # the interpreter is shutting down and starts no threads: run it here
             pass
     return done(fn(*args))

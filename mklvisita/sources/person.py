@@ -140,7 +140,7 @@ class PersonSource(FeatureSource):
     def encode_image(
         self, pixel_values: torch.Tensor, img: ImageFeatures, prefetched: Prefetch | None = None
     ) -> dict[str, torch.Tensor]:
-        boxes = self.detector.boxes(pixel_values) if prefetched is None else prefetched.result()
+        boxes = self.detector.boxes(pixel_values) if prefetched is None else prefetched.collect()
         return self.image_features(self.cells(boxes, pixel_values, self.grid))
 
     def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:

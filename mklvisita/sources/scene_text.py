@@ -225,7 +225,7 @@ class SceneTextSource(FeatureSource):
     def encode_image(
         self, pixel_values: torch.Tensor, img: ImageFeatures, prefetched: Prefetch | None = None
     ) -> dict[str, torch.Tensor]:
-        read = None if prefetched is None else prefetched.result()
+        read = None if prefetched is None else prefetched.collect()
         return self.reader.features(pixel_values, self.grid, read)  # words, mask, cells
 
     def encode_text(self, input_ids: torch.Tensor, txt: TextFeatures) -> dict[str, torch.Tensor]:
