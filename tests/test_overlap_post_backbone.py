@@ -178,6 +178,8 @@ def test_start_torch_brings_the_callers_thread_count_and_mode(monkeypatch):
             assert name.startswith(WORKER) and (threads, inference, grad) == (1, False, False)
             name, threads, _, grad = start_torch(state).result(timeout=30)  # recording gradients: here, now
             assert name == threading.current_thread().name and grad
+            name, threads, inference, grad = start_torch(state, graph=False).result(timeout=30)  # no graph wanted
+            assert name.startswith(WORKER) and (threads, inference, grad) == (1, False, False)
     finally:
         torch.set_num_threads(before)
     monkeypatch.setenv(OVERLAP_ENV, "off")

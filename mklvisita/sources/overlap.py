@@ -17,9 +17,9 @@ Decisions:
   go there (training, explanations and GPU work run it in the caller, as ``encode_image`` always does). The caption
   side's largest product (the concept bridge's 20k WordNet synsets) hands half its rows to the worker, idle by then,
   and takes them back when the worker has not started them (:meth:`Prefetch.cancel`).
-- Thread counts: the detectors' jobs run no torch code (a source turns the pixels into uint8 arrays on the calling
-  thread and the detections into tensors in the later job); a torch job runs with the caller's intra-op count, set
-  in the worker thread before it runs (:mod:`mklvisita.threads`: one per call unless told otherwise), and under the
+- Thread counts: a job that runs torch code (the detectors' jobs make their uint8 images from the model inputs, the
+  later job the image features) is started by :func:`start_torch`: it runs with the caller's intra-op count, set in
+  the worker thread before it runs (:mod:`mklvisita.threads`: one per call unless told otherwise), and under the
   caller's autograd mode (``inference_mode`` or ``no_grad``), so it computes what the caller would have. The worker
   adds one thread: inside a Matcher call (or ``inference_threads``) OpenCV's pool follows the call's count (one by
   default), and the OCR engine is built with one intra-op and one inter-op thread
@@ -180,14 +180,15 @@ def start(fn: Callable[..., Any], *args: Any) -> Prefetch:
     return done(fn(*args))
 
 
-def start_torch(fn: Callable[..., Any], *args: Any) -> Prefetch:
+def start_torch(fn: Callable[..., Any], *args: Any, graph: bool = True) -> Prefetch:
     """``fn(*args)``, torch code, as :func:`start` runs it: on the worker thread when overlap is on, with this thread's
-    intra-op count and autograd mode (``inference_mode`` or ``no_grad``); here and now while gradients are recorded
-    (a graph stays in the thread that will run backward) or when overlap is off.
+    intra-op count and autograd mode (``inference_mode`` or ``no_grad``).
 
-    ``fn`` must not wait for work started after it.
+    ``graph``: whether autograd may need ``fn``'s outputs; then, while gradients are recorded, it runs here and now
+    (a graph stays in the thread that will run backward). False (a detector's boxes): it runs without gradients
+    wherever it runs. ``fn`` must not wait for work started after it.
     """
-    if torch.is_grad_enabled():
+    if graph and torch.is_grad_enabled():
         return done(fn(*args))
     threads, inference = torch.get_num_threads(), torch.is_inference_mode_enabled()
 

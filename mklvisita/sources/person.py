@@ -13,8 +13,8 @@ Decisions:
     - It runs on the model's own input (the letterboxed 224 x 224 image, grey, histogram-equalised) with scale step
       1.2, 5 neighbours and faces of 24 px at least: ~12 ms per image on one thread in a scratch timing (1.1 / 20 px:
       ~25 ms).
-    - It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the grey images are made on the calling
-      thread, the cascade (OpenCV, which releases the GIL) runs on the overlap worker, the boxes become cells after.
+    - It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the grey images and the cascade (OpenCV,
+      which releases the GIL) on the overlap worker; the boxes become cells after.
     - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
     - Text side: the caption's person mass pi = its (expanded) class distribution's mass on
       ``kernels.options.person.classes`` (:mod:`mklvisita.sources.concept`), and for the per-word maps each token's
@@ -39,7 +39,7 @@ from ..config import ConfigError
 from ..features import ImageFeatures, TextFeatures
 from ..kernel_functions import ShareKernel
 from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
-from .overlap import Prefetch, start
+from .overlap import Prefetch, start_torch
 
 Box = tuple[int, int, int, int]  # (x, y, w, h) in input pixels
 
@@ -80,8 +80,8 @@ class FaceDetector:
         return self.detect(self.greys(pixels))
 
     def greys(self, pixels: torch.Tensor) -> list[np.ndarray]:
-        """Normalised model inputs (B, 3, H, W) -> the grey uint8 images (H, W) the cascade reads (torch: run it on
-        the calling thread)."""
+        """Normalised model inputs (B, 3, H, W) -> the grey uint8 images (H, W) the cascade reads (torch code: on the
+        overlap worker only through :func:`~mklvisita.sources.overlap.start_torch`)."""
         luma = torch.tensor((0.299, 0.587, 0.114)).view(3, 1, 1)
         out = []
         for x in pixels.detach().float().cpu():
@@ -135,7 +135,7 @@ class PersonSource(FeatureSource):
         self.register_buffer("token_person", torch.zeros(vocab, dtype=torch.float16))  # (V,) filled by fill_tokens
 
     def prefetch_image(self, pixel_values: torch.Tensor) -> Prefetch:
-        return start(self.detector.detect, self.detector.greys(pixel_values))  # the cascade, beside the backbone
+        return start_torch(self.detector.boxes, pixel_values, graph=False)  # grey images, cascade: beside the backbone
 
     def encode_image(
         self, pixel_values: torch.Tensor, img: ImageFeatures, prefetched: Prefetch | None = None

@@ -11,8 +11,8 @@ Decisions:
       engine's default, 736, took ~220 ms per image, 256 ~18 ms median and reads the same words on the tune half's
       signs; ``benchmarks/photo_score.py`` times the whole scoring call), no angle classifier, one thread, and lines
       read with confidence >= 0.5 kept. It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the
-      uint8 images are made on the calling thread, the engine (onnxruntime, which releases the GIL) runs on the
-      overlap worker, and the words become tensors after.
+      uint8 images and the engine (onnxruntime, which releases the GIL) on the overlap worker; the words become
+      tensors after.
     - Words: lower-cased letter runs of 3 or more letters, a few function words left out (``STOP``), at most
       :data:`MAX_WORDS` per image; on the caption side the same rule on the words rebuilt from its word pieces.
     - Matching is fuzzy, because OCR misreads a letter ("CROSSINC") and captions inflect ("Measuring" / "MEASURE"):
@@ -40,7 +40,7 @@ from ..config import ConfigError
 from ..features import ImageFeatures, TextFeatures
 from ..kernel_functions import KernelFunction
 from .base import FeatureSource, SourceContext, SourceEmbeddings, register_source
-from .overlap import Prefetch, start
+from .overlap import Prefetch, start_torch
 
 DIM = 256  # hashed trigram buckets
 MAX_WORDS = 16  # words kept per image
@@ -129,8 +129,8 @@ class SceneTextReader:
         return self.read_images(self.images(pixels))
 
     def images(self, pixels: torch.Tensor) -> list[np.ndarray]:
-        """Normalised model inputs (B, 3, H, W) -> the uint8 RGB images (H, W, 3) the engine reads (torch: run it on
-        the calling thread)."""
+        """Normalised model inputs (B, 3, H, W) -> the uint8 RGB images (H, W, 3) the engine reads (torch code: on
+        the overlap worker only through :func:`~mklvisita.sources.overlap.start_torch`)."""
         out = []
         for x in pixels.detach().float().cpu():
             rgb = ((x * self._std + self._mean).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
@@ -220,7 +220,7 @@ class SceneTextSource(FeatureSource):
         self.grid = tuple(ctx.vision.grids[-1])
 
     def prefetch_image(self, pixel_values: torch.Tensor) -> Prefetch:
-        return start(self.reader.read_images, self.reader.images(pixel_values))  # the OCR, beside the backbone
+        return start_torch(self.reader.read, pixel_values, graph=False)  # uint8 images and OCR, beside the backbone
 
     def encode_image(
         self, pixel_values: torch.Tensor, img: ImageFeatures, prefetched: Prefetch | None = None
