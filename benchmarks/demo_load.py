@@ -24,7 +24,8 @@ Decisions:
   again), then with batching on; each app gets one warm-up request per
   example first. The sequential phase is skipped; rows say ``batching`` off/on and the JSON gives the ratios.
 - ``--compare`` rows also give the app process's CPU time per answered request (user + system, all its threads,
-  over the concurrent phase): unlike latency and throughput it hardly depends on what else the machine runs.
+  over the concurrent phase): unlike latency and throughput it hardly depends on what else the machine runs; and
+  the machine's 1-minute load average at the phase's start and end (what else ran).
 - ``--before GIT_REF`` adds a first row to ``--compare``: the demo as it was at that commit (a ``git worktree`` of it
   in the run's temp folder, its own ``app.py``, library and checkpoints, on this environment's packages), served as
   it served then, with the same clients and inputs; the JSON adds the ratios of batching on to it. Off/on measure
@@ -361,7 +362,7 @@ def compare(args: Any) -> dict:
     extra["settings"] = {k: getattr(args, k) for k in ("clients", "requests", "inputs", "endpoint")}
     extra["command"] = " ".join(["python -m benchmarks.demo_load", *args.argv])
     print(json.dumps(extra))
-    name = f"demo_load_compare_{args.inputs}" + ("_search" if search else "")
+    name = args.name or f"demo_load_compare_{args.inputs}" + ("_search" if search else "")
     return report(name, args, rows, extra)
 
 
@@ -384,8 +385,9 @@ def _compare_one(
             match_once(client, EXAMPLES / image, captions)
         if queries is not None:
             search_once(client, "a photo")  # the example gallery's index
-        cpu0 = cpu_s(proc.pid)
+        cpu0, load0 = cpu_s(proc.pid), os.getloadavg()[0]
         conc = concurrent_phase(url, args.clients, args.requests, photos, queries)
+        conc["load_avg_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # at the start and the end
         conc["app_cpu_ms_per_request"] = 1000 * (cpu_s(proc.pid) - cpu0) / max(1, conc["answered"])
         conc["rss_after_mb"] = rss_mb(proc.pid)
     finally:
@@ -424,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
         default="match",
         help="with --compare: /match requests (default) or /search text queries over the example gallery",
     )
+    p.add_argument("--name", default=None, help="with --compare: the JSON's name (default demo_load_compare_INPUTS)")
     p.add_argument("--url", default=None, help="measure an app already running here instead of starting one")
     p.add_argument("--pid", type=int, default=None, help="with --url: the app's process id (for its RSS)")
     p.add_argument("--temp-dir", default=None, help="with --url: its GRADIO_TEMP_DIR")
@@ -436,8 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.url:
             p.error("--compare starts its own apps (batching off, then on); leave out --url")
         return compare(args)
-    if args.before or args.endpoint != "match":
-        p.error("--before and --endpoint go with --compare")
+    if args.before or args.endpoint != "match" or args.name:
+        p.error("--before, --endpoint and --name go with --compare")
     first = min(args.first, args.sequential)
 
     proc, work = None, None

@@ -181,7 +181,7 @@ def test_demo_load_compare_quick_before_a_commit_and_on_search(tmp_path):
     sends text queries. Every request answered, the worktree removed afterwards (no time is asserted)."""
     import subprocess
 
-    args = ["--compare", "--quick", "--endpoint", "search", "--before", "HEAD", "--out", str(tmp_path)]
+    args = ["--compare", "--quick", "--endpoint", "search", "--before", "HEAD", "--name", "s", "--out", str(tmp_path)]
     out = demo_load.main(args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=demo_load.ROOT, capture_output=True, text=True)
     before, off, on = out["rows"]
@@ -190,7 +190,8 @@ def test_demo_load_compare_quick_before_a_commit_and_on_search(tmp_path):
     for row in (before, off, on):
         assert row["phase"] == "concurrent /search" and row["answered"] == row["requests"] == 6 and row["failed"] == 0
     assert out["throughput_on_over_before"] == on["throughput_rps"] / before["throughput_rps"]
-    assert (tmp_path / "demo_load_compare_examples_search.json").is_file()
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == out["rows"]
+    assert all(len(row["load_avg_1min"]) == 2 and row["app_cpu_ms_per_request"] > 0 for row in out["rows"])
     trees = subprocess.run(["git", "worktree", "list"], cwd=demo_load.ROOT, capture_output=True, text=True).stdout
     assert "demo-load-" not in trees
 
