@@ -16,7 +16,7 @@ Decisions:
   ~7 ms of its calling thread there (``benchmarks/photo_score.py``'s parts). Only calls without gradients on a CPU
   go there (training, explanations and GPU work run it in the caller, as ``encode_image`` always does). The caption
   side's largest product (the concept bridge's 20k WordNet synsets) hands half its rows to the worker, idle by then,
-  and takes them back when the worker has not started them (:meth:`Prefetch.cancel`).
+  and takes them back when the worker has not started them (:meth:`Prefetch.collect`).
 - Thread counts: a job that runs torch code (the detectors' jobs make their uint8 images from the model inputs, the
   later job the image features) is started by :func:`start_torch`: it runs with the caller's intra-op count, set in
   the worker thread before it runs (:mod:`mklvisita.threads`: one per call unless told otherwise), and under the
@@ -45,7 +45,8 @@ Decisions:
   cores it only takes turns with the caller and the call slows from 125 to 146 ms
   (``docs/results/benchmarks/cotenant_threads_quiet_machine_*.json``), so it should run only where a core is idle.
   Where ``/proc/loadavg`` cannot be read, ``auto`` goes by the CPU count alone. Off, the same functions run on the
-  calling thread, in the same order, so the scores are the same either way (``tests/test_source_overlap.py``).
+  calling thread, in the same order, so the scores are the same either way (``tests/test_source_overlap.py``,
+  ``tests/test_overlap_post_backbone.py``).
 - Errors: an exception raised in the worker is raised again, the same object, in the calling thread when the source
   waits for the result. Off, it is raised when the work is started.
 """
