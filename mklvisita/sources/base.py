@@ -26,8 +26,10 @@ Decisions:
     - Order: sources in registration order (the built-in ones first, in :mod:`mklvisita.sources`), each one's
       features in the order it lists them. The order fixes the kernel names and the weights beta's layout, so it
       never depends on the order a config lists its sources in.
-    - Work that needs only the model inputs and no torch (a detector in OpenCV or onnxruntime) may start before the
-      image backbone and run beside it (:meth:`FeatureSource.prefetch_image`, :mod:`mklvisita.sources.overlap`).
+    - Work that needs only the model inputs (a detector in OpenCV or onnxruntime) may start before the image backbone
+      and run beside it (:meth:`FeatureSource.prefetch_image`, :mod:`mklvisita.sources.overlap`); ``encode_image``
+      itself may run beside the captions' encoder (:meth:`~mklvisita.model.MKLVisITA.start_encode_image`), so it
+      reads nothing but its arguments and the sources before it.
     - Settings: each source's own dataclass (``config_class``), saved as ``kernels.options[<source name>]`` and read
       strictly (an unknown or ill-typed field is a ConfigError naming it); a model fills in every default, so a
       saved config.json holds every setting a source used.
@@ -107,8 +109,9 @@ class FeatureSource(nn.Module):
     # ------------------------------------------------------------------------------------------- features
     def prefetch_image(self, pixel_values: torch.Tensor) -> Prefetch | None:
         """Optional: start the part of :meth:`encode_image` that needs only the model inputs, to run beside the image
-        backbone (:func:`mklvisita.sources.overlap.start`). The model calls it before the backbone and passes what it
-        returns to :meth:`encode_image` as ``prefetched``; a source that returns something takes that argument."""
+        backbone (:func:`mklvisita.sources.overlap.start`, or ``start_torch`` for torch code). The model calls it
+        before the backbone and passes what it returns to :meth:`encode_image` as ``prefetched`` (whose ``collect()``
+        gives the result); a source that returns something takes that argument."""
         return None
 
     def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
