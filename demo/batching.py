@@ -13,8 +13,12 @@ Decisions:
 - A batch forms while the model is busy, and, once it is free, for at most :data:`MAX_WAIT_S` (5 ms) after the
   batch's first request: a lone request on an idle demo waits 5 ms at most. :data:`MAX_BATCH` (16, the queue's
   size) requests per call at most; the requests of one checkpoint only (another checkpoint's wait for the next).
-- A batch encodes its images in one call and its captions in one call, then scores each request's image against its
-  own captions only (per-request blocks: k requests of n captions cost k x n pairs, not k x kn). A batch of one is
+- A batch encodes its captions in one call and its images :data:`IMAGE_CHUNK` (2) at a time, then scores each
+  request's image against its own captions only (per-request blocks: k requests of n captions cost k x n pairs, not
+  k x kn). Two at a time because on a CPU a larger backbone pass costs more per image: the photo checkpoint's image
+  side took 64, 62, 67, 70 and 85 ms of CPU per image in passes of 1, 2, 4, 8 and 16 (one thread, 16 example photos,
+  the shared 2-core machine), its activations outgrowing the caches. Each chunk's sources run on the overlap worker
+  beside the next chunk's backbone (``mklvisita.sources.overlap``, where a core is free). A batch of one is
   ``Matcher.score`` itself. Larger batches give the one-by-one numbers up to float32 rounding of the larger matrix
   products (about 2e-7 measured on the examples; the demo shows 6 decimals), and the same rankings.
 - Text queries over the same image index (the Search tab's text -> image, one gallery) batch together: their
@@ -35,7 +39,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,14 +49,17 @@ import torch
 from PIL import Image
 
 from mklvisita import Matcher
+from mklvisita.features import ImageFeatures
 from mklvisita.inputs import check_caption, check_whole_number
+from mklvisita.kernels import KernelEmbeddings
 from mklvisita.matcher import ImageIndex, ScoreResult, SearchResult
 from mklvisita.ranking import final_score, resolve_ranking
-from mklvisita.retrieval import TextBank, encode_captions, encode_images, match_pairs, retrieve
+from mklvisita.retrieval import ImageBank, TextBank, encode_captions, match_pairs, retrieve
 from mklvisita.threads import inference_threads
 
 MAX_BATCH = 16  # requests per model call at most (the demo's queue holds 16)
 MAX_WAIT_S = 0.005  # how long an idle model waits for a batch to fill after its first request
+IMAGE_CHUNK = 2  # images per backbone pass inside a batch (CPU: larger passes cost more per image, see decisions)
 BATCHING_ENV = "MKLVISITA_BATCHING"  # "off" (or 0, false, no): one request at a time, as before
 MODEL_LOCK = threading.Lock()  # one model call at a time, across checkpoints
 
@@ -89,11 +96,34 @@ def score_blocks(matcher: Matcher, requests: Sequence[tuple[Any, Sequence[str]]]
         return _score_blocks(matcher, requests)
 
 
+@torch.inference_mode()
+def _start_images(matcher: Matcher, images: list) -> Callable[[], ImageBank]:
+    """The images of a batch, :data:`IMAGE_CHUNK` at a time: each chunk's backbone runs now and its sources' image
+    side on the overlap worker (``MKLVisITA.start_encode_image``), beside the next chunk's backbone and, for the last
+    chunk, the captions' encoder; the returned function collects them into one bank (as
+    ``mklvisita.retrieval.encode_images`` builds it)."""
+    model = matcher.model
+    jobs = []
+    for i in range(0, len(images), IMAGE_CHUNK):
+        pixels, _ = matcher.processor.images(list(images[i : i + IMAGE_CHUNK]))
+        jobs.append(model.start_encode_image(pixels.to(matcher.device)))
+    keep = model.fusion.image_levels if model.has_itm else None
+
+    @torch.inference_mode()
+    def finish() -> ImageBank:
+        encoded = [job.collect() for job in jobs]  # each run here if the worker has not started it
+        features = None if keep is None else ImageFeatures.cat([img.keep(keep) for img in encoded])
+        return ImageBank(KernelEmbeddings.cat([model.embed_image(img) for img in encoded]), features)
+
+    return finish
+
+
 def _score_blocks(matcher: Matcher, requests: Sequence[tuple[Any, Sequence[str]]]) -> list[ScoreResult]:
     model, processor = matcher.model, matcher.processor
     captions = [c for _, cs in requests for c in cs]
-    images = encode_images(model, processor, [image for image, _ in requests])
-    texts = encode_captions(model, processor, captions)
+    finish_images = _start_images(matcher, [image for image, _ in requests])
+    texts = encode_captions(model, processor, captions)  # beside the last images' sources, as Matcher.score runs
+    images = finish_images()
     ranking = resolve_ranking(matcher)  # the checkpoint's rule (mklvisita.ranking, its one owner)
     out, start = [], 0
     for k, (_, cs) in enumerate(requests):
