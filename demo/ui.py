@@ -10,7 +10,9 @@ Decisions:
 - A user error (the library's and the demo's `ValueError`s: bad image, bad caption, limits, checkpoint not
   allowed) becomes a toast with its plain message and ONE line in the server log (logger `mklvisita.demo`), no
   traceback. Anything else is a real fault: it propagates, Gradio logs its traceback and shows a generic error.
-- Every model call shares one concurrency slot (`concurrency_id="model"`): a 2-CPU Space runs one at a time.
+- Every model call shares one concurrency slot (`concurrency_id="model"`): a 2-CPU Space runs one at a time. Match
+  and Search events are the exception: they run up to 16 at a time (`demo.batching.event_concurrency`) and meet in
+  `demo.batching`, which makes one model call of those that can share one, under the lock every model call holds.
 """
 
 from __future__ import annotations
