@@ -133,6 +133,9 @@ class FusionConfig:
     word_positions: bool = False  # track where each word looks (the centroid of its text->image attention over the
     # patch grid) and give the text self-attention relative offsets between those places (relations: "left of"
     # compares where two words' objects are); zero-initialised, so a checkpoint without it fine-tunes from as it was
+    relation_reader: bool = False  # a spatial-relation verdict in the ITM logit (fusion.RelationReader): each word's
+    # object-word and relation-word gates and a direction from its fused state, the centroids of where the object words
+    # before and after it look; needs word_positions. Off = the ITM head alone (a checkpoint without it loads as it was)
 
 
 @dataclass

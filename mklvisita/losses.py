@@ -9,7 +9,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -168,6 +168,40 @@ def relation_loss(
     return F.binary_cross_entropy_with_logits(logits, y), acc
 
 
+def relation_reader_loss(
+    rel: Any, relation_targets: torch.Tensor, word_targets: torch.Tensor | None, true_rows: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The relation reader's terms (:class:`mklvisita.fusion.RelationReader`): (loss, logs).
+
+    rel: the reader's :class:`~mklvisita.fusion.RelationEvidence` for N captions (T tokens), the first ``true_rows``
+    of them true captions; relation_targets (N, T): 1 / 0 at a relation word whose relation holds / is reversed, -1
+    elsewhere; word_targets (true_rows, T, P): which words of the true captions name an object. Terms: the verdict's
+    binary cross-entropy where a target is known and the word has objects named on both sides (support > 0.5); on
+    the true captions, the relation gate against "is a relation word" (the generator marks every relation word of a
+    true caption) and, where grounding targets exist, the object gate against "names an object"."""
+    t = min(rel.verdict.shape[1], relation_targets.shape[1])
+    targets = relation_targets[:, :t]
+    logs: dict[str, float] = {}
+    total = rel.verdict.new_zeros(())
+    known = (targets >= 0) & (rel.support[:, :t] > 0.5)
+    if known.any():
+        v, y = rel.verdict[:, :t][known], targets[known].to(rel.verdict.dtype)
+        total = total + F.binary_cross_entropy_with_logits(v, y)
+        logs["reader_acc"] = float(((v > 0).to(y.dtype) == y).float().mean())
+    tokens = torch.zeros_like(targets[:true_rows], dtype=torch.bool)
+    tokens[:, 1:] = True  # [CLS] is no word (padding positions are gated out at inference; harmless here)
+    gate = rel.relation_gate[:true_rows, :t][tokens]
+    total = total + F.binary_cross_entropy_with_logits(gate, (targets[:true_rows] >= 0)[tokens].to(gate.dtype))
+    if word_targets is not None:
+        tw = min(t, word_targets.shape[1])
+        named = word_targets[:true_rows, :tw].sum(-1) > 0  # (true_rows, tw)
+        rows = named.any(-1, keepdim=True) & tokens[:, :tw]  # captions with grounding targets (not counts)
+        if rows.any():
+            og = rel.object_gate[:true_rows, :tw][rows]
+            total = total + F.binary_cross_entropy_with_logits(og, named[rows].to(og.dtype))
+    return total, logs
+
+
 def training_losses(
     model: Any,
     pixel_values: torch.Tensor,
@@ -304,6 +338,14 @@ def _itm_terms(
         terms["relation"] = (cfg.relation_weight, term)
         if acc is not None:
             logs["relation_acc"] = acc
+    if m.relation is not None and relation_targets is not None and cfg.relation_weight > 0:
+        # the positives' captions (the first b pairs), then the dataset negatives' (the last b) when given
+        rows = torch.cat([ar, ar + len(ii) - b]) if neg is not None else ar
+        rel = type(m.relation)(*(getattr(m.relation, f.name)[rows] for f in fields(m.relation)))
+        targets = relation_targets[:, 0] if neg is None else torch.cat([relation_targets[:, 0], relation_targets[:, 1]])
+        term, more = relation_reader_loss(rel, targets, word_targets, b)
+        terms["reader"] = (cfg.relation_weight, term)
+        logs.update(more)
     hit = m.logits.argmax(-1) == labels
     logs["itm_acc"] = float(hit.float().mean())
     logs["itm_acc_pos"] = float(hit[:b].float().mean())

@@ -31,7 +31,7 @@ from .checkpoint import resolve as resolve_checkpoint  # noqa: F401  (re-exporte
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
 from .features import ImageFeatures, TextFeatures
-from .fusion import HierarchicalFusion, LayerAttentions
+from .fusion import HierarchicalFusion, LayerAttentions, RelationEvidence
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import MKLVisITAOutput, training_losses
 from .sources import SourceContext, build_sources
@@ -47,6 +47,7 @@ class MatchOutput:
     prob: torch.Tensor  # (B,) match probability
     attentions: list[LayerAttentions]  # one per fusion layer
     text_states: torch.Tensor | None = None  # (B, T, W) fused text entering the last fusion layer (with attentions)
+    relation: RelationEvidence | None = None  # the relation reader's evidence (``fusion.relation_reader``)
 
 
 class MKLVisITA(
@@ -88,6 +89,7 @@ class MKLVisITA(
         self.fusion: HierarchicalFusion | None = None
         self.itm_head: nn.Linear | None = None
         self.itm_similarity_weight: nn.Parameter | None = None
+        self.itm_relation_weight: nn.Parameter | None = None
         if f.enabled:
             levels = self._fusion_levels()
             self.fusion = HierarchicalFusion(
@@ -103,6 +105,8 @@ class MKLVisITA(
             self.itm_head = nn.Linear(f.width, 2)
             # Weight of S in the match logit (S is within [-1, 1]; 5 makes a 0.4 gap in S worth 2 nats at init).
             self.itm_similarity_weight = nn.Parameter(torch.tensor(5.0)) if f.itm_similarity else None
+            # Weight of the relation reader's evidence in the match logit (fusion.RelationReader).
+            self.itm_relation_weight = nn.Parameter(torch.tensor(1.0)) if f.relation_reader else None
         read = [lv for s in sources for lv in s.image_levels]
         self.image_levels = sorted({*read, self.vision.depth - 1, *(self.fusion.image_levels if self.fusion else [])})
         self.text_levels = sorted({lv for s in sources for lv in s.text_levels})
@@ -316,7 +320,10 @@ class MKLVisITA(
         if self.itm_similarity_weight is not None:
             s = self.similarity(img_emb, txt_emb, pairwise=True).similarity  # (B,)
             logits = logits + torch.stack([torch.zeros_like(s), self.itm_similarity_weight * s], -1)
-        return MatchOutput(logits, logits.softmax(-1)[:, 1], out.attentions, out.last_input)
+        if self.itm_relation_weight is not None and out.relation is not None:
+            r = self.itm_relation_weight * out.relation.evidence  # (B,)
+            logits = logits + torch.stack([torch.zeros_like(r), r], -1)
+        return MatchOutput(logits, logits.softmax(-1)[:, 1], out.attentions, out.last_input, out.relation)
 
     # ------------------------------------------------------------------------------------------- training
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
