@@ -94,6 +94,23 @@ def test_a_bad_request_gets_its_own_error_and_the_others_their_results(matcher):
         np.testing.assert_allclose(results[i].similarity, matcher.score([image], captions).similarity, atol=1e-5)
 
 
+def test_captions_a_batch_has_seen_are_not_encoded_again(matcher, monkeypatch):
+    """demo.batching keeps encoded captions per checkpoint (least recently used out); a batch that reuses them gives
+    the one-by-one numbers all the same."""
+    cache = batching.CaptionCache(capacity=4)
+    monkeypatch.setattr(batching, "CAPTIONS", cache)
+    requests = _loaded(REQUESTS[:2])  # 3 + 2 captions, all different
+    batching.score_blocks(matcher, requests)
+    assert cache.encoded == 5  # the first kept caption ("a cat") is out again: 4 kept
+    swapped = [(requests[0][0], requests[1][1]), (requests[1][0], requests[0][1] + ["a cat"])]
+    results = batching.score_blocks(matcher, swapped)
+    assert cache.encoded == 6  # only "a cat" again (once, though the batch has it twice)
+    for (image, captions), got in zip(swapped, results):
+        alone = matcher.score([image], captions)
+        for name in FIELDS:
+            np.testing.assert_allclose(getattr(got, name), getattr(alone, name), atol=1e-5, equal_nan=True)
+
+
 def test_batches_hold_the_model_lock_and_wait_for_it(monkeypatch):
     """While another model call (an explanation, say) holds the lock, Match requests queue and then go in one call."""
     lock = threading.Lock()
