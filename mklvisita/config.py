@@ -133,6 +133,9 @@ class FusionConfig:
     word_positions: bool = False  # track where each word looks (the centroid of its text->image attention over the
     # patch grid) and give the text self-attention relative offsets between those places (relations: "left of"
     # compares where two words' objects are); zero-initialised, so a checkpoint without it fine-tunes from as it was
+    itm_head_scale: float = 1.0  # factor on the ITM head's fused-[CLS] logits before S and the relation evidence join
+    # them: a calibration for a domain the head was not trained on (the photo checkpoint's head learned on clip art),
+    # chosen after training on held-out tune data (training.photo_fusion_tune); 1 = as trained
     relation_reader: bool = False  # a spatial-relation verdict in the ITM logit (fusion.RelationReader): each word's
     # object-word and relation-word gates and a direction from its fused state, the centroids of where the object words
     # before and after it look; needs word_positions. Off = the ITM head alone (a checkpoint without it loads as it was)
@@ -235,6 +238,10 @@ class MKLVisITAConfig:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:
             raise ConfigError(f"fusion.width ({self.fusion.width}) must be divisible by fusion.heads")
+        if not 0.0 <= self.fusion.itm_head_scale <= 10.0:
+            raise ConfigError(
+                f"fusion.itm_head_scale must be within [0, 10] (1 = as trained), not {self.fusion.itm_head_scale}"
+            )
         if self.loss.itm_sampled not in ("both", "text", "image", "none"):
             raise ConfigError(
                 f"loss.itm_sampled must be 'both', 'text', 'image' or 'none', not {self.loss.itm_sampled!r}"

@@ -317,6 +317,8 @@ class MKLVisITA(
             img.levels, txt.levels[self.text.depth - 1], txt.attention_mask, affinity, image_index, output_attentions
         )
         logits = self.itm_head(out.cls)  # (B, 2)
+        if self.config.fusion.itm_head_scale != 1.0:  # the head's calibration on a new domain (FusionConfig)
+            logits = logits * self.config.fusion.itm_head_scale
         if self.itm_similarity_weight is not None:
             s = self.similarity(img_emb, txt_emb, pairwise=True).similarity  # (B,)
             logits = logits + torch.stack([torch.zeros_like(s), self.itm_similarity_weight * s], -1)

@@ -153,3 +153,34 @@ def test_training_step_trains_the_reader_and_its_weight_in_the_logit():
     out.loss.backward()
     assert model.fusion.relation_reader.heads.weight.grad.abs().sum() > 0
     assert model.itm_relation_weight.grad is not None and model.itm_relation_weight.grad.abs() > 0
+
+
+def test_itm_head_scale_scales_only_the_heads_part_of_the_match_logit():
+    model = _model(True)
+    captions = ["a red circle to the left of a blue square", "a star"]
+    enc = Processor(model.config, model.tokenizer).captions(captions)
+    s = model.config.vision.image_size
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(1, 3, s, s))
+        txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
+        ii = torch.zeros(2, dtype=torch.long)
+        full = model.match(img, txt, image_index=ii, output_attentions=False)
+        model.config.fusion.itm_head_scale = 0.25
+        try:
+            scaled = model.match(img, txt, image_index=ii, output_attentions=False)
+        finally:
+            model.config.fusion.itm_head_scale = 1.0
+        s_part = model.itm_similarity_weight * model.similarity(
+            model.embed_image(img).select(ii), model.embed_text(txt), pairwise=True
+        ).similarity
+    rest = torch.stack([torch.zeros_like(s_part), s_part + model.itm_relation_weight * full.relation.evidence], -1)
+    torch.testing.assert_close(scaled.logits - rest, 0.25 * (full.logits - rest), atol=1e-5, rtol=1e-5)
+
+
+def test_itm_head_scale_out_of_range_is_refused():
+    from mklvisita.config import ConfigError
+
+    cfg = micro_config()
+    cfg.fusion = dataclasses.replace(cfg.fusion, itm_head_scale=-1.0)
+    with pytest.raises(ConfigError, match="itm_head_scale"):
+        cfg.validate()

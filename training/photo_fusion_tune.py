@@ -29,14 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# Small weights too: a hard negative's S is within a few hundredths of its caption's, so even 0.05 x a confident ITM
+# can decide a binding pair while it barely moves a retrieval ranking.
+WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @torch.no_grad()
-def _scores(model: Any, processor: Any, spec: str, split: str, k: int, limit: int = 0) -> dict[str, Any]:
-    """S, the ITM of the top-k pairs of each query and of the hard-negative pairs, for one data spec."""
+def _encode(model: Any, processor: Any, spec: str, split: str, k: int, limit: int = 0) -> dict[str, Any]:
+    """One data spec's encodings, S of every pair, and the pairs ITM scores: the top k of each query, and each
+    caption and its hard negative on the caption's image."""
     from mklvisita.evaluation import load_eval_data
-    from mklvisita.retrieval import encode_captions, encode_images, match_pairs, similarity_matrix
+    from mklvisita.retrieval import encode_captions, encode_images, similarity_matrix
 
     data = load_eval_data(spec, split, limit)
     images = encode_images(model, processor, data.images)
@@ -48,19 +51,29 @@ def _scores(model: Any, processor: Any, spec: str, split: str, k: int, limit: in
     pairs = {(int(i), int(t)) for i in range(sim.shape[0]) for t in top_i[i]}
     pairs |= {(int(i), int(t)) for t in range(sim.shape[1]) for i in top_t[t]}
     ordered = sorted(pairs)
-    ii = torch.tensor([p[0] for p in ordered])
-    tt = torch.tensor([p[1] for p in ordered])
-    itm = torch.full_like(sim, float("nan"))
-    itm[ii, tt] = match_pairs(model, images, texts, ii, tt)
-    out = {"sim": sim.numpy(), "itm": itm.numpy(), "top_i": top_i.numpy(), "top_t": top_t.numpy(), "data": data}
+    out = {"sim": sim.numpy(), "top_i": top_i.numpy(), "top_t": top_t.numpy(), "data": data, "images": images}
+    out.update(texts=texts, ii=torch.tensor([p[0] for p in ordered]), tt=torch.tensor([p[1] for p in ordered]))
     if data.negatives is not None:
+        out["negs"] = encode_captions(model, processor, data.negatives)
+    return out
+
+
+@torch.no_grad()
+def _scores(model: Any, enc: dict[str, Any]) -> dict[str, Any]:
+    """ITM of the top-k pairs (NaN elsewhere) and the binding pairs' (S, ITM) under the model's current config."""
+    from mklvisita.retrieval import match_pairs
+
+    sim = enc["sim"]
+    itm = np.full(sim.shape, np.nan, dtype=np.float32)
+    itm[enc["ii"].numpy(), enc["tt"].numpy()] = match_pairs(model, enc["images"], enc["texts"], enc["ii"], enc["tt"])
+    out = {**enc, "itm": itm}
+    if "negs" in enc:
         from mklvisita.evaluation import pair_scores
 
-        negs = encode_captions(model, processor, data.negatives)
-        idx = np.arange(len(data.captions))
-        image_of = np.asarray(data.txt2img)
-        out["pos"] = pair_scores(model, images, texts, image_of, idx)
-        out["neg"] = pair_scores(model, images, negs, image_of, idx)
+        idx = np.arange(len(enc["data"].captions))
+        image_of = np.asarray(enc["data"].txt2img)
+        out["pos"] = pair_scores(model, enc["images"], enc["texts"], image_of, idx)
+        out["neg"] = pair_scores(model, enc["images"], enc["negs"], image_of, idx)
     return out
 
 
@@ -79,40 +92,59 @@ def _ranked(s: dict[str, Any], w: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sweep(
-    model: Any, processor: Any, split: str = "tune", weights: tuple[float, ...] = WEIGHTS, limit: int = 0
+    model: Any,
+    processor: Any,
+    split: str = "tune",
+    weights: tuple[float, ...] = WEIGHTS,
+    limit: int = 0,
+    head_scales: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
-    """Per weight: single-stamp retrieval and relation binding on ``split``; the chosen weight by the module's rule.
-    ``limit`` > 0: the first ``limit`` images of each set (a quick check, not a choice)."""
+    """Per ITM head scale and weight: single-stamp retrieval and relation binding on ``split``; the chosen pair by
+    the module's rule. ``limit`` > 0: the first ``limit`` images of each set (a quick check, not a choice)."""
     from mklvisita.evaluation import binding_metrics
     from mklvisita.metrics import retrieval_metrics
 
     k = model.config.ranking.k
-    stamps = _scores(model, processor, "tuxpaint", split, k, limit)
-    relations = _scores(model, processor, "tuxpaint-relations", split, k, limit)
+    encoded = [_encode(model, processor, spec, split, k, limit) for spec in ("tuxpaint", "tuxpaint-relations")]
+    trained_scale = model.config.fusion.itm_head_scale
     rows = []
-    for w in weights:
-        i2t, t2i = _ranked(stamps, w)
-        single = retrieval_metrics(i2t, stamps["data"].txt2img, t2i)
-        r_i2t, r_t2i = _ranked(relations, w)
-        rel = retrieval_metrics(r_i2t, relations["data"].txt2img, r_t2i)
-        (ps, pi), (ns, ni) = relations["pos"], relations["neg"]
-        binding = binding_metrics(w * pi + ps, w * ni + ns, relations["data"].negative_kinds)
-        rows.append(
-            {
-                "itm_weight": w,
-                "single_i2t_r1": single["i2t_r1"],
-                "single_t2i_r1": single["t2i_r1"],
-                "single_r1_mean": (single["i2t_r1"] + single["t2i_r1"]) / 2,
-                "relations_i2t_r1": rel["i2t_r1"],
-                "relations_t2i_r1": rel["t2i_r1"],
-                **binding,
-            }
-        )
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    try:
+        for g in head_scales:
+            model.config.fusion.itm_head_scale = g
+            stamps, relations = (_scores(model, enc) for enc in encoded)
+            for w in weights:
+                i2t, t2i = _ranked(stamps, w)
+                single = retrieval_metrics(i2t, stamps["data"].txt2img, t2i)
+                r_i2t, r_t2i = _ranked(relations, w)
+                rel = retrieval_metrics(r_i2t, relations["data"].txt2img, r_t2i)
+                (ps, pi), (ns, ni) = relations["pos"], relations["neg"]
+                binding = binding_metrics(w * pi + ps, w * ni + ns, relations["data"].negative_kinds)
+                rows.append(
+                    {
+                        "itm_head_scale": g,
+                        "itm_weight": w,
+                        "single_i2t_r1": single["i2t_r1"],
+                        "single_t2i_r1": single["t2i_r1"],
+                        "single_r1_mean": (single["i2t_r1"] + single["t2i_r1"]) / 2,
+                        "relations_i2t_r1": rel["i2t_r1"],
+                        "relations_t2i_r1": rel["t2i_r1"],
+                        **binding,
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        model.config.fusion.itm_head_scale = trained_scale
     floor = next(r["single_r1_mean"] for r in rows if r["itm_weight"] == 0.0) - 1.0
     allowed = [r for r in rows if r["single_r1_mean"] >= floor] or rows[:1]
-    chosen = max(allowed, key=lambda r: (r["binding_acc"], -r["itm_weight"]))
-    return {"split": split, "k": k, "rows": rows, "single_r1_floor": floor, "chosen_itm_weight": chosen["itm_weight"]}
+    chosen = max(allowed, key=lambda r: (r["binding_acc"], -r["itm_weight"], r["itm_head_scale"]))
+    return {
+        "split": split,
+        "k": k,
+        "rows": rows,
+        "single_r1_floor": floor,
+        "chosen_itm_weight": chosen["itm_weight"],
+        "chosen_itm_head_scale": chosen["itm_head_scale"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="the first N images of each set only (a quick check)")
     parser.add_argument("--beta-from", help="use this checkpoint's kernel weights beta (same kernels) instead")
     parser.add_argument("--write", help="save the checkpoint with the chosen ranking.itm_weight to this folder")
+    parser.add_argument(
+        "--head-scales",
+        default="1",
+        help="comma-separated ITM head scales to sweep with the weights (fusion.itm_head_scale; > 0 keeps Grad-CAM)",
+    )
     args = parser.parse_args(argv)
 
     from mklvisita import MKLVisITA
@@ -138,15 +175,22 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--beta-from has kernels {other.kernel_names}, this checkpoint {model.kernel_names}")
         with torch.no_grad():
             model.kernels.logits.copy_(other.kernels.logits)
-    result = sweep(model, Processor(model.config, model.tokenizer), args.split, limit=args.limit)
+    try:
+        scales = tuple(float(x) for x in args.head_scales.split(","))
+    except ValueError:
+        parser.error(f"--head-scales takes comma-separated numbers, not {args.head_scales!r}")
+    if not all(0 < g <= 10 for g in scales):
+        parser.error("--head-scales must be within (0, 10]: at 0 the fusion gives Grad-CAM nothing to explain")
+    result = sweep(model, Processor(model.config, model.tokenizer), args.split, limit=args.limit, head_scales=scales)
     result["beta"] = dict(zip(model.kernel_names, [round(x, 4) for x in model.kernel_weights().tolist()]))
     result["command"] = "python -m training.photo_fusion_tune " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"chosen itm_weight {result['chosen_itm_weight']} (written to {out})")
+    print(f"chosen itm_weight {result['chosen_itm_weight']}, itm_head_scale {result['chosen_itm_head_scale']} ({out})")
     if args.write:
         model.config.ranking.itm_weight = float(result["chosen_itm_weight"])
+        model.config.fusion.itm_head_scale = float(result["chosen_itm_head_scale"])
         model.save_pretrained(args.write)
     return 0
 
