@@ -170,9 +170,10 @@ def test_itm_head_scale_scales_only_the_heads_part_of_the_match_logit():
             scaled = model.match(img, txt, image_index=ii, output_attentions=False)
         finally:
             model.config.fusion.itm_head_scale = 1.0
-        s_part = model.itm_similarity_weight * model.similarity(
-            model.embed_image(img).select(ii), model.embed_text(txt), pairwise=True
-        ).similarity
+        s_part = (
+            model.itm_similarity_weight
+            * model.similarity(model.embed_image(img).select(ii), model.embed_text(txt), pairwise=True).similarity
+        )
     rest = torch.stack([torch.zeros_like(s_part), s_part + model.itm_relation_weight * full.relation.evidence], -1)
     torch.testing.assert_close(scaled.logits - rest, 0.25 * (full.logits - rest), atol=1e-5, rtol=1e-5)
 
