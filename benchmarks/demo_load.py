@@ -325,6 +325,18 @@ def worktree(ref: str, folder: Path) -> tuple[Path, str]:
     return folder, commit.stdout.strip()
 
 
+def code_state() -> str:
+    """The commit the apps run, and the files of the app's code (``app.py``, ``demo/``, ``mklvisita/``) that differ
+    from it in the working tree."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--", "app.py", "demo", "mklvisita"], cwd=ROOT, capture_output=True, text=True
+    )
+    files = [line[3:] for line in changed.stdout.splitlines() if line.strip()]
+    state = f"commit {head.stdout.strip() or 'unknown'}"
+    return state + (f" with uncommitted changes to {', '.join(files)}" if files else " (app code as committed)")
+
+
 def remove_worktree(folder: Path) -> None:
     subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, capture_output=True)
 
@@ -333,6 +345,7 @@ def compare(args: Any) -> dict:
     """The concurrent phase with batching off, then on, each against a fresh app (see the module's decisions); with
     ``--before``, first against the demo at that commit."""
     rows = []
+    code = code_state()  # when the apps start
     search = args.endpoint == "search"
     with tempfile.TemporaryDirectory(prefix="demo-load-") as work:
         photos = None if search else _photos_for(args, Path(work))
@@ -359,6 +372,7 @@ def compare(args: Any) -> dict:
         extra["p50_on_over_before"] = on["p50_ms"] / before["p50_ms"]
         extra["throughput_on_over_before"] = on["throughput_rps"] / before["throughput_rps"]
         extra["before"] = args.before
+    extra["code"] = code
     extra["settings"] = {k: getattr(args, k) for k in ("clients", "requests", "inputs", "endpoint")}
     extra["command"] = " ".join(["python -m benchmarks.demo_load", *args.argv])
     print(json.dumps(extra))

@@ -192,6 +192,7 @@ def test_demo_load_compare_quick_before_a_commit_and_on_search(tmp_path):
     assert out["throughput_on_over_before"] == on["throughput_rps"] / before["throughput_rps"]
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == out["rows"]
     assert all(len(row["load_avg_1min"]) == 2 and row["app_cpu_ms_per_request"] > 0 for row in out["rows"])
+    assert out["code"].startswith("commit ")
     trees = subprocess.run(["git", "worktree", "list"], cwd=demo_load.ROOT, capture_output=True, text=True).stdout
     assert "demo-load-" not in trees
 
