@@ -6,10 +6,10 @@ No Gradio here: the tabs take the events' concurrency from :func:`event_concurre
 
 Decisions:
 
-- One model call at a time, as before: every model call of the demo (a batch of Match requests, an explanation, a
+- One model call at a time: every model call of the demo (a batch of Match requests, an explanation, a
   score matrix, a search) holds :data:`MODEL_LOCK`. What a request does besides (decoding its upload, drawing its
-  figure, gradio's own work) runs in its own thread, beside the model call of others; that is why Match events get
-  a concurrency limit of :data:`MAX_BATCH` instead of the shared "model" slot's 1.
+  figure, gradio's own work) runs in its own thread, beside the model call of others; that is why Match and Search
+  events get a concurrency limit of :data:`MAX_BATCH` instead of the shared "model" slot's 1.
 - A batch forms while the model is busy, and, once it is free, for at most :data:`MAX_WAIT_S` (5 ms) after the
   batch's first request: a lone request on an idle demo waits 5 ms at most. :data:`MAX_BATCH` (16, the queue's
   size) requests per call at most; the requests of one checkpoint only (another checkpoint's wait for the next).
@@ -23,9 +23,9 @@ Decisions:
   products (about 2e-7 measured on the examples; the demo shows 6 decimals), and the same rankings.
 - Captions a batched Match call has encoded are kept per checkpoint (:class:`CaptionCache`, the last 1,024): a
   visitor who tries several photos with the same captions, or the examples' captions, has them encoded once. A
-  caption costs about 3 ms of CPU in a batch (15 ms alone), an image about 60 ms, so this saves a few percent per
-  request. A kept caption gives the numbers of the batch that first encoded it, equal to a fresh encoding up to the
-  same float32 rounding.
+  caption costs about 3 ms of CPU in a batch (15 ms alone), an image about 60 ms: a request of one new photo and
+  three known captions saves about a tenth of its CPU. A kept caption gives the numbers of the batch that first
+  encoded it, equal to a fresh encoding up to the same float32 rounding.
 - Text queries over the same image index (the Search tab's text -> image, one gallery) batch together: their
   captions are encoded in one call (:func:`search_images_many`), then each query is ranked alone by the cascade
   ``Matcher.search_images`` runs (its ranking depth and its reading of the top k), so a batched query gets the
