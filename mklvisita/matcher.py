@@ -35,9 +35,15 @@ from .retrieval import ImageBank, TextBank, encode_captions, encode_images, matc
 from .threads import uses_inference_threads
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# The embedded checkpoints by name: "shapes" (tiny ViT trained on shapes scenes) and "photo" (concept kernels on the
-# pip-installed EfficientNet-Lite0 + MiniLM; its backbones come from their packages).
-EMBEDDED = {"shapes": ASSETS / "mklvisita-shapes", "photo": ASSETS / "mklvisita-photo"}
+# The embedded checkpoints by name: "shapes" (tiny ViT trained on shapes scenes), "photo" (concept, colour, person and
+# scene-text kernels on the pip-installed EfficientNet-Lite0 + MiniLM, whose backbones come from their packages, with
+# a fusion branch, ITM head and relation reader trained on clip-art composites) and "photo-sources" (the same kernels
+# without the fusion: the photo checkpoint's starting point, a similarity-only baseline).
+EMBEDDED = {
+    "shapes": ASSETS / "mklvisita-shapes",
+    "photo": ASSETS / "mklvisita-photo",
+    "photo-sources": ASSETS / "mklvisita-photo-sources",
+}
 DEFAULT_NAME = "photo"  # Matcher.default() with no name: the demo's default (real photographs, offline)
 DEFAULT_CHECKPOINT = EMBEDDED[DEFAULT_NAME]
 DEFAULT_ENV = "MKLVISITA_DEFAULT_CHECKPOINT"  # overrides the embedded checkpoint's folder
@@ -131,10 +137,12 @@ class Matcher:
         """An embedded checkpoint shipped in ``assets/`` (loads with no network).
 
         Args:
-            name: "photo" (concept kernels on the pip-installed EfficientNet-Lite0 + MiniLM: real photographs) or
-                "shapes" (the tiny ViT trained on shapes scenes; much cheaper to load, which tests and quick
-                benchmarks want). None = the demo's default, :data:`DEFAULT_NAME` ("photo", as ``python app.py``
-                shows); ``$MKLVISITA_DEFAULT_CHECKPOINT`` overrides its folder (never a named one's).
+            name: "photo" (kernels over fixed sources on the pip-installed EfficientNet-Lite0 + MiniLM, with a
+                fusion branch trained on clip-art composites: real photographs), "photo-sources" (the same without
+                the fusion: similarity only) or "shapes" (the tiny ViT trained on shapes scenes; much cheaper to
+                load, which tests and quick benchmarks want). None = the demo's default, :data:`DEFAULT_NAME`
+                ("photo", as ``python app.py`` shows); ``$MKLVISITA_DEFAULT_CHECKPOINT`` overrides its folder (never
+                a named one's).
             device: where to put the model.
         """
         if name is not None and name not in EMBEDDED:
@@ -144,7 +152,9 @@ class Matcher:
             rebuild = {
                 "shapes": "`python -m training.train --config training/configs/shapes.yaml` and copy the run's "
                 "release folder there",
-                "photo": "`python -m training.photo --out assets/mklvisita-photo`",
+                "photo-sources": "`python -m training.photo --out assets/mklvisita-photo-sources`",
+                "photo": "`python -m training.photo --out assets/mklvisita-photo-sources`, then the two training "
+                "configs training/configs/photo_fusion.yaml and photo_fusion_reader.yaml (docs/training.md)",
             }[name or DEFAULT_NAME]
             raise CheckpointError(
                 f"the embedded {name or 'default'} checkpoint is missing ({folder.name}). Rebuild it with {rebuild}"

@@ -55,6 +55,14 @@ def photo_matcher():
 
 
 @pytest.fixture(scope="session")
+def sources_matcher():
+    """The photo sources checkpoint: the photo checkpoint's kernels without its fusion (a checkpoint with no ITM)."""
+    from mklvisita import Matcher
+
+    return Matcher.default("photo-sources")
+
+
+@pytest.fixture(scope="session")
 def shapes_matcher():
     from mklvisita import Matcher
 

@@ -44,6 +44,7 @@ from tests.app_fixtures import (  # noqa: F401
     matcher,
     photo_matcher,
     shapes_matcher,
+    sources_matcher,
 )
 
 
@@ -186,8 +187,8 @@ def test_match_ranks_captions_by_score_and_splits_similarity_by_kernel(matcher) 
     json.dumps(view.result)  # the /match payload must be plain JSON
 
 
-def test_match_on_a_checkpoint_without_fusion_ranks_by_s_and_shows_no_itm(photo_matcher) -> None:  # noqa: F811
-    view = match(photo_matcher, str(CAT), "a cup of coffee on a saucer\na tabby cat lying on a rug")
+def test_match_on_a_checkpoint_without_fusion_ranks_by_s_and_shows_no_itm(sources_matcher) -> None:  # noqa: F811
+    view = match(sources_matcher, str(CAT), "a cup of coffee on a saucer\na tabby cat lying on a rug")
     assert list(view.table.columns) == ["rank", "caption", "score", "S"]
     assert view.captions[0] == "a tabby cat lying on a rug"
     assert all(row["itm"] is None for row in view.result["ranking"])
@@ -271,7 +272,7 @@ def test_explain_scale_and_word_selection(matcher) -> None:  # noqa: F811
         select_word(matcher, str(SHAPES[2]), caption, DEFAULT_LAYER, "gradcam", "per_map", "circle", cache)
 
 
-def test_explain_rejects_a_missing_fusion_layer_and_unknown_options(matcher, photo_matcher) -> None:  # noqa: F811
+def test_explain_rejects_a_missing_fusion_layer_and_unknown_options(matcher, sources_matcher) -> None:  # noqa: F811
     n = len(matcher.fusion_kernel_weights())
     assert n > 0
     with pytest.raises(ValueError, match="does not exist"):
@@ -283,11 +284,11 @@ def test_explain_rejects_a_missing_fusion_layer_and_unknown_options(matcher, pho
         explain(matcher, str(CAT), "a cat", scale="log")
     with pytest.raises(ValueError, match="at least one caption"):
         explain(matcher, str(CAT), "   ")
-    # the photo checkpoint has no fusion head: kernel maps only, said plainly
-    assert methods(photo_matcher) == ["kernel"] and methods(matcher) == ["gradcam", "attention", "kernel"]
+    # the photo sources checkpoint has no fusion head: kernel maps only, said plainly
+    assert methods(sources_matcher) == ["kernel"] and methods(matcher) == ["gradcam", "attention", "kernel"]
     with pytest.raises(ValueError, match="cannot explain by 'gradcam'"):
-        explain(photo_matcher, str(CAT), "a cat", method="gradcam")
-    assert explain(photo_matcher, str(CAT), "a cat").info["method"] == "kernel"
+        explain(sources_matcher, str(CAT), "a cat", method="gradcam")
+    assert explain(sources_matcher, str(CAT), "a cat").info["method"] == "kernel"
 
 
 def test_fusion_layers_are_named_alike_everywhere(matcher) -> None:  # noqa: F811
@@ -324,12 +325,12 @@ def test_matrix_scores_every_pair_and_marks_best_matches(matcher) -> None:  # no
         matrix(matcher, files, "a cat", "loss")
 
 
-def test_matrix_defaults_to_the_ranking_score_and_refuses_itm_without_fusion(photo_matcher) -> None:  # noqa: F811
-    view = matrix(photo_matcher, [str(CAT), str(SHAPES[0])], "a cat\na cross")
+def test_matrix_defaults_to_the_ranking_score_and_refuses_itm_without_fusion(sources_matcher) -> None:  # noqa: F811
+    view = matrix(sources_matcher, [str(CAT), str(SHAPES[0])], "a cat\na cross")
     assert list(view.best.columns)[-1] == "score"
     json.dumps(view.result)  # ITM is null, not NaN
     with pytest.raises(ValueError, match="no fusion head"):
-        matrix(photo_matcher, [str(CAT)], "a cat", "itm")
+        matrix(sources_matcher, [str(CAT)], "a cat", "itm")
 
 
 def test_search_both_ways_over_the_example_gallery(matcher) -> None:  # noqa: F811
@@ -344,9 +345,9 @@ def test_search_both_ways_over_the_example_gallery(matcher) -> None:  # noqa: F8
     assert list(captions.columns) == ["rank", "caption", "score", "ITM", "S"]
 
 
-def test_search_on_a_checkpoint_without_fusion_shows_no_itm_column(photo_matcher) -> None:  # noqa: F811
+def test_search_on_a_checkpoint_without_fusion_shows_no_itm_column(sources_matcher) -> None:  # noqa: F811
     gallery = load_example_gallery()
-    _, captions, _ = search(photo_matcher, "", str(CAT), None, "", 3, example_gallery=gallery)
+    _, captions, _ = search(sources_matcher, "", str(CAT), None, "", 3, example_gallery=gallery)
     assert list(captions.columns) == ["rank", "caption", "score", "S"]  # like the Match tab: no empty column
     assert captions["caption"].iloc[0] == "a tabby cat lying on a rug"
 
@@ -364,14 +365,14 @@ def test_search_over_uploaded_images_and_captions(matcher) -> None:  # noqa: F81
 # ------------------------------------------------------------------------------------------------ Model
 
 
-def test_model_info_shows_every_kernel_weights_card_and_metrics(matcher, photo_matcher) -> None:  # noqa: F811
+def test_model_info_shows_every_kernel_weights_card_and_metrics(matcher, sources_matcher) -> None:  # noqa: F811
     view = model_info(matcher)
     assert isinstance(view.weights_plot, Image.Image) and isinstance(view.levels_plot, Image.Image)
     weights = matcher.kernel_weights()
     assert list(view.table["kernel"]) == list(weights)
     assert view.table["similarity S"].sum() == pytest.approx(1.0, abs=1e-2)
     assert isinstance(view.card, str) and view.card and isinstance(view.metrics, dict)
-    photo = model_info(photo_matcher)
+    photo = model_info(sources_matcher)
     assert {"concept/cosine", "concept_class/cosine", "concept_local/cosine"} <= set(photo.table["kernel"])
     assert photo.levels_plot is None and list(photo.table.columns) == ["kernel", "similarity S"]
 

@@ -169,7 +169,7 @@ def test_match_in_the_browser(browser, server, server_matcher, matcher, tmp_path
     assert ranked[0] == captions[0]  # the photo checkpoint knows a tabby cat
     # Every number of the ranking is in view at 1400 px: no horizontal scroll, no column cut off.
     seen = ranking.evaluate(NUMERIC_COLUMNS_VISIBLE)
-    assert seen["names"] == ["score", "S"] and not seen["scrolls"] and not seen["hidden"], seen
+    assert seen["names"] == ["score", "ITM", "S"] and not seen["scrolls"] and not seen["hidden"], seen
     page.locator("#match-contributions img").first.wait_for(state="visible")
     assert page.evaluate(TOOLBARS_OVER_FIGURES) == []
     assert page.evaluate(SIDEWAYS_SCROLLERS) == []
@@ -315,7 +315,8 @@ def test_search_results_read_in_full(browser, server) -> None:  # noqa: F811
     page.locator("#search-button").click()
     page.wait_for_function("() => document.querySelectorAll('#search-images .caption-label').length === 5")  # top 5
     labels = page.locator("#search-images .caption-label").all_inner_texts()
-    assert all(re.fullmatch(r"#\d+ score -?\d\.\d+ \S+\.(jpg|png)", " ".join(t.split())) for t in labels), labels
+    label = r"#\d+ score -?\d\.\d+( \(ITM \d\.\d+\))? \S+\.(jpg|png)"  # the ITM where the checkpoint has it
+    assert all(re.fullmatch(label, " ".join(t.split())) for t in labels), labels
     assert page.locator("#search-images").evaluate(GALLERY_CAPTIONS_CUT) == []
     assert page.locator("#search-images").evaluate(GALLERY_CAPTIONS_OVER_IMAGES) == []
     assert page.evaluate(SIDEWAYS_SCROLLERS) == []

@@ -1,5 +1,6 @@
-"""The shipped photo checkpoint scores the four example photos as recorded, and each photo's own caption ranks first
-(what the README's examples and the photo card rely on)."""
+"""The shipped photo checkpoints score the four example photos as recorded, and each photo's own caption ranks first
+(what the README's examples and the photo cards rely on): the photo sources checkpoint (similarity S only) and the
+photo checkpoint (the same sources and kernel weights, plus the fusion, ITM head and relation reader)."""
 
 import json
 
@@ -20,8 +21,8 @@ CAPTIONS = [
     "an astronaut in an orange suit beside a flag",
 ]
 OWN = [0, 1, 5, 2]  # each photo's own caption (the first of its captions in assets/examples/examples.json)
-# Matcher.default("photo").score(IMAGES, CAPTIONS).similarity, recorded with the code of the commit that added this
-# test (feature sources as plugins); a faster code path must reproduce it within 1e-3.
+# Matcher.default("photo-sources").score(IMAGES, CAPTIONS).similarity, recorded with the code of the commit that added
+# this test (feature sources as plugins); a faster code path must reproduce it within 1e-3.
 RECORDED_SIMILARITY = [
     [0.242139, 0.039375, 0.03667, 0.028679, 0.037991, 0.047401],
     [0.010092, 0.212284, 0.042522, 0.066608, 0.147209, 0.055178],
@@ -30,11 +31,30 @@ RECORDED_SIMILARITY = [
 ]
 
 
+# Matcher.default("photo").score(IMAGES, CAPTIONS).itm, recorded when the checkpoint was shipped (the match
+# probability: the ITM head at its tune-half scale, S and the relation reader's evidence).
+RECORDED_ITM = [
+    [0.766016, 0.542969, 0.532867, 0.532343, 0.540913, 0.375788],
+    [0.497442, 0.744186, 0.542588, 0.58084, 0.674897, 0.179519],
+    [0.521993, 0.548067, 0.625665, 0.652238, 0.585807, 0.649653],
+    [0.531458, 0.528071, 0.685276, 0.534157, 0.546677, 0.394687],
+]
+
+
+def _score(name: str):
+    if not (EMBEDDED[name] / "model.safetensors").is_file():
+        pytest.skip(f"no shipped {name} checkpoint")
+    return Matcher.default(name).score([str(EXAMPLES / image) for image in IMAGES], CAPTIONS)
+
+
 @pytest.fixture(scope="module")
 def scored():
-    if not (EMBEDDED["photo"] / "model.safetensors").is_file():
-        pytest.skip("no shipped photo checkpoint")
-    return Matcher.default("photo").score([str(EXAMPLES / name) for name in IMAGES], CAPTIONS)
+    return _score("photo-sources")
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return _score("photo")
 
 
 def test_the_recorded_inputs_are_the_demo_examples():
@@ -51,5 +71,15 @@ def test_shipped_photo_checkpoint_scores_as_recorded(scored):
     np.testing.assert_allclose(scored.kernel_contributions.sum(-1), scored.similarity, atol=1e-5)
 
 
-def test_each_example_photo_ranks_its_own_caption_first(scored):
+def test_each_example_photo_ranks_its_own_caption_first(scored, fused):
     assert [int(np.argmax(row)) for row in scored.score] == OWN
+    assert [int(np.argmax(row)) for row in fused.score] == OWN
+
+
+def test_photo_checkpoint_keeps_the_sources_similarity_and_adds_its_itm(scored, fused):
+    # the fusion trained with the kernel weights frozen: S is the sources checkpoint's, exactly
+    np.testing.assert_allclose(fused.similarity, scored.similarity, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fused.itm, RECORDED_ITM, rtol=0, atol=1e-3)
+    w = Matcher.default("photo").config.ranking.itm_weight
+    assert 0 < w < 1  # chosen on the Tux Paint tune half (docs/results/photo_fusion/itm_weight_tune.json)
+    np.testing.assert_allclose(fused.score, w * fused.itm + fused.similarity, atol=1e-5)

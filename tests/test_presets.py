@@ -44,12 +44,12 @@ def test_a_preset_with_a_field_the_config_lacks_is_refused(monkeypatch):
         create_config("typo")
 
 
-def test_the_photo_preset_is_the_shipped_photo_checkpoints_config():
+def test_the_photo_preset_is_the_shipped_photo_sources_checkpoints_config():
     import json
 
     from mklvisita.matcher import EMBEDDED
 
-    shipped = MKLVisITAConfig.from_dict(json.loads((EMBEDDED["photo"] / "config.json").read_text())).to_dict()
+    shipped = MKLVisITAConfig.from_dict(json.loads((EMBEDDED["photo-sources"] / "config.json").read_text())).to_dict()
     concept = shipped["kernels"]["options"]["concept"]
     preset = create_config("photo", synsets=concept["synsets"], links=concept["synset_links"]).to_dict()
     shipped["text"].pop("backbone_config")  # the text backbone's own config, filled in when the model is built

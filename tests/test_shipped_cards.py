@@ -14,7 +14,7 @@ HISTORY = re.compile(r"session ?[0-9]|issue ?[0-9]|\bs[0-9]_", re.I)
 
 @pytest.fixture(scope="module")
 def written():
-    if not all((EMBEDDED[n] / "model.safetensors").is_file() for n in ("photo", "shapes")):
+    if not all((EMBEDDED[n] / "model.safetensors").is_file() for n in ("photo", "photo-sources", "shapes")):
         pytest.skip("no shipped checkpoints")
     return shipped_cards.shipped_cards()
 
@@ -27,7 +27,13 @@ def test_shipped_cards_are_what_the_writer_writes(written):
 
 def test_shipped_cards_are_hub_model_cards_with_their_facts(written):
     photo, shapes = read_card(written[shipped_cards.PHOTO]), read_card(written[shipped_cards.SHAPES])
-    for meta, text in ((photo, written[shipped_cards.PHOTO]), (shapes, written[shipped_cards.SHAPES])):
+    sources = read_card(written[shipped_cards.PHOTO_SOURCES])
+    for meta, folder in (
+        (photo, shipped_cards.PHOTO),
+        (sources, shipped_cards.PHOTO_SOURCES),
+        (shapes, shipped_cards.SHAPES),
+    ):
+        text = written[folder]
         assert meta.license == "apache-2.0" and meta.trained_on and meta.cannot_know and meta.evaluations
         body = split_front_matter(text)[1]
         for heading in ("Intended use", "Training data", "Evaluation", "Limitations", "Licence"):
@@ -35,7 +41,10 @@ def test_shipped_cards_are_hub_model_cards_with_their_facts(written):
         assert not HISTORY.search(text), HISTORY.search(text)
         for e in meta.evaluations:
             assert (shipped_cards.ROOT / e.source).is_file() and e.command.startswith("python -m training.")
-    assert "ImageNet" in photo.trained_on and "colour" in photo.cannot_know
-    assert photo.metrics("Tux Paint photo stamps, test half")["i2t_r1"] == pytest.approx(35.84)
+    assert "ImageNet" in sources.trained_on and "colour" in sources.cannot_know
+    assert sources.metrics("Tux Paint photo stamps, test half")["i2t_r1"] == pytest.approx(35.84)
+    assert "clip art" in photo.trained_on and "left of" in photo.cannot_know
+    assert photo.metrics("Tux Paint photo stamps, test half")["i2t_r1"] == pytest.approx(36.99)
+    assert photo.metrics("Tux Paint relations, test half")["binding_acc_reverse"] == pytest.approx(0.8233)
     assert shapes.data == "shapes" and "photographs" in shapes.cannot_know
     assert shapes.metrics("Shapes scenes, held-out test split")["binding_acc"] == pytest.approx(0.9754)

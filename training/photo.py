@@ -1,6 +1,7 @@
-"""Build the photo checkpoint (``assets/mklvisita-photo``) or the plain class-probability bridge, with no download.
+"""Build the photo sources checkpoint (``assets/mklvisita-photo-sources``: the fixed sources and their kernels, no
+fusion; the shipped photo checkpoint's starting point) or the plain class-probability bridge, with no download.
 
-    python -m training.photo --out assets/mklvisita-photo            # the shipped photo checkpoint
+    python -m training.photo --out assets/mklvisita-photo-sources    # the photo sources checkpoint
     python -m training.photo --bridge --out runs/photo-bridge         # the bridge alone, for comparison
     python -m training.photo --tune --out runs/photo-tune             # re-run the choice of kernel weights
     python -m training.photo --check-examples assets/mklvisita-photo  # the example photos: caption ranks, word maps
@@ -155,15 +156,18 @@ def check_examples(checkpoint: str) -> list[dict]:
         own = captions.index(e["captions"][0])
         rank = 1 + int((row > row[own]).sum())
         noun, (x0, y0, x1, y1) = EXAMPLE_NOUNS[e["image"]]
-        ex = matcher.explain(root / e["image"], e["captions"][0], method="kernel")
-        heat = ex.word_heatmaps[ex.tokens.index(noun)]  # (H, W)
-        r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        y, x = float((r + 0.5) / heat.shape[0]), float((c + 0.5) / heat.shape[1])
-        inside = bool(x0 <= x <= x1 and y0 <= y <= y1)
         top = captions[int(row.argmax())]
-        rows.append({"image": e["image"], "own_caption_rank": rank, "of": len(captions), "top": top, "noun": noun,
-                     "peak_xy": [round(x, 2), round(y, 2)], "peak_on_object": inside})  # fmt: skip
-        print(json.dumps(rows[-1]))
+        # the concept maps, and with a fusion branch its Grad-CAM (the demo's default method there) too
+        for method in ("kernel", "gradcam") if matcher.model.has_itm else ("kernel",):
+            ex = matcher.explain(root / e["image"], e["captions"][0], method=method)
+            heat = ex.word_heatmaps[ex.tokens.index(noun)]  # (H, W)
+            r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            y, x = float((r + 0.5) / heat.shape[0]), float((c + 0.5) / heat.shape[1])
+            inside = bool(x0 <= x <= x1 and y0 <= y <= y1)
+            rows.append({"image": e["image"], "own_caption_rank": rank, "of": len(captions), "top": top,
+                         "noun": noun, "method": method, "peak_xy": [round(x, 2), round(y, 2)],
+                         "peak_on_object": inside})  # fmt: skip
+            print(json.dumps(rows[-1]))
     return rows
 
 

