@@ -35,7 +35,8 @@ Decisions:
   floor's: what the ratio would be with a core free for the worker, on a machine whose other jobs leave none.
   ``two_thread_speedup_before_after`` says how much a second thread could gain at the time (:func:`two_thread_speedup`).
 - ``--explain`` also times ``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's
-  ``kernels.map_shifts`` and with one pass, alternating call by call, and its parts (the word maps included).
+  ``kernels.map_shifts`` and with one pass, alternating call by call, and its parts (the word maps included); with a
+  fusion branch also Grad-CAM (the default method there) at the checkpoint's ``map_shifts``.
 - ``--save-scores`` writes the scores (S and every kernel's contribution) of the example photos and a fixed set of
   Tux Paint stamps (where installed) against their captions; ``--compare-scores`` reports the largest absolute
   difference from a reference file written the same way (a speed-up must leave the scores where they were).
@@ -362,6 +363,14 @@ def time_explain(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
         matcher.model.config.kernels.map_shifts = shifts
     out: dict[str, Any] = {f"explain_map_shifts_{n}_median_ms": _median(v) for n, v in runs.items()}
     out["explain_parts_median_ms"] = timers.medians(runs[shifts])
+    if matcher.model.has_itm:  # what the demo shows by default with a fusion branch: Grad-CAM, at map_shifts as shipped
+        grad = []
+        for i in range(2 + repeats):
+            t = time.perf_counter()
+            matcher.explain(image, CAPTIONS[0], method="gradcam")
+            if i >= 2:
+                grad.append((time.perf_counter() - t) * 1000)
+        out["explain_gradcam_median_ms"] = _median(grad)
     return out
 
 
