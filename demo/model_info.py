@@ -5,8 +5,9 @@ No Gradio here; returns plain data for `demo/tabs/model.py`.
 Decisions:
 
 - Every kernel of the similarity S is listed, the photo checkpoint's concept kernels included; the fusion layers'
-  weights (their attention bias over the local kernels) follow, one row per layer, named "fusion layer 1..L" in
-  the table, the figure and the Match tab's layer selector alike (the API takes the 0-based index).
+  weights (their attention bias over the local kernels) follow, one column per layer, named "fusion layer 1..L" in
+  the table, the figure and the Match tab's layer selector alike (the API takes the 0-based index), and a last row
+  "× bias scale" gives each layer's learned scale of that bias.
 - The card's YAML front matter (Hub metadata, :mod:`mklvisita.cards`) is not Markdown: it is taken off the top
   (`mklvisita.cards.split_front_matter`) and shown as a YAML block at the end, so it does not render as a heading.
 - Metrics are rounded to 4 significant digits for display (no `11.700000000000001`); nested groups are kept.
@@ -77,6 +78,9 @@ def model_info(matcher: Matcher) -> ModelView:
         ],
         columns=["kernel", "similarity S", *[fusion_layer_name(i) for i in range(len(levels))]],
     )
+    scales = matcher.fusion_bias_scales()
+    if scales:  # how strongly each layer's mix biases its attention (learned too; with one local kernel the mix is 1)
+        table.loc[len(table)] = ["× bias scale", None, *[rounded(x, 3) for x in scales]]
     global_plot = figures.plot_kernel_weights(weights, title="kernel weights β of the similarity S")
     levels_plot = None
     if levels:

@@ -240,6 +240,14 @@ class Matcher:
         names = self.model.local_kernel_names
         return [dict(zip(names, row)) for row in w.float().cpu().tolist()]
 
+    def fusion_bias_scales(self) -> list[float]:
+        """Each fusion layer's learned scale of its attention bias (the mix :meth:`fusion_kernel_weights` gives);
+        [] without an affinity bias."""
+        fusion = self.model.fusion
+        if fusion is None or not fusion.use_bias:
+            return []
+        return [float(x) for x in fusion.bias_scale.detach().float().cpu()]
+
     # ----------------------------------------------------------------------------------------------- search
     @uses_inference_threads
     def index_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> ImageIndex:

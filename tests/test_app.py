@@ -365,16 +365,22 @@ def test_search_over_uploaded_images_and_captions(matcher) -> None:  # noqa: F81
 # ------------------------------------------------------------------------------------------------ Model
 
 
-def test_model_info_shows_every_kernel_weights_card_and_metrics(matcher, sources_matcher) -> None:  # noqa: F811
+def test_model_info_shows_every_kernel_weights_card_and_metrics(matcher, sources_matcher, photo_matcher) -> None:  # noqa: F811
     view = model_info(matcher)
     assert isinstance(view.weights_plot, Image.Image) and isinstance(view.levels_plot, Image.Image)
     weights = matcher.kernel_weights()
-    assert list(view.table["kernel"]) == list(weights)
+    assert list(view.table["kernel"]) == [*weights, "× bias scale"]  # the kernels, then each layer's bias scale
     assert view.table["similarity S"].sum() == pytest.approx(1.0, abs=1e-2)
     assert isinstance(view.card, str) and view.card and isinstance(view.metrics, dict)
-    photo = model_info(sources_matcher)
-    assert {"concept/cosine", "concept_class/cosine", "concept_local/cosine"} <= set(photo.table["kernel"])
-    assert photo.levels_plot is None and list(photo.table.columns) == ["kernel", "similarity S"]
+    sources = model_info(sources_matcher)
+    assert {"concept/cosine", "concept_class/cosine", "concept_local/cosine"} <= set(sources.table["kernel"])
+    assert sources.levels_plot is None and list(sources.table.columns) == ["kernel", "similarity S"]
+    photo = model_info(photo_matcher)  # the photo checkpoint with its fusion: beta, and per fusion layer
+    assert list(photo.table.columns) == ["kernel", "similarity S", "fusion layer 1", "fusion layer 2"]
+    scale = photo.table[photo.table["kernel"] == "× bias scale"].iloc[0]
+    learned = photo_matcher.fusion_bias_scales()
+    assert [scale["fusion layer 1"], scale["fusion layer 2"]] == pytest.approx(learned, abs=1e-3)
+    assert all(abs(x - 1.0) > 1e-3 for x in learned)  # trained away from its initial 1
 
 
 def test_card_front_matter_is_not_a_heading_and_metrics_are_rounded(photo_matcher) -> None:  # noqa: F811
