@@ -280,7 +280,7 @@ it look, against the direction the word names). Ranking rule (`config.ranking`):
         "from where the words' maps look: where a map misses its object, the verdict is wrong; relations other than "
         "left, right, above and below are not learned.",
         how_to_use=PHOTO_FUSION_USE,
-        reproduce=f"Stage 1, stage 2 and the tune-half choice as above (about 20 + 15 + 10 minutes on two CPU cores; "
+        reproduce=f"Stage 1, stage 2 and the tune-half choice as above (about 20 + 10 + 10 minutes on two CPU cores; "
         f"`apt-get install openclipart-png tuxpaint-stamps-default`), then copy `{cfg2.output_dir}/tuned` to "
         f"`{PHOTO}`; `python -m training.shipped_cards` rewrites this card.",
         sections={
