@@ -80,15 +80,21 @@ def _model(reader: bool) -> MKLVisITA:
     return model
 
 
-def test_reader_adds_its_evidence_on_the_fast_path_and_with_maps_alike():
-    model = _model(True)
-    captions = ["a red circle to the left of a blue square", "a blue square to the left of a red circle", "a star"]
+def _one_image(model: MKLVisITA, captions: list[str]):
+    """A random image's and the captions' features, and the pairs' image index (every caption with that image)."""
     enc = Processor(model.config, model.tokenizer).captions(captions)
     s = model.config.vision.image_size
     with torch.no_grad():
         img = model.encode_image(torch.randn(1, 3, s, s))
         txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
-        ii = torch.zeros(3, dtype=torch.long)
+    return img, txt, torch.zeros(len(captions), dtype=torch.long)
+
+
+def test_reader_adds_its_evidence_on_the_fast_path_and_with_maps_alike():
+    model = _model(True)
+    captions = ["a red circle to the left of a blue square", "a blue square to the left of a red circle", "a star"]
+    img, txt, ii = _one_image(model, captions)
+    with torch.no_grad():
         fast = model.match(img, txt, image_index=ii, output_attentions=False)
         maps = model.match(img, txt, image_index=ii)
     assert fast.relation is not None and maps.relation is not None
@@ -157,13 +163,8 @@ def test_training_step_trains_the_reader_and_its_weight_in_the_logit():
 
 def test_itm_head_scale_scales_only_the_heads_part_of_the_match_logit():
     model = _model(True)
-    captions = ["a red circle to the left of a blue square", "a star"]
-    enc = Processor(model.config, model.tokenizer).captions(captions)
-    s = model.config.vision.image_size
+    img, txt, ii = _one_image(model, ["a red circle to the left of a blue square", "a star"])
     with torch.no_grad():
-        img = model.encode_image(torch.randn(1, 3, s, s))
-        txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
-        ii = torch.zeros(2, dtype=torch.long)
         full = model.match(img, txt, image_index=ii, output_attentions=False)
         model.config.fusion.itm_head_scale = 0.25
         try:
