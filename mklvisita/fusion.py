@@ -19,7 +19,11 @@ Decisions on cost (a pair's fusion pass used to cost more than both encoders, it
 caption over every token):
 
 - The caption-independent part of the image stream (each level's projection, and with ``image_pool`` > 1 the
-  text->image keys and values of it) is computed once per image; ``image_index`` maps pairs to images.
+  shared stream pooled, its text->image keys and values and the first layer's image->text queries, the update being
+  zero there) is computed once per image; ``image_index`` maps pairs to images. It is one step,
+  ``HierarchicalFusion.prepare_image``, that a caller may run beforehand and elsewhere (a Matcher call runs it on the
+  overlap worker beside the captions' encoder); the forward computes it when not handed one, so the numbers are the
+  same either way.
 - ``image_pool`` = p > 1 splits the image stream in two: the caption-independent stream at every token, and the
   caption-aware update carried at p x p-pooled patches (CLS kept). Text->image keys and values are the shared
   stream's plus the upsampled projection of the update (``kv_delta``), so words still attend to every patch (full
@@ -69,34 +73,39 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         ctx: torch.Tensor | None,
         key_mask: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         need_weights: bool = True,
         kv: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, Tq, W) attends to ctx (B, Tk, W), or to precomputed ``kv`` = self.kv(ctx) (B, Tk, 2W); key_mask
-        (B, Tk) True = attend; bias (B, Tq, Tk) added to logits. Probabilities come back only if ``need_weights``."""
-        out, attn, _ = self.attend(x, ctx, key_mask, bias, need_weights, kv)
+        (B, Tk) True = attend; bias (B, Tq, Tk) added to logits. Probabilities come back only if ``need_weights``.
+        ``q`` = self.q(x) (B, Tq, W) when computed beforehand (x is then not read)."""
+        out, attn, _ = self.attend(x, ctx, key_mask, bias, need_weights, kv, q=q)
         return out, attn
 
     def attend(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         ctx: torch.Tensor | None,
         key_mask: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         need_weights: bool = True,
         kv: torch.Tensor | None = None,
         extra: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """:meth:`forward`, plus ``extra`` (B or 1, Tk, E): features of the keys averaged with each head's
-        probabilities, (B, heads, Tq, E) (where each head looked: positions), also on the fused path."""
-        b, tq, w = x.shape
+        probabilities, (B, heads, Tq, E) (where each head looked: positions), also on the fused path. ``q``
+        (B, Tq, W): the queries' projection self.q(x) computed beforehand (x is then not read)."""
+        q = self.q(x) if q is None else q  # (B, Tq, W)
+        b, tq, w = q.shape
         h = self.heads
         kv = self.kv(ctx) if kv is None else kv
-        q = self.q(x).view(b, tq, h, w // h).transpose(1, 2)  # (B, h, Tq, dh)
+        q = q.view(b, tq, h, w // h).transpose(1, 2)  # (B, h, Tq, dh)
         k, v = kv.view(b, kv.shape[1], 2, h, w // h).permute(2, 0, 3, 1, 4)  # each (B, h, Tk, dh)
         if not need_weights:
             mask = None
@@ -136,6 +145,32 @@ class LayerAttentions:
     t2i: torch.Tensor  # (B, heads, T, N): text queries over image tokens (CLS + patches)
     i2t: torch.Tensor  # (B, heads, N', T): image queries over text tokens (N' = N, or the pooled tokens)
     t2t: torch.Tensor  # (B, heads, T, T): text self-attention
+
+
+@dataclass
+class PreparedLevel:
+    """One fusion layer's caption-independent image side, once per image (:meth:`HierarchicalFusion.prepare_image`).
+
+    ``stream`` (Bi, N, W): with ``image_pool`` = 1 the layer's projected level (added to the per-pair stream); with
+    ``image_pool`` > 1 the shared stream after this layer's level. The rest only with ``image_pool`` > 1: ``low``
+    (Bi, M, W) the shared stream pooled; ``kv`` (Bi, N, 2W) its text->image keys and values; ``kv_heads``
+    (2, Bi, h, N, dh) the same, heads first (for the folded text->image attention); ``i2t_q`` (Bi, M, W) the first
+    layer's image->text queries (there the update is still zero, so they depend on the image alone)."""
+
+    stream: torch.Tensor
+    low: torch.Tensor | None = None
+    kv: torch.Tensor | None = None
+    kv_heads: torch.Tensor | None = None
+    i2t_q: torch.Tensor | None = None
+
+
+@dataclass
+class PreparedImage:
+    """The fusion's caption-independent image side for a batch of Bi images, one :class:`PreparedLevel` per layer:
+    computed once per image (on the overlap worker in a Matcher call, beside the captions' encoder) and read by every
+    pair of those images (``image_index``)."""
+
+    levels: list[PreparedLevel]
 
 
 def pool_tokens(x: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -> torch.Tensor:
@@ -355,18 +390,19 @@ class FusionLayer(nn.Module):
         pool: tuple[tuple[int, int], int, int],
         bias: torch.Tensor | None,
         positions: torch.Tensor | None = None,
+        kv_heads: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None, Centroids]:
         """Text->image attention without the update's keys and values (module doc); no probabilities returned.
 
         x (B, Tq, W) normalised text; kv_shared (Bi, N, 2W) the shared stream's keys/values; x_d (B, M, W) the
-        normalised update at pooled tokens; bias (B, Tq, N)."""
+        normalised update at pooled tokens; bias (B, Tq, N); ``kv_heads``: :meth:`heads_first` of kv_shared, when
+        computed beforehand."""
         grid, prefix, p = pool
         b, tq, w = x.shape
         h = self.t2i.heads
         dh = w // h
         q = self.t2i.q(x).view(b, tq, h, dh).transpose(1, 2) * dh**-0.5  # (B, h, Tq, dh)
-        # Heads first once per image (contiguous, so the products below read them without a copy per pair).
-        kv_s = kv_shared.view(kv_shared.shape[0], -1, 2, h, dh).permute(2, 0, 3, 1, 4).contiguous()  # (2, Bi, h, N, dh)
+        kv_s = self.heads_first(kv_shared) if kv_heads is None else kv_heads  # (2, Bi, h, N, dh)
         # One image read by every pair (a Match: 1 image x n captions): its keys and values are used as they are,
         # the pairs' query rows stacked, instead of one copy of them per pair.
         one_image = index is not None and kv_s.shape[1] == 1
@@ -388,6 +424,23 @@ class FusionLayer(nn.Module):
         seen = None if extra is None else attn @ extra.unsqueeze(1)  # (B, h, Tq, 3)
         return self.t2i.out(out.transpose(1, 2).reshape(b, tq, w)), None, centroid(seen)
 
+    def heads_first(self, kv: torch.Tensor) -> torch.Tensor:
+        """(Bi, N, 2W) keys and values -> (2, Bi, h, N, dh), contiguous: heads first once per image, so the folded
+        attention's products read them without a copy per pair."""
+        h = self.t2i.heads
+        return kv.view(kv.shape[0], kv.shape[1], 2, h, -1).permute(2, 0, 3, 1, 4).contiguous()
+
+    def prepare_pooled(
+        self, shared: torch.Tensor, pool: tuple[tuple[int, int], int, int], first: bool, heads_first: bool
+    ) -> PreparedLevel:
+        """image_pool > 1: this layer's caption-independent image side from the shared stream (Bi, N, W), once per
+        image (:class:`PreparedLevel`). ``first``: the first layer (its image->text queries are the image's alone);
+        ``heads_first``: also the heads-first keys and values the folded text->image attention reads."""
+        low = pool_tokens(shared, *pool)  # (Bi, M, W)
+        kv = self.t2i.kv(self.norm_i2(shared))  # (Bi, N, 2W)
+        q = self.i2t.q(self.norm_i1(low)) if first else None  # (Bi, M, W)
+        return PreparedLevel(shared, low, kv, self.heads_first(kv) if heads_first else None, q)
+
     def forward_pooled(
         self,
         txt: torch.Tensor,
@@ -401,23 +454,30 @@ class FusionLayer(nn.Module):
         cls_only: bool = False,
         positions: torch.Tensor | None = None,
         centroids: Centroids = None,
+        prepared: PreparedLevel | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, LayerAttentions | None, Centroids]:
         """image_pool > 1: shared (Bi, N, W) caption-independent stream, one row per image (``index`` (B,) maps
-        pairs to them); delta (B, M, W) the caption-aware update at pooled tokens (None before the first layer)."""
+        pairs to them); delta (B, M, W) the caption-aware update at pooled tokens (None before the first layer).
+        ``prepared``: :meth:`prepare_pooled` of ``shared``, when computed beforehand (once per image)."""
         grid, prefix, p = pool
-        low = pool_tokens(shared, grid, prefix, p)  # (Bi, M, W)
-        u = low if index is None else low[index]  # (B, M, W)
-        u = u if delta is None else u + delta
-        d, a_i2t = self.i2t(self.norm_i1(u), self.norm_t1(txt), txt_mask, need_weights=need_weights)
+        pre = prepared if prepared is not None else self.prepare_pooled(shared, pool, delta is None, False)
+        u = pre.low if index is None else pre.low[index]  # (B, M, W)
+        t = self.norm_t1(txt)
+        if delta is None and pre.i2t_q is not None:  # no update yet: the image's own queries, once per image
+            q = pre.i2t_q if index is None else pre.i2t_q[index]  # (B, M, W)
+            d, a_i2t = self.i2t(None, t, txt_mask, need_weights=need_weights, q=q)
+        else:
+            u = u if delta is None else u + delta
+            d, a_i2t = self.i2t(self.norm_i1(u), t, txt_mask, need_weights=need_weights)
         delta = d if delta is None else delta + d
         u = u + d
-        kv = self.t2i.kv(self.norm_i2(shared))  # (Bi, N, 2W): once per image
+        kv = pre.kv  # (Bi, N, 2W): once per image
         x_d = self.norm_d(delta)  # (B, M, W)
         queries = 1 if cls_only and not self.cross_first else txt.shape[1]  # text rows the cross-attention runs
         if not need_weights and self.folds_delta(queries, x_d.shape[1]):
 
             def t2i(x, b):
-                return self._t2i_folded(x, kv, x_d, index, pool, b, positions)
+                return self._t2i_folded(x, kv, x_d, index, pool, b, positions, pre.kv_heads)
 
         else:
             shared_kv = kv if index is None or kv.shape[0] == 1 else kv[index]  # one image: broadcast, no copies
@@ -586,20 +646,48 @@ class HierarchicalFusion(nn.Module):
         """Each fusion layer's weights over the local kernels: (L, n)."""
         return self.bias_logits.softmax(-1)
 
+    def prepare_image(self, image_levels: dict[int, torch.Tensor], output_attentions: bool = True) -> PreparedImage:
+        """The caption-independent image side of every layer, once per image: image_levels block -> (Bi, N, Dv).
+
+        Each layer's level projected (resampled onto the stream's grid, positions added); with ``image_pool`` > 1
+        also the shared stream, its pooled tokens, its text->image keys and values and the first layer's image->text
+        queries (:meth:`FusionLayer.prepare_pooled`). :meth:`forward` computes it when not given one, so a prepared
+        image gives the same numbers; ``output_attentions`` as the forward that reads it will be called (False: the
+        folded attention's heads-first keys and values are prepared too)."""
+        pooled = self.cfg.image_pool > 1
+        levels: list[PreparedLevel] = []
+        shared = None  # image_pool > 1: (Bi, N, W) the caption-independent stream
+        for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
+            x = self._on_grid(proj(image_levels[level]), i)  # (Bi, N, W): projected before a coarser level is
+            # resampled (bilinear and linear commute: the same tokens at a quarter of the cost)
+            if self.image_pos is not None:  # each layer its own projection of the fixed 2-D positions
+                x = x + self.image_pos[i](self.get_buffer(f"grid_pos_{i}"))  # (N, W) broadcast over Bi
+            if not pooled:
+                levels.append(PreparedLevel(x))
+                continue
+            shared = x if shared is None else shared + x
+            pool = (self.image_grids[i], self.num_prefix_tokens, self.cfg.image_pool)
+            levels.append(layer.prepare_pooled(shared, pool, i == 0, not output_attentions))
+        return PreparedImage(levels)
+
     def forward(
         self,
-        image_levels: dict[int, torch.Tensor],
+        image_levels: dict[int, torch.Tensor] | None,
         text_tokens: torch.Tensor,
         text_mask: torch.Tensor,
         affinity_fn=None,
         image_index: torch.Tensor | None = None,
         output_attentions: bool = True,
+        prepared: PreparedImage | None = None,
     ) -> FusionOutput:
         """image_levels: block -> (Bi, N, Dv); text_tokens (B, T, Dt); affinity_fn(weights) -> (B, T, P) or None.
 
         ``image_index`` (B,): pair b reads image ``image_index[b]`` (caption-independent work once per image); None =
         pair b reads image b. ``output_attentions=False``: no attention maps (fused attention, [CLS]-only last layer).
+        ``prepared``: :meth:`prepare_image` of the images, computed beforehand (``image_levels`` is then not read).
         """
+        if prepared is None:
+            prepared = self.prepare_image(image_levels, output_attentions)
         t_used = None
         if not output_attentions:  # no maps to return: drop the padding columns no caption of the batch uses
             t_used = int(text_mask.bool().any(0).nonzero().max()) + 1 if text_mask.bool().any() else 1
@@ -612,14 +700,13 @@ class HierarchicalFusion(nn.Module):
         last_input = None
         centroids = None  # word_positions: (B, T, 2) where each word looked in the latest text->image attention
         n = len(self.layers)
-        for i, (level, proj, layer) in enumerate(zip(self.image_levels, self.image_in, self.layers)):
-            x = self._on_grid(proj(image_levels[level]), i)  # (Bi, N, W): once per image; projected before a
-            # coarser level is resampled (bilinear and linear commute: the same tokens at a quarter of the cost)
-            if self.image_pos is not None:  # each layer its own projection of the fixed 2-D positions
-                x = x + self.image_pos[i](self.get_buffer(f"grid_pos_{i}"))  # (N, W) broadcast over Bi
-            if not pooled and image_index is not None:
-                x = x[image_index]  # (B, N, W)
-            img = x if img is None else img + x
+        for i, (pre, layer) in enumerate(zip(prepared.levels, self.layers)):
+            x = pre.stream  # (Bi, N, W): once per image (prepare_image)
+            if not pooled:
+                x = x if image_index is None else x[image_index]  # (B, N, W)
+                img = x if img is None else img + x
+            else:
+                img = x  # the shared stream after this layer's level
             bias = None
             if self.use_bias and affinity_fn is not None:
                 aff = affinity_fn(self.level_weights()[i]) * self.bias_scale[i]  # (B, T, P)
@@ -638,7 +725,18 @@ class HierarchicalFusion(nn.Module):
             if pooled:
                 pool = (self.image_grids[i], self.num_prefix_tokens, self.cfg.image_pool)
                 txt, delta, att, centroids = layer.forward_pooled(
-                    txt, img, delta, pool, image_index, text_mask, bias, output_attentions, cls_only, pos, centroids
+                    txt,
+                    img,
+                    delta,
+                    pool,
+                    image_index,
+                    text_mask,
+                    bias,
+                    output_attentions,
+                    cls_only,
+                    pos,
+                    centroids,
+                    prepared=pre,
                 )
             else:
                 txt, img, att, centroids = layer(txt, img, text_mask, bias, output_attentions, cls_only, pos, centroids)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .features import ImageFeatures
+from .fusion import PreparedImage
 from .inputs import (
     ImageInput,
     InvalidCaptionError,
@@ -32,6 +33,7 @@ from .kernels import KernelEmbeddings
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .ranking import final_score, itm_from_final, resolve_ranking, uses_itm
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
+from .sources.overlap import Prefetch
 from .threads import uses_inference_threads
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -171,7 +173,7 @@ class Matcher:
         batch_size = check_batch_size(batch_size)
         finish_images = self._start_images(images, batch_size)
         texts_bank = encode_captions(self.model, self.processor, captions, batch_size)  # beside the image sources
-        images_bank = finish_images()
+        images_bank, fusion_image = finish_images()
         n_i, n_t = len(images), len(captions)
         with torch.inference_mode():
             sim = self.model.similarity(images_bank.embeddings, texts_bank.embeddings)
@@ -181,7 +183,11 @@ class Matcher:
         if self.model.has_itm:
             ii = torch.arange(n_i).repeat_interleave(n_t)
             tt = torch.arange(n_t).repeat(n_i)
-            itm = match_pairs(self.model, images_bank, texts_bank, ii, tt, batch_size).view(n_i, n_t).numpy()
+            if fusion_image is None:
+                itm = match_pairs(self.model, images_bank, texts_bank, ii, tt, batch_size)
+            else:
+                itm = self._match_prepared(images_bank, texts_bank, fusion_image.collect(), ii, tt, batch_size)
+            itm = itm.view(n_i, n_t).numpy()
             final = final_score(ranking, itm, similarity)
         else:
             itm = np.full_like(similarity, np.nan)
@@ -189,24 +195,54 @@ class Matcher:
         return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
 
     @torch.inference_mode()
-    def _start_images(self, images: list, batch_size: int) -> Callable[[], ImageBank]:
+    def _start_images(self, images: list, batch_size: int) -> Callable[[], tuple[ImageBank, Prefetch | None]]:
         """:func:`mklvisita.retrieval.encode_images` in two steps for one batch: the image backbone runs now, the
-        sources' image features that read its output on the overlap worker (:meth:`MKLVisITA.start_encode_image`)
-        until the returned function is called, which gives the bank; more than one batch is encoded now."""
+        sources' image features that read its output and the fusion's image side on the overlap worker
+        (:meth:`MKLVisITA.start_match_image`) until the returned function is called, which gives the bank and the
+        fusion's image side still to collect (None without fusion); more than one batch is encoded now."""
         if len(images) > batch_size:
             bank = encode_images(self.model, self.processor, images, batch_size)
-            return lambda: bank
+            return lambda: (bank, None)
         pv, _ = self.processor.images(images)
-        job = self.model.start_encode_image(pv.to(self.device))
+        job, fusion_job = self.model.start_match_image(pv.to(self.device))
         keep = self.model.fusion.image_levels if self.model.has_itm else None
 
         @torch.inference_mode()
-        def finish() -> ImageBank:
-            img = job.collect()  # run here if the worker has not started it
+        def finish() -> tuple[ImageBank, Prefetch | None]:
+            try:
+                img = job.collect()  # run here if the worker has not started it
+            except BaseException:
+                if fusion_job is not None:
+                    fusion_job.cancel()
+                raise
             feats = None if keep is None else ImageFeatures.cat([img.keep(keep)])
-            return ImageBank(KernelEmbeddings.cat([self.model.embed_image(img)]), feats)  # as encode_images builds it
+            bank = ImageBank(KernelEmbeddings.cat([self.model.embed_image(img)]), feats)  # as encode_images builds it
+            return bank, fusion_job
 
         return finish
+
+    @torch.inference_mode()
+    def _match_prepared(
+        self,
+        images: ImageBank,
+        texts: TextBank,
+        fusion_image: PreparedImage,
+        image_index: torch.Tensor,
+        text_index: torch.Tensor,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """:func:`mklvisita.retrieval.match_pairs` on images whose fusion image side is prepared (every image of the
+        bank, :meth:`MKLVisITA.prepare_fusion_image`): ITM probability of the pairs, (K,)."""
+        out = []
+        for i in range(0, len(image_index), batch_size):
+            ii = image_index[i : i + batch_size].to(self.device)
+            tt = text_index[i : i + batch_size].to(self.device)
+            txt, emb_t = texts.features.select(tt), texts.embeddings.select(tt)
+            m = self.model.match(
+                images.features, txt, images.embeddings, emb_t, ii, output_attentions=False, fusion_image=fusion_image
+            )
+            out.append(m.prob.float().cpu())
+        return torch.cat(out)
 
     @uses_inference_threads
     def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str | None = None, **kwargs):

@@ -31,7 +31,7 @@ from .checkpoint import resolve as resolve_checkpoint  # noqa: F401  (re-exporte
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
 from .features import ImageFeatures, TextFeatures
-from .fusion import HierarchicalFusion, LayerAttentions, RelationEvidence
+from .fusion import HierarchicalFusion, LayerAttentions, PreparedImage, RelationEvidence
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import MKLVisITAOutput, training_losses
 from .sources import SourceContext, build_sources
@@ -185,6 +185,28 @@ class MKLVisITA(
         they run beside the caller's next work (:func:`mklvisita.sources.overlap.start_torch`: on a CPU without
         gradients, when the overlap is on; else now, as with ``overlap`` False). ``.collect()`` gives the features
         (computed here if the worker has not started them by then)."""
+        return self._start_image(pixel_values, output_attentions, overlap, False)[0]
+
+    def start_match_image(self, pixel_values: torch.Tensor) -> tuple[Prefetch, Prefetch | None]:
+        """:meth:`start_encode_image` for scoring pairs without attention maps: the sources' image features, and after
+        them the fusion's caption-independent image side (:meth:`prepare_fusion_image`), both started on the overlap
+        worker beside the caller's next work (the captions' encoder). Returns the two jobs (the second None without
+        fusion); ``.collect()`` gives each (computed here if the worker has not started it)."""
+        return self._start_image(pixel_values, False, True, self.fusion is not None)
+
+    def prepare_fusion_image(self, img: ImageFeatures, output_attentions: bool = False) -> PreparedImage:
+        """The fusion's caption-independent image side of these images (:meth:`HierarchicalFusion.prepare_image`),
+        for :meth:`match` (``fusion_image``) on every pair that reads them; ``output_attentions`` as match will be
+        called. The same numbers as match computing it itself."""
+        if self.fusion is None:
+            raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
+        return self.fusion.prepare_image(img.levels, output_attentions)
+
+    def _start_image(
+        self, pixel_values: torch.Tensor, output_attentions: bool, overlap: bool, fusion: bool
+    ) -> tuple[Prefetch, Prefetch | None]:
+        """The image backbone now; the sources' image features (and with ``fusion`` the fusion's image side, without
+        attention maps) started after it (:meth:`start_encode_image`, :meth:`start_match_image`)."""
         # what a source can do from the pixels alone starts first, beside the backbone (mklvisita.sources.overlap)
         started = {name: source.prefetch_image(pixel_values) for name, source in self.sources.items()}
 
@@ -209,8 +231,10 @@ class MKLVisITA(
             raise
         img = ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
         if overlap and pixel_values.device.type == "cpu":
-            return start_torch(source_features, img)
-        return done(source_features(img))
+            job = start_torch(source_features, img)
+            # reads the levels only (set before either job starts), so it may run before or after the sources' job
+            return job, start_torch(self.prepare_fusion_image, img) if fusion else None
+        return done(source_features(img)), done(self.prepare_fusion_image(img)) if fusion else None
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         """Layer tokens, [CLS], masks and every source's caption features."""
@@ -290,12 +314,14 @@ class MKLVisITA(
         txt_emb: KernelEmbeddings | None = None,
         image_index: torch.Tensor | None = None,
         output_attentions: bool = True,
+        fusion_image: PreparedImage | None = None,
     ) -> MatchOutput:
         """ITM for image k with text k through the fusion layers; attentions come back for explanations.
 
         ``image_index`` (B,): pair k is image ``image_index[k]`` of ``img`` / ``img_emb`` (the fusion's
         caption-independent work runs once per image); None = image k. ``output_attentions=False`` returns no
-        attention maps (cheaper: fused attention, [CLS]-only last layer).
+        attention maps (cheaper: fused attention, [CLS]-only last layer). ``fusion_image``: the fusion's image side of
+        ``img`` computed beforehand (:meth:`prepare_fusion_image`; the same numbers), so ``img.levels`` is not read.
         """
         if self.fusion is None:
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
@@ -313,8 +339,10 @@ class MKLVisITA(
                     maps.append(self.kernels.affinity_maps(img_emb, txt_emb))
                 return torch.einsum("bntp,n->btp", maps[0], weights)  # (B, T, P): this layer's mix of the kernels
 
+        text_tokens = txt.levels[self.text.depth - 1]
+        levels = img.levels if fusion_image is None else None
         out = self.fusion(
-            img.levels, txt.levels[self.text.depth - 1], txt.attention_mask, affinity, image_index, output_attentions
+            levels, text_tokens, txt.attention_mask, affinity, image_index, output_attentions, prepared=fusion_image
         )
         logits = self.itm_head(out.cls)  # (B, 2)
         if self.config.fusion.itm_head_scale != 1.0:  # the head's calibration on a new domain (FusionConfig)
