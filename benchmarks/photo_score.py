@@ -15,13 +15,21 @@ Decisions:
   head, timm's own forward) on the preprocessed image and the text encoder (MiniLM) on the five tokenised captions.
   Score and floor are timed call by call in turn, so both see the same machine load; ``ratio`` = median score /
   median floor.
+- The floor on two cores, like for like with a score whose overlap puts work on a second core (the floor above uses
+  one): the better of the two backbones with two intra-op threads one after the other, and the two backbones at once
+  on two threads (the text encoder on a second one), timed in the same rounds (:class:`TwoCoreFloor`):
+  ``floor_two_cores_median_ms``, which variant won (``floor_two_cores_how``, both in
+  ``floor_two_cores_variants_median_ms``) and ``ratio_two_cores`` = median score / that floor. ``ratio`` keeps
+  its meaning; both are reported (also per overlap setting under ``overlap_ab``).
 - Shares: during the timed score calls each part below is wrapped by a timer (found by its class and method at run
   time; a part the installed code does not have is listed under ``parts_not_found``): preprocessing (decode,
   letterbox, tokenise), the two backbones inside the model, colour naming, face detection, text detection and text
   recognition (RapidOCR's two networks, with their own pre- and post-processing), the rest of scene text (and its
   caption side), the concept bridge's image side (the classes at every cell) and caption side (the class prompts and
-  the WordNet expansion), the kernels (embeddings and similarity); ``other`` is what no timer covers. Medians per
-  call, ms.
+  the WordNet expansion), the fusion's caption-independent image side (``fusion (image side)``, once per image) and
+  its passes over the pairs (``fusion (pairs)``: the layers, the affinity bias and the relation reader; the ITM head
+  and S's weight in the match logit fall under ``other``), the kernels (embeddings and similarity); ``other`` is
+  what no timer covers. Medians per call, ms.
 - Overlap (``$MKLVISITA_OVERLAP``, :mod:`mklvisita.sources.overlap`): with it on, the detectors run on a worker
   thread beside the image backbone, and the image sources' work after the backbone (concept bridge image side, colour
   naming, the detections turned into cells) on the same worker beside the text backbone. A part's time counts
@@ -104,6 +112,8 @@ PARTS = [
     ("concept bridge (captions)", "mklvisita.sources.concept:ConceptBridge.encode_text"),
     ("concept bridge (captions)", "mklvisita.sources.concept:ConceptBridge.text_features"),
     ("scene text (captions)", "mklvisita.sources.scene_text:SceneTextSource.encode_text"),
+    ("fusion (image side)", "mklvisita.fusion:HierarchicalFusion.prepare_image"),
+    ("fusion (pairs)", "mklvisita.fusion:HierarchicalFusion.forward"),
     ("kernels", "@kernels.embed_image"),
     ("kernels", "@kernels.embed_text"),
     ("kernels", "@kernels.forward"),
@@ -245,11 +255,73 @@ def _floor(matcher: Any, image: Path) -> Callable[[], tuple[float, float]]:
     return floor
 
 
-def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+class TwoCoreFloor:
+    """The floor on two cores, like for like with a score whose overlap uses a second core: the two backbones with
+    two intra-op threads, one after the other (``two_threads``), and the two backbones at once, the text encoder on
+    a second thread with one intra-op thread each (``concurrent``). Each call times both; the better median is the
+    floor (``--threads`` is the caller's count; the second core is what the overlap's worker adds)."""
+
+    VARIANTS = ("two_threads", "concurrent")
+
+    def __init__(self, matcher: Any, image: Path, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from mklvisita.inputs import load_image
+
+        self.pv, _ = matcher.processor.images([load_image(image)])
+        self.enc = matcher.processor.captions(CAPTIONS)
+        self.vision, self.text = matcher.model.vision.model, matcher.model.text.model
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,))
+        self.times: dict[str, list[float]] = {v: [] for v in self.VARIANTS}
+
+    def _text(self) -> None:
+        with torch.inference_mode():
+            self.text(input_ids=self.enc["input_ids"], attention_mask=self.enc["attention_mask"])
+
+    def __call__(self) -> None:
+        """Time each variant once (the image network on the calling thread). Two intra-op threads last, and a pause
+        after them: OpenMP's idle threads spin a while after a parallel region, which would take the second core
+        from whatever runs next."""
+        t = time.perf_counter()
+        job = self.pool.submit(self._text)
+        with torch.inference_mode():
+            self.vision(self.pv)
+        job.result()
+        self.times["concurrent"].append((time.perf_counter() - t) * 1000)
+        torch.set_num_threads(2 * self.threads)
+        try:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                self.vision(self.pv)
+            self._text()
+            self.times["two_threads"].append((time.perf_counter() - t) * 1000)
+        finally:
+            torch.set_num_threads(self.threads)
+        time.sleep(0.05)
+
+    def reset(self) -> None:
+        self.times = {v: [] for v in self.VARIANTS}
+
+    def summary(self, score_median: float) -> dict[str, Any]:
+        medians = {v: _median(xs) for v, xs in self.times.items()}
+        best = min(medians, key=medians.get)
+        return {
+            "floor_two_cores_median_ms": medians[best],
+            "floor_two_cores_how": best,
+            "floor_two_cores_variants_median_ms": medians,
+            "ratio_two_cores": round(score_median / statistics.median(self.times[best]), 3),
+        }
+
+
+def time_score(matcher: Any, image: Path, repeats: int, threads: int = 1) -> dict[str, Any]:
     floor = _floor(matcher, image)
+    two_cores = TwoCoreFloor(matcher, image, threads)
     for _ in range(3):
         matcher.score([image], CAPTIONS)
         floor()
+        two_cores()
+    two_cores.reset()
     timers = PartTimers(matcher)
     scores, images, texts = [], [], []
     with timers.active():
@@ -261,6 +333,7 @@ def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
             a, b = floor()
             images.append(a)
             texts.append(b)
+            two_cores()
     q = statistics.quantiles(scores, n=10)
     floors = [a + b for a, b in zip(images, texts)]
     return {
@@ -271,6 +344,7 @@ def time_score(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
         "floor_image_backbone_ms": _median(images),
         "floor_text_backbone_ms": _median(texts),
         "ratio": round(statistics.median(scores) / statistics.median(floors), 3),
+        **two_cores.summary(statistics.median(scores)),
         "score_parts_median_ms": timers.medians(scores),
         "worker_parts_median_ms": timers.worker_medians(),
         "parts_not_found": timers.missing,
@@ -298,11 +372,13 @@ def two_thread_speedup(n: int = 4) -> float:
     return round(one / (time.perf_counter() - t), 2)
 
 
-def time_overlap_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
-    """Score with the overlap off and on in turn, call by call, each call followed by the floor (same load for both)."""
+def time_overlap_ab(matcher: Any, image: Path, repeats: int, threads: int = 1) -> dict[str, Any]:
+    """Score with the overlap off and on in turn, call by call, each call followed by the floor (same load for both);
+    after each round the floor on two cores (:class:`TwoCoreFloor`), the like-for-like floor of the overlap on."""
     from mklvisita.sources.overlap import OVERLAP_ENV
 
     floor, before = _floor(matcher, image), os.environ.get(OVERLAP_ENV)
+    two_cores = TwoCoreFloor(matcher, image, threads)
     speedup_before = two_thread_speedup()
     runs: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in ("off", "on")}
     try:
@@ -320,6 +396,9 @@ def time_overlap_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
                     t = time.thread_time()
                     r["floor"].append(sum(floor()))
                     r["floor_cpu"].append((time.thread_time() - t) * 1000)
+            two_cores()
+            if i < 3:
+                two_cores.reset()
     finally:
         if before is None:
             del os.environ[OVERLAP_ENV]
@@ -339,6 +418,8 @@ def time_overlap_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
         }
         for mode, r in runs.items()
     }
+    for mode, r in runs.items():
+        out[mode] |= two_cores.summary(statistics.median(r["score"]))
     out["score_off_over_on"] = round(out["off"]["score_1x5_median_ms"] / out["on"]["score_1x5_median_ms"], 3)
     out["two_thread_speedup_before_after"] = [speedup_before, two_thread_speedup()]
     return {"overlap_ab": out}
@@ -457,10 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     result["overlap"] = {"enabled": overlap_enabled(), OVERLAP_ENV: os.environ.get(OVERLAP_ENV, "")}
     env = [f"{OVERLAP_ENV}={os.environ[OVERLAP_ENV]}"] if os.environ.get(OVERLAP_ENV) else []
     result["command"] = " ".join([*env, "python benchmarks/photo_score.py", *(sys.argv[1:] if argv is None else argv)])
-    result |= time_score(matcher, image, args.repeats)
+    result |= time_score(matcher, image, args.repeats, args.threads)
     result["load_s"] = round(load_s, 2)
     if args.overlap_ab:
-        result |= time_overlap_ab(matcher, image, args.repeats)
+        result |= time_overlap_ab(matcher, image, args.repeats, args.threads)
     if args.explain:
         result |= time_explain(matcher, image, args.repeats)
     print(json.dumps(result, indent=2))

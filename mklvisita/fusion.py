@@ -209,6 +209,14 @@ def unpool_scores(a: torch.Tensor, grid: tuple[int, int], prefix: int, p: int) -
     return up.reshape(*lead, -1)
 
 
+def _pairs(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Per-image rows (Bi, ...) -> per-pair rows (B, ...) by ``index`` (None: pair b is image b); one image read by
+    every pair is broadcast (a view), not copied."""
+    if index is None:
+        return x
+    return x.expand(len(index), *x.shape[1:]) if x.shape[0] == 1 else x[index]
+
+
 def _per_pair(a: torch.Tensor, m: torch.Tensor, one_image: bool) -> torch.Tensor:
     """a (B, h, Tq, K) @ m (B or 1, h, K, D) -> (B, h, Tq, D). With ``one_image`` (m's batch is 1, shared by every
     pair) the B pairs' rows go through one product per head instead of B products on B copies of m."""
@@ -461,16 +469,15 @@ class FusionLayer(nn.Module):
         ``prepared``: :meth:`prepare_pooled` of ``shared``, when computed beforehand (once per image)."""
         grid, prefix, p = pool
         pre = prepared if prepared is not None else self.prepare_pooled(shared, pool, delta is None, False)
-        u = pre.low if index is None else pre.low[index]  # (B, M, W)
+        u = _pairs(pre.low, index)  # (B, M, W)
         t = self.norm_t1(txt)
         if delta is None and pre.i2t_q is not None:  # no update yet: the image's own queries, once per image
-            q = pre.i2t_q if index is None else pre.i2t_q[index]  # (B, M, W)
-            d, a_i2t = self.i2t(None, t, txt_mask, need_weights=need_weights, q=q)
+            d, a_i2t = self.i2t(None, t, txt_mask, need_weights=need_weights, q=_pairs(pre.i2t_q, index))
         else:
             u = u if delta is None else u + delta
             d, a_i2t = self.i2t(self.norm_i1(u), t, txt_mask, need_weights=need_weights)
         delta = d if delta is None else delta + d
-        u = u + d
+        u = u + d if self.mlp_i is not None else u  # the last layer's stream is read no further
         kv = pre.kv  # (Bi, N, 2W): once per image
         x_d = self.norm_d(delta)  # (B, M, W)
         queries = 1 if cls_only and not self.cross_first else txt.shape[1]  # text rows the cross-attention runs

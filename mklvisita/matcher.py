@@ -186,7 +186,8 @@ class Matcher:
             if fusion_image is None:
                 itm = match_pairs(self.model, images_bank, texts_bank, ii, tt, batch_size)
             else:
-                itm = self._match_prepared(images_bank, texts_bank, fusion_image.collect(), ii, tt, batch_size)
+                s = sim.similarity[ii, tt]  # each pair's S, computed above for every pair
+                itm = self._match_prepared(images_bank, texts_bank, fusion_image.collect(), ii, tt, s, batch_size)
             itm = itm.view(n_i, n_t).numpy()
             final = final_score(ranking, itm, similarity)
         else:
@@ -229,17 +230,20 @@ class Matcher:
         fusion_image: PreparedImage,
         image_index: torch.Tensor,
         text_index: torch.Tensor,
+        similarity: torch.Tensor,
         batch_size: int,
     ) -> torch.Tensor:
         """:func:`mklvisita.retrieval.match_pairs` on images whose fusion image side is prepared (every image of the
-        bank, :meth:`MKLVisITA.prepare_fusion_image`): ITM probability of the pairs, (K,)."""
+        bank, :meth:`MKLVisITA.prepare_fusion_image`) and pairs whose S is known (``similarity`` (K,)): ITM
+        probability of the pairs, (K,)."""
         out = []
         for i in range(0, len(image_index), batch_size):
             ii = image_index[i : i + batch_size].to(self.device)
             tt = text_index[i : i + batch_size].to(self.device)
             txt, emb_t = texts.features.select(tt), texts.embeddings.select(tt)
+            s = similarity[i : i + batch_size].to(self.device)
             m = self.model.match(
-                images.features, txt, images.embeddings, emb_t, ii, output_attentions=False, fusion_image=fusion_image
+                images.features, txt, images.embeddings, emb_t, ii, False, fusion_image=fusion_image, similarity=s
             )
             out.append(m.prob.float().cpu())
         return torch.cat(out)

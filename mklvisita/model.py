@@ -315,6 +315,7 @@ class MKLVisITA(
         image_index: torch.Tensor | None = None,
         output_attentions: bool = True,
         fusion_image: PreparedImage | None = None,
+        similarity: torch.Tensor | None = None,
     ) -> MatchOutput:
         """ITM for image k with text k through the fusion layers; attentions come back for explanations.
 
@@ -322,6 +323,8 @@ class MKLVisITA(
         caption-independent work runs once per image); None = image k. ``output_attentions=False`` returns no
         attention maps (cheaper: fused attention, [CLS]-only last layer). ``fusion_image``: the fusion's image side of
         ``img`` computed beforehand (:meth:`prepare_fusion_image`; the same numbers), so ``img.levels`` is not read.
+        ``similarity`` (B,): each pair's S when the caller has it already (a score's all-pairs similarity; pairwise
+        here it agrees to float rounding), so the kernels do not run again.
         """
         if self.fusion is None:
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
@@ -330,7 +333,7 @@ class MKLVisITA(
             img_emb = self.embed_image(img) if img_emb is None else img_emb
             txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
             if image_index is not None:
-                img_emb = img_emb.select(image_index)
+                img_emb = _per_pair(img_emb, image_index)
         if self.fusion.use_bias:
             maps: list[torch.Tensor] = []  # the affinity kernels' word x patch maps (B, n, T, P), once for all layers
 
@@ -348,7 +351,7 @@ class MKLVisITA(
         if self.config.fusion.itm_head_scale != 1.0:  # the head's calibration on a new domain (FusionConfig)
             logits = logits * self.config.fusion.itm_head_scale
         if self.itm_similarity_weight is not None:
-            s = self.similarity(img_emb, txt_emb, pairwise=True).similarity  # (B,)
+            s = self.similarity(img_emb, txt_emb, pairwise=True).similarity if similarity is None else similarity
             logits = logits + torch.stack([torch.zeros_like(s), self.itm_similarity_weight * s], -1)
         if self.itm_relation_weight is not None and out.relation is not None:
             r = self.itm_relation_weight * out.relation.evidence  # (B,)
@@ -394,6 +397,14 @@ class MKLVisITA(
         ill-typed config field, and any missing, unexpected or mis-shaped weight.
         """
         return checkpoint.load_model(cls, pretrained_model_name_or_path, map_location, **hub)
+
+
+def _per_pair(emb: KernelEmbeddings, index: torch.Tensor) -> KernelEmbeddings:
+    """Per-image embeddings -> per-pair rows by ``index``; one image read by every pair is broadcast (views), not
+    copied."""
+    if len(emb) == 1:
+        return emb.map(lambda t: t.expand(len(index), *t.shape[1:]))
+    return emb.select(index)
 
 
 def _spread(n: int, depth: int) -> list[int]:

@@ -28,9 +28,16 @@ def test_floor_ratio_and_parts(photo_score, tmp_path):
     assert saved["parts_not_found"] == []  # every part of PARTS exists in the installed code
     assert saved["floor_median_ms"] > 0 and saved["score_1x5_median_ms"] > 0
     assert saved["ratio"] == pytest.approx(saved["score_1x5_median_ms"] / saved["floor_median_ms"], rel=0.05)
+    # the like-for-like floor on two cores: the better of its two ways, and the score over it
+    two = saved["floor_two_cores_variants_median_ms"]
+    assert set(two) == {"two_threads", "concurrent"} and saved["floor_two_cores_median_ms"] == min(two.values())
+    assert two[saved["floor_two_cores_how"]] == saved["floor_two_cores_median_ms"]
+    ratio = saved["score_1x5_median_ms"] / saved["floor_two_cores_median_ms"]
+    assert saved["ratio_two_cores"] == pytest.approx(ratio, rel=0.05)
     parts = saved["score_parts_median_ms"]
     named = {"image backbone", "text backbone", "colour naming", "face detection", "text detection"}
     named |= {"concept bridge (image)", "concept bridge (captions)", "scene text (captions)"}
+    named |= {"fusion (image side)", "fusion (pairs)"}  # the default photo checkpoint has the fusion branch
     assert named | {"text recognition", "kernels", "scene text (rest)", "waiting for the worker", "other"} <= set(parts)
     assert all(parts[p] > 0 for p in named)  # each was timed inside score
     assert parts["text recognition"] == 0  # the cat has no text line: nothing is read
