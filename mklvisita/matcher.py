@@ -33,7 +33,7 @@ from .kernels import KernelEmbeddings
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .ranking import final_score, itm_from_final, resolve_ranking, uses_itm
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
-from .sources.overlap import Prefetch
+from .sources.overlap import Prefetch, start_torch, usable_cpus
 from .threads import uses_inference_threads
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -235,17 +235,31 @@ class Matcher:
     ) -> torch.Tensor:
         """:func:`mklvisita.retrieval.match_pairs` on images whose fusion image side is prepared (every image of the
         bank, :meth:`MKLVisITA.prepare_fusion_image`) and pairs whose S is known (``similarity`` (K,)): ITM
-        probability of the pairs, (K,)."""
-        out = []
-        for i in range(0, len(image_index), batch_size):
-            ii = image_index[i : i + batch_size].to(self.device)
-            tt = text_index[i : i + batch_size].to(self.device)
+        probability of the pairs, (K,).
+
+        Each batch of pairs runs as two passes, the second started on the overlap worker (idle by then: the image
+        sources and the fusion's image side ran beside the captions' encoder) while this thread runs the first
+        (:func:`mklvisita.sources.overlap.start_torch`; with the overlap off, or the worker busy, both run here). The
+        split is the same either way, so the overlap changes no number; on one CPU there is no split."""
+
+        def probs(lo: int, hi: int) -> torch.Tensor:
+            ii, tt = image_index[lo:hi].to(self.device), text_index[lo:hi].to(self.device)
             txt, emb_t = texts.features.select(tt), texts.embeddings.select(tt)
-            s = similarity[i : i + batch_size].to(self.device)
+            s = similarity[lo:hi].to(self.device)
             m = self.model.match(
                 images.features, txt, images.embeddings, emb_t, ii, False, fusion_image=fusion_image, similarity=s
             )
-            out.append(m.prob.float().cpu())
+            return m.prob.float().cpu()
+
+        out = []
+        for i in range(0, len(image_index), batch_size):
+            end = min(i + batch_size, len(image_index))
+            half = i + (end - i + 1) // 2  # this thread takes the larger half
+            if half == end or usable_cpus() < 2:
+                out.append(probs(i, end))
+                continue
+            second = start_torch(probs, half, end)
+            out += [probs(i, half), second.collect()]
         return torch.cat(out)
 
     @uses_inference_threads

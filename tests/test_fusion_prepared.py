@@ -14,7 +14,7 @@ from mklvisita import Matcher
 from mklvisita.matcher import EMBEDDED
 from mklvisita.model import MKLVisITA
 from mklvisita.retrieval import encode_captions, match_pairs
-from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch
+from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, usable_cpus
 
 EXAMPLES = EMBEDDED["photo"].parent / "examples"
 CAPTIONS = ["a tabby cat lying on a rug", "an astronaut in an orange suit", "a cup of coffee on a saucer"]
@@ -96,3 +96,29 @@ def test_a_model_without_fusion_prepares_nothing():
         assert job.collect().sources
         with pytest.raises(RuntimeError, match="no fusion"):
             matcher.model.prepare_fusion_image(job.collect())
+
+
+@pytest.mark.skipif(usable_cpus() < 2, reason="one CPU: the pairs pass in one piece")
+def test_the_pairs_pass_in_two_halves_the_second_on_the_worker(photo, monkeypatch):
+    """Matcher.score's fusion passes: the first half of the pairs on the calling thread, the second started on the
+    worker; the same numbers with the overlap off (both halves here) and on."""
+    monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # always the worker's run (taking back: its own tests)
+    passes: list[tuple[str, int]] = []
+    original = MKLVisITA.match
+
+    def recorded(self, img, txt, *args, **kwargs):
+        passes.append((threading.current_thread().name, len(txt.pooled)))
+        return original(self, img, txt, *args, **kwargs)
+
+    monkeypatch.setattr(MKLVisITA, "match", recorded)
+    photo_path = str(EXAMPLES / "astronaut.jpg")
+    results = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv(OVERLAP_ENV, mode)
+        passes.clear()
+        results[mode] = photo.score([photo_path], CAPTIONS)
+        assert sorted(n for _, n in passes) == [1, 2]  # 3 pairs: 2 here, 1 on the worker
+        on_worker = {n: name.startswith(WORKER) for name, n in passes}
+        assert on_worker == {2: False, 1: mode == "on"}
+    np.testing.assert_array_equal(results["on"].itm, results["off"].itm)
+    np.testing.assert_array_equal(results["on"].score, results["off"].score)

@@ -71,6 +71,11 @@ _local = threading.local()  # .worker: True on the worker thread
 _busy = 0  # 1 while the worker runs a job: a job queued behind it adds no thread, so auto does not count it
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the platform has one)."""
+    return _usable_cpus()
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
