@@ -17,6 +17,12 @@ Decisions:
   go there (training, explanations and GPU work run it in the caller, as ``encode_image`` always does). The caption
   side's largest product (the concept bridge's 20k WordNet synsets) hands half its rows to the worker, idle by then,
   and takes them back when the worker has not started them (:meth:`Prefetch.collect`).
+- With a fusion branch, ``MKLVisITA.start_match_image`` also starts the fusion's caption-independent image side
+  (``HierarchicalFusion.prepare_image``: level projections, the shared stream pooled, its keys and values) after the
+  sources' job, and ``Matcher.score`` runs its fusion passes over the pairs in two halves, the second on the worker
+  (idle by then) while the caller runs the first. The halves are the same with the overlap off (both then run in the
+  caller; on one CPU there is no split), so the scores do not depend on it; the split costs a second pass's fixed
+  work (a few ms of CPU), which the overlap pays back only where a core is free.
 - Thread counts: a job that runs torch code (the detectors' jobs make their uint8 images from the model inputs, the
   later job the image features) is started by :func:`start_torch`: it runs with the caller's intra-op count, set in
   the worker thread before it runs (:mod:`mklvisita.threads`: one per call unless told otherwise), and under the
