@@ -34,7 +34,8 @@ from .inputs import check_choice, image_digest, parse_captions, read_image
 from .registry import EXPLAIN_CACHE_ENTRIES, ResultCache
 
 DEFAULT_LAYER = "default"  # fusion-layer choice meaning mklvisita.explain's default layer
-DEFAULT_METHOD = "default"  # explanation method meaning the Matcher's choice: Grad-CAM with fusion, else kernel maps
+DEFAULT_METHOD = "default"  # explanation method meaning the Matcher's choice: the checkpoint's fusion.explain_method
+# (Grad-CAM unless chosen otherwise at release) with fusion, else the kernel maps
 FIGURE_CACHE_ENTRIES = 16  # contribution figures kept per checkpoint (about 0.7 MB each)
 
 
@@ -228,7 +229,8 @@ def explain(
     Args:
         layer: fusion layer (0-based, as the API takes it; the UI labels it "fusion layer 1..L") or "default" (the
             last layer whose word attention reaches the ITM head).
-        method: "gradcam", "attention", "kernel", or "default" (Grad-CAM with a fusion head, else the kernel maps).
+        method: "gradcam", "attention", "kernel", or "default" (the checkpoint's ``fusion.explain_method`` with a
+            fusion head, else the kernel maps).
         scale: "per_map" (each map on its own scale) or "shared" (word maps on one scale, so they compare).
     """
     img, e = _explanation(matcher, image, caption, layer, method, scale, cache)

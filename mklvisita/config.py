@@ -136,6 +136,9 @@ class FusionConfig:
     itm_head_scale: float = 1.0  # factor on the ITM head's fused-[CLS] logits before S and the relation evidence join
     # them: a calibration for a domain the head was not trained on (the photo checkpoint's head learned on clip art),
     # chosen after training on held-out tune data (training.photo_fusion_tune); 1 = as trained
+    explain_method: str = "gradcam"  # the per-word maps Matcher.explain and the demo show by default: "gradcam"
+    # (Grad-CAM of the match logit, ALBEF's) or "attention" (the words' raw text->image attention); both stay available.
+    # Chosen at release by phrase pointing on held-out tune data (training.photo_fusion_tune for the photo checkpoint)
     relation_reader: bool = False  # a spatial-relation verdict in the ITM logit (fusion.RelationReader): each word's
     # object-word and relation-word gates and a direction from its fused state, the centroids of where the object words
     # before and after it look; needs word_positions. Off = the ITM head alone (a checkpoint without it loads as it was)
@@ -238,6 +241,11 @@ class MKLVisITAConfig:
             raise ConfigError("kernels.sources and kernels.functions must each name at least one entry")
         if self.fusion.enabled and self.fusion.width % self.fusion.heads:
             raise ConfigError(f"fusion.width ({self.fusion.width}) must be divisible by fusion.heads")
+        if self.fusion.explain_method not in ("gradcam", "attention"):
+            raise ConfigError(
+                f"fusion.explain_method must be 'gradcam' or 'attention' (the fusion's own maps), "
+                f"not {self.fusion.explain_method!r}"
+            )
         if not 0.0 <= self.fusion.itm_head_scale <= 10.0:
             raise ConfigError(
                 f"fusion.itm_head_scale must be within [0, 10] (1 = as trained), not {self.fusion.itm_head_scale}"

@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             captions,
             args.out,
             formats=args.format,
-            method=args.method or ("gradcam" if model.config.fusion.enabled else "kernel"),
+            method=args.method or (model.config.fusion.explain_method if model.config.fusion.enabled else "kernel"),
             layer=args.layer,
             normalize=args.normalize,
         )

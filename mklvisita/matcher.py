@@ -270,12 +270,13 @@ class Matcher:
         on the longer side, scaled down beyond it, so a 16 MP image costs no more memory than a 1 MP one;
         ``Explanation.full_size`` upsamples a map on demand, ``max_side=None`` keeps every map at full size.
 
-        ``method`` None: Grad-CAM when the model has the fusion branch, else the kernel maps (the photo checkpoint).
+        ``method`` None: with the fusion branch the checkpoint's ``fusion.explain_method`` (Grad-CAM unless chosen
+        otherwise at release), else the kernel maps (``photo-sources``).
         """
         from .explain import explain_pair
 
         if method is None:
-            method = "gradcam" if self.model.has_itm else "kernel"
+            method = self.model.config.fusion.explain_method if self.model.has_itm else "kernel"
 
         return explain_pair(self.model, self.processor, image, caption, layer=layer, method=method, **kwargs)
 

@@ -143,6 +143,20 @@ def test_default_explanation_has_nonzero_word_maps(tiny_checkpoint, images):
     assert e.word_heatmaps.shape == (3, 30, 40) and (e.word_heatmaps.max(axis=(1, 2)) > 0).all()
 
 
+def test_default_explanation_is_the_checkpoints_explain_method(tiny_checkpoint, images):
+    """fusion.explain_method (chosen at release) is the map explain() and the demo give when no method is named."""
+    m = Matcher.from_pretrained(tiny_checkpoint)
+    assert m.model.config.fusion.explain_method == "gradcam"
+    maps = {name: m.explain(images[0], "a red square", method=name).word_heatmaps for name in ("gradcam", "attention")}
+    assert not np.allclose(maps["gradcam"], maps["attention"])  # else the test could not tell them apart
+    np.testing.assert_allclose(m.explain(images[0], "a red square").word_heatmaps, maps["gradcam"])
+    m.model.config.fusion.explain_method = "attention"
+    np.testing.assert_allclose(m.explain(images[0], "a red square").word_heatmaps, maps["attention"])
+    m.model.config.fusion.explain_method = "kernel"  # only the fusion's own maps may be a fusion default
+    with pytest.raises(ValueError, match="fusion.explain_method must be 'gradcam' or 'attention'"):
+        m.model.config.validate()
+
+
 @pytest.fixture
 def loads(tiny_checkpoint, monkeypatch):
     """Record the folder every Matcher.from_pretrained call asks for; answer with the micro model (cheap)."""

@@ -191,3 +191,27 @@ def test_evaluate_relations_on_fake_stamps_gives_binding_per_kind_and_pointing(r
     assert {"pointing_acc_gradcam", "word_pointing_acc_gradcam"} <= set(metrics)
     with pytest.raises(ValueError, match="split"):
         load_eval_data(f"tuxpaint-relations:{relation_stamps}", "all")
+
+
+def test_the_default_map_is_the_method_that_points_best(relation_stamps, monkeypatch):
+    from mklvisita import pointing
+    from mklvisita.tasks import tuxpaint_relations
+    from training.photo_fusion_tune import choose_explain_method
+
+    monkeypatch.setattr(tuxpaint_relations, "SCENES", {"row2": 2, "column2": 1, "row3": 2})
+    torch.manual_seed(0)
+    model = MKLVisITA(MKLVisITAConfig.tiny()).eval()
+    proc = Processor(model.config, model.tokenizer)
+    got = choose_explain_method(model, proc, ("gradcam", "attention"), "test", stamps=str(relation_stamps))
+    assert got["explain_pointing_n"] == 12 and set(got["explain_pointing"]) == {"gradcam", "attention"}
+    assert got["chosen_explain_method"] == max(got["explain_pointing"], key=got["explain_pointing"].get)
+    # the rule itself: the higher pointing wins, a tie goes to the first method listed
+    for acc, first, chosen in (((0.4, 0.6), "gradcam", "attention"), ((0.5, 0.5), "gradcam", "gradcam"),
+                               ((0.5, 0.5), "attention", "attention")):  # fmt: skip
+        fake = {"pointing_acc_gradcam": acc[0], "pointing_acc_attention": acc[1], "pointing_n": 12.0}
+        monkeypatch.setattr(pointing, "pointing_game", lambda *a, fake=fake, **k: fake)
+        order = (first, "attention" if first == "gradcam" else "gradcam")
+        assert (
+            choose_explain_method(model, proc, order, "test", stamps=str(relation_stamps))["chosen_explain_method"]
+            == chosen
+        )

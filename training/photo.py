@@ -150,6 +150,7 @@ def check_examples(checkpoint: str) -> list[dict]:
     examples = [e for e in json.loads((root / "examples.json").read_text())["examples"] if e["kind"] == "photo"]
     captions = list(dict.fromkeys(c for e in examples for c in e["captions"]))
     matcher = Matcher.from_pretrained(checkpoint)
+    default = matcher.model.config.fusion.explain_method if matcher.model.has_itm else "kernel"
     scores = matcher.score([root / e["image"] for e in examples], captions).score  # (n_photos, n_captions)
     rows = []
     for e, row in zip(examples, scores):
@@ -157,8 +158,9 @@ def check_examples(checkpoint: str) -> list[dict]:
         rank = 1 + int((row > row[own]).sum())
         noun, (x0, y0, x1, y1) = EXAMPLE_NOUNS[e["image"]]
         top = captions[int(row.argmax())]
-        # the concept maps, and with a fusion branch its Grad-CAM (the demo's default method there) too
-        for method in ("kernel", "gradcam") if matcher.model.has_itm else ("kernel",):
+        # the concept maps, and with a fusion branch Grad-CAM and the attention (one of them the checkpoint's
+        # fusion.explain_method, the demo's default map) too
+        for method in ("kernel", "gradcam", "attention") if matcher.model.has_itm else ("kernel",):
             ex = matcher.explain(root / e["image"], e["captions"][0], method=method)
             heat = ex.word_heatmaps[ex.tokens.index(noun)]  # (H, W)
             r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
@@ -166,7 +168,7 @@ def check_examples(checkpoint: str) -> list[dict]:
             inside = bool(x0 <= x <= x1 and y0 <= y <= y1)
             rows.append({"image": e["image"], "own_caption_rank": rank, "of": len(captions), "top": top,
                          "noun": noun, "method": method, "peak_xy": [round(x, 2), round(y, 2)],
-                         "peak_on_object": inside})  # fmt: skip
+                         "peak_on_object": inside, "default_method": method == default})  # fmt: skip
             print(json.dumps(rows[-1]))
     return rows
 

@@ -1,4 +1,4 @@
-"""Choose the photo-fusion checkpoint's ITM weight on the tune half of the Tux Paint photo stamps (never the test half).
+"""Choose the photo-fusion checkpoint's ITM weight and default map on the Tux Paint tune half, never the test half.
 
     python -m training.photo_fusion_tune --checkpoint runs/photo_fusion/release \
         --out docs/results/photo_fusion/itm_weight_tune.json [--write runs/photo_fusion/release]
@@ -12,7 +12,13 @@ Decisions:
     - The rule: the largest relation-binding accuracy (``tuxpaint-relations`` tune: relation reversed, object replaced,
       objects swapped, every caption against its hard negative) among the weights whose single-stamp R@1 (``tuxpaint``
       tune, the mean of both directions) is within 1 point of S alone (w = 0); ties go to the smaller weight.
-    - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight`` (nothing else changes).
+    - The default explanation (``fusion.explain_method``): with the chosen head scale and weight, the phrase
+      pointing game (:func:`mklvisita.pointing.pointing_game`: each stamp's phrase explained against its scene, is the
+      map's peak on the stamp) on the tune half's relation scenes, per method of ``--explain-methods``; the best one
+      is the default map of :meth:`mklvisita.Matcher.explain` and the demo (ties go to the first listed, Grad-CAM).
+      The other stays available by name.
+    - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight``, ``fusion.itm_head_scale`` and
+      ``fusion.explain_method`` (nothing else changes).
     - ``--beta-from CHECKPOINT`` first copies that checkpoint's kernel weights beta (same kernels, e.g. the photo
       checkpoint's tune-half grid) over the learned ones, so the learned and the grid beta are compared on the tune
       half by the sweep's S-alone row (``itm_weight`` 0) of each run.
@@ -147,6 +153,33 @@ def sweep(
     }
 
 
+def choose_explain_method(
+    model: Any,
+    processor: Any,
+    methods: tuple[str, ...],
+    split: str = "tune",
+    limit: int = 0,
+    stamps: str | None = None,
+) -> dict[str, Any]:
+    """Phrase pointing of each map method on ``split``'s relation scenes (the model's current config); the best one
+    (ties: the first of ``methods``). ``stamps``: the Tux Paint stamps folder (None: the installed one)."""
+    from mklvisita.pointing import pointing_game
+    from mklvisita.tasks.tuxpaint import find_stamps
+    from mklvisita.tasks.tuxpaint_relations import RelationScenes
+
+    scenes = RelationScenes(find_stamps(stamps, split))
+    n = min(limit, len(scenes)) if limit else len(scenes)
+    layouts = sorted(set(scenes.layouts))
+    if limit:  # a quick check: the first scenes of every layout, not only the first layout's
+        per = max(1, n // len(layouts))
+        scenes.layouts = [lay for lay in layouts for _ in range(per)]
+        n = len(scenes.layouts)
+    got = pointing_game(model, processor, scenes, n=n, methods=list(methods))
+    pointing = {m: got[f"pointing_acc_{m}"] for m in methods}
+    best = max(methods, key=lambda m: (pointing[m], -methods.index(m)))
+    return {"explain_pointing": pointing, "explain_pointing_n": got["pointing_n"], "chosen_explain_method": best}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="release folder of a checkpoint with fusion")
@@ -159,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         "--head-scales",
         default="1",
         help="comma-separated ITM head scales to sweep with the weights (fusion.itm_head_scale; > 0 keeps Grad-CAM)",
+    )
+    parser.add_argument(
+        "--explain-methods",
+        default="gradcam,attention",
+        help="comma-separated map methods for the default explanation, chosen by phrase pointing (first wins ties; "
+        "one method: no pointing run)",
     )
     args = parser.parse_args(argv)
 
@@ -181,16 +220,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--head-scales takes comma-separated numbers, not {args.head_scales!r}")
     if not all(0 < g <= 10 for g in scales):
         parser.error("--head-scales must be within (0, 10]: at 0 the fusion gives Grad-CAM nothing to explain")
-    result = sweep(model, Processor(model.config, model.tokenizer), args.split, limit=args.limit, head_scales=scales)
+    methods = tuple(m.strip() for m in args.explain_methods.split(",") if m.strip())
+    if not methods or any(m not in ("gradcam", "attention") for m in methods):
+        parser.error(f"--explain-methods takes gradcam and/or attention, not {args.explain_methods!r}")
+    processor = Processor(model.config, model.tokenizer)
+    result = sweep(model, processor, args.split, limit=args.limit, head_scales=scales)
+    model.config.ranking.itm_weight = float(result["chosen_itm_weight"])
+    model.config.fusion.itm_head_scale = float(result["chosen_itm_head_scale"])
+    if len(methods) > 1:
+        result |= choose_explain_method(model, processor, methods, args.split, args.limit)
+    else:
+        result["chosen_explain_method"] = methods[0]
     result["beta"] = dict(zip(model.kernel_names, [round(x, 4) for x in model.kernel_weights().tolist()]))
     result["command"] = "python -m training.photo_fusion_tune " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"chosen itm_weight {result['chosen_itm_weight']}, itm_head_scale {result['chosen_itm_head_scale']} ({out})")
+    print(
+        f"chosen itm_weight {result['chosen_itm_weight']}, itm_head_scale {result['chosen_itm_head_scale']}, "
+        f"explain_method {result['chosen_explain_method']} ({out})"
+    )
     if args.write:
-        model.config.ranking.itm_weight = float(result["chosen_itm_weight"])
-        model.config.fusion.itm_head_scale = float(result["chosen_itm_head_scale"])
+        model.config.fusion.explain_method = result["chosen_explain_method"]
         model.save_pretrained(args.write)
     return 0
 
