@@ -259,7 +259,12 @@ class Matcher:
                 out.append(probs(i, end))
                 continue
             second = start_torch(probs, half, end)
-            out += [probs(i, half), second.collect()]
+            try:
+                first = probs(i, half)
+            except BaseException:
+                second.cancel()  # not needed any more (no effect once it runs)
+                raise
+            out += [first, second.collect()]
         return torch.cat(out)
 
     @uses_inference_threads

@@ -278,16 +278,29 @@ class ConceptBridge(FeatureSource):
         half of the rows goes to the overlap worker (idle by then in a Matcher call), or runs here when the worker has
         not started it by the time the first half is done; either way the same products, in the same halves.
         """
+        return self._start_synset_cosines(sentence)()
+
+    def _start_synset_cosines(self, sentence: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """:meth:`_synset_cosines` in two steps: the worker's half starts now; the returned function computes this
+        thread's half and gives the (B, N) cosines, so the caller can do other work while the worker reads its rows."""
         matrix = self._synset_matrix()
         half = matrix.shape[0] // 2
         second = start_torch(torch.matmul, matrix[half:], sentence.T)
-        first = matrix[:half] @ sentence.T
-        rest = second.collect()
-        return torch.cat([first, rest]).T
+
+        def finish() -> torch.Tensor:
+            first = matrix[:half] @ sentence.T
+            rest = second.collect()
+            return torch.cat([first, rest]).T
+
+        return finish
 
     def synset_expansion(self, sentence: torch.Tensor) -> torch.Tensor:
         """sentence (B, D) unit -> (B, K) class distribution through the WordNet synsets."""
-        r = (self._synset_cosines(sentence) / self.synset_temperature).softmax(-1)  # (B, N)
+        return self._expansion(self._synset_cosines(sentence))
+
+    def _expansion(self, cosines: torch.Tensor) -> torch.Tensor:
+        """(B, N) synset cosines -> (B, K) class distribution (:meth:`synset_expansion`)."""
+        r = (cosines / self.synset_temperature).softmax(-1)  # (B, N)
         return (self._link_matrix() @ r.T).T  # (K, N) @ (N, B): each class's links' weight x synset mass, summed
 
     def class_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -308,11 +321,14 @@ class ConceptBridge(FeatureSource):
     def text_features(self, sentence: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """sentence (B, D) mean-pooled, tokens (B, T, D) -> the text side of each concept source."""
         unit = F.normalize(sentence, dim=-1)
-        q = (unit @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, K)
-        if self.expands:
-            q = (1 - self.synset_weight) * q + self.synset_weight * self.synset_expansion(unit)
-        out = {"concept": sentence, "concept_class": q.sqrt()}
+        # the WordNet expansion's synset cosines start first: the worker reads half of the rows while this thread
+        # computes the rest below (the same products either way: synset_expansion)
+        cosines = self._start_synset_cosines(unit) if self.expands else None
+        local = {}
         if "concept_local" in self.sources:
             qw = (F.normalize(tokens, dim=-1) @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, T, K)
-            out["concept_local"] = qw - 1.0 / qw.shape[-1]  # centred over classes
-        return out
+            local["concept_local"] = qw - 1.0 / qw.shape[-1]  # centred over classes
+        q = (unit @ self.class_text.T / self.text_temperature).softmax(-1)  # (B, K)
+        if cosines is not None:
+            q = (1 - self.synset_weight) * q + self.synset_weight * self._expansion(cosines())
+        return {"concept": sentence, "concept_class": q.sqrt(), **local}
