@@ -7,8 +7,9 @@ Decisions:
   random peak), reported beside every accuracy.
 - The maps are the explanations a user sees (:func:`mklvisita.explain.method_maps`, one pass per phrase or caption
   for every method at once), so the game measures the explanations, not a proxy.
-- The phrase game's headline ``pointing_acc`` is a caption-dependent map: Grad-CAM when the model has fusion, else
-  the first of attention / kernel measured; never rollout, which is the same for every phrase.
+- The headline ``pointing_acc`` / ``word_pointing_acc`` is the map a user sees by default: with fusion the
+  checkpoint's ``fusion.explain_method`` (Grad-CAM unless chosen otherwise at release), else the first of attention /
+  kernel measured; never rollout, which is the same for every phrase. Every measured method keeps its own key.
 - The tasks call these (shapes: both games; Tux Paint composites: the phrase game), through
   :meth:`mklvisita.tasks.Task.extra_metrics`.
 """
@@ -23,6 +24,13 @@ import numpy as np
 from .explain import MAP_METHODS, METHODS, method_maps
 
 POINTING_METHODS = MAP_METHODS  # gradcam, attention, kernel, rollout
+
+
+def _headline(model: Any, usable: Sequence[str]) -> str | None:
+    """The measured method the headline accuracy reports (module decisions)."""
+    first = model.config.fusion.explain_method if model.has_itm else None
+    grounded = [m for m in (first, "gradcam", "attention", "kernel") if m is not None and m in usable]
+    return grounded[0] if grounded else None
 
 
 def _supported(model: Any, method: str) -> bool:
@@ -80,9 +88,9 @@ def pointing_game(
                 r, c = np.unravel_index(int(np.argmax(caption_map)), caption_map.shape)
                 hits[m] += bool(mask[r, c])
     out = {f"pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
-    grounded = [m for m in ("gradcam", "attention", "kernel") if m in usable]
-    if grounded:
-        out["pointing_acc"] = out[f"pointing_acc_{grounded[0]}"]
+    headline = _headline(model, usable)
+    if headline is not None:
+        out["pointing_acc"] = out[f"pointing_acc_{headline}"]
     out["pointing_chance"] = float(np.mean(areas)) if areas else 0.0
     out["pointing_n"] = float(count)
     return out
@@ -126,7 +134,7 @@ def word_pointing_game(
         layer: the fusion layer of Grad-CAM and attention (None: the model's default).
 
     Returns:
-        ``word_pointing_acc_<method>`` per usable method, ``word_pointing_acc`` (the first of those measured),
+        ``word_pointing_acc_<method>`` per usable method, ``word_pointing_acc`` (the default map's, module doc),
         ``word_pointing_chance`` (mean mask area fraction) and ``word_pointing_n`` (number of words).
     """
     methods = METHODS if methods is None else tuple(methods)
@@ -146,8 +154,9 @@ def word_pointing_game(
         for m in usable:
             hits[m] += sum(word_pointing_hits(maps[m][0], targets))
     out = {f"word_pointing_acc_{m}": hits[m] / max(count, 1) for m in usable}
-    if usable:
-        out["word_pointing_acc"] = out[f"word_pointing_acc_{usable[0]}"]
+    headline = _headline(model, usable)
+    if headline is not None:
+        out["word_pointing_acc"] = out[f"word_pointing_acc_{headline}"]
     out["word_pointing_chance"] = float(np.mean(areas)) if areas else 0.0
     out["word_pointing_n"] = float(count)
     return out

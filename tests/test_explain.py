@@ -297,6 +297,28 @@ def test_pointing_game_counts_hits_and_chance(model, processor):
     assert hit["pointing_n"] == 2 and hit["pointing_acc"] == hit["pointing_acc_gradcam"]
 
 
+def test_pointing_headline_is_the_checkpoints_default_map(model, processor, monkeypatch):
+    """pointing_acc / word_pointing_acc report fusion.explain_method's maps (what the demo shows by default)."""
+    import mklvisita.pointing as pointing
+
+    def maps(model, processor, image, caption, methods, layer, words=True):
+        on, off = np.zeros((24, 40)), np.zeros((24, 40))
+        on[12, 20], off[0, 0] = 1.0, 1.0  # Grad-CAM peaks inside the mask below, attention outside it
+        return {m: (np.stack([on if m == "gradcam" else off] * 3), on if m == "gradcam" else off) for m in methods}
+
+    monkeypatch.setattr(pointing, "method_maps", maps)
+    mask = np.zeros((24, 40), bool)
+    mask[10:14, 18:22] = True
+    scenes = [{"image": None, "objects": [{"phrase": "a red circle", "mask": mask}]}]
+    words = [{"image": None, "caption": "a red circle", "targets": [(1, mask)]}]
+    both = ("gradcam", "attention")
+    for default, acc in (("gradcam", 1.0), ("attention", 0.0)):
+        monkeypatch.setattr(model.config.fusion, "explain_method", default)
+        got = pointing_game(model, processor, scenes, methods=both) | word_pointing_game(model, processor, words, both)
+        assert (got["pointing_acc_gradcam"], got["pointing_acc_attention"]) == (1.0, 0.0)
+        assert got["pointing_acc"] == got["word_pointing_acc"] == acc
+
+
 def test_pointing_game_on_shapes(model, processor):
     from mklvisita.data import ShapesScenes
 
