@@ -195,9 +195,19 @@ from mklvisita import Matcher
 matcher = Matcher.default("photo")  # this folder, shipped in assets/
 r = matcher.score(["assets/examples/cat.jpg"], ["a tabby cat lying on a rug", "a cup of coffee on a saucer"])
 print(r.itm, r.score)  # the ITM probability and the ranking score, one row per image
-e = matcher.explain("assets/examples/cat.jpg", "a tabby cat lying on a rug")  # Grad-CAM of the fusion
-print(e.tokens, e.word_heatmaps.shape)  # a map over the photo for each word
+e = matcher.explain("assets/examples/cat.jpg", "a tabby cat lying on a rug")  # the default map (fusion.explain_method)
+print(e.tokens, e.word_heatmaps.shape)  # a map over the photo for each word; method="gradcam" / "kernel" for others
 ```"""
+
+
+_METHOD_NAMES = {"gradcam": "Grad-CAM of the match logit", "attention": "raw text->image attention of the last layer"}
+
+
+def _pointing_choice(tune: dict) -> str:
+    """ "attention 59.5 % against gradcam 54.8 %": the tune-half phrase pointing behind the default map."""
+    got = tune.get("explain_pointing", {})
+    ranked = sorted(got, key=got.get, reverse=True)
+    return " against ".join(f"{m} {100 * got[m]:.1f} %" for m in ranked) or "not measured"
 
 
 def photo_fusion_card(kernel_weights: dict[str, float], folder: str | Path = ROOT / PHOTO) -> ModelCard:
@@ -230,16 +240,19 @@ image positions, the text reading the image before itself (`cross_first`) and re
 look (`word_positions`). The match logit is the ITM head on the fused [CLS] (times `itm_head_scale` =
 {f.itm_head_scale:g}), plus S times a learned weight, plus the relation reader's evidence times a learned weight
 (`fusion.relation_reader`: for each relation word, where the object words after it look minus where the ones before
-it look, against the direction the word names). Ranking rule (`config.ranking`): {rule}."""
+it look, against the direction the word names). Ranking rule (`config.ranking`): {rule}. Default per-word map
+(`fusion.explain_method`): {_METHOD_NAMES[f.explain_method]}."""
     relations_note = (
         "180 scenes of 2-3 test-half photo stamps side by side, stacked or in a row on the white canvas, 3 captions "
         "each from the stamps' descriptions in relation templates, each against a hard negative (relation reversed, "
-        "one stamp replaced, two of three swapped): `binding_acc_*` by the final score; pointing: where the fusion's "
-        "Grad-CAM of each stamp's phrase peaks (chance `pointing_chance`)."
+        "one stamp replaced, two of three swapped): `binding_acc_*` by the final score; pointing: where each stamp's "
+        f"phrase peaks in the default map ({_METHOD_NAMES[f.explain_method]}; `pointing_acc_gradcam` and "
+        "`pointing_acc_attention` per method; chance `pointing_chance`)."
     )
     single_note = "One caption per stamp, " + rule + ". Evaluating needs `apt-get install tuxpaint-stamps-default`."
     relation_keys = [*RECALLS, "binding_acc", "binding_acc_reverse", "binding_acc_replace", "binding_acc_swap",
-                     "pointing_acc", "pointing_chance", "word_pointing_acc", "word_pointing_chance"]  # fmt: skip
+                     "pointing_acc", "pointing_acc_gradcam", "pointing_acc_attention", "pointing_chance",
+                     "word_pointing_acc", "word_pointing_chance"]  # fmt: skip
     return ModelCard(
         title="MKL-VisITA photo checkpoint (EfficientNet-Lite0 + all-MiniLM-L6-v2, fusion trained on clip art)",
         summary="Matches captions to real photographs with no network: a multi-kernel similarity over fixed feature "
@@ -257,8 +270,9 @@ it look, against the direction the word names). Ranking rule (`config.ranking`):
         cannot_know=PHOTO_FUSION_CANNOT_KNOW,
         details=details,
         intended_use="Scoring, ranking and explaining captions against everyday photographs on a machine with no "
-        "network: which caption fits a photo best, which of two objects is where, and where each word looks (Grad-CAM "
-        "of the fusion; the concept maps stay available as the `kernel` method). Not for identifying people, reading "
+        "network: which caption fits a photo best, which of two objects is where, and where each word looks (the "
+        f"fusion's {_METHOD_NAMES[f.explain_method]} by default; Grad-CAM and the concept maps stay available as the "
+        "`gradcam` and `kernel` methods). Not for identifying people, reading "
         "documents, counting, or any decision about a person.",
         training_data=f"Stage 1: `python -m training.train --config {stage1}` (the fusion and ITM head on 1,600 "
         f"composites: ITM against each caption's hard negative and an S-sampled caption, each description word's "
@@ -268,8 +282,9 @@ it look, against the direction the word names). Ranking rule (`config.ranking`):
         f"Paint photo stamps, Debian `tuxpaint-stamps-default`, GPL-2, read at run time for evaluation only and "
         f"never shipped). Then `python -m training.photo_fusion_tune` chose ITM weight {tune['chosen_itm_weight']:g} "
         f"and ITM head scale {tune['chosen_itm_head_scale']:g} on the tune half: the largest relation binding whose "
-        f"single-stamp R@1 stays within a point of S alone (`{PHOTO_TUNE}`). The figures below are on the *test* "
-        f"half.",
+        f"single-stamp R@1 stays within a point of S alone; and the default map, the method whose phrase map peaks "
+        f"on its stamp most often there ({_pointing_choice(tune)}) (`{PHOTO_TUNE}`). The figures below are on the "
+        f"*test* half.",
         evaluations=[
             _evaluation(
                 PHOTO_FUSION_TEST, "Tux Paint photo stamps, test half", [*RECALLS, "i2t_map", "t2i_map"], single_note
