@@ -56,6 +56,14 @@ def methods(matcher: Matcher) -> list[str]:
     return [m for m in METHODS if (m == "kernel" and has_word_maps) or (m != "kernel" and matcher.model.has_itm)]
 
 
+def default_method(matcher: Matcher) -> str | None:
+    """The method the Method choice starts on: the checkpoint's own default map (``fusion.explain_method`` with the
+    fusion branch, else the kernel maps), as ``matcher.explain`` takes it with no method named."""
+    supported = methods(matcher)
+    own = matcher.model.config.fusion.explain_method if matcher.model.has_itm else "kernel"
+    return own if own in supported else (supported[0] if supported else None)
+
+
 def layer_choices(matcher: Matcher) -> list[tuple[str, int | str]]:
     """(label, value) pairs: "default", then "fusion layer 1..L" (1-based labels, 0-based values as the API takes)."""
     n = len(matcher.fusion_kernel_weights())

@@ -537,13 +537,15 @@ def test_each_matrix_example_carries_its_checkpoint_and_switches_to_it(matcher) 
     assert [b.elem_id for b in switch.inputs] == ["checkpoint"]
 
 
-def test_switching_checkpoint_updates_the_line_and_explain_choices(matcher) -> None:  # noqa: F811
+def test_switching_checkpoint_updates_the_line_and_explain_choices(matcher, monkeypatch) -> None:  # noqa: F811
     demo = app.create_demo(matcher, ["owner/model"], loader=lambda spec: matcher)
     switch = _fn(demo, "switch")
     state, selector, about, rule, layers, method = switch("shapes")
     assert state == selector == "shapes" and "Trained on:" in about and "score" in rule
     assert [value for _, value in layers.choices][0] == DEFAULT_LAYER
-    assert [value for _, value in method.choices] == methods(matcher)
+    assert [value for _, value in method.choices] == methods(matcher) and method.value == "gradcam"
+    monkeypatch.setattr(matcher.model.config.fusion, "explain_method", "attention")  # the photo checkpoint's choice
+    assert switch("shapes")[-1].value == "attention"  # the Method choice starts on the checkpoint's default map
     with pytest.raises(gr.Error, match="not in this demo's allow-list"):
         switch("someone/else")
     assert not demo.registry.is_loaded("someone/else")

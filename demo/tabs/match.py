@@ -15,7 +15,17 @@ from mklvisita.inputs import MAX_CAPTION_CHARS, MAX_CAPTIONS
 
 from ..batching import event_concurrency
 from ..examples import checkpoint_for
-from ..match import DEFAULT_LAYER, ExplainView, MatchView, explain, layer_choices, match, methods, select_word
+from ..match import (
+    DEFAULT_LAYER,
+    ExplainView,
+    MatchView,
+    default_method,
+    explain,
+    layer_choices,
+    match,
+    methods,
+    select_word,
+)
 from ..registry import describe, ranking_rule
 from ..ui import (
     FIGURE,
@@ -33,7 +43,10 @@ LAYER_INFO = (
     "“default” is the last fusion layer whose words still reach the ITM head (the last one when the words read the "
     "image before the [CLS] reads them, else the one before it); fusion layer 1 reads the lowest image level."
 )
-METHOD_INFO = "gradcam: attention × its gradient; attention: raw; kernel: each local kernel's word↔patch affinity."
+METHOD_INFO = (
+    "gradcam: attention × its gradient; attention: raw; kernel: each local kernel's word↔patch affinity. "
+    "Starts on the checkpoint's own default."
+)
 
 
 def show_match(view: MatchView) -> tuple:
@@ -110,7 +123,9 @@ def build(ctx: Context) -> dict[str, Any]:
                 elem_id="explain-layer",
                 scale=2,
             )
-            e_method = gr.Radio(methods(default), value=methods(default)[0], label="Method", info=METHOD_INFO, scale=2)
+            e_method = gr.Radio(
+                methods(default), value=default_method(default), label="Method", info=METHOD_INFO, scale=2
+            )
             e_scale = gr.Radio(
                 [("per map", "per_map"), ("shared", "shared")],
                 value="per_map",
@@ -177,7 +192,7 @@ def build(ctx: Context) -> dict[str, Any]:
             describe(matcher),
             rule_line(matcher),
             gr.Dropdown(choices=layer_choices(matcher), value=DEFAULT_LAYER),
-            gr.Radio(choices=supported, value=supported[0] if supported else None),
+            gr.Radio(choices=supported, value=default_method(matcher)),
         )
 
     switch_outputs = [ctx.checkpoint, ctx.selector, ctx.about, m_rule, e_layer, e_method]
