@@ -139,6 +139,10 @@ class FusionConfig:
     explain_method: str = "gradcam"  # the per-word maps Matcher.explain and the demo show by default: "gradcam"
     # (Grad-CAM of the match logit, ALBEF's) or "attention" (the words' raw text->image attention); both stay available.
     # Chosen at release by phrase pointing on held-out tune data (training.photo_fusion_tune for the photo checkpoint)
+    reader_head_nouns: bool = False  # the relation reader places each named object where the LAST word piece of its
+    # object words looks (an English noun phrase ends in its head noun: "a plumber's wrench"), instead of where all
+    # of them look on average (adjectives and modifiers' pieces look elsewhere); chosen after training on held-out
+    # tune data (training.photo_fusion_tune), no weight changes
     relation_reader: bool = False  # a spatial-relation verdict in the ITM logit (fusion.RelationReader): each word's
     # object-word and relation-word gates and a direction from its fused state, the centroids of where the object words
     # before and after it look; needs word_positions. Off = the ITM head alone (a checkpoint without it loads as it was)

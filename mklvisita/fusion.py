@@ -530,12 +530,17 @@ class RelationReader(nn.Module):
           which words carry the relation and whether it holds); the ITM loss trains the weight in the logit.
         - ``support`` = min(object mass before, object mass after), clamped to 1: a word with no object named on one
           side ("... and B on the right": nothing after "right") gives no verdict.
+        - ``head_nouns`` (``fusion.reader_head_nouns``): each run of object words (gate > 0.5) counts once, at its
+          last token, with weight 1: the head noun of an English noun phrase, whose map is the object's, while an
+          adjective's or a modifier's ("plumber's") may look elsewhere. Off: the gate-weighted mean of every object word
+          before / after (as trained). A checkpoint chooses it on held-out data (training.photo_fusion_tune).
     """
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, head_nouns: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.heads = nn.Linear(width, 4)  # object gate, relation gate, direction (x, y)
+        self.head_nouns = head_nouns
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor) -> RelationEvidence:
         """states (B, T, W), mask (B, T) 1 = a caption token, centroids (B, T, 2) -> :class:`RelationEvidence`."""
@@ -543,6 +548,9 @@ class RelationReader(nn.Module):
         words = mask.to(h.dtype).clone()
         words[:, 0] = 0  # [CLS]
         g = torch.sigmoid(h[..., 0]) * words  # (B, T)
+        if self.head_nouns:
+            on = (g > 0.5).to(h.dtype)
+            g = on * (1.0 - F.pad(on[:, 1:], (0, 1)))  # the last token of each run of object words
         t = states.shape[1]
         order = torch.arange(t, device=states.device)
         sides = []
@@ -627,7 +635,7 @@ class HierarchicalFusion(nn.Module):
         if cfg.relation_reader:
             if not cfg.word_positions:
                 raise ValueError("fusion.relation_reader reads where words look: it needs fusion.word_positions = true")
-            self.relation_reader = RelationReader(cfg.width)
+            self.relation_reader = RelationReader(cfg.width, cfg.reader_head_nouns)
         if cfg.word_positions:
             if image_grids is None:
                 raise ValueError("fusion.word_positions needs the image levels' grids")

@@ -55,6 +55,24 @@ def test_verdict_follows_where_the_object_words_look():
     assert c.support[0, 3].item() == pytest.approx(0.0, abs=1e-6) and c.evidence.abs().item() < 1e-6
 
 
+def test_head_nouns_place_each_object_at_its_last_word():
+    """ "[CLS] red gnu left-of green apple [SEP]": the adjectives look at the other object. Averaged over every
+    object word the two places coincide (no verdict); at each phrase's last word (its head noun) the gnu is left."""
+    kinds = ["cls", "obj", "obj", "left", "obj", "obj", "sep"]
+    states, mask = _states(kinds), torch.ones(1, 7)
+    x = [0.5, 0.8, 0.2, 0.5, 0.2, 0.8, 0.5]  # red -> right, gnu -> left, green -> left, apple -> right
+    centroids = torch.tensor([[[v, 0.5] for v in x]])
+    mean = _hand_set_reader()(states, mask, centroids)
+    heads = _hand_set_reader()
+    heads.head_nouns = True
+    nouns = heads(states, mask, centroids)
+    assert abs(mean.verdict[0, 3].item()) < 1e-4  # (0.8 + 0.2) / 2 on both sides
+    # the same verdict as a caption whose only object words are the two nouns ("[CLS] a gnu left-of an apple")
+    only_nouns = _hand_set_reader()(_states(["cls", "x", "obj", "left", "x", "obj", "sep"]), mask, centroids)
+    assert nouns.verdict[0, 3].item() == pytest.approx(only_nouns.verdict[0, 3].item(), rel=1e-3)
+    assert nouns.evidence.item() > 2.0 and nouns.support[0, 3].item() == pytest.approx(1.0)
+
+
 def test_reader_needs_word_positions():
     cfg = micro_config()
     cfg.fusion = dataclasses.replace(cfg.fusion, relation_reader=True, word_positions=False)

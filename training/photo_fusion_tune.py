@@ -17,8 +17,11 @@ Decisions:
       map's peak on the stamp) on the tune half's relation scenes, per method of ``--explain-methods``; the best one
       is the default map of :meth:`mklvisita.Matcher.explain` and the demo (ties go to the first listed, Grad-CAM).
       The other stays available by name.
-    - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight``, ``fusion.itm_head_scale`` and
-      ``fusion.explain_method`` (nothing else changes).
+    - With a relation reader, ``fusion.reader_head_nouns`` (where the reader places each named object: its last word
+      piece, or the mean of its words as trained) is swept with the head scales and weights under the same rule (ties
+      keep the trained behaviour): it changes no weight, only how the reader reads the maps.
+    - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight``, ``fusion.itm_head_scale``,
+      ``fusion.reader_head_nouns`` and ``fusion.explain_method`` (nothing else changes).
     - ``--beta-from CHECKPOINT`` first copies that checkpoint's kernel weights beta (same kernels, e.g. the photo
       checkpoint's tune-half grid) over the learned ones, so the learned and the grid beta are compared on the tune
       half by the sweep's S-alone row (``itm_weight`` 0) of each run.
@@ -104,6 +107,7 @@ def sweep(
     weights: tuple[float, ...] = WEIGHTS,
     limit: int = 0,
     head_scales: tuple[float, ...] = (1.0,),
+    head_nouns: tuple[bool, ...] = (False,),
 ) -> dict[str, Any]:
     """Per ITM head scale and weight: single-stamp retrieval and relation binding on ``split``; the chosen pair by
     the module's rule. ``limit`` > 0: the first ``limit`` images of each set (a quick check, not a choice)."""
@@ -113,10 +117,15 @@ def sweep(
     k = model.config.ranking.k
     encoded = [_encode(model, processor, spec, split, k, limit) for spec in ("tuxpaint", "tuxpaint-relations")]
     trained_scale = model.config.fusion.itm_head_scale
+    reader = model.fusion.relation_reader
+    trained_nouns = model.config.fusion.reader_head_nouns
     rows = []
     try:
-        for g in head_scales:
+        for nouns, g in ((n, g) for n in head_nouns for g in head_scales):
             model.config.fusion.itm_head_scale = g
+            model.config.fusion.reader_head_nouns = nouns
+            if reader is not None:
+                reader.head_nouns = nouns
             stamps, relations = (_scores(model, enc) for enc in encoded)
             for w in weights:
                 i2t, t2i = _ranked(stamps, w)
@@ -127,6 +136,7 @@ def sweep(
                 binding = binding_metrics(w * pi + ps, w * ni + ns, relations["data"].negative_kinds)
                 rows.append(
                     {
+                        "reader_head_nouns": nouns,
                         "itm_head_scale": g,
                         "itm_weight": w,
                         "single_i2t_r1": single["i2t_r1"],
@@ -140,9 +150,16 @@ def sweep(
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         model.config.fusion.itm_head_scale = trained_scale
+        model.config.fusion.reader_head_nouns = trained_nouns
+        if reader is not None:
+            reader.head_nouns = trained_nouns
     floor = next(r["single_r1_mean"] for r in rows if r["itm_weight"] == 0.0) - 1.0
     allowed = [r for r in rows if r["single_r1_mean"] >= floor] or rows[:1]
-    chosen = max(allowed, key=lambda r: (r["binding_acc"], -r["itm_weight"], r["itm_head_scale"]))
+    as_trained = trained_nouns
+    chosen = max(
+        allowed,
+        key=lambda r: (r["binding_acc"], -r["itm_weight"], r["itm_head_scale"], r["reader_head_nouns"] == as_trained),
+    )
     return {
         "split": split,
         "k": k,
@@ -150,6 +167,7 @@ def sweep(
         "single_r1_floor": floor,
         "chosen_itm_weight": chosen["itm_weight"],
         "chosen_itm_head_scale": chosen["itm_head_scale"],
+        "chosen_reader_head_nouns": chosen["reader_head_nouns"],
     }
 
 
@@ -199,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated map methods for the default explanation, chosen by phrase pointing (first wins ties; "
         "one method: no pointing run)",
     )
+    parser.add_argument(
+        "--reader-head-nouns",
+        default="0,1",
+        help="comma-separated 0/1: sweep fusion.reader_head_nouns too (only with a relation reader; 0 = as trained)",
+    )
     args = parser.parse_args(argv)
 
     from mklvisita import MKLVisITA
@@ -223,10 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(m.strip() for m in args.explain_methods.split(",") if m.strip())
     if not methods or any(m not in ("gradcam", "attention") for m in methods):
         parser.error(f"--explain-methods takes gradcam and/or attention, not {args.explain_methods!r}")
+    try:
+        nouns = tuple(dict.fromkeys(bool(int(x)) for x in args.reader_head_nouns.split(",")))
+    except ValueError:
+        parser.error(f"--reader-head-nouns takes comma-separated 0 / 1, not {args.reader_head_nouns!r}")
+    if model.fusion.relation_reader is None:
+        nouns = (model.config.fusion.reader_head_nouns,)  # nothing reads it without a reader
     processor = Processor(model.config, model.tokenizer)
-    result = sweep(model, processor, args.split, limit=args.limit, head_scales=scales)
+    result = sweep(model, processor, args.split, limit=args.limit, head_scales=scales, head_nouns=nouns)
     model.config.ranking.itm_weight = float(result["chosen_itm_weight"])
     model.config.fusion.itm_head_scale = float(result["chosen_itm_head_scale"])
+    model.config.fusion.reader_head_nouns = bool(result["chosen_reader_head_nouns"])
+    if model.fusion.relation_reader is not None:
+        model.fusion.relation_reader.head_nouns = model.config.fusion.reader_head_nouns
     if len(methods) > 1:
         result |= choose_explain_method(model, processor, methods, args.split, args.limit)
     else:
@@ -238,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"chosen itm_weight {result['chosen_itm_weight']}, itm_head_scale {result['chosen_itm_head_scale']}, "
-        f"explain_method {result['chosen_explain_method']} ({out})"
+        f"reader_head_nouns {result['chosen_reader_head_nouns']}, explain_method {result['chosen_explain_method']} "
+        f"({out})"
     )
     if args.write:
         model.config.fusion.explain_method = result["chosen_explain_method"]

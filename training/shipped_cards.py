@@ -200,6 +200,10 @@ print(e.tokens, e.word_heatmaps.shape)  # a map over the photo for each word; me
 ```"""
 
 
+_READER_PLACES = {
+    True: "each named object placed where the last word piece of its words looks, its head noun",
+    False: "each named object placed where its words look on average",
+}
 _METHOD_NAMES = {"gradcam": "Grad-CAM of the match logit", "attention": "raw text->image attention of the last layer"}
 
 
@@ -240,8 +244,9 @@ image positions, the text reading the image before itself (`cross_first`) and re
 look (`word_positions`). The match logit is the ITM head on the fused [CLS] (times `itm_head_scale` =
 {f.itm_head_scale:g}), plus S times a learned weight, plus the relation reader's evidence times a learned weight
 (`fusion.relation_reader`: for each relation word, where the object words after it look minus where the ones before
-it look, against the direction the word names). Ranking rule (`config.ranking`): {rule}. Default per-word map
-(`fusion.explain_method`): {_METHOD_NAMES[f.explain_method]}."""
+it look, against the direction the word names; {_READER_PLACES[f.reader_head_nouns]},
+`fusion.reader_head_nouns`). Ranking rule (`config.ranking`): {rule}. Default per-word map (`fusion.explain_method`):
+{_METHOD_NAMES[f.explain_method]}."""
     relations_note = (
         "180 scenes of 2-3 test-half photo stamps side by side, stacked or in a row on the white canvas, 3 captions "
         "each from the stamps' descriptions in relation templates, each against a hard negative (relation reversed, "
@@ -281,10 +286,11 @@ it look, against the direction the word names). Ranking rule (`config.ranking`):
         f"`{PHOTO_SOURCES}` (no photo-caption data: its kernel weights beta were chosen on the *tune* half of the Tux "
         f"Paint photo stamps, Debian `tuxpaint-stamps-default`, GPL-2, read at run time for evaluation only and "
         f"never shipped). Then `python -m training.photo_fusion_tune` chose ITM weight {tune['chosen_itm_weight']:g} "
-        f"and ITM head scale {tune['chosen_itm_head_scale']:g} on the tune half: the largest relation binding whose "
-        f"single-stamp R@1 stays within a point of S alone; and the default map, the method whose phrase map peaks "
-        f"on its stamp most often there ({_pointing_choice(tune)}) (`{PHOTO_TUNE}`). The figures below are on the "
-        f"*test* half.",
+        f"and ITM head scale {tune['chosen_itm_head_scale']:g} (objects placed at their "
+        f"{'head nouns' if tune.get('chosen_reader_head_nouns') else 'words on average'}) on the tune half: the "
+        f"largest relation binding whose single-stamp R@1 stays within a point of S alone; and the default map, the "
+        f"method whose phrase map peaks on its stamp most often there ({_pointing_choice(tune)}) (`{PHOTO_TUNE}`). "
+        f"The figures below are on the *test* half.",
         evaluations=[
             _evaluation(
                 PHOTO_FUSION_TEST, "Tux Paint photo stamps, test half", [*RECALLS, "i2t_map", "t2i_map"], single_note
