@@ -155,11 +155,11 @@ def sweep(
             reader.head_nouns = trained_nouns
     floor = next(r["single_r1_mean"] for r in rows if r["itm_weight"] == 0.0) - 1.0
     allowed = [r for r in rows if r["single_r1_mean"] >= floor] or rows[:1]
-    as_trained = trained_nouns
-    chosen = max(
-        allowed,
-        key=lambda r: (r["binding_acc"], -r["itm_weight"], r["itm_head_scale"], r["reader_head_nouns"] == as_trained),
-    )
+
+    def rule(r: dict[str, Any]) -> tuple:  # binding; ties: the smaller weight, the larger scale, the trained reading
+        return r["binding_acc"], -r["itm_weight"], r["itm_head_scale"], r["reader_head_nouns"] == trained_nouns
+
+    chosen = max(allowed, key=rule)
     return {
         "split": split,
         "k": k,
