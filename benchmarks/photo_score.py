@@ -2,7 +2,7 @@
 alone on the same input, and where the rest of the time goes.
 
     python benchmarks/photo_score.py [--checkpoint assets/mklvisita-photo] [--repeats 30] [--threads 1]
-        [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--out FILE.json]
+        [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--timeline] [--out FILE.json]
     python benchmarks/photo_score.py --image /usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png  # has text
     python benchmarks/photo_score.py --save-scores FILE.json [--compare-scores REFERENCE.json]  # no timing
 
@@ -30,9 +30,9 @@ Decisions:
   its passes over the pairs (``fusion (pairs)``: the layers, the affinity bias and the relation reader; the ITM head
   and S's weight in the match logit fall under ``other``), the kernels (embeddings and similarity); ``other`` is
   what no timer covers. Medians per call, ms.
-- Overlap (``$MKLVISITA_OVERLAP``, :mod:`mklvisita.sources.overlap`): with it on, the detectors run on a worker
-  thread beside the image backbone, and the image sources' work after the backbone (concept bridge image side, colour
-  naming, the detections turned into cells) on the same worker beside the text backbone. A part's time counts
+- Overlap (``$MKLVISITA_OVERLAP``, :mod:`mklvisita.sources.overlap`): with it on, the captions' encoder runs on a
+  worker thread beside the image backbone, and the detectors and the image sources' work after the backbone are
+  shared between the calling thread and the worker (the module says how). A part's time counts
   wherever it ran (``score_parts_median_ms``); the worker's share of it is also listed apart
   (``worker_parts_median_ms``), ``other`` subtracts only what ran on the calling thread, and ``waiting for the
   worker`` is the calling thread's wait for the worker's results (a job the worker had not started by then runs on
@@ -42,6 +42,9 @@ Decisions:
   and the calling thread's alone) and ``calling_thread_cpu_ratio`` = the calling thread's CPU per score over the
   floor's: what the ratio would be with a core free for the worker, on a machine whose other jobs leave none.
   ``two_thread_speedup_before_after`` says how much a second thread could gain at the time (:func:`two_thread_speedup`).
+- ``--timeline``: the schedule of the median timed score call, each part's start and end (ms from the call's start)
+  and the thread it ran on (``caller`` or ``worker``), outermost calls only (``timeline_median_call``), to see where
+  either thread waits.
 - ``--explain`` also times ``Matcher.explain`` (kernel maps of the first caption) with the checkpoint's
   ``kernels.map_shifts`` and with one pass, alternating call by call, and its parts (the word maps included); with a
   fusion branch also Grad-CAM (the default method there) at the checkpoint's ``map_shifts``.
@@ -167,6 +170,9 @@ class PartTimers:
         self._depth: dict[tuple[str, int], int] = defaultdict(int)
         self.calls: list[dict[str, float]] = []
         self.worker: list[dict[str, float]] = []
+        self._t0 = 0.0
+        self._events: list[tuple[str, str, float, float]] = []
+        self.events: list[list[tuple[str, str, float, float]]] = []  # per call: (thread, part, start ms, end ms)
 
     def _wrap(self, part: str, fn: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -178,10 +184,14 @@ class PartTimers:
             finally:
                 self._depth[key] -= 1
                 if not self._depth[key]:  # the outermost call of this part (in this thread) counts
-                    ms = (time.perf_counter() - t) * 1000
+                    end = time.perf_counter()
+                    ms = (end - t) * 1000
                     self._current[part] += ms
-                    if threading.current_thread() is not threading.main_thread():
+                    caller = threading.current_thread() is threading.main_thread()
+                    if not caller:
                         self._worker[part] += ms
+                    start_ms, end_ms = (t - self._t0) * 1000, (end - self._t0) * 1000
+                    self._events.append(("caller" if caller else "worker", part, start_ms, end_ms))
 
         return timed
 
@@ -200,10 +210,20 @@ class PartTimers:
 
     @contextmanager
     def call(self):
-        self._current, self._worker = defaultdict(float), defaultdict(float)
+        self._current, self._worker, self._events = defaultdict(float), defaultdict(float), []
+        self._t0 = time.perf_counter()
         yield
         self.calls.append(dict(self._current))
         self.worker.append(dict(self._worker))
+        self.events.append(sorted(self._events, key=lambda e: e[2]))
+
+    def timeline(self, total: list[float]) -> list[dict[str, Any]]:
+        """The median call's parts in order of start: thread, part, start and end (ms from the call's start)."""
+        median = sorted(range(len(total)), key=total.__getitem__)[len(total) // 2]
+        return [
+            {"thread": th, "part": part, "start_ms": round(a, 1), "end_ms": round(b, 1)}
+            for th, part, a, b in self.events[median]
+        ]
 
     @staticmethod
     def _rest(c: dict[str, float]) -> dict[str, float]:
@@ -314,7 +334,7 @@ class TwoCoreFloor:
         }
 
 
-def time_score(matcher: Any, image: Path, repeats: int, threads: int = 1) -> dict[str, Any]:
+def time_score(matcher: Any, image: Path, repeats: int, threads: int = 1, timeline: bool = False) -> dict[str, Any]:
     floor = _floor(matcher, image)
     two_cores = TwoCoreFloor(matcher, image, threads)
     for _ in range(3):
@@ -348,6 +368,7 @@ def time_score(matcher: Any, image: Path, repeats: int, threads: int = 1) -> dic
         "score_parts_median_ms": timers.medians(scores),
         "worker_parts_median_ms": timers.worker_medians(),
         "parts_not_found": timers.missing,
+        **({"timeline_median_call": timers.timeline(scores)} if timeline else {}),
     }
 
 
@@ -514,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-scores", help="write the example and stamp scores here (no timing)")
     parser.add_argument("--compare-scores", help="with --save-scores: the largest difference from this reference")
     parser.add_argument("--overlap-ab", action="store_true", help="also time score with the overlap off and on in turn")
+    parser.add_argument("--timeline", action="store_true", help="also give the median score call's schedule")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -538,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     result["overlap"] = {"enabled": overlap_enabled(), OVERLAP_ENV: os.environ.get(OVERLAP_ENV, "")}
     env = [f"{OVERLAP_ENV}={os.environ[OVERLAP_ENV]}"] if os.environ.get(OVERLAP_ENV) else []
     result["command"] = " ".join([*env, "python benchmarks/photo_score.py", *(sys.argv[1:] if argv is None else argv)])
-    result |= time_score(matcher, image, args.repeats, args.threads)
+    result |= time_score(matcher, image, args.repeats, args.threads, args.timeline)
     result["load_s"] = round(load_s, 2)
     if args.overlap_ab:
         result |= time_overlap_ab(matcher, image, args.repeats, args.threads)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,9 +171,7 @@ class Matcher:
         """Score every image against every caption. Each image and caption is encoded once."""
         images, captions = _as_list(images, "image"), _as_list(captions, "caption")
         batch_size = check_batch_size(batch_size)
-        finish_images = self._start_images(images, batch_size)
-        texts_bank = encode_captions(self.model, self.processor, captions, batch_size)  # beside the image sources
-        images_bank, fusion_image = finish_images()
+        images_bank, texts_bank, fusion_image = self._encode(images, captions, batch_size)
         n_i, n_t = len(images), len(captions)
         with torch.inference_mode():
             sim = self.model.similarity(images_bank.embeddings, texts_bank.embeddings)
@@ -196,31 +194,40 @@ class Matcher:
         return ScoreResult(itm, similarity, contrib, self.model.kernel_names, final)
 
     @torch.inference_mode()
-    def _start_images(self, images: list, batch_size: int) -> Callable[[], tuple[ImageBank, Prefetch | None]]:
-        """:func:`mklvisita.retrieval.encode_images` in two steps for one batch: the image backbone runs now, the
-        sources' image features that read its output and the fusion's image side on the overlap worker
-        (:meth:`MKLVisITA.start_match_image`) until the returned function is called, which gives the bank and the
-        fusion's image side still to collect (None without fusion); more than one batch is encoded now."""
+    def _encode(
+        self, images: list, captions: list[str], batch_size: int
+    ) -> tuple[ImageBank, TextBank, Prefetch | None]:
+        """Both sides of a score: the image bank, the caption bank and the fusion's image side still to collect (None
+        without fusion, or for more than one batch of images, encoded as :func:`mklvisita.retrieval.encode_images`
+        does, before the captions).
+
+        One batch of images: the captions' encoder (:func:`mklvisita.retrieval.encode_captions`) starts first, on the
+        overlap worker (:func:`mklvisita.sources.overlap.start_torch`), beside this thread's image backbone; the image
+        sources' work after the backbone then comes back to this thread while the worker is still busy
+        (:meth:`Prefetch.collect`): it takes one detector, the worker the other and the fusion's image side
+        (:mod:`mklvisita.sources.overlap` says why). With the overlap off the same functions run here in the same
+        order, so the outcome is the same. The image is read and the captions checked before either side starts, so
+        a bad input fails at once, a bad image before a bad caption."""
         if len(images) > batch_size:
-            bank = encode_images(self.model, self.processor, images, batch_size)
-            return lambda: (bank, None)
-        pv, _ = self.processor.images(images)
-        job, fusion_job = self.model.start_match_image(pv.to(self.device))
-        keep = self.model.fusion.image_levels if self.model.has_itm else None
-
-        @torch.inference_mode()
-        def finish() -> tuple[ImageBank, Prefetch | None]:
-            try:
-                img = job.collect()  # run here if the worker has not started it
-            except BaseException:
-                if fusion_job is not None:
-                    fusion_job.cancel()
-                raise
+            images_bank = encode_images(self.model, self.processor, images, batch_size)
+            return images_bank, encode_captions(self.model, self.processor, captions, batch_size), None
+        pv = self.processor.images(images)[0].to(self.device)
+        captions = [check_caption(c) for c in captions]
+        texts = start_torch(encode_captions, self.model, self.processor, captions, batch_size)
+        fusion_job = None
+        try:
+            job, fusion_job = self.model.start_match_image(pv)
+            img = job.collect()  # run here if the worker has not started it
+            keep = self.model.fusion.image_levels if self.model.has_itm else None
             feats = None if keep is None else ImageFeatures.cat([img.keep(keep)])
-            bank = ImageBank(KernelEmbeddings.cat([self.model.embed_image(img)]), feats)  # as encode_images builds it
-            return bank, fusion_job
-
-        return finish
+            images_bank = ImageBank(KernelEmbeddings.cat([self.model.embed_image(img)]), feats)  # as encode_images
+            texts_bank = texts.collect()
+        except BaseException:
+            for pending in (texts, fusion_job):  # not needed any more (no effect once they run)
+                if pending is not None:
+                    pending.cancel()
+            raise
+        return images_bank, texts_bank, fusion_job
 
     @torch.inference_mode()
     def _match_prepared(

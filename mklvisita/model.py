@@ -217,6 +217,11 @@ class MKLVisITA(
 
         def source_features(img: ImageFeatures) -> ImageFeatures:
             try:
+                # Here with the worker still busy (with work started before these jobs, such as a score's captions):
+                # this thread takes the last job the worker has not started, the one it would reach last, and leaves
+                # the rest to it, rather than waiting for each in turn. A no-op where they are done (the worker runs
+                # them in order before this one).
+                next((job for job in reversed(started.values()) if job is not None and job.claim()), None)
                 for name, source in self.sources.items():  # in order: a source may read the ones before it
                     more = {} if started[name] is None else {"prefetched": started[name]}
                     img.sources[name] = source.encode_image(pixel_values, img, **more)

@@ -62,7 +62,7 @@ def test_the_prepared_path_scores_as_match_pairs(photo):
     got = photo.score(images, CAPTIONS)
     model = photo.model
     with torch.inference_mode():
-        images_bank = photo._start_images(images, 64)()[0]
+        images_bank = photo._encode(images, CAPTIONS, 64)[0]
         texts_bank = encode_captions(model, photo.processor, CAPTIONS)
         ii = torch.arange(2).repeat_interleave(len(CAPTIONS))
         tt = torch.arange(len(CAPTIONS)).repeat(2)

@@ -199,6 +199,7 @@ def test_an_error_after_the_backbone_reaches_the_caller_unchanged(matcher, monke
 
     with monkeypatch.context() as m:
         m.setattr(ColourNames, "cells", broken)
+        m.setattr(Prefetch, "collect", Prefetch.result)  # the worker runs each job (taking back: tested above)
         with pytest.raises(RuntimeError, match="colour naming failed") as info:
             matcher.score([str(EXAMPLES / "cat.jpg")], CAPTIONS)
     assert info.value is error

@@ -14,7 +14,7 @@ import pytest
 from mklvisita import Matcher
 from mklvisita.matcher import EMBEDDED
 from mklvisita.sources import overlap
-from mklvisita.sources.overlap import OVERLAP_ENV, overlap_enabled, start
+from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, overlap_enabled, start
 
 EXAMPLES = EMBEDDED["photo"].parent / "examples"
 SIGN = Path("/usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png")  # a stamp with printed words
@@ -63,6 +63,7 @@ def test_overlap_gives_the_sequential_scores(matcher, images, threads_seen, monk
     sim_off, contrib_off = _score(matcher, images)
     assert threads_seen["faces"] == threads_seen["text"] == [threading.current_thread().name]
     monkeypatch.setenv(OVERLAP_ENV, "on")
+    monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # the worker runs each job (taking back: its own tests)
     sim_on, contrib_on = _score(matcher, images)
     assert [n.startswith(WORKER) for n in threads_seen["faces"] + threads_seen["text"]] == [False, True] * 2
     np.testing.assert_array_equal(sim_on, sim_off)
@@ -88,6 +89,7 @@ def test_a_detector_error_reaches_the_caller_unchanged(matcher, images, monkeypa
 
     with monkeypatch.context() as m:
         m.setattr(detector, "detect", broken)
+        m.setattr(Prefetch, "collect", Prefetch.result)  # the worker runs each job (taking back: its own tests)
         with pytest.raises(RuntimeError, match="cascade failed") as info:
             matcher.score(images, CAPTIONS)
     assert info.value is error

@@ -1,5 +1,5 @@
-"""Running a source's work beside the encoders: face detection and OCR while the image backbone runs, and the image
-features that read the backbone's output while the captions' encoder runs.
+"""Running work beside the encoders on a second thread: a score's captions and the sources' detectors (face detection,
+OCR) beside the image backbone, and the image features that read the backbone's output shared between the two threads.
 
 Decisions:
 
@@ -11,12 +11,22 @@ Decisions:
   source; a source without the hook runs as before.
 - After the backbone, :meth:`~mklvisita.model.MKLVisITA.start_encode_image` starts every source's ``encode_image``
   (the concept bridge's classes at every cell, colour naming, the detections turned into cells) as one job on the same
-  worker (:func:`start_torch`), and ``Matcher.score`` encodes the captions before it waits for that job: the image
-  side's work after the backbone runs beside the text encoder. A photo's 1 x 5 score on the 2-core machine spent
-  ~7 ms of its calling thread there (``benchmarks/photo_score.py``'s parts). Only calls without gradients on a CPU
-  go there (training, explanations and GPU work run it in the caller, as ``encode_image`` always does). The caption
-  side's largest product (the concept bridge's 20k WordNet synsets) hands half its rows to the worker, idle by then,
-  and takes them back when the worker has not started them (:meth:`Prefetch.collect`).
+  worker (:func:`start_torch`). Only calls without gradients on a CPU go there (training, explanations and GPU work
+  run it in the caller, as ``encode_image`` always does). When the caller gets to that job first, with the worker
+  still busy, it takes the job back (:meth:`Prefetch.collect`) and with it the last detector the worker has not
+  started (:meth:`Prefetch.claim`: the one the worker would reach last), leaving the others to the worker, instead of
+  waiting for each in turn.
+- ``Matcher.score`` (one batch of images) balances the two threads as follows. The captions' encoder (tokenizer,
+  MiniLM, the sources' caption side) starts first, on the worker, beside the caller's image backbone (the two
+  backbones at once, as ``benchmarks/photo_score.py``'s two-core floor runs them); the detectors queue behind it. The
+  caller, back from the backbone with the worker still on the captions, takes the sources' job back and runs the face
+  detector, the concept bridge's classes and colour naming, while the worker, once done with the captions, runs the
+  text detector and the fusion's image side. Each thread then holds about half of the call's CPU time (measured:
+  ``docs/results/benchmarks/photo_score_captions_on_worker.json``). The caption batch stays whole: splitting MiniLM's
+  pass between the threads costs 6-10 ms of CPU per extra batch (each pass reads the 42 MB of weights again: 1, 2 and
+  5 captions took 10, 14 and 22 ms on the 2-core machine), more than it would move. The caption side's largest product
+  (the concept bridge's 20k WordNet synsets) hands half its rows to the worker when it runs on the caller, and takes
+  them back when the worker has not started them (:meth:`Prefetch.collect`); on the worker both halves run there.
 - With a fusion branch, ``MKLVisITA.start_match_image`` also starts the fusion's caption-independent image side
   (``HierarchicalFusion.prepare_image``: level projections, the shared stream pooled, its keys and values) after the
   sources' job, and ``Matcher.score`` runs its fusion passes over the pairs in two halves, the second on the worker
@@ -52,7 +62,7 @@ Decisions:
   (``docs/results/benchmarks/cotenant_threads_quiet_machine_*.json``), so it should run only where a core is idle.
   Where ``/proc/loadavg`` cannot be read, ``auto`` goes by the CPU count alone. Off, the same functions run on the
   calling thread, in the same order, so the scores are the same either way (``tests/test_source_overlap.py``,
-  ``tests/test_overlap_post_backbone.py``).
+  ``tests/test_overlap_post_backbone.py``, ``tests/test_caption_overlap.py``).
 - Errors: an exception raised in the worker is raised again, the same object, in the calling thread when the source
   waits for the result. Off, it is raised when the work is started.
 """
@@ -164,14 +174,21 @@ class Prefetch:
         """The work's return value (its exception raised here); run here and now when the worker has not started it
         (busy with earlier jobs, or slowed by other jobs on the machine), so a caller never waits for work it can do
         itself. The same function either way, so the same outcome."""
-        if self._work is not None and self._future.cancel():
-            fn, args = self._work
-            self._work, self._future = None, Future()
-            try:
-                self._future.set_result(fn(*args))
-            except BaseException as e:
-                self._future.set_exception(e)
+        self.claim()
         return self.result()
+
+    def claim(self) -> bool:
+        """Run the work here and now when the worker has not started it (True; its outcome kept for :meth:`collect`),
+        else leave it where it is, running or done (False). Never waits."""
+        if self._work is None or not self._future.cancel():
+            return False
+        fn, args = self._work
+        self._work, self._future = None, Future()
+        try:
+            self._future.set_result(fn(*args))
+        except BaseException as e:
+            self._future.set_exception(e)
+        return True
 
     def cancel(self) -> bool:
         """Drop the work if it has not started (the call it was for failed): True when it was dropped; no effect
