@@ -33,7 +33,7 @@ from .kernels import KernelEmbeddings
 from .model import CheckpointError, MKLVisITA, resolve_checkpoint
 from .ranking import final_score, itm_from_final, resolve_ranking, uses_itm
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
-from .sources.overlap import Prefetch, start_torch, usable_cpus
+from .sources.overlap import Prefetch, one_decision, start_torch, usable_cpus
 from .threads import uses_inference_threads
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -169,8 +169,10 @@ class Matcher:
     @uses_inference_threads
     def score(self, images: Sequence[ImageInput], captions: Sequence[str], batch_size: int = 64) -> ScoreResult:
         """Score every image against every caption. Each image and caption is encoded once."""
-        images, captions = _as_list(images, "image"), _as_list(captions, "caption")
-        batch_size = check_batch_size(batch_size)
+        with one_decision():  # the overlap's setting read once for the whole call (mklvisita.sources.overlap)
+            return self._score(_as_list(images, "image"), _as_list(captions, "caption"), check_batch_size(batch_size))
+
+    def _score(self, images: list, captions: list, batch_size: int) -> ScoreResult:
         images_bank, texts_bank, fusion_image = self._encode(images, captions, batch_size)
         n_i, n_t = len(images), len(captions)
         with torch.inference_mode():

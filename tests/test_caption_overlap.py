@@ -14,6 +14,7 @@ import torch
 from mklvisita import Matcher
 from mklvisita.inputs import InvalidCaptionError, InvalidImageError
 from mklvisita.matcher import EMBEDDED
+from mklvisita.sources import overlap
 from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, done, start, usable_cpus
 
 EXAMPLES = EMBEDDED["photo"].parent / "examples"
@@ -152,3 +153,58 @@ def test_bad_inputs_fail_before_any_work_starts_and_the_worker_serves_the_next_c
     assert text == []  # the text encoder never ran for a call that failed
     r = matcher.score([str(EXAMPLES / "cat.jpg")], CAPTIONS[:2])
     assert np.isfinite(r.score).all()
+
+
+def test_auto_counts_the_worker_from_the_moment_a_job_is_started(tmp_path, monkeypatch):
+    """A job counts as this process's from its start until it ran or was taken back, so the start that follows it
+    (while the worker wakes for it) does not read the worker as another job; the count comes back to zero."""
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.50 0.40 0.30 2/300 12345\n")  # the caller and one more thread runnable
+    monkeypatch.setattr(overlap, "LOADAVG", str(loadavg))
+    monkeypatch.setattr(overlap, "_usable_cpus", lambda: 2)
+    monkeypatch.delenv(OVERLAP_ENV, raising=False)  # auto
+    assert overlap._busy == 0 and overlap.overlap_enabled() is False  # the other thread is another job's
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    release = threading.Event()
+    blocker = start(release.wait, 60)
+    try:
+        queued, dropped = start(threading.current_thread), start(threading.current_thread)
+        assert overlap._busy == 3  # counted before the worker runs them
+        monkeypatch.delenv(OVERLAP_ENV)
+        assert overlap.overlap_enabled() is True  # auto: the runnable thread is this process's worker
+        assert queued.claim() and dropped.cancel() and dropped.cancel()  # dropped (and still dropped)
+        assert overlap._busy == 1  # taken back and dropped, each once
+    finally:
+        release.set()
+    assert blocker.result(timeout=60)
+    assert overlap._busy == 0
+
+
+def test_a_score_leaves_no_job_counted(matcher, monkeypatch):
+    monkeypatch.setenv(OVERLAP_ENV, "on")
+    release = threading.Event()
+    blocker = start(release.wait, 120)  # the worker held: the call takes its jobs back
+    try:
+        matcher.score([str(EXAMPLES / "astronaut.jpg")], CAPTIONS)
+        assert overlap._busy == 1  # the blocker only
+    finally:
+        release.set()
+    assert blocker.result(timeout=60)
+    matcher.score([str(EXAMPLES / "astronaut.jpg")], CAPTIONS)  # the worker free: its jobs run there
+    assert overlap._busy == 0
+
+
+def test_auto_decides_once_per_score(matcher, monkeypatch):
+    """auto, a core free when the call starts and none an instant later (as the call's own threads wake): the whole
+    call keeps the first reading, every part where the overlap puts it; outside a call each start reads again."""
+    readings = iter([0] + [5] * 1000)  # others running: none at the first reading, then five
+    monkeypatch.setattr(overlap, "_others_running", lambda: next(readings))
+    monkeypatch.setattr(overlap, "_usable_cpus", lambda: 2)
+    monkeypatch.delenv(OVERLAP_ENV, raising=False)
+    monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # always the worker's run (taking back: above)
+    text, faces = [], []
+    _recorded(monkeypatch, matcher.model.text, "forward", text)
+    _recorded(monkeypatch, matcher.model.sources["person"].detector, "detect", faces)
+    matcher.score([str(EXAMPLES / "cat.jpg")], CAPTIONS)
+    assert text[0].startswith(WORKER) and faces[0].startswith(WORKER)
+    assert start(threading.current_thread).result() is threading.current_thread()  # a later start: busy, here

@@ -51,11 +51,14 @@ Decisions:
 - Taking work back: when the caller needs a job's result and the worker has not started it yet (busy with another
   call's jobs, or slowed by other jobs on the machine), the caller runs it itself (:meth:`Prefetch.collect`), so the
   overlap never leaves the caller idle while its own work waits in the queue.
-- Switch: ``$MKLVISITA_OVERLAP`` = ``auto`` (the default), ``on`` (or 1) or ``off`` (or 0), read at each call.
+- Switch: ``$MKLVISITA_OVERLAP`` = ``auto`` (the default), ``on`` (or 1) or ``off`` (or 0), read at each start, and
+  once per call inside :func:`one_decision` (``Matcher.score``: its own threads, woken as it goes, must not turn the
+  overlap off half-way; measured, the tokenizer's thread pool did, leaving a detector before the backbone).
   ``auto`` overlaps when a core is free at that moment: the process may use 2 or more CPUs and, on Linux, the number
   of runnable threads on the machine (``/proc/loadavg``'s fourth field, an instant count, not an average) leaves one
-  besides the caller (the worker itself, busy with a job started earlier, is not counted: work queued behind it adds
-  no thread; else the second start of a call would find the core taken by the first). Measured on the 2-core machine,
+  besides the caller (the worker itself is not counted from the moment a job is started on it until its jobs have run
+  or been taken back, woken or running: work queued behind it adds no thread; else the second start of a call, made
+  while the worker wakes for the first, would find the core taken by it and run here). Measured on the 2-core machine,
   quiet, with the detectors alone on the worker: the overlap took a photo score from 96 to 79 ms
   (``docs/results/benchmarks/photo_score_overlap_ab_quiet_machine.json``); beside a torch co-tenant holding both
   cores it only takes turns with the caller and the call slows from 125 to 146 ms
@@ -71,8 +74,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -84,7 +88,8 @@ _ON, _OFF, _AUTO = ("1", "on", "true", "yes"), ("0", "off", "false", "no"), "aut
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _local = threading.local()  # .worker: True on the worker thread
-_busy = 0  # 1 while the worker runs a job: a job queued behind it adds no thread, so auto does not count it
+_busy = 0  # jobs on the worker not yet finished or taken back: while any, the worker's thread is this process's
+# (running, or woken and about to run), so auto does not count it as another job's
 
 
 def usable_cpus() -> int:
@@ -107,7 +112,7 @@ def _others_running() -> int | None:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return None
-    return max(0, running - 1 - _busy)
+    return max(0, running - 1 - min(_busy, 1))
 
 
 def overlap_enabled() -> bool:
@@ -124,6 +129,23 @@ def overlap_enabled() -> bool:
     raise ValueError(f"{OVERLAP_ENV} must be 'auto', 'on' or 'off' (or 1 / 0), got {value!r}")
 
 
+@contextmanager
+def one_decision() -> Iterator[bool]:
+    """Within it, every :func:`start` on this thread follows the setting read once, on entering (``auto``: whether a
+    core is free then; yields it): a call's own threads, which it wakes as it goes (the worker, the tokenizer's pool),
+    must not turn the overlap off half-way through it, leaving one detector here and the other there. Nested: the
+    outermost decides."""
+    decided = getattr(_local, "decided", None)
+    if decided is not None:
+        yield decided
+        return
+    _local.decided = overlap_enabled()
+    try:
+        yield _local.decided
+    finally:
+        _local.decided = None
+
+
 def _mark_worker() -> None:
     _local.worker = True
 
@@ -137,33 +159,48 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _after_fork_in_child() -> None:  # the parent's worker thread does not exist in a forked child
-    global _pool, _lock
-    _pool, _lock = None, threading.Lock()
+    global _pool, _lock, _busy
+    _pool, _lock, _busy = None, threading.Lock(), 0
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _run(fn: Callable[..., Any], *args: Any) -> Any:
-    """A job on the worker thread, marked busy while it runs."""
+def _count(jobs: int) -> None:
+    """Jobs started on the worker (+1) or finished or taken back (-1): :data:`_busy`."""
     global _busy
-    _busy = 1
+    with _lock:
+        _busy += jobs
+
+
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    """A job on the worker thread, counted in :data:`_busy` from its start (:func:`start`) until it ran."""
     try:
         return fn(*args)
     finally:
-        _busy = 0
+        _count(-1)
 
 
 class Prefetch:
     """Work started on the worker (or done already); :meth:`collect` (or :meth:`result`) returns (or raises) its
     outcome."""
 
-    __slots__ = ("_future", "_work")
+    __slots__ = ("_future", "_work", "_counted")
 
     def __init__(self, future: Future, work: tuple[Callable[..., Any], tuple] | None = None):
         self._future = future
         self._work = work  # (fn, args): what :meth:`collect` runs here when the worker has not started it
+        self._counted = work is not None  # counted in _busy until it runs there or is dropped from the queue
+
+    def _drop(self) -> bool:
+        """Take the work off the worker's queue if it has not started: True when it is off (now or before)."""
+        if not self._future.cancel():
+            return False
+        if self._counted:
+            self._counted = False
+            _count(-1)
+        return True
 
     def result(self, timeout: float | None = None) -> Any:
         """The work's return value (its exception raised here), waiting for the worker; ``timeout`` seconds at most,
@@ -180,7 +217,7 @@ class Prefetch:
     def claim(self) -> bool:
         """Run the work here and now when the worker has not started it (True; its outcome kept for :meth:`collect`),
         else leave it where it is, running or done (False). Never waits."""
-        if self._work is None or not self._future.cancel():
+        if self._work is None or not self._drop():
             return False
         fn, args = self._work
         self._work, self._future = None, Future()
@@ -193,7 +230,7 @@ class Prefetch:
     def cancel(self) -> bool:
         """Drop the work if it has not started (the call it was for failed): True when it was dropped; no effect
         (False) once it runs or ran."""
-        return self._future.cancel()
+        return self._drop()
 
 
 def start(fn: Callable[..., Any], *args: Any) -> Prefetch:
@@ -201,11 +238,14 @@ def start(fn: Callable[..., Any], *args: Any) -> Prefetch:
 
     ``fn`` must not run torch code (:func:`start_torch` runs that) nor wait for work started after it.
     """
-    if overlap_enabled() and not getattr(_local, "worker", False):
+    decided = getattr(_local, "decided", None)
+    if (overlap_enabled() if decided is None else decided) and not getattr(_local, "worker", False):
+        pool = _executor()
+        _count(1)  # before the worker wakes: the next start of this call must not take it for another job
         try:
-            return Prefetch(_executor().submit(_run, fn, *args), (fn, args))
+            return Prefetch(pool.submit(_run, fn, *args), (fn, args))
         except RuntimeError:  # the interpreter is shutting down and starts no threads: run it here
-            pass
+            _count(-1)
     return done(fn(*args))
 
 
