@@ -215,14 +215,20 @@ class MKLVisITA(
                 if job is not None:
                     job.cancel()
 
+        spare: list[Prefetch] = []  # the fusion's image side, once started: work to do here rather than wait
+
         def source_features(img: ImageFeatures) -> ImageFeatures:
             try:
                 # Here with the worker still busy (with work started before these jobs, such as a score's captions):
                 # this thread takes the last job the worker has not started, the one it would reach last, and leaves
-                # the rest to it, rather than waiting for each in turn. A no-op where they are done (the worker runs
-                # them in order before this one).
+                # the rest to it, rather than waiting for each in turn; where it would wait for a job the worker runs,
+                # it first takes the fusion's image side if the worker has not started it. A no-op where they are done
+                # (the worker runs them in order before this one).
                 next((job for job in reversed(started.values()) if job is not None and job.claim()), None)
                 for name, source in self.sources.items():  # in order: a source may read the ones before it
+                    if started[name] is not None and started[name].running():
+                        for job in spare:
+                            job.claim()
                     more = {} if started[name] is None else {"prefetched": started[name]}
                     img.sources[name] = source.encode_image(pixel_values, img, **more)
             finally:
@@ -236,9 +242,10 @@ class MKLVisITA(
             raise
         img = ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
         if overlap and pixel_values.device.type == "cpu":
-            job = start_torch(source_features, img)
             # reads the levels only (set before either job starts), so it may run before or after the sources' job
-            return job, start_torch(self.prepare_fusion_image, img) if fusion else None
+            fusion_job = start_torch(self.prepare_fusion_image, img) if fusion else None
+            spare.extend([fusion_job] if fusion_job is not None else [])
+            return start_torch(source_features, img), fusion_job
         return done(source_features(img)), done(self.prepare_fusion_image(img)) if fusion else None
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:

@@ -227,6 +227,10 @@ class Prefetch:
             self._future.set_exception(e)
         return True
 
+    def running(self) -> bool:
+        """Whether the worker runs the work now (False before it starts, once it is done, and for work done here)."""
+        return self._future.running()
+
     def cancel(self) -> bool:
         """Drop the work if it has not started (the call it was for failed): True when it was dropped; no effect
         (False) once it runs or ran."""
