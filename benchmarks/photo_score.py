@@ -2,7 +2,7 @@
 alone on the same input, and where the rest of the time goes.
 
     python benchmarks/photo_score.py [--checkpoint assets/mklvisita-photo] [--repeats 30] [--threads 1]
-        [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--timeline] [--out FILE.json]
+        [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--timeline] [--schedule-ab] [--out FILE.json]
     python benchmarks/photo_score.py --image /usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png  # has text
     python benchmarks/photo_score.py --save-scores FILE.json [--compare-scores REFERENCE.json]  # no timing
 
@@ -42,6 +42,11 @@ Decisions:
   and the calling thread's alone) and ``calling_thread_cpu_ratio`` = the calling thread's CPU per score over the
   floor's: what the ratio would be with a core free for the worker, on a machine whose other jobs leave none.
   ``two_thread_speedup_before_after`` says how much a second thread could gain at the time (:func:`two_thread_speedup`).
+- ``--schedule-ab``: ``Matcher.score`` (the captions on the worker beside the image backbone) against the schedule
+  it replaced (:func:`score_captions_after_backbone`: the captions on the calling thread after the image backbone,
+  the image sources on the worker meanwhile), alternated call by call with the overlap on, each round followed by the
+  floor (``schedule_ab``: medians, ratios, and the same ITM asserted). On a 2-core VM whose CPUs drift in speed
+  from minute to minute, only such an alternation compares two schedules.
 - ``--timeline``: the schedule of the median timed score call, each part's start and end (ms from the call's start)
   and the thread it ran on (``caller`` or ``worker``), outermost calls only (``timeline_median_call``), to see where
   either thread waits.
@@ -446,6 +451,64 @@ def time_overlap_ab(matcher: Any, image: Path, repeats: int, threads: int = 1) -
     return {"overlap_ab": out}
 
 
+def score_captions_after_backbone(matcher: Any, image: Path, captions: list[str]) -> np.ndarray:
+    """ITM of one image against ``captions`` by the schedule ``Matcher.score`` replaced (``--schedule-ab``): the image
+    backbone, then the captions on the calling thread while the image sources and the fusion's image side run on the
+    worker (``MKLVisITA.start_match_image``), then the pair passes (fusion checkpoints only)."""
+    from mklvisita.features import ImageFeatures
+    from mklvisita.kernels import KernelEmbeddings
+    from mklvisita.retrieval import ImageBank, encode_captions
+    from mklvisita.threads import inference_threads
+
+    model = matcher.model
+    with inference_threads(matcher.threads), torch.inference_mode():
+        pv, _ = matcher.processor.images([image])
+        job, fusion_job = model.start_match_image(pv)
+        texts = encode_captions(model, matcher.processor, captions)
+        img = job.collect()
+        feats = ImageFeatures.cat([img.keep(model.fusion.image_levels)])
+        bank = ImageBank(KernelEmbeddings.cat([model.embed_image(img)]), feats)
+        sim = model.similarity(bank.embeddings, texts.embeddings).similarity
+        ii, tt = torch.zeros(len(captions), dtype=torch.long), torch.arange(len(captions))
+        return matcher._match_prepared(bank, texts, fusion_job.collect(), ii, tt, sim[ii, tt], 64).numpy()
+
+
+def time_schedule_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+    """``Matcher.score`` against :func:`score_captions_after_backbone`, call by call, overlap on (module docstring)."""
+    from mklvisita.sources.overlap import OVERLAP_ENV
+
+    if not matcher.model.has_itm:
+        return {"schedule_ab": "needs a fusion checkpoint"}
+    floor, before = _floor(matcher, image), os.environ.get(OVERLAP_ENV)
+    runs: dict[str, list[float]] = {"captions_on_worker": [], "captions_after_backbone": [], "floor": []}
+    calls = {
+        "captions_on_worker": lambda: matcher.score([image], CAPTIONS).itm[0],
+        "captions_after_backbone": lambda: score_captions_after_backbone(matcher, image, CAPTIONS),
+    }
+    os.environ[OVERLAP_ENV] = "on"
+    try:
+        itm = {name: call() for name, call in calls.items()}
+        np.testing.assert_array_equal(itm["captions_on_worker"], itm["captions_after_backbone"])  # same numbers
+        for i in range(3 + repeats):
+            for name, call in calls.items():
+                t = time.perf_counter()
+                call()
+                if i >= 3:  # three warm-up rounds
+                    runs[name].append((time.perf_counter() - t) * 1000)
+            if i >= 3:
+                runs["floor"].append(sum(floor()))
+    finally:
+        if before is None:
+            del os.environ[OVERLAP_ENV]
+        else:
+            os.environ[OVERLAP_ENV] = before
+    med = {name: statistics.median(xs) for name, xs in runs.items()}
+    out: dict[str, Any] = {f"{name}_median_ms": round(v, 1) for name, v in med.items()}
+    out |= {f"{name}_ratio": round(med[name] / med["floor"], 3) for name in calls}
+    out["worker_over_after_backbone"] = round(med["captions_on_worker"] / med["captions_after_backbone"], 3)
+    return {"schedule_ab": out}
+
+
 def time_explain(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
     shifts = matcher.model.config.kernels.map_shifts
     runs: dict[int, list[float]] = {shifts: [], 1: []}
@@ -536,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-scores", help="with --save-scores: the largest difference from this reference")
     parser.add_argument("--overlap-ab", action="store_true", help="also time score with the overlap off and on in turn")
     parser.add_argument("--timeline", action="store_true", help="also give the median score call's schedule")
+    parser.add_argument("--schedule-ab", action="store_true", help="also time score against its previous schedule")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -564,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     result["load_s"] = round(load_s, 2)
     if args.overlap_ab:
         result |= time_overlap_ab(matcher, image, args.repeats, args.threads)
+    if args.schedule_ab:
+        result |= time_schedule_ab(matcher, image, 2 * args.repeats)
     if args.explain:
         result |= time_explain(matcher, image, args.repeats)
     print(json.dumps(result, indent=2))

@@ -21,14 +21,17 @@ Decisions:
   backbones at once, as ``benchmarks/photo_score.py``'s two-core floor runs them); the detectors queue behind it. The
   caller, back from the backbone with the worker still on the captions, takes the sources' job back and runs the face
   detector, the concept bridge's classes and colour naming, while the worker, once done with the captions, runs the
-  text detector and the fusion's image side. Each thread then holds about half of the call's CPU time (measured:
-  ``docs/results/benchmarks/photo_score_captions_on_worker.json``). The caption batch stays whole: splitting MiniLM's
-  pass between the threads costs 6-10 ms of CPU per extra batch (each pass reads the 42 MB of weights again: 1, 2 and
-  5 captions took 10, 14 and 22 ms on the 2-core machine), more than it would move. The caption side's largest product
-  (the concept bridge's 20k WordNet synsets) hands half its rows to the worker when it runs on the caller, and takes
-  them back when the worker has not started them (:meth:`Prefetch.collect`); on the worker both halves run there.
+  text detector and the fusion's image side (which the caller takes where it would otherwise wait for the detector).
+  Each thread then holds about half of the call's CPU time; alternated call by call with the schedule it replaced
+  (the captions on the caller after the backbone), a photo score took 0.94x the time
+  (``benchmarks/photo_score.py --schedule-ab``: ``docs/results/benchmarks/photo_score_captions_on_worker.json``).
+  The caption batch stays whole: splitting MiniLM's pass between the threads costs 6-10 ms of CPU per extra batch
+  (each pass reads the 42 MB of weights again: 1, 2 and 5 captions took 10, 14 and 22 ms on the 2-core machine), more
+  than it would move. The caption side's largest product (the concept bridge's 20k WordNet synsets) hands half its
+  rows to the worker when it runs on the caller, and takes them back when the worker has not started them
+  (:meth:`Prefetch.collect`); on the worker both halves run there.
 - With a fusion branch, ``MKLVisITA.start_match_image`` also starts the fusion's caption-independent image side
-  (``HierarchicalFusion.prepare_image``: level projections, the shared stream pooled, its keys and values) after the
+  (``HierarchicalFusion.prepare_image``: level projections, the shared stream pooled, its keys and values) beside the
   sources' job, and ``Matcher.score`` runs its fusion passes over the pairs in two halves, the second on the worker
   (idle by then) while the caller runs the first. The halves are the same with the overlap off (both then run in the
   caller; on one CPU there is no split), so the scores do not depend on it; the split costs a second pass's fixed
