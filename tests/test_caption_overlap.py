@@ -85,11 +85,12 @@ def test_the_captions_encode_on_the_worker_beside_the_image_backbone(matcher, mo
 def test_the_caller_takes_the_last_detector_the_busy_worker_has_not_started(matcher, monkeypatch):
     """The worker held (as by a score's captions) while the backbone runs: the caller, back for the image sources,
     runs the last queued detector (faces) itself and leaves the first (text) to the worker, which it releases from
-    inside the face detector; the features equal those of encode_image with the overlap off."""
+    inside the face detector; rather than wait for the text, it prepares the fusion's image side; the features equal
+    those of encode_image with the overlap off."""
     monkeypatch.setenv(OVERLAP_ENV, "on")
     sources = matcher.model.sources
-    faces, text = [], []
-    release, text_started = threading.Event(), threading.Event()
+    faces, text, fusion = [], [], []
+    release, text_started, fusion_ran = threading.Event(), threading.Event(), threading.Event()
 
     def free_the_worker() -> None:  # inside the caller's face detector: let the worker go, wait until it reads text
         release.set()
@@ -101,9 +102,12 @@ def test_the_caller_takes_the_last_detector_the_busy_worker_has_not_started(matc
     def read(*args, **kwargs):
         text.append(threading.current_thread().name)
         text_started.set()
+        if text[-1].startswith(WORKER):
+            assert fusion_ran.wait(60)  # still reading while the caller would wait for it
         return original(*args, **kwargs)
 
     monkeypatch.setattr(sources["scene_text"].reader, "read_images", read)
+    _recorded(monkeypatch, type(matcher.model), "prepare_fusion_image", fusion, then=fusion_ran.set)
     pv, _ = matcher.processor.images([str(EXAMPLES / "astronaut.jpg")])
     with torch.inference_mode():
         blocker = start(release.wait, 120)
@@ -114,6 +118,7 @@ def test_the_caller_takes_the_last_detector_the_busy_worker_has_not_started(matc
         monkeypatch.setenv(OVERLAP_ENV, "off")
         expected = matcher.model.encode_image(pv)
     assert faces[0] == threading.current_thread().name and text[0].startswith(WORKER)
+    assert fusion == [threading.current_thread().name]
     for name, feats in expected.sources.items():
         for key, value in feats.items():
             assert torch.equal(got.sources[name][key], value), (name, key)
