@@ -13,27 +13,14 @@ import torch
 
 from mklvisita import Matcher
 from mklvisita.inputs import InvalidCaptionError, InvalidImageError
-from mklvisita.matcher import EMBEDDED
 from mklvisita.sources import overlap
 from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, done, start, usable_cpus
-
-EXAMPLES = EMBEDDED["photo"].parent / "examples"
-SIGN = Path("/usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png")  # a stamp with printed words
-CAPTIONS = [
-    "a tabby cat lying on a rug",
-    "a cup of coffee on a saucer",
-    "an astronaut in an orange suit",
-    "a rocket lifting off from a launch pad",
-    "a give way sign",
-]
-WORKER = "mklvisita-overlap"
+from tests.overlap_fixtures import CAPTIONS, EXAMPLES, SIGN, WORKER, photo_matcher
 
 
 @pytest.fixture(scope="module")
 def matcher() -> Matcher:
-    if not (EMBEDDED["photo"] / "model.safetensors").is_file():
-        pytest.skip("no shipped photo checkpoint")
-    return Matcher.default("photo")
+    return photo_matcher()
 
 
 def _photos() -> list[str]:

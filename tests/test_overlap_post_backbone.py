@@ -12,31 +12,19 @@ import pytest
 import torch
 
 from mklvisita import Matcher
-from mklvisita.matcher import EMBEDDED
 from mklvisita.sources import overlap
 from mklvisita.sources.colour import ColourNames
 from mklvisita.sources.concept import ConceptBridge
 from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, start, start_torch
 from mklvisita.threads import inference_threads
+from tests.overlap_fixtures import CAPTIONS, EXAMPLES, SIGN, WORKER, photo_matcher
 
-EXAMPLES = EMBEDDED["photo"].parent / "examples"
 PHOTOS = ["cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"]
-SIGN = Path("/usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png")  # a stamp with printed words
-CAPTIONS = [
-    "a tabby cat lying on a rug",
-    "a cup of coffee on a saucer",
-    "an astronaut in an orange suit",
-    "a rocket lifting off from a launch pad",
-    "a give way sign",
-]
-WORKER = "mklvisita-overlap"
 
 
 @pytest.fixture(scope="module")
 def matcher() -> Matcher:
-    if not (EMBEDDED["photo"] / "model.safetensors").is_file():
-        pytest.skip("no shipped photo checkpoint")
-    return Matcher.default("photo")
+    return photo_matcher()
 
 
 @pytest.fixture

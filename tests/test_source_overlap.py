@@ -6,27 +6,21 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mklvisita import Matcher
-from mklvisita.matcher import EMBEDDED
 from mklvisita.sources import overlap
 from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, overlap_enabled, start
+from tests.overlap_fixtures import EXAMPLES, SIGN, WORKER, photo_matcher
 
-EXAMPLES = EMBEDDED["photo"].parent / "examples"
-SIGN = Path("/usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png")  # a stamp with printed words
 CAPTIONS = ["an astronaut in an orange suit", "a woman smiling", "a give way sign", "a tabby cat lying on a rug"]
-WORKER = "mklvisita-overlap"
 
 
 @pytest.fixture(scope="module")
 def matcher() -> Matcher:
-    if not (EMBEDDED["photo"] / "model.safetensors").is_file():
-        pytest.skip("no shipped photo checkpoint")
-    return Matcher.default("photo")
+    return photo_matcher()
 
 
 @pytest.fixture
