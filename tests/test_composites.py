@@ -119,6 +119,29 @@ def test_captions_hold_and_negatives_do_not(clipart):
     assert {"reverse", "replace", "count"} <= kinds
 
 
+def test_undirected_relations_hold_both_ways_and_have_no_verdict(clipart, tmp_path):
+    plain = comp.ClipArtScenes("train", size=30, image_size=96, library=clipart)
+    off = comp.ClipArtScenes("train", size=30, image_size=96, library=clipart, undirected_rate=0.0)
+    assert [plain[i]["captions"] for i in range(30)] == [off[i]["captions"] for i in range(30)]
+    with pytest.raises(ValueError, match="undirected_rate"):
+        comp.ClipArtScenes("train", size=3, library=clipart, undirected_rate=1.5)
+    pairs = task.CompositePairs("train", 60, 0, image_size=96, cache_dir=str(tmp_path), undirected_rate=1.0)
+    assert "-u1-" in task.cache_key(pairs.scenes) and "-u" not in task.cache_key(plain)
+    items = [pairs[i] for i in range(len(pairs)) if pairs[i]["claim"].relation == claims.UNDIRECTED]
+    assert {it["caption"].split(" ")[2] for it in items} & {"beside", "next", "near"}
+    assert len({it["claim"].template for it in items}) == len(claims.UNDIRECTED_WORDS)
+    for it in items:
+        claim, objects = it["claim"], it["scene_objects"]
+        assert any(w in it["caption"] for w in claims.UNDIRECTED_WORDS)
+        backwards = claims.Claim("relation", claim.descs[::-1], claim.relation, template=claim.template)
+        assert claims.holds(claim, objects, 96) and claims.holds(backwards, objects, 96)
+        assert it["negative_kind"] != "reverse" and not claims.holds(it["negative_claim"], objects, 96)
+    model = MKLVisITA(MKLVisITAConfig.tiny())
+    out = task.dense_targets(items[:4], Processor(model.config, model.tokenizer), 32, (6, 6))
+    assert (out["relation_targets"] == -1).all()  # no verdict, and a relation gate target of 0
+    assert (out["word_targets"].sum(-1) > 0).any(-1).all()  # both objects still grounded
+
+
 def test_colour_words_come_from_the_objects_pixels(clipart):
     scenes = comp.ClipArtScenes("train", size=30, image_size=96, library=clipart, jitter=False)
     named = {}

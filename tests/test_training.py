@@ -293,10 +293,12 @@ def test_init_from_fine_tunes_a_release_and_refuses_another_architecture(tmp_pat
     assert "init_from: cannot load the checkpoint" in capsys.readouterr().err
 
 
-def test_reverse_negatives_outside_0_1_is_refused_when_the_config_loads(tmp_path: Path) -> None:
+def test_data_shares_outside_0_1_are_refused_when_the_config_loads(tmp_path: Path) -> None:
     with pytest.raises(RunConfigError, match="data.reverse_negatives"):
         _cfg(tmp_path, "data.reverse_negatives=1.5")
     assert _cfg(tmp_path, "data.reverse_negatives=0.5").data.reverse_negatives == 0.5
+    with pytest.raises(RunConfigError, match="data.undirected_relations"):
+        _cfg(tmp_path, "data.undirected_relations=-0.1")
 
 
 def test_mixed_precision_falls_back_to_fp32_where_the_device_lacks_it(monkeypatch, capsys) -> None:

@@ -48,6 +48,8 @@ class DataConfig:
     hard_negatives: bool = True  # feed each caption's hard-negative caption (shapes) to the ITM/ITC losses
     reverse_negatives: float = 0.0  # shapes only: share of relation captions trained against their reversed
     # relation ("left of" -> "right of") instead of the generator's negative (an attribute swap when one exists)
+    undirected_relations: float = 0.0  # composites only: share of two-object relation captions that say "beside",
+    # "next to" or "near", true in either order (no reversed negative, no relation verdict)
     num_workers: int = 0  # DataLoader workers for decoding + preprocessing
     feature_cache: bool = False  # frozen encoders only: keep each training image's and caption's encoder and source
     # features in memory after their first step (keyed by content; training.photo_cache), so later epochs run only
@@ -253,6 +255,10 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         raise RunConfigError("set max_steps or epochs to a positive number")
     if not 0.0 <= cfg.data.reverse_negatives <= 1.0:
         raise RunConfigError(f"data.reverse_negatives is a share: expected 0 to 1, got {cfg.data.reverse_negatives}")
+    if not 0.0 <= cfg.data.undirected_relations <= 1.0:
+        raise RunConfigError(
+            f"data.undirected_relations is a share: expected 0 to 1, got {cfg.data.undirected_relations}"
+        )
     return cfg
 
 

@@ -97,6 +97,7 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
         seed=cfg.data.shapes_seed,
         cache_dir=cfg.data.cache_dir,
         reverse_rate=cfg.data.reverse_negatives,
+        undirected_rate=cfg.data.undirected_relations,
     )
     try:
         return get_task(cfg.data.train).train_pairs(cfg.data.train, cfg.data.train_split, options)

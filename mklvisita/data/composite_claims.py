@@ -4,7 +4,8 @@ Decisions:
 
 - **Captions are claims** (as the shapes scenes): ``exists`` ("there is a red apple"), ``and``, ``relation`` ("an
   apple to the left of a lion"; left, right, above, below between object centres, with a margin of
-  ``RELATION_MARGIN`` of the canvas), ``sides`` ("an apple on the left and a lion on the right", "... at the top and
+  ``RELATION_MARGIN`` of the canvas; or ``near``, "an apple beside / next to / near a lion", which names no direction
+  and holds of any two objects of a scene, in either order), ``sides`` ("an apple on the left and a lion on the right", "... at the top and
   ... at the bottom") and ``count`` ("two apples"). :func:`holds` evaluates a claim against a scene's objects
   (existential reading; a count is exact); :func:`assignment` says which objects a true claim names.
 - **Noun phrases**: a title is plural when its last word ends in "s" (not "ss", "us", "is"); a plural takes no
@@ -17,6 +18,8 @@ import itertools
 from dataclasses import dataclass
 
 RELATIONS = ("left", "right", "above", "below")
+UNDIRECTED = "near"  # the relation of "beside", "next to", "near": no direction, no reversal, no verdict to read
+UNDIRECTED_WORDS = ("beside", "next to", "near")  # by ``Claim.template``
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 RELATION_MARGIN = 0.1  # of the canvas side: centres closer than this are neither left nor right
 NUMBERS = {1: "one", 2: "two", 3: "three"}
@@ -94,6 +97,8 @@ class Claim:
             listed = " and ".join(d) if len(d) == 2 else ", ".join(d[:-1]) + " and " + d[-1]
             return ("{0}", "a picture of {0}")[self.template].format(listed)
         if self.kind == "relation":
+            if self.relation == UNDIRECTED:
+                return f"{d[0]} {UNDIRECTED_WORDS[self.template]} {d[1]}"
             return f"{d[0]} {_RELATION_WORDS[self.relation]} {d[1]}"
         if self.kind == "sides":
             first, second = _SIDES[self.relation]
@@ -122,6 +127,8 @@ class SceneObject:
 
 
 def relation_holds(a: SceneObject, b: SceneObject, relation: str, margin: float) -> bool:
+    if relation == UNDIRECTED:  # two objects of one canvas are beside each other, whichever is named first
+        return True
     (ax, ay), (bx, by) = a.center, b.center
     if relation == "left":
         return ax + margin < bx
@@ -131,7 +138,7 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str, margin: float)
         return ay + margin < by
     if relation == "below":
         return ay > by + margin
-    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS + (UNDIRECTED,)}")
 
 
 def assignment(claim: Claim, objects: list[SceneObject], image_size: int) -> tuple[int, ...] | None:

@@ -21,6 +21,10 @@ Decisions:
 - **Backgrounds**: plain colour, two-colour gradient, value noise, stripes, checkerboard, or another clip art of the
   same split (whose title no caption or negative of the scene names) scaled to cover the canvas, blurred and faded
   over a plain colour. Never photographs. Light pixel noise on top.
+- **Undirected relations** (``undirected_rate``, default 0): that share of two-object relation captions says
+  "beside", "next to" or "near" instead of a direction. They hold in either order, so they have no reversed
+  negative (replace, swap, change instead) and no relation verdict; they teach that a relation word without a
+  direction is no evidence against a caption. At 0 the generator draws exactly what it drew without them.
 - **Hard negatives** by kind: ``reverse`` (the relation reversed), ``replace`` (one object's title replaced by another
   title of the split that the scene does not show), ``swap`` (colours swapped between two named objects),
   ``change`` (one colour changed), ``count`` (the count changed). The kind is drawn with weights
@@ -41,6 +45,8 @@ from .composite_claims import (
     OPPOSITE,
     RELATION_MARGIN,
     RELATIONS,
+    UNDIRECTED,
+    UNDIRECTED_WORDS,
     Claim,
     Desc,
     Scene,
@@ -93,6 +99,7 @@ class ClipArtScenes:
         jitter: colour-jitter objects (half of them).
         duplicate_rate: probability that a scene of two or more objects repeats a title (count captions).
         noise_std: Gaussian pixel noise (0-255 scale).
+        undirected_rate: share of two-object relation captions that say "beside" / "next to" / "near".
 
     ``ds[i]`` returns ``image`` (PIL RGB), ``captions``, ``negatives``, ``negative_kinds``, ``objects`` (dicts with
     ``phrase``, ``mask`` (bool (S, S)), ``noun``, ``colour``, ``box``) and ``scene`` (the :class:`Scene`).
@@ -110,6 +117,7 @@ class ClipArtScenes:
         jitter: bool = True,
         duplicate_rate: float = 0.15,
         noise_std: float = 3.0,
+        undirected_rate: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown composites split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -119,7 +127,10 @@ class ClipArtScenes:
                 f"size={size}, image_size={image_size}, max_objects={max_objects}, "
                 f"captions_per_image={captions_per_image}"
             )
+        if not 0.0 <= undirected_rate <= 1.0:
+            raise ValueError(f"undirected_rate is a share: expected 0 to 1, got {undirected_rate}")
         self.split, self.size, self.seed, self.image_size = split, size, seed, image_size
+        self.undirected_rate = undirected_rate
         self.captions_per_image, self.max_objects = captions_per_image, max_objects
         self.jitter, self.duplicate_rate, self.noise_std = jitter, duplicate_rate, noise_std
         self.library = library if library is not None else ClipArtLibrary()
@@ -137,7 +148,11 @@ class ClipArtScenes:
         return self.size
 
     def __repr__(self) -> str:
-        return f"ClipArtScenes(split={self.split!r}, size={self.size}, seed={self.seed}, image_size={self.image_size})"
+        undirected = f", undirected_rate={self.undirected_rate}" if self.undirected_rate else ""
+        return (
+            f"ClipArtScenes(split={self.split!r}, size={self.size}, seed={self.seed}, image_size={self.image_size}"
+            f"{undirected})"
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
@@ -222,6 +237,9 @@ class ClipArtScenes:
             chosen = [objects[i] for i in rng.permutation(n)[:k]]
             return Claim("and", tuple(self._desc(o, rng) for o in chosen), template=int(rng.integers(2)))
         a, b = (objects[i] for i in rng.permutation(n)[:2])
+        if kind == "relation" and self.undirected_rate > 0 and rng.random() < self.undirected_rate:
+            template = int(rng.integers(len(UNDIRECTED_WORDS)))
+            return Claim(kind, (self._desc(a, rng), self._desc(b, rng)), relation=UNDIRECTED, template=template)
         true = [r for r in RELATIONS if relation_holds(a, b, r, margin)]
         if not true:
             return None
@@ -236,7 +254,7 @@ class ClipArtScenes:
         def with_descs(new: list[Desc]) -> Claim:
             return Claim(claim.kind, tuple(new), claim.relation, claim.count, claim.template)
 
-        if claim.kind in ("relation", "sides"):
+        if claim.kind in ("relation", "sides") and claim.relation in OPPOSITE:
             out["reverse"].append(Claim(claim.kind, descs, OPPOSITE[claim.relation], template=claim.template))
         if claim.kind == "count":
             numbers = [k for k in NUMBERS if k != claim.count]

@@ -43,6 +43,8 @@ class PairOptions:
     image_size: int = 64  # shapes: rendered side in pixels
     cache_dir: str = ""  # shapes: where rendered scenes are cached ("" = $MKLVISITA_CACHE or ~/.cache/mklvisita)
     reverse_rate: float = 0.0  # shapes: share of relation captions whose training negative is the reversed relation
+    undirected_rate: float = 0.0  # composites: share of two-object relation captions saying "beside" / "next to" /
+    # "near" (no direction; mklvisita.data.composites)
 
 
 def caption_positives(items: list[dict[str, Any]]) -> torch.Tensor:

@@ -17,7 +17,8 @@ Decisions:
 - **Dense targets** (:func:`dense_targets`): ``word_targets`` (B, T, P), each description word's object coverage as a
   distribution over the patch grid (the object the claim names: :func:`mklvisita.data.composites.assignment`), and
   ``relation_targets`` (B, 2, T): the relation words of a relation or sides caption 1, the same words of its
-  reversed negative 0, -1 elsewhere. No ``patch_labels``: clip art has no closed attribute set.
+  reversed negative 0, -1 elsewhere (an undirected caption's "beside" too: no verdict, and the reader's relation
+  gate learns that it is no relation word to read). No ``patch_labels``: clip art has no closed attribute set.
 - **Extra metrics**: the phrase pointing game on the first ``POINTING_SCENES`` scenes (each object's phrase, "a red
   apple") and the word pointing game (every description word of each multi-object caption, at its object).
 """
@@ -77,8 +78,9 @@ def _generator_hash() -> str:
 
 def cache_key(scenes: ClipArtScenes) -> str:
     s = scenes
+    undirected = f"-u{s.undirected_rate:g}" if s.undirected_rate else ""
     return (
-        f"{s.split}-n{s.size}-seed{s.seed}-px{s.image_size}-c{s.captions_per_image}-o{s.max_objects}"
+        f"{s.split}-n{s.size}-seed{s.seed}-px{s.image_size}-c{s.captions_per_image}-o{s.max_objects}{undirected}"
         f"-art{len(s.library)}-{_generator_hash()}-f{CACHE_FORMAT}"
     )
 
@@ -116,8 +118,18 @@ class CompositePairs(Dataset):
     ``negative_claim``, ``negative_kind``, ``scene_objects``, ``objects`` (dicts with masks) and ``image_size``.
     """
 
-    def __init__(self, split: str, size: int, seed: int, image_size: int = DEFAULT_SIZE, cache_dir: str = ""):
-        self.scenes = ClipArtScenes(split=split, size=size, seed=seed, image_size=image_size)
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        seed: int,
+        image_size: int = DEFAULT_SIZE,
+        cache_dir: str = "",
+        undirected_rate: float = 0.0,
+    ):
+        self.scenes = ClipArtScenes(
+            split=split, size=size, seed=seed, image_size=image_size, undirected_rate=undirected_rate
+        )
         self.per_scene = self.scenes.captions_per_image
         self.cache = cached_scenes(self.scenes, cache_dir)
 
@@ -146,7 +158,9 @@ def train_pairs(spec: str, split: str, options: PairOptions) -> CompositePairs:
         raise TaskError(f"unknown composites spec {spec!r}; use 'composites'")
     if split != "train":
         raise TaskError(f"composites split {split!r} holds the validation titles; train on split 'train'")
-    return CompositePairs(split, options.size, options.seed, image_size(options), options.cache_dir)
+    return CompositePairs(
+        split, options.size, options.seed, image_size(options), options.cache_dir, options.undirected_rate
+    )
 
 
 def positives(items: list[dict[str, Any]]) -> torch.Tensor:
@@ -199,6 +213,8 @@ def relation_targets(true_claim: Claim, claim: Claim | None, token_word: list[in
     """(T,) int64: 1 / 0 at the relation words of ``claim`` when it is ``true_claim`` / its reversal, else -1."""
     out = np.full(len(token_word), -1, dtype=np.int64)
     if claim is None or true_claim.kind not in ("relation", "sides") or claim.kind != true_claim.kind:
+        return out
+    if true_claim.relation not in OPPOSITE:  # "beside": true in either order, nothing to judge
         return out
     if claim.descs != true_claim.descs:
         return out
