@@ -5,9 +5,10 @@ Decisions:
 - **Captions are claims** (as the shapes scenes): ``exists`` ("there is a red apple"), ``and``, ``relation`` ("an
   apple to the left of a lion"; left, right, above, below between object centres, with a margin of
   ``RELATION_MARGIN`` of the canvas; or ``near``, "an apple beside / next to / near a lion", which names no direction
-  and holds of any two objects of a scene, in either order), ``sides`` ("an apple on the left and a lion on the right", "... at the top and
-  ... at the bottom") and ``count`` ("two apples"). :func:`holds` evaluates a claim against a scene's objects
-  (existential reading; a count is exact); :func:`assignment` says which objects a true claim names.
+  and holds of any two objects of a scene, in either order), ``sides`` ("an apple on the left and a lion on the
+  right", "... at the top and ... at the bottom") and ``count`` ("two apples"). :func:`holds` evaluates a claim
+  against a scene's objects (existential reading; a count is exact); :func:`assignment` says which objects a true
+  claim names.
 - **Noun phrases**: a title is plural when its last word ends in "s" (not "ss", "us", "is"); a plural takes no
   article and "there are"; counts pluralise the noun's last word ("flag of france" -> "flags of france").
 """
