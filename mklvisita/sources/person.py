@@ -11,8 +11,11 @@ Decisions:
       downloaded and nothing is trained here. It finds frontal faces only: profiles, faces under a helmet's visor
       and people seen from far away give no evidence (never evidence against a person).
     - It runs on the model's own input (the letterboxed 224 x 224 image, grey, histogram-equalised) with scale step
-      1.2, 5 neighbours and faces of 24 px at least: ~12 ms per image on one thread in a scratch timing (1.1 / 20 px:
-      ~25 ms).
+      1.2, 5 neighbours and faces of 32 px at least (a seventh of the input's side). The smallest scales hold most of
+      the cascade's windows: on a photo (the benchmark's cat.jpg, one thread) 24 px took ~15 ms and 32 px ~9 ms
+      (1.1 / 20 px: ~25 ms), and over the 745 images the photo evaluations and the example photos show (Tux Paint
+      stamps and their composites, both halves) 32 px finds the same boxes as 24 px did
+      (``benchmarks/photo_score.py`` times it; a face smaller than that gives no evidence, never evidence against).
     - It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the grey images and the cascade (OpenCV,
       which releases the GIL) on the overlap worker; the boxes become cells after.
     - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
@@ -44,7 +47,7 @@ from .overlap import Prefetch, start_torch
 Box = tuple[int, int, int, int]  # (x, y, w, h) in input pixels
 
 CASCADE = "haarcascade_frontalface_alt2.xml"
-SCALE_STEP, NEIGHBOURS, MIN_FACE = 1.2, 5, 24
+SCALE_STEP, NEIGHBOURS, MIN_FACE = 1.2, 5, 32
 
 
 def _cv2():
