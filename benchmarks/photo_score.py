@@ -2,7 +2,8 @@
 alone on the same input, and where the rest of the time goes.
 
     python benchmarks/photo_score.py [--checkpoint assets/mklvisita-photo] [--repeats 30] [--threads 1]
-        [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--timeline] [--schedule-ab] [--out FILE.json]
+        [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--timeline] [--schedule-ab] [--min-face-ab PX]
+        [--out FILE.json]
     python benchmarks/photo_score.py --image /usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png  # has text
     python benchmarks/photo_score.py --save-scores FILE.json [--compare-scores REFERENCE.json]  # no timing
 
@@ -47,6 +48,9 @@ Decisions:
   the image sources on the worker meanwhile), alternated call by call with the overlap on, each round followed by the
   floor (``schedule_ab``: medians, ratios, and the same ITM asserted). On a 2-core VM whose CPUs drift in speed
   from minute to minute, only such an alternation compares two schedules.
+- ``--min-face-ab PX``: the same alternation, ``Matcher.score`` with the face detector's smallest face as shipped
+  (``mklvisita.sources.person.MIN_FACE``) against ``PX`` pixels (``min_face_ab``); the photo must show the same faces
+  at both (the scores are asserted equal).
 - ``--timeline``: the schedule of the median timed score call, each part's start and end (ms from the call's start)
   and the thread it ran on (``caller`` or ``worker``), outermost calls only (``timeline_median_call``), to see where
   either thread waits.
@@ -473,27 +477,23 @@ def score_captions_after_backbone(matcher: Any, image: Path, captions: list[str]
         return matcher._match_prepared(bank, texts, fusion_job.collect(), ii, tt, sim[ii, tt], 64).numpy()
 
 
-def time_schedule_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
-    """``Matcher.score`` against :func:`score_captions_after_backbone`, call by call, overlap on (module docstring)."""
+def _alternate(matcher: Any, image: Path, calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Any]:
+    """Time ``calls`` in turn, call by call with the overlap on, three warm-up rounds, each round followed by the
+    floor: each call's median, its ratio to the floor's, and the first call's time over the second's."""
     from mklvisita.sources.overlap import OVERLAP_ENV
 
-    if not matcher.model.has_itm:
-        return {"schedule_ab": "needs a fusion checkpoint"}
     floor, before = _floor(matcher, image), os.environ.get(OVERLAP_ENV)
-    runs: dict[str, list[float]] = {"captions_on_worker": [], "captions_after_backbone": [], "floor": []}
-    calls = {
-        "captions_on_worker": lambda: matcher.score([image], CAPTIONS).itm[0],
-        "captions_after_backbone": lambda: score_captions_after_backbone(matcher, image, CAPTIONS),
-    }
+    runs: dict[str, list[float]] = {name: [] for name in calls} | {"floor": []}
     os.environ[OVERLAP_ENV] = "on"
     try:
-        itm = {name: call() for name, call in calls.items()}
-        np.testing.assert_array_equal(itm["captions_on_worker"], itm["captions_after_backbone"])  # same numbers
+        itm = [np.asarray(call()) for call in calls.values()]
+        for other in itm[1:]:
+            np.testing.assert_array_equal(itm[0], other)  # the same numbers
         for i in range(3 + repeats):
             for name, call in calls.items():
                 t = time.perf_counter()
                 call()
-                if i >= 3:  # three warm-up rounds
+                if i >= 3:
                     runs[name].append((time.perf_counter() - t) * 1000)
             if i >= 3:
                 runs["floor"].append(sum(floor()))
@@ -505,8 +505,42 @@ def time_schedule_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
     med = {name: statistics.median(xs) for name, xs in runs.items()}
     out: dict[str, Any] = {f"{name}_median_ms": round(v, 1) for name, v in med.items()}
     out |= {f"{name}_ratio": round(med[name] / med["floor"], 3) for name in calls}
-    out["worker_over_after_backbone"] = round(med["captions_on_worker"] / med["captions_after_backbone"], 3)
-    return {"schedule_ab": out}
+    first, second = list(calls)[:2]
+    out[f"{first}_over_{second}"] = round(med[first] / med[second], 3)
+    return out
+
+
+def time_schedule_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
+    """``Matcher.score`` against :func:`score_captions_after_backbone`, call by call, overlap on (module docstring)."""
+    if not matcher.model.has_itm:
+        return {"schedule_ab": "needs a fusion checkpoint"}
+    calls = {
+        "captions_on_worker": lambda: matcher.score([image], CAPTIONS).itm[0],
+        "captions_after_backbone": lambda: score_captions_after_backbone(matcher, image, CAPTIONS),
+    }
+    return {"schedule_ab": _alternate(matcher, image, calls, repeats)}
+
+
+def time_min_face_ab(matcher: Any, image: Path, repeats: int, other: int) -> dict[str, Any]:
+    """``Matcher.score`` with the face detector's smallest face as shipped against ``other`` px, call by call, overlap
+    on (module docstring); the photo must show the same faces at both sizes (its scores are asserted equal)."""
+    from mklvisita.sources import person
+
+    shipped = person.MIN_FACE
+
+    def score_at(size: int) -> Callable[[], Any]:
+        def call() -> Any:
+            person.MIN_FACE = size
+            try:
+                r = matcher.score([image], CAPTIONS)
+            finally:
+                person.MIN_FACE = shipped
+            return r.itm[0] if matcher.model.has_itm else r.similarity[0]
+
+        return call
+
+    calls = {f"min_face_{shipped}": score_at(shipped), f"min_face_{other}": score_at(other)}
+    return {"min_face_ab": _alternate(matcher, image, calls, repeats)}
 
 
 def time_explain(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
@@ -600,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap-ab", action="store_true", help="also time score with the overlap off and on in turn")
     parser.add_argument("--timeline", action="store_true", help="also give the median score call's schedule")
     parser.add_argument("--schedule-ab", action="store_true", help="also time score against its previous schedule")
+    parser.add_argument("--min-face-ab", type=int, metavar="PX", help="also time score against this smallest face")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -630,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         result |= time_overlap_ab(matcher, image, args.repeats, args.threads)
     if args.schedule_ab:
         result |= time_schedule_ab(matcher, image, 2 * args.repeats)
+    if args.min_face_ab:
+        result |= time_min_face_ab(matcher, image, 2 * args.repeats, args.min_face_ab)
     if args.explain:
         result |= time_explain(matcher, image, args.repeats)
     print(json.dumps(result, indent=2))

@@ -58,3 +58,29 @@ def test_saved_scores_compare(photo_score, tmp_path):
     result = photo_score.compare_scores(saved, json.loads(b.read_text()))
     assert result["images_compared"] == len(saved) and result["max_abs_diff"] == pytest.approx(0.25)
     assert result["per_image"]["cat.jpg"] == pytest.approx(0.25) and result["per_image"]["rocket.jpg"] == 0
+
+
+def test_alternations_time_two_ways_to_the_same_scores(photo_score, tmp_path):
+    from mklvisita.sources import person
+
+    out = tmp_path / "ab.json"
+    shipped = person.MIN_FACE
+    assert photo_score.main(["--repeats", "2", "--schedule-ab", "--min-face-ab", "24", "--out", str(out)]) == 0
+    assert person.MIN_FACE == shipped  # put back after the alternation
+    saved = json.loads(out.read_text())
+    faces = saved["min_face_ab"]
+    assert set(faces) == {
+        f"min_face_{shipped}_median_ms", "min_face_24_median_ms", "floor_median_ms",
+        f"min_face_{shipped}_ratio", "min_face_24_ratio", f"min_face_{shipped}_over_min_face_24",
+    }  # fmt: skip
+    ratio = faces[f"min_face_{shipped}_median_ms"] / faces["floor_median_ms"]
+    assert faces[f"min_face_{shipped}_ratio"] == pytest.approx(ratio, rel=0.02)
+    schedule = saved["schedule_ab"]
+    over = schedule["captions_on_worker_median_ms"] / schedule["captions_after_backbone_median_ms"]
+    assert schedule["captions_on_worker_over_captions_after_backbone"] == pytest.approx(over, rel=0.02)
+
+
+def test_a_size_that_changes_the_faces_found_is_refused(photo_score):
+    astronaut = ROOT / "assets" / "examples" / "astronaut.jpg"  # a face the cascade finds at 32 px, not at 200
+    with pytest.raises(AssertionError):
+        photo_score.main(["--repeats", "2", "--image", str(astronaut), "--min-face-ab", "200"])
