@@ -27,6 +27,7 @@ def test_floor_ratio_and_parts(photo_score, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["parts_not_found"] == []  # every part of PARTS exists in the installed code
     assert saved["floor_median_ms"] > 0 and saved["score_1x5_median_ms"] > 0
+    assert saved["score_with_part_timers_median_ms"] > 0  # the shares come from calls of their own
     assert saved["ratio"] == pytest.approx(saved["score_1x5_median_ms"] / saved["floor_median_ms"], rel=0.05)
     # the like-for-like floor on two cores: the better of its two ways, and the score over it
     two = saved["floor_two_cores_variants_median_ms"]
