@@ -23,15 +23,15 @@ Decisions:
   ``floor_two_cores_variants_median_ms``) and ``ratio_two_cores`` = median score / that floor. ``ratio`` keeps
   its meaning; both are reported (also per overlap setting under ``overlap_ab``).
 - Shares: in as many score calls again, after the ones timed for the ratio (the timers' wrapping costs a few ms per
-  call; their calls' median is ``score_with_part_timers_median_ms``), each part below is wrapped by a timer (found by its class and method at run
-  time; a part the installed code does not have is listed under ``parts_not_found``): preprocessing (decode,
-  letterbox, tokenise), the two backbones inside the model, colour naming, face detection, text detection and text
-  recognition (RapidOCR's two networks, with their own pre- and post-processing), the rest of scene text (and its
-  caption side), the concept bridge's image side (the classes at every cell) and caption side (the class prompts and
-  the WordNet expansion), the fusion's caption-independent image side (``fusion (image side)``, once per image) and
-  its passes over the pairs (``fusion (pairs)``: the layers, the affinity bias and the relation reader; the ITM head
-  and S's weight in the match logit fall under ``other``), the kernels (embeddings and similarity); ``other`` is
-  what no timer covers. Medians per call, ms.
+  call; their calls' median is ``score_with_part_timers_median_ms``), each part below is wrapped by a timer (found by
+  its class and method at run time; a part the installed code does not have is listed under ``parts_not_found``):
+  preprocessing (decode, letterbox, tokenise), the two backbones inside the model, colour naming, face detection, text
+  detection and text recognition (RapidOCR's two networks, with their own pre- and post-processing), the rest of scene
+  text (and its caption side), the concept bridge's image side (the classes at every cell) and caption side (the class
+  prompts and the WordNet expansion), the fusion's caption-independent image side (``fusion (image side)``, once per
+  image) and its passes over the pairs (``fusion (pairs)``: the layers, the affinity bias and the relation reader; the
+  ITM head and S's weight in the match logit fall under ``other``), the kernels (embeddings and similarity); ``other``
+  is what no timer covers. Medians per call, ms.
 - Overlap (``$MKLVISITA_OVERLAP``, :mod:`mklvisita.sources.overlap`): with it on, the captions' encoder runs on a
   worker thread beside the image backbone, and the detectors and the image sources' work after the backbone are
   shared between the calling thread and the worker (the module says how). A part's time counts
