@@ -12,10 +12,11 @@ Decisions:
       and people seen from far away give no evidence (never evidence against a person).
     - It runs on the model's own input (the letterboxed 224 x 224 image, grey, histogram-equalised) with scale step
       1.2, 5 neighbours and faces of 32 px at least (a seventh of the input's side). The smallest scales hold most of
-      the cascade's windows: on a photo (the benchmark's cat.jpg, one thread) 24 px took ~15 ms and 32 px ~9 ms
-      (1.1 / 20 px: ~25 ms), and over the 745 images the photo evaluations and the example photos show (Tux Paint
-      stamps and their composites, both halves) 32 px finds the same boxes as 24 px did
-      (``benchmarks/photo_score.py`` times it; a face smaller than that gives no evidence, never evidence against).
+      the cascade's windows: in ``benchmarks/photo_score.py``'s parts on the cat photo, face detection took 14.0 ms
+      at 24 px and 9.6 ms at 32 px (``docs/results/benchmarks/photo_score_captions_on_worker_quiet_60.json``,
+      ``photo_score_min_face_32_quiet_60_run1.json``), and over the 745 images the photo evaluations and the example
+      photos show (Tux Paint stamps and their composites, both halves) 32 px finds the same boxes as 24 px did. A
+      face smaller than that gives no evidence, never evidence against.
     - It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the grey images and the cascade (OpenCV,
       which releases the GIL) on the overlap worker; the boxes become cells after.
     - Image side: each cell's share covered by face boxes (B, P) and f = 1 when any face was found, else 0.
