@@ -3,6 +3,7 @@ alone on the same input, and where the rest of the time goes.
 
     python benchmarks/photo_score.py [--checkpoint assets/mklvisita-photo] [--repeats 30] [--threads 1]
         [--image assets/examples/cat.jpg] [--explain] [--overlap-ab] [--timeline] [--schedule-ab] [--min-face-ab PX]
+        [--options-ab JSON]
         [--out FILE.json]
     python benchmarks/photo_score.py --image /usr/share/tuxpaint/stamps/town/roadsigns/give_way_sign.png  # has text
     python benchmarks/photo_score.py --save-scores FILE.json [--compare-scores REFERENCE.json]  # no timing
@@ -44,11 +45,17 @@ Decisions:
   and the calling thread's alone) and ``calling_thread_cpu_ratio`` = the calling thread's CPU per score over the
   floor's: what the ratio would be with a core free for the worker, on a machine whose other jobs leave none.
   ``two_thread_speedup_before_after`` says how much a second thread could gain at the time (:func:`two_thread_speedup`).
-- ``--schedule-ab``: ``Matcher.score`` (the captions on the worker beside the image backbone) against the schedule
-  it replaced (:func:`score_captions_after_backbone`: the captions on the calling thread after the image backbone,
-  the image sources on the worker meanwhile), alternated call by call with the overlap on, each round followed by the
-  floor (``schedule_ab``: medians, ratios, and the same ITM asserted). On a 2-core VM whose CPUs drift in speed
-  from minute to minute, only such an alternation compares two schedules.
+- ``--schedule-ab``: ``Matcher.score`` (the pair passes through the fusion on the calling thread while the worker
+  runs the detectors, S added after) against the schedule it replaced (:func:`score_fusion_after_sources`: every
+  image source collected first, then the passes in two halves, the second on the worker), alternated call by call
+  with the overlap on, each round followed by the floor (``schedule_ab``: medians, ratios, and the same ITM
+  asserted). On a 2-core VM whose CPUs drift in speed from minute to minute, only such an alternation compares two
+  schedules. (Before this schedule the option compared the captions on the worker with the captions after the image
+  backbone: ``photo_score_captions_on_worker*.json``, commit 33eefc6 and earlier.)
+- ``--options-ab JSON``: the same alternation, ``Matcher.score`` of the checkpoint as configured against the same
+  checkpoint with these source settings (``kernels.options``, e.g. the cost settings the photo checkpoint serves with
+  turned back: ``'{"colour": {"stride": 1}, "scene_text": {"detector_side": 256}, "person": {"scale_step": 1.2}}'``)
+  (``options_ab``: medians, ratios, and the largest ITM difference between the two; the scores may differ).
 - ``--min-face-ab PX``: the same alternation, ``Matcher.score`` with the face detector's smallest face as shipped
   (``mklvisita.sources.person.MIN_FACE``) against ``PX`` pixels (``min_face_ab``); the photo must show the same faces
   at both (the scores are asserted equal).
@@ -463,31 +470,49 @@ def time_overlap_ab(matcher: Any, image: Path, repeats: int, threads: int = 1) -
     return {"overlap_ab": out}
 
 
-def score_captions_after_backbone(matcher: Any, image: Path, captions: list[str]) -> np.ndarray:
-    """ITM of one image against ``captions`` by the schedule ``Matcher.score`` replaced (``--schedule-ab``): the image
-    backbone, then the captions on the calling thread while the image sources and the fusion's image side run on the
-    worker (``MKLVisITA.start_match_image``), then the pair passes (fusion checkpoints only)."""
+def score_fusion_after_sources(matcher: Any, image: Path, captions: list[str]) -> np.ndarray:
+    """ITM of one image against ``captions`` by the schedule ``Matcher.score`` replaced (``--schedule-ab``): the
+    captions on the worker beside the image backbone as now, but every image source collected before the pair passes
+    (the caller taking back the last queued detector and running the sources' work, the fusion's image side queued on
+    the worker), then the passes in two halves, the second on the worker (fusion checkpoints only)."""
     from mklvisita.features import ImageFeatures
     from mklvisita.kernels import KernelEmbeddings
     from mklvisita.retrieval import ImageBank, encode_captions
+    from mklvisita.sources.overlap import one_decision, start_torch
     from mklvisita.threads import inference_threads
 
     model = matcher.model
-    with inference_threads(matcher.threads), torch.inference_mode():
+    with inference_threads(matcher.threads), one_decision(), torch.inference_mode():
         pv, _ = matcher.processor.images([image])
-        job, fusion_job = model.start_match_image(pv)
-        texts = encode_captions(model, matcher.processor, captions)
-        img = job.collect()
+        texts = start_torch(encode_captions, model, matcher.processor, captions)
+        started, img = model._backbone(pv, False)
+        fusion_job = start_torch(model.prepare_fusion_image, img)
+        img = start_torch(model._source_features, pv, img, started).collect()
         feats = ImageFeatures.cat([img.keep(model.fusion.image_levels)])
         bank = ImageBank(KernelEmbeddings.cat([model.embed_image(img)]), feats)
-        sim = model.similarity(bank.embeddings, texts.embeddings).similarity
-        ii, tt = torch.zeros(len(captions), dtype=torch.long), torch.arange(len(captions))
-        return matcher._match_prepared(bank, texts, fusion_job.collect(), ii, tt, sim[ii, tt], 64).numpy()
+        texts = texts.collect()
+        n = len(captions)
+        ii, tt = torch.zeros(n, dtype=torch.long), torch.arange(n)
+        s = model.similarity(bank.embeddings, texts.embeddings).similarity[ii, tt]
+        prepared = fusion_job.collect()
+
+        def probs(lo: int, hi: int) -> torch.Tensor:
+            txt, emb_t = texts.features.select(tt[lo:hi]), texts.embeddings.select(tt[lo:hi])
+            out = model.match(bank.features, txt, bank.embeddings, emb_t, ii[lo:hi], False, prepared, s[lo:hi])
+            return out.prob.float()
+
+        half = (n + 1) // 2
+        second = start_torch(probs, half, n)
+        first = probs(0, half)
+        return torch.cat([first, second.collect()]).numpy()
 
 
-def _alternate(matcher: Any, image: Path, calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Any]:
+def _alternate(
+    matcher: Any, image: Path, calls: dict[str, Callable[[], Any]], repeats: int, same: bool = True
+) -> dict[str, Any]:
     """Time ``calls`` in turn, call by call with the overlap on, three warm-up rounds, each round followed by the
-    floor: each call's median, its ratio to the floor's, and the first call's time over the second's."""
+    floor: each call's median, its ratio to the floor's, and the first call's time over the second's. ``same``: the
+    calls' outputs are asserted equal; else their largest absolute difference is reported."""
     from mklvisita.sources.overlap import OVERLAP_ENV
 
     floor, before = _floor(matcher, image), os.environ.get(OVERLAP_ENV)
@@ -496,7 +521,8 @@ def _alternate(matcher: Any, image: Path, calls: dict[str, Callable[[], Any]], r
     try:
         itm = [np.asarray(call()) for call in calls.values()]
         for other in itm[1:]:
-            np.testing.assert_array_equal(itm[0], other)  # the same numbers
+            if same:
+                np.testing.assert_array_equal(itm[0], other)  # the same numbers
         for i in range(3 + repeats):
             for name, call in calls.items():
                 t = time.perf_counter()
@@ -515,16 +541,18 @@ def _alternate(matcher: Any, image: Path, calls: dict[str, Callable[[], Any]], r
     out |= {f"{name}_ratio": round(med[name] / med["floor"], 3) for name in calls}
     first, second = list(calls)[:2]
     out[f"{first}_over_{second}"] = round(med[first] / med[second], 3)
+    if not same:
+        out["largest_output_difference"] = float(max(np.abs(itm[0] - other).max() for other in itm[1:]))
     return out
 
 
 def time_schedule_ab(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
-    """``Matcher.score`` against :func:`score_captions_after_backbone`, call by call, overlap on (module docstring)."""
+    """``Matcher.score`` against :func:`score_fusion_after_sources`, call by call, overlap on (module docstring)."""
     if not matcher.model.has_itm:
         return {"schedule_ab": "needs a fusion checkpoint"}
     calls = {
-        "captions_on_worker": lambda: matcher.score([image], CAPTIONS).itm[0],
-        "captions_after_backbone": lambda: score_captions_after_backbone(matcher, image, CAPTIONS),
+        "fusion_beside_detectors": lambda: matcher.score([image], CAPTIONS).itm[0],
+        "fusion_after_sources": lambda: score_fusion_after_sources(matcher, image, CAPTIONS),
     }
     return {"schedule_ab": _alternate(matcher, image, calls, repeats)}
 
@@ -549,6 +577,22 @@ def time_min_face_ab(matcher: Any, image: Path, repeats: int, other: int) -> dic
 
     calls = {f"min_face_{shipped}": score_at(shipped), f"min_face_{other}": score_at(other)}
     return {"min_face_ab": _alternate(matcher, image, calls, repeats)}
+
+
+def time_options_ab(matcher: Any, checkpoint: str, image: Path, repeats: int, options: dict[str, Any]) -> dict:
+    """``Matcher.score`` of the checkpoint as configured against the same checkpoint served with ``options`` merged
+    into its ``kernels.options``, call by call, overlap on (module docstring)."""
+    from mklvisita import Matcher, MKLVisITA
+
+    other = Matcher(MKLVisITA.from_pretrained(checkpoint, source_options=options), threads=matcher.threads)
+
+    def itm_of(m: Any) -> Callable[[], Any]:
+        field = "itm" if m.model.has_itm else "similarity"
+        return lambda: getattr(m.score([image], CAPTIONS), field)[0]
+
+    calls = {"as_configured": itm_of(matcher), "with_options": itm_of(other)}
+    out = _alternate(matcher, image, calls, repeats, same=False)
+    return {"options_ab": {"options": options} | out}
 
 
 def time_explain(matcher: Any, image: Path, repeats: int) -> dict[str, Any]:
@@ -643,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeline", action="store_true", help="also give the median score call's schedule")
     parser.add_argument("--schedule-ab", action="store_true", help="also time score against its previous schedule")
     parser.add_argument("--min-face-ab", type=int, metavar="PX", help="also time score against this smallest face")
+    parser.add_argument("--options-ab", metavar="JSON", help="also time score against these source settings")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -675,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         result |= time_schedule_ab(matcher, image, 2 * args.repeats)
     if args.min_face_ab:
         result |= time_min_face_ab(matcher, image, 2 * args.repeats, args.min_face_ab)
+    if args.options_ab:
+        result |= time_options_ab(matcher, args.checkpoint, image, 2 * args.repeats, json.loads(args.options_ab))
     if args.explain:
         result |= time_explain(matcher, image, args.repeats)
     print(json.dumps(result, indent=2))

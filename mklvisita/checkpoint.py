@@ -38,6 +38,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
@@ -311,14 +312,23 @@ def load_model(
     cls: type,
     name_or_path: str | os.PathLike,
     map_location: str | torch.device = "cpu",
+    source_options: dict[str, dict[str, Any]] | None = None,
     **resolve_kwargs,
 ) -> nn.Module:
     """Build ``cls`` (MKLVisITA) from a checkpoint folder or Hub id (:func:`resolve`), strictly: the architecture
     from config.json (never timm's or the Hub's weights), frozen backbones from their packages (sha256 checked),
-    every other weight from model.safetensors. Problems are :class:`CheckpointError` naming the file."""
+    every other weight from model.safetensors. Problems are :class:`CheckpointError` naming the file.
+    ``source_options`` (source name -> {setting: value}) are merged into the config's ``kernels.options`` first."""
     hub = ("revision", "cache_dir", "force_download", "token", "local_files_only")  # others are not ours: ignored
     folder = resolve(name_or_path, **{k: v for k, v in resolve_kwargs.items() if k in hub})
     config = read_config(folder)
+    for source, settings in (source_options or {}).items():
+        if not isinstance(settings, dict):
+            raise ValueError(f"source_options[{source!r}] must map settings to values, not {settings!r}")
+        if source not in config.kernels.options:
+            known = sorted(config.kernels.options)
+            raise ValueError(f"source_options: the checkpoint has no source {source!r} with settings (it has {known})")
+        config.kernels.options[source] = config.kernels.options[source] | settings
     check_tokenizer_file(folder)
     try:
         tokenizer = load_tokenizer(str(folder))

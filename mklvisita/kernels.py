@@ -126,9 +126,12 @@ class MultiKernelSimilarity(nn.Module):
             out.gate = F.normalize(gate(pooled), dim=-1)
         return out
 
-    def embed_image(self, feats: SourceTensors, pooled: torch.Tensor | None = None) -> KernelEmbeddings:
-        """Each source's raw image features (by source name) -> embeddings; ``pooled`` (B, Dv) feeds the gate."""
-        parts = {name: s.embed_image(feats[name]) for name, s in self.sources.items()}
+    def embed_image(
+        self, feats: SourceTensors, pooled: torch.Tensor | None = None, names: list[str] | None = None
+    ) -> KernelEmbeddings:
+        """Each source's raw image features (by source name) -> embeddings; ``pooled`` (B, Dv) feeds the gate.
+        ``names``: only these sources (the fusion's affinity source before the others are known); None: all."""
+        parts = {name: s.embed_image(feats[name]) for name, s in self.sources.items() if names is None or name in names}
         return self._embed(parts, pooled, getattr(self, "gate_image", None))
 
     def embed_text(
@@ -199,6 +202,12 @@ class MultiKernelSimilarity(nn.Module):
             if s.affinity_feature in s.enabled:
                 return name, s.affinity_feature
         return None
+
+    @property
+    def affinity_source(self) -> str | None:
+        """The source whose word x patch maps bias the fusion's attention (None when no source gives them)."""
+        found = self._affinity()
+        return found[0] if found else None
 
     @property
     def affinity_names(self) -> list[str]:

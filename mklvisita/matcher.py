@@ -30,10 +30,10 @@ from .inputs import (
     check_whole_number,
 )
 from .kernels import KernelEmbeddings
-from .model import CheckpointError, MKLVisITA, resolve_checkpoint
+from .model import CheckpointError, FusedPairs, MKLVisITA, resolve_checkpoint
 from .ranking import final_score, itm_from_final, resolve_ranking, uses_itm
 from .retrieval import ImageBank, TextBank, encode_captions, encode_images, match_pairs, retrieve
-from .sources.overlap import Prefetch, one_decision, start_torch, usable_cpus
+from .sources.overlap import one_decision, start_torch
 from .threads import uses_inference_threads
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -173,21 +173,23 @@ class Matcher:
             return self._score(_as_list(images, "image"), _as_list(captions, "caption"), check_batch_size(batch_size))
 
     def _score(self, images: list, captions: list, batch_size: int) -> ScoreResult:
-        images_bank, texts_bank, fusion_image = self._encode(images, captions, batch_size)
         n_i, n_t = len(images), len(captions)
+        ii = torch.arange(n_i).repeat_interleave(n_t)
+        tt = torch.arange(n_t).repeat(n_i)
+        images_bank, texts_bank, fused = self._encode(images, captions, batch_size, ii, tt)
         with torch.inference_mode():
             sim = self.model.similarity(images_bank.embeddings, texts_bank.embeddings)
             contrib = sim.contributions.float().cpu().numpy()
             similarity = sim.similarity.float().cpu().numpy()
         ranking = resolve_ranking(self.model)
         if self.model.has_itm:
-            ii = torch.arange(n_i).repeat_interleave(n_t)
-            tt = torch.arange(n_t).repeat(n_i)
-            if fusion_image is None:
+            if fused is None:
                 itm = match_pairs(self.model, images_bank, texts_bank, ii, tt, batch_size)
             else:
                 s = sim.similarity[ii, tt]  # each pair's S, computed above for every pair
-                itm = self._match_prepared(images_bank, texts_bank, fusion_image.collect(), ii, tt, s, batch_size)
+                with torch.inference_mode():
+                    probs = [self.model.finish_match(f, s[lo:hi].to(self.device)).prob for (lo, hi), f in fused]
+                    itm = torch.cat(probs).float().cpu()
             itm = itm.view(n_i, n_t).numpy()
             final = final_score(ranking, itm, similarity)
         else:
@@ -197,17 +199,19 @@ class Matcher:
 
     @torch.inference_mode()
     def _encode(
-        self, images: list, captions: list[str], batch_size: int
-    ) -> tuple[ImageBank, TextBank, Prefetch | None]:
-        """Both sides of a score: the image bank, the caption bank and the fusion's image side still to collect (None
-        without fusion, or for more than one batch of images, encoded as :func:`mklvisita.retrieval.encode_images`
-        does, before the captions).
+        self, images: list, captions: list[str], batch_size: int, image_index: torch.Tensor, text_index: torch.Tensor
+    ) -> tuple[ImageBank, TextBank, list[tuple[tuple[int, int], FusedPairs]] | None]:
+        """Both sides of a score, and with a fusion branch the pairs' passes through it (``image_index``,
+        ``text_index``: the pairs; None for more than one batch of images, encoded as
+        :func:`mklvisita.retrieval.encode_images` does, before the captions, and matched after).
 
         One batch of images: the captions' encoder (:func:`mklvisita.retrieval.encode_captions`) starts first, on the
-        overlap worker (:func:`mklvisita.sources.overlap.start_torch`), beside this thread's image backbone; the image
-        sources' work after the backbone then comes back to this thread while the worker is still busy
-        (:meth:`Prefetch.collect`): it takes one detector, the worker the other and the fusion's image side
-        (:mod:`mklvisita.sources.overlap` says why). With the overlap off the same functions run here in the same
+        overlap worker (:func:`mklvisita.sources.overlap.start_torch`), beside this thread's image backbone, and the
+        detectors queue behind it (:meth:`MKLVisITA.start_match_image`). Back from the backbone, this thread computes
+        the sources that need no detector (the fusion's affinity source among them) and the fusion's image side, then
+        runs the pair passes (:meth:`_fuse_prepared`) while the worker runs the detectors; only then does it collect
+        the other sources (taking back a detector the worker has not started), whose features S needs
+        (:meth:`MKLVisITA.finish_match` adds S after). With the overlap off the same functions run here in the same
         order, so the outcome is the same. The image is read and the captions checked before either side starts, so
         a bad input fails at once, a bad image before a bad caption."""
         if len(images) > batch_size:
@@ -216,65 +220,55 @@ class Matcher:
         pv = self.processor.images(images)[0].to(self.device)
         captions = [check_caption(c) for c in captions]
         texts = start_torch(encode_captions, self.model, self.processor, captions, batch_size)
-        fusion_job = None
+        started = None
         try:
-            job, fusion_job = self.model.start_match_image(pv)
-            img = job.collect()  # run here if the worker has not started it
+            started = self.model.start_match_image(pv)
+            fused = None
+            if self.model.has_itm and self._fusion_can_read(started.early):  # the pairs pass beside the detectors
+                texts_bank = texts.collect()
+                pairs = (image_index, text_index, batch_size)
+                fused = self._fuse_prepared(started.early, texts_bank, started.fusion.collect(), *pairs)
+            img = started.sources.collect()  # run here if the worker has not started it
             keep = self.model.fusion.image_levels if self.model.has_itm else None
             feats = None if keep is None else ImageFeatures.cat([img.keep(keep)])
             images_bank = ImageBank(KernelEmbeddings.cat([self.model.embed_image(img)]), feats)  # as encode_images
             texts_bank = texts.collect()
+            if self.model.has_itm and fused is None:  # the fusion reads a source that waits for a detector
+                pairs = (image_index, text_index, batch_size)
+                fused = self._fuse_prepared(img, texts_bank, started.fusion.collect(), *pairs)
         except BaseException:
-            for pending in (texts, fusion_job):  # not needed any more (no effect once they run)
+            for pending in (texts, started):  # not needed any more (no effect once they run)
                 if pending is not None:
                     pending.cancel()
             raise
-        return images_bank, texts_bank, fusion_job
+        return images_bank, texts_bank, fused
+
+    def _fusion_can_read(self, img: ImageFeatures) -> bool:
+        """Whether the fusion has what it reads in ``img`` (its affinity source's features, with the bias on)."""
+        return not self.model.fusion.use_bias or self.model.kernels.affinity_source in img.sources
 
     @torch.inference_mode()
-    def _match_prepared(
+    def _fuse_prepared(
         self,
-        images: ImageBank,
+        img: ImageFeatures,
         texts: TextBank,
         fusion_image: PreparedImage,
         image_index: torch.Tensor,
         text_index: torch.Tensor,
-        similarity: torch.Tensor,
         batch_size: int,
-    ) -> torch.Tensor:
-        """:func:`mklvisita.retrieval.match_pairs` on images whose fusion image side is prepared (every image of the
-        bank, :meth:`MKLVisITA.prepare_fusion_image`) and pairs whose S is known (``similarity`` (K,)): ITM
-        probability of the pairs, (K,).
-
-        Each batch of pairs runs as two passes, the second started on the overlap worker (idle by then: the image
-        sources and the fusion's image side ran beside the captions' encoder) while this thread runs the first
-        (:func:`mklvisita.sources.overlap.start_torch`; with the overlap off, or the worker busy, both run here). The
-        split is the same either way, so the overlap changes no number; on one CPU there is no split."""
-
-        def probs(lo: int, hi: int) -> torch.Tensor:
+    ) -> list[tuple[tuple[int, int], FusedPairs]]:
+        """The pairs' passes through the fusion (:meth:`MKLVisITA.fuse_pairs`), ``batch_size`` pairs at a time, on
+        images whose fusion image side is prepared (:meth:`MKLVisITA.prepare_fusion_image`): each batch's
+        ``(start, end)`` and its passes, for :meth:`MKLVisITA.finish_match` once S is known. ``img`` needs only the
+        sources the fusion reads (:meth:`MKLVisITA.embed_image` embeds those it has)."""
+        img_emb = self.model.embed_image(img, list(img.sources)) if self.model.fusion.use_bias else None
+        out = []
+        for lo in range(0, len(image_index), batch_size):
+            hi = min(lo + batch_size, len(image_index))
             ii, tt = image_index[lo:hi].to(self.device), text_index[lo:hi].to(self.device)
             txt, emb_t = texts.features.select(tt), texts.embeddings.select(tt)
-            s = similarity[lo:hi].to(self.device)
-            m = self.model.match(
-                images.features, txt, images.embeddings, emb_t, ii, False, fusion_image=fusion_image, similarity=s
-            )
-            return m.prob.float().cpu()
-
-        out = []
-        for i in range(0, len(image_index), batch_size):
-            end = min(i + batch_size, len(image_index))
-            half = i + (end - i + 1) // 2  # this thread takes the larger half
-            if half == end or usable_cpus() < 2:
-                out.append(probs(i, end))
-                continue
-            second = start_torch(probs, half, end)
-            try:
-                first = probs(i, half)
-            except BaseException:
-                second.cancel()  # not needed any more (no effect once it runs)
-                raise
-            out += [first, second.collect()]
-        return torch.cat(out)
+            out.append(((lo, hi), self.model.fuse_pairs(img, txt, img_emb, emb_t, ii, False, fusion_image)))
+        return out
 
     @uses_inference_threads
     def explain(self, image: ImageInput, caption: str, layer: int | None = None, method: str | None = None, **kwargs):

@@ -31,7 +31,7 @@ from .checkpoint import resolve as resolve_checkpoint  # noqa: F401  (re-exporte
 from .config import ConfigError, MKLVisITAConfig
 from .encoders import HFTextEncoder, TimmImageEncoder, text_weights_folder
 from .features import ImageFeatures, TextFeatures
-from .fusion import HierarchicalFusion, LayerAttentions, PreparedImage, RelationEvidence
+from .fusion import FusionOutput, HierarchicalFusion, LayerAttentions, PreparedImage, RelationEvidence
 from .kernels import KernelEmbeddings, MultiKernelSimilarity, SimilarityOutput
 from .losses import MKLVisITAOutput, training_losses
 from .sources import SourceContext, build_sources
@@ -48,6 +48,35 @@ class MatchOutput:
     attentions: list[LayerAttentions]  # one per fusion layer
     text_states: torch.Tensor | None = None  # (B, T, W) fused text entering the last fusion layer (with attentions)
     relation: RelationEvidence | None = None  # the relation reader's evidence (``fusion.relation_reader``)
+
+
+@dataclass
+class FusedPairs:
+    """:meth:`MKLVisITA.fuse_pairs`: the fusion's part of the match logit, before S is added
+    (:meth:`MKLVisITA.finish_match`)."""
+
+    head: torch.Tensor  # (B, 2) the ITM head's logits, calibrated (``fusion.itm_head_scale``)
+    fusion: FusionOutput
+
+
+@dataclass
+class StartedMatch:
+    """:meth:`MKLVisITA.start_match_image`: an image batch on its way to being matched.
+
+    ``early``: the levels, the pooled feature and the features of the sources the fusion reads (the leading sources
+    that start no work of their own beside the backbone: the concept bridge, colour naming), computed already;
+    ``sources``: the same with every source, the rest (the detectors' sources) still to :meth:`Prefetch.collect`;
+    ``fusion``: the fusion's caption-independent image side (None without a fusion branch)."""
+
+    early: ImageFeatures
+    sources: Prefetch
+    fusion: Prefetch | None
+
+    def cancel(self) -> None:
+        """Drop what has not started (the call failed)."""
+        for job in (self.sources, self.fusion):
+            if job is not None:
+                job.cancel()
 
 
 class MKLVisITA(
@@ -185,14 +214,36 @@ class MKLVisITA(
         they run beside the caller's next work (:func:`mklvisita.sources.overlap.start_torch`: on a CPU without
         gradients, when the overlap is on; else now, as with ``overlap`` False). ``.collect()`` gives the features
         (computed here if the worker has not started them by then)."""
-        return self._start_image(pixel_values, output_attentions, overlap, False)[0]
+        started, img = self._backbone(pixel_values, output_attentions)
+        if overlap and pixel_values.device.type == "cpu":
+            return start_torch(self._source_features, pixel_values, img, started)
+        return done(self._source_features(pixel_values, img, started))
 
-    def start_match_image(self, pixel_values: torch.Tensor) -> tuple[Prefetch, Prefetch | None]:
-        """:meth:`start_encode_image` for scoring pairs without attention maps: the sources' image features, and after
-        them the fusion's caption-independent image side (:meth:`prepare_fusion_image`), both started on the overlap
-        worker beside the caller's next work (the captions' encoder). Returns the two jobs (the second None without
-        fusion); ``.collect()`` gives each (computed here if the worker has not started it)."""
-        return self._start_image(pixel_values, False, True, self.fusion is not None)
+    def start_match_image(self, pixel_values: torch.Tensor) -> StartedMatch:
+        """:meth:`start_encode_image` for scoring pairs without attention maps, in the order that lets the fusion run
+        beside the detectors (:class:`StartedMatch`): the image backbone; then here, the leading sources that start no
+        work beside the backbone (the fusion's affinity source among them: the concept bridge) and, with a fusion
+        branch, its caption-independent image side (:meth:`prepare_fusion_image`); the other sources' features
+        (whose detectors started beside the backbone) are started on the overlap worker, to collect after the pair
+        passes (computed here if the worker has not started them by then). The same numbers as
+        :meth:`encode_image`, the same functions in the same order of sources."""
+        started, img = self._backbone(pixel_values, False)
+        try:
+            for name, source in self.sources.items():
+                if started[name] is not None:
+                    break
+                img.sources[name] = source.encode_image(pixel_values, img)
+            early = ImageFeatures(img.levels, img.pooled, img.attentions, img.backbone_map, img.backbone_pooled)
+            early.sources = dict(img.sources)  # its own dict: the rest are added to img's, maybe on the worker
+            fusion = done(self.prepare_fusion_image(img)) if self.fusion is not None else None
+        except BaseException:
+            _drop(started)
+            raise
+        if pixel_values.device.type == "cpu":
+            rest = start_torch(self._source_features, pixel_values, img, started)
+        else:
+            rest = done(self._source_features(pixel_values, img, started))
+        return StartedMatch(early, rest, fusion)
 
     def prepare_fusion_image(self, img: ImageFeatures, output_attentions: bool = False) -> PreparedImage:
         """The fusion's caption-independent image side of these images (:meth:`HierarchicalFusion.prepare_image`),
@@ -202,51 +253,38 @@ class MKLVisITA(
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
         return self.fusion.prepare_image(img.levels, output_attentions)
 
-    def _start_image(
-        self, pixel_values: torch.Tensor, output_attentions: bool, overlap: bool, fusion: bool
-    ) -> tuple[Prefetch, Prefetch | None]:
-        """The image backbone now; the sources' image features (and with ``fusion`` the fusion's image side, without
-        attention maps) started after it (:meth:`start_encode_image`, :meth:`start_match_image`)."""
-        # what a source can do from the pixels alone starts first, beside the backbone (mklvisita.sources.overlap)
+    def _backbone(
+        self, pixel_values: torch.Tensor, output_attentions: bool
+    ) -> tuple[dict[str, Prefetch | None], ImageFeatures]:
+        """The sources' work from the pixels alone started (beside the backbone, :mod:`mklvisita.sources.overlap`),
+        then the image backbone here: (each source's started work or None, the features without sources)."""
         started = {name: source.prefetch_image(pixel_values) for name, source in self.sources.items()}
-
-        def drop() -> None:  # after a failure, drop what has not started yet
-            for job in started.values():
-                if job is not None:
-                    job.cancel()
-
-        spare: list[Prefetch] = []  # the fusion's image side, once started: work to do here rather than wait
-
-        def source_features(img: ImageFeatures) -> ImageFeatures:
-            try:
-                # Here with the worker still busy (with work started before these jobs, such as a score's captions):
-                # this thread takes the last job the worker has not started, the one it would reach last, and leaves
-                # the rest to it, rather than waiting for each in turn; where it would wait for a job the worker runs,
-                # it first takes the fusion's image side if the worker has not started it. A no-op where they are done
-                # (the worker runs them in order before this one).
-                next((job for job in reversed(started.values()) if job is not None and job.claim()), None)
-                for name, source in self.sources.items():  # in order: a source may read the ones before it
-                    if started[name] is not None and started[name].running():
-                        for job in spare:
-                            job.claim()
-                    more = {} if started[name] is None else {"prefetched": started[name]}
-                    img.sources[name] = source.encode_image(pixel_values, img, **more)
-            finally:
-                drop()
-            return img
-
         try:
             out = self.vision(pixel_values, self.image_levels, output_attentions=output_attentions)
         except BaseException:
-            drop()
+            _drop(started)
             raise
-        img = ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
-        if overlap and pixel_values.device.type == "cpu":
-            # reads the levels only (set before either job starts), so it may run before or after the sources' job
-            fusion_job = start_torch(self.prepare_fusion_image, img) if fusion else None
-            spare.extend([fusion_job] if fusion_job is not None else [])
-            return start_torch(source_features, img), fusion_job
-        return done(source_features(img)), done(self.prepare_fusion_image(img)) if fusion else None
+        return started, ImageFeatures(out.levels, out.pooled, out.attentions, out.backbone_map, out.backbone_pooled)
+
+    def _source_features(
+        self, pixel_values: torch.Tensor, img: ImageFeatures, started: dict[str, Prefetch | None]
+    ) -> ImageFeatures:
+        """Every source's image features not in ``img.sources`` yet, in order (a source may read the ones before it),
+        each handed what it started beside the backbone (``started``)."""
+        try:
+            # Here with the worker still busy (with work started before this job, such as a score's captions or
+            # detectors): this thread takes the last job the worker has not started, the one it would reach last,
+            # and leaves the rest to it, rather than waiting for each in turn. A no-op where they are done (the
+            # worker runs them in order before this one).
+            next((job for job in reversed(started.values()) if job is not None and job.claim()), None)
+            for name, source in self.sources.items():
+                if name in img.sources:
+                    continue
+                more = {} if started[name] is None else {"prefetched": started[name]}
+                img.sources[name] = source.encode_image(pixel_values, img, **more)
+        finally:
+            _drop(started)
+        return img
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         """Layer tokens, [CLS], masks and every source's caption features."""
@@ -261,9 +299,10 @@ class MKLVisITA(
             txt.sources[name] = source.encode_text(input_ids, txt)
         return txt
 
-    def embed_image(self, img: ImageFeatures) -> KernelEmbeddings:
-        """Every base kernel's image-side features, projected; cache these for retrieval."""
-        return self.kernels.embed_image(img.sources, img.pooled)
+    def embed_image(self, img: ImageFeatures, names: list[str] | None = None) -> KernelEmbeddings:
+        """Every base kernel's image-side features, projected; cache these for retrieval. ``names``: only these
+        sources' (those ``img`` has so far, for :meth:`fuse_pairs`)."""
+        return self.kernels.embed_image(img.sources, img.pooled, names)
 
     def embed_text(self, txt: TextFeatures) -> KernelEmbeddings:
         """Every base kernel's text-side features, projected; token features cover every position, words marked."""
@@ -340,12 +379,52 @@ class MKLVisITA(
         """
         if self.fusion is None:
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
-        affinity = None
-        if self.fusion.use_bias or self.itm_similarity_weight is not None:
+        need_s = self.itm_similarity_weight is not None and similarity is None
+        if self.fusion.use_bias or need_s:
             img_emb = self.embed_image(img) if img_emb is None else img_emb
             txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
             if image_index is not None:
                 img_emb = _per_pair(img_emb, image_index)
+        fused = self._fuse(img, txt, img_emb, txt_emb, image_index, output_attentions, fusion_image)
+        if need_s:
+            similarity = self.similarity(img_emb, txt_emb, pairwise=True).similarity
+        return self.finish_match(fused, similarity)
+
+    def fuse_pairs(
+        self,
+        img: ImageFeatures,
+        txt: TextFeatures,
+        img_emb: KernelEmbeddings | None = None,
+        txt_emb: KernelEmbeddings | None = None,
+        image_index: torch.Tensor | None = None,
+        output_attentions: bool = True,
+        fusion_image: PreparedImage | None = None,
+    ) -> FusedPairs:
+        """:meth:`match` up to S: the fusion layers, the ITM head and the relation reader; :meth:`finish_match` adds
+        S (the two give match's numbers exactly). With the affinity bias ``img_emb`` needs only the affinity source's
+        embeddings (:meth:`MultiKernelSimilarity.embed_image` with ``names``), so the pairs can pass before the
+        other sources' features are known."""
+        if self.fusion is None:
+            raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
+        if self.fusion.use_bias:
+            img_emb = self.embed_image(img) if img_emb is None else img_emb
+            txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
+            if image_index is not None:
+                img_emb = _per_pair(img_emb, image_index)
+        return self._fuse(img, txt, img_emb, txt_emb, image_index, output_attentions, fusion_image)
+
+    def _fuse(
+        self,
+        img: ImageFeatures,
+        txt: TextFeatures,
+        img_emb: KernelEmbeddings | None,
+        txt_emb: KernelEmbeddings | None,
+        image_index: torch.Tensor | None,
+        output_attentions: bool,
+        fusion_image: PreparedImage | None,
+    ) -> FusedPairs:
+        """:meth:`fuse_pairs` on per-pair image embeddings."""
+        affinity = None
         if self.fusion.use_bias:
             maps: list[torch.Tensor] = []  # the affinity kernels' word x patch maps (B, n, T, P), once for all layers
 
@@ -362,8 +441,16 @@ class MKLVisITA(
         logits = self.itm_head(out.cls)  # (B, 2)
         if self.config.fusion.itm_head_scale != 1.0:  # the head's calibration on a new domain (FusionConfig)
             logits = logits * self.config.fusion.itm_head_scale
+        return FusedPairs(logits, out)
+
+    def finish_match(self, fused: FusedPairs, similarity: torch.Tensor | None = None) -> MatchOutput:
+        """The match logit of :meth:`fuse_pairs`' pairs: + S (``similarity`` (B,), needed with
+        ``fusion.itm_similarity``) and the relation reader's evidence."""
+        logits, out = fused.head, fused.fusion
         if self.itm_similarity_weight is not None:
-            s = self.similarity(img_emb, txt_emb, pairwise=True).similarity if similarity is None else similarity
+            if similarity is None:
+                raise ValueError("this checkpoint's match logit adds S (fusion.itm_similarity): pass each pair's S")
+            s = similarity
             logits = logits + torch.stack([torch.zeros_like(s), self.itm_similarity_weight * s], -1)
         if self.itm_relation_weight is not None and out.relation is not None:
             r = self.itm_relation_weight * out.relation.evidence  # (B,)
@@ -400,15 +487,30 @@ class MKLVisITA(
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, map_location: str | torch.device = "cpu", **hub: Any
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        map_location: str | torch.device = "cpu",
+        source_options: dict[str, dict[str, Any]] | None = None,
+        **hub: Any,
     ) -> MKLVisITA:
         """Load a checkpoint folder or Hub id strictly (:func:`mklvisita.checkpoint.load_model`); ``hub``: ``revision``
         (a branch, tag or commit), ``cache_dir``, ``force_download``, ``token``, ``local_files_only``.
+        ``source_options``: serve it with other settings of its feature sources, merged into ``kernels.options``
+        (source name -> {setting: value}, e.g. ``{"colour": {"stride": 1}}``); no weight changes, and a source or
+        setting the checkpoint does not have is refused.
 
         Refused with a CheckpointError naming the problem: a missing file, a pickle weights file, an unknown or
         ill-typed config field, and any missing, unexpected or mis-shaped weight.
         """
-        return checkpoint.load_model(cls, pretrained_model_name_or_path, map_location, **hub)
+        return checkpoint.load_model(cls, pretrained_model_name_or_path, map_location, source_options, **hub)
+
+
+def _drop(started: dict[str, Prefetch | None]) -> None:
+    """After a failure (or once used): drop the started work that has not begun (no effect on the rest)."""
+    for job in started.values():
+        if job is not None:
+            job.cancel()
 
 
 def _per_pair(emb: KernelEmbeddings, index: torch.Tensor) -> KernelEmbeddings:

@@ -70,14 +70,16 @@ def test_the_captions_encode_on_the_worker_beside_the_image_backbone(matcher, mo
 
 @pytest.mark.skipif(usable_cpus() < 2, reason="one CPU: nothing to share")
 def test_the_caller_takes_the_last_detector_the_busy_worker_has_not_started(matcher, monkeypatch):
-    """The worker held (as by a score's captions) while the backbone runs: the caller, back for the image sources,
-    runs the last queued detector (faces) itself and leaves the first (text) to the worker, which it releases from
-    inside the face detector; rather than wait for the text, it prepares the fusion's image side; the features equal
-    those of encode_image with the overlap off."""
+    """The worker held (as by a score's captions) while the backbone runs: start_match_image computes the sources that
+    start no detector (the concept bridge, colour naming) and the fusion's image side here, the detectors still
+    queued; collecting the other sources, the caller runs the last queued detector (faces) itself and leaves the
+    first (text) to the worker, which it releases from inside the face detector; the features equal those of
+    encode_image with the overlap off."""
     monkeypatch.setenv(OVERLAP_ENV, "on")
     sources = matcher.model.sources
+    caller = threading.current_thread().name
     faces, text, fusion = [], [], []
-    release, text_started, fusion_ran = threading.Event(), threading.Event(), threading.Event()
+    release, text_started = threading.Event(), threading.Event()
 
     def free_the_worker() -> None:  # inside the caller's face detector: let the worker go, wait until it reads text
         release.set()
@@ -89,26 +91,26 @@ def test_the_caller_takes_the_last_detector_the_busy_worker_has_not_started(matc
     def read(*args, **kwargs):
         text.append(threading.current_thread().name)
         text_started.set()
-        if text[-1].startswith(WORKER):
-            assert fusion_ran.wait(60)  # still reading while the caller would wait for it
         return original(*args, **kwargs)
 
     monkeypatch.setattr(sources["scene_text"].reader, "read_images", read)
-    _recorded(monkeypatch, type(matcher.model), "prepare_fusion_image", fusion, then=fusion_ran.set)
+    _recorded(monkeypatch, type(matcher.model), "prepare_fusion_image", fusion)
     pv, _ = matcher.processor.images([str(EXAMPLES / "astronaut.jpg")])
     with torch.inference_mode():
         blocker = start(release.wait, 120)
-        job, fusion_job = matcher.model.start_match_image(pv)
-        got = job.collect()
-        fusion_job.collect()
+        started = matcher.model.start_match_image(pv)
+        assert fusion == [caller] and not faces and not text  # the detectors wait behind the held worker
+        assert list(started.early.sources) == ["concept", "colour"]
+        got = started.sources.collect()
         assert blocker.result(timeout=60)
         monkeypatch.setenv(OVERLAP_ENV, "off")
         expected = matcher.model.encode_image(pv)
-    assert faces[0] == threading.current_thread().name and text[0].startswith(WORKER)
-    assert fusion == [threading.current_thread().name]
+    assert faces[0] == caller and text[0].startswith(WORKER)
     for name, feats in expected.sources.items():
         for key, value in feats.items():
             assert torch.equal(got.sources[name][key], value), (name, key)
+            if name in started.early.sources:
+                assert torch.equal(started.early.sources[name][key], value), (name, key)
 
 
 def test_claim_runs_unstarted_work_here_and_leaves_the_rest(monkeypatch):

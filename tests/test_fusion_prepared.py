@@ -1,6 +1,7 @@
 """The fusion's caption-independent image side computed once per image beforehand (HierarchicalFusion.prepare_image,
-MKLVisITA.prepare_fusion_image / start_match_image): the same ITM as the fusion computing it itself, and in a
-Matcher call it runs on the overlap worker beside the captions' encoder."""
+MKLVisITA.prepare_fusion_image / start_match_image): the same ITM as the fusion computing it itself; match split in
+two (fuse_pairs, then finish_match with S) gives match's numbers; and in a Matcher call the pairs pass through the
+fusion on the calling thread while the worker still runs the detectors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mklvisita import Matcher
 from mklvisita.matcher import EMBEDDED
 from mklvisita.model import MKLVisITA
 from mklvisita.retrieval import encode_captions, match_pairs
-from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, usable_cpus
+from mklvisita.sources.overlap import OVERLAP_ENV, usable_cpus
 
 EXAMPLES = EMBEDDED["photo"].parent / "examples"
 CAPTIONS = ["a tabby cat lying on a rug", "an astronaut in an orange suit", "a cup of coffee on a saucer"]
@@ -62,63 +63,85 @@ def test_the_prepared_path_scores_as_match_pairs(photo):
     got = photo.score(images, CAPTIONS)
     model = photo.model
     with torch.inference_mode():
-        images_bank = photo._encode(images, CAPTIONS, 64)[0]
-        texts_bank = encode_captions(model, photo.processor, CAPTIONS)
         ii = torch.arange(2).repeat_interleave(len(CAPTIONS))
         tt = torch.arange(len(CAPTIONS)).repeat(2)
+        images_bank = photo._encode(images, CAPTIONS, 64, ii, tt)[0]
+        texts_bank = encode_captions(model, photo.processor, CAPTIONS)
         expected = match_pairs(model, images_bank, texts_bank, ii, tt).view(2, -1).numpy()
     np.testing.assert_allclose(got.itm, expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["on", "off"])
-def test_the_image_side_runs_on_the_worker_when_the_overlap_is_on(photo, monkeypatch, mode):
-    monkeypatch.setenv(OVERLAP_ENV, mode)
-    monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # always the worker's run (taking back: its own tests)
-    seen: list[str] = []
-    original = MKLVisITA.prepare_fusion_image
-
-    def recorded(*args, **kwargs):
-        seen.append(threading.current_thread().name)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(MKLVisITA, "prepare_fusion_image", recorded)
-    photo.score([str(EXAMPLES / "coffee.jpg")], CAPTIONS)
-    assert len(seen) == 1
-    assert seen[0].startswith(WORKER) == (mode == "on")
+def test_fuse_pairs_then_finish_match_give_match_exactly(photo):
+    """The pairs' passes before S is known, and S added after: match's logits bit for bit, also with image embeddings
+    of the fusion's affinity source alone (what a score has before the detectors' sources are done)."""
+    model = photo.model
+    with torch.inference_mode():
+        pv, _ = photo.processor.images([str(EXAMPLES / "cat.jpg")])
+        img = model.encode_image(pv)
+        enc = photo.processor.captions(CAPTIONS)
+        txt = model.encode_text(enc["input_ids"], enc["attention_mask"])
+        index = torch.zeros(len(CAPTIONS), dtype=torch.long)
+        s = model.similarity(model.embed_image(img), model.embed_text(txt)).similarity[0]
+        whole = model.match(img, txt, image_index=index, output_attentions=False, similarity=s)
+        alone = model.embed_image(img, [model.kernels.affinity_source])
+        assert set(alone.sources) == {model.kernels.affinity_source}
+        fused = model.fuse_pairs(img, txt, alone, None, index, False)
+        split = model.finish_match(fused, s)
+        with pytest.raises(ValueError, match="pass each pair's S"):
+            model.finish_match(fused)
+    assert torch.equal(split.logits, whole.logits) and torch.equal(split.prob, whole.prob)
 
 
 def test_a_model_without_fusion_prepares_nothing():
     matcher = _matcher("photo-sources")
     pv, _ = matcher.processor.images([str(EXAMPLES / "cat.jpg")])
     with torch.inference_mode():
-        job, fusion_job = matcher.model.start_match_image(pv)
-        assert fusion_job is None
-        assert job.collect().sources
+        started = matcher.model.start_match_image(pv)
+        assert started.fusion is None
+        assert started.sources.collect().sources
         with pytest.raises(RuntimeError, match="no fusion"):
-            matcher.model.prepare_fusion_image(job.collect())
+            matcher.model.prepare_fusion_image(started.sources.collect())
 
 
-@pytest.mark.skipif(usable_cpus() < 2, reason="one CPU: the pairs pass in one piece")
-def test_the_pairs_pass_in_two_halves_the_second_on_the_worker(photo, monkeypatch):
-    """Matcher.score's fusion passes: the first half of the pairs on the calling thread, the second started on the
-    worker; the same numbers with the overlap off (both halves here) and on."""
-    monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # always the worker's run (taking back: its own tests)
-    passes: list[tuple[str, int]] = []
-    original = MKLVisITA.match
+@pytest.mark.skipif(usable_cpus() < 2, reason="one CPU: no worker")
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_the_pairs_pass_on_the_caller_while_the_worker_reads_text(photo, monkeypatch, mode):
+    """Matcher.score: the fusion's image side and the pair passes (one pass for the three pairs) on the calling
+    thread, before the detectors' sources are needed: the worker's text detector is held until the pairs have passed
+    (were the call to need its words first, it would wait forever); the same numbers with the overlap off."""
+    caller = threading.current_thread().name
+    fused, passes, prepared, read = threading.Event(), [], [], []
+    original_fuse, original_prepare = MKLVisITA.fuse_pairs, MKLVisITA.prepare_fusion_image
+    reader = photo.model.sources["scene_text"].reader
+    original_read = reader.read_images
 
-    def recorded(self, img, txt, *args, **kwargs):
+    def fuse(self, img, txt, *args, **kwargs):
         passes.append((threading.current_thread().name, len(txt.pooled)))
-        return original(self, img, txt, *args, **kwargs)
+        out = original_fuse(self, img, txt, *args, **kwargs)
+        fused.set()
+        return out
 
-    monkeypatch.setattr(MKLVisITA, "match", recorded)
+    def prepare(*args, **kwargs):
+        prepared.append(threading.current_thread().name)
+        return original_prepare(*args, **kwargs)
+
+    def read_images(*args, **kwargs):
+        read.append(threading.current_thread().name)
+        if read[-1].startswith(WORKER):
+            assert fused.wait(60)  # the pairs pass while the worker still reads
+        return original_read(*args, **kwargs)
+
+    monkeypatch.setattr(MKLVisITA, "fuse_pairs", fuse)
+    monkeypatch.setattr(MKLVisITA, "prepare_fusion_image", prepare)
+    monkeypatch.setattr(reader, "read_images", read_images)
     photo_path = str(EXAMPLES / "astronaut.jpg")
-    results = {}
-    for mode in ("off", "on"):
-        monkeypatch.setenv(OVERLAP_ENV, mode)
-        passes.clear()
-        results[mode] = photo.score([photo_path], CAPTIONS)
-        assert sorted(n for _, n in passes) == [1, 2]  # 3 pairs: 2 here, 1 on the worker
-        on_worker = {n: name.startswith(WORKER) for name, n in passes}
-        assert on_worker == {2: False, 1: mode == "on"}
-    np.testing.assert_array_equal(results["on"].itm, results["off"].itm)
-    np.testing.assert_array_equal(results["on"].score, results["off"].score)
+    monkeypatch.setenv(OVERLAP_ENV, mode)
+    got = photo.score([photo_path], CAPTIONS)
+    assert passes == [(caller, len(CAPTIONS))] and prepared == [caller] and len(read) == 1
+    if mode == "off":
+        assert read == [caller]
+    monkeypatch.setenv(OVERLAP_ENV, "off")
+    monkeypatch.setattr(MKLVisITA, "fuse_pairs", original_fuse)
+    expected = photo.score([photo_path], CAPTIONS)
+    for field in ("itm", "similarity", "score"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field), err_msg=field)

@@ -16,6 +16,7 @@ from mklvisita.sources import overlap
 from mklvisita.sources.colour import ColourNames
 from mklvisita.sources.concept import ConceptBridge
 from mklvisita.sources.overlap import OVERLAP_ENV, Prefetch, start, start_torch
+from mklvisita.sources.scene_text import SceneTextReader
 from mklvisita.threads import inference_threads
 from tests.overlap_fixtures import CAPTIONS, EXAMPLES, SIGN, WORKER, photo_matcher
 
@@ -48,21 +49,38 @@ def _photos() -> list[str]:
 
 @pytest.mark.parametrize("photo", _photos(), ids=lambda p: Path(p).name)
 def test_overlap_on_and_off_give_identical_scores(matcher, image_work_threads, monkeypatch, photo):
-    """One photo x five captions, the demo's Match call: the image sources ran on the worker with the overlap on and
-    on the calling thread with it off, and every number is the same."""
+    """One photo x five captions, the demo's Match call: the image sources that start no detector (the concept
+    bridge, colour naming) run on the calling thread before the pair passes (MKLVisITA.start_match_image) in both
+    settings, and every number is the same."""
     monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # always the worker's run (taking back: tested below)
     results = {}
     for mode in ("off", "on"):
         monkeypatch.setenv(OVERLAP_ENV, mode)
         image_work_threads.clear()
         results[mode] = matcher.score([photo], CAPTIONS)
-        on_worker = [name.startswith(WORKER) for name in image_work_threads]
-        assert on_worker == [mode == "on"] * 2, image_work_threads
+        assert image_work_threads == [threading.current_thread().name] * 2
     off, on = results["off"], results["on"]
     np.testing.assert_array_equal(on.similarity, off.similarity)
     np.testing.assert_array_equal(on.kernel_contributions, off.kernel_contributions)
     np.testing.assert_array_equal(on.score, off.score)
     assert np.abs(on.kernel_contributions).sum() > 0
+
+
+def test_the_image_encoder_runs_the_sources_on_the_worker(matcher, image_work_threads, monkeypatch):
+    """start_encode_image (the image side of retrieval's encoder): the image sources' work after the backbone on the
+    worker with the overlap on, on the calling thread with it off; the same features."""
+    monkeypatch.setattr(Prefetch, "collect", Prefetch.result)  # always the worker's run (taking back: tested below)
+    pv, _ = matcher.processor.images([str(EXAMPLES / "coffee.jpg")])
+    got = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv(OVERLAP_ENV, mode)
+        image_work_threads.clear()
+        with torch.inference_mode():
+            got[mode] = matcher.model.start_encode_image(pv).collect()
+        assert [name.startswith(WORKER) for name in image_work_threads] == [mode == "on"] * 2, image_work_threads
+    for name, feats in got["off"].sources.items():
+        for key, value in feats.items():
+            assert torch.equal(got["on"].sources[name][key], value), (name, key)
 
 
 def test_a_busy_worker_never_makes_the_call_wait(matcher, image_work_threads, monkeypatch):
@@ -178,17 +196,17 @@ def test_start_torch_brings_the_callers_thread_count_and_mode(monkeypatch):
 @pytest.mark.parametrize("mode", ["on", "off"])
 def test_an_error_after_the_backbone_reaches_the_caller_unchanged(matcher, monkeypatch, mode):
     monkeypatch.setenv(OVERLAP_ENV, mode)
-    error = RuntimeError("colour naming failed")
+    error = RuntimeError("the words' cells failed")
     raised_on: list[str] = []
 
     def broken(*args, **kwargs):
         raised_on.append(threading.current_thread().name)
         raise error
 
-    with monkeypatch.context() as m:
-        m.setattr(ColourNames, "cells", broken)
+    with monkeypatch.context() as m:  # the scene-text source's features come after the pair passes, on the worker
+        m.setattr(SceneTextReader, "features", broken)
         m.setattr(Prefetch, "collect", Prefetch.result)  # the worker runs each job (taking back: tested above)
-        with pytest.raises(RuntimeError, match="colour naming failed") as info:
+        with pytest.raises(RuntimeError, match="the words' cells failed") as info:
             matcher.score([str(EXAMPLES / "cat.jpg")], CAPTIONS)
     assert info.value is error
     assert raised_on and raised_on[0].startswith(WORKER) == (mode == "on")

@@ -66,7 +66,9 @@ def test_alternations_time_two_ways_to_the_same_scores(photo_score, tmp_path):
 
     out = tmp_path / "ab.json"
     shipped = person.MIN_FACE
-    assert photo_score.main(["--repeats", "2", "--schedule-ab", "--min-face-ab", "24", "--out", str(out)]) == 0
+    options = '{"colour": {"stride": 4}}'
+    args = ["--repeats", "2", "--schedule-ab", "--min-face-ab", "24", "--options-ab", options, "--out", str(out)]
+    assert photo_score.main(args) == 0
     assert person.MIN_FACE == shipped  # put back after the alternation
     saved = json.loads(out.read_text())
     faces = saved["min_face_ab"]
@@ -77,8 +79,12 @@ def test_alternations_time_two_ways_to_the_same_scores(photo_score, tmp_path):
     ratio = faces[f"min_face_{shipped}_median_ms"] / faces["floor_median_ms"]
     assert faces[f"min_face_{shipped}_ratio"] == pytest.approx(ratio, rel=0.02)
     schedule = saved["schedule_ab"]
-    over = schedule["captions_on_worker_median_ms"] / schedule["captions_after_backbone_median_ms"]
-    assert schedule["captions_on_worker_over_captions_after_backbone"] == pytest.approx(over, rel=0.02)
+    over = schedule["fusion_beside_detectors_median_ms"] / schedule["fusion_after_sources_median_ms"]
+    assert schedule["fusion_beside_detectors_over_fusion_after_sources"] == pytest.approx(over, rel=0.02)
+    served = saved["options_ab"]  # another colour stride: other colour features, so other scores
+    assert served["options"] == {"colour": {"stride": 4}} and served["largest_output_difference"] > 0
+    over = served["as_configured_median_ms"] / served["with_options_median_ms"]
+    assert served["as_configured_over_with_options"] == pytest.approx(over, rel=0.02)
 
 
 def test_a_size_that_changes_the_faces_found_is_refused(photo_score):

@@ -22,6 +22,11 @@ Decisions:
       keep the trained behaviour): it changes no weight, only how the reader reads the maps.
     - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight``, ``fusion.itm_head_scale``,
       ``fusion.reader_head_nouns`` and ``fusion.explain_method`` (nothing else changes).
+    - ``--source-options JSON`` serves the checkpoint with other settings of its feature sources (``kernels.options``,
+      e.g. the cost settings ``{"colour": {"stride": 2}, "scene_text": {"detector_side": 224}, "person":
+      {"scale_step": 1.3}}``): set before the sweep, so the weight and the map are chosen with the features the
+      checkpoint will serve, and written with ``--write``. Only settings of sources the checkpoint has; no weight
+      changes.
     - ``--beta-from CHECKPOINT`` first copies that checkpoint's kernel weights beta (same kernels, e.g. the photo
       checkpoint's tune-half grid) over the learned ones, so the learned and the grid beta are compared on the tune
       half by the sweep's S-alone row (``itm_weight`` 0) of each run.
@@ -207,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta-from", help="use this checkpoint's kernel weights beta (same kernels) instead")
     parser.add_argument("--write", help="save the checkpoint with the chosen ranking.itm_weight to this folder")
     parser.add_argument(
+        "--source-options",
+        help='JSON: settings of the sources to serve with, merged into kernels.options (e.g. {"colour": {"stride": 2}})'
+        "; chosen with and written with them",
+    )
+    parser.add_argument(
         "--head-scales",
         default="1",
         help="comma-separated ITM head scales to sweep with the weights (fusion.itm_head_scale; > 0 keeps Grad-CAM)",
@@ -227,7 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     from mklvisita import MKLVisITA
     from mklvisita.inputs import Processor
 
-    model = MKLVisITA.from_pretrained(args.checkpoint).eval()
+    if args.source_options:
+        try:
+            options = json.loads(args.source_options)
+        except json.JSONDecodeError as e:
+            parser.error(f"--source-options is not JSON ({e})")
+    else:
+        options = None
+    model = MKLVisITA.from_pretrained(args.checkpoint, source_options=options).eval()
     if not model.has_itm:
         parser.error("the checkpoint has no fusion/ITM branch: there is no ITM weight to choose")
     torch.set_num_threads(1)

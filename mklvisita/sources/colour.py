@@ -11,7 +11,9 @@ Decisions:
       (``kernels.options.colour.sigma``, in Lab units). No colour chart was fitted: the prototypes are round numbers,
       and sigma is the one value chosen on data (the tune half of the Tux Paint stamps).
     - Image side: the pixels' names averaged over each cell of the CNN's final grid (``cells``, (B, P, 11); the
-      letterbox padding, exactly the pad colour, is left out), and a pooled distribution h (B, 11) that weights
+      letterbox padding, exactly the pad colour, is left out; with ``kernels.options.colour.stride`` s > 1, every
+      s-th pixel of every s-th row: the cells of a 224-pixel input on a 7 x 7 grid are 32 pixels wide, so s = 2 still
+      names 256 pixels of each, at a quarter of the cost), and a pooled distribution h (B, 11) that weights
       each cell by its *saliency*: the norm of the CNN's final feature map at that cell, min-max scaled per image
       and raised to ``kernels.options.colour.saliency_power``. A cut-out on white or a photo's sky has weak features,
       the object strong ones, so h describes the object's colours more than the background's.
@@ -121,19 +123,23 @@ class ColourOptions:
 
     sigma: float = 20.0  # softness of naming a pixel's colour (CIELAB units)
     saliency_power: float = 2.0  # exponent of the cells' saliency weights (0: all alike)
+    stride: int = 1  # name every stride-th pixel of every stride-th row (1: all; a serving cost setting)
 
     def validate(self) -> None:
         if self.sigma <= 0 or self.saliency_power < 0:
             raise ConfigError("kernels.options.colour.sigma must be > 0 and .saliency_power >= 0")
+        if not (isinstance(self.stride, int) and not isinstance(self.stride, bool) and 1 <= self.stride <= 8):
+            raise ConfigError(f"kernels.options.colour.stride must be a whole number from 1 to 8, not {self.stride!r}")
 
 
 class ColourNames(nn.Module):
     """The colour source's features (module docstring). Buffers are rebuilt from the tokenizer, never saved."""
 
-    def __init__(self, sigma: float, saliency_power: float, tokenizer, mean, std, pad_value):
+    def __init__(self, sigma: float, saliency_power: float, tokenizer, mean, std, pad_value, stride: int = 1):
         super().__init__()
         self.sigma = float(sigma)
         self.saliency_power = float(saliency_power)
+        self.stride = int(stride)
         colour, continues = colour_token_table(tokenizer)
         self.register_buffer("token_colour", colour, persistent=False)
         self.register_buffer("token_continues", continues, persistent=False)
@@ -144,7 +150,10 @@ class ColourNames(nn.Module):
 
     def cells(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Normalised model input (B, 3, H, W) -> each cell's mean colour names (B, gh * gw, 11); padding left out
-        (a cell of padding only is all zeros)."""
+        (a cell of padding only is all zeros). With ``stride`` s > 1 the cells average every s-th pixel of every s-th
+        row (the grid must still divide the strided size as it divides the input's, or the cells' edges move)."""
+        if self.stride > 1:
+            pixel_values = pixel_values[..., :: self.stride, :: self.stride]
         rgb = pixel_values.float() * self.std + self.mean  # (B, 3, H, W) in [0, 1]
         valid = ((rgb - self.pad).abs() > 0.5 / 255.0).any(1, keepdim=True).float()  # (B, 1, H, W)
         b, _, height, width = rgb.shape
@@ -197,7 +206,9 @@ class ColourSource(FeatureSource):
         self.functions["colour"] = nn.ModuleList([ShareKernel()])  # fixed features, one kernel: nothing to choose
         self.grid = tuple(ctx.vision.grids[-1])
         v = ctx.image
-        self.names = ColourNames(options.sigma, options.saliency_power, ctx.tokenizer, v.mean, v.std, v.pad_value)
+        self.names = ColourNames(
+            options.sigma, options.saliency_power, ctx.tokenizer, v.mean, v.std, v.pad_value, options.stride
+        )
 
     def encode_image(self, pixel_values: torch.Tensor, img: ImageFeatures) -> dict[str, torch.Tensor]:
         if img.backbone_map is None:

@@ -65,8 +65,9 @@ class FaceDetector:
     """Frontal faces in model inputs (module docstring). One cascade, loaded once; calls are serialised (an OpenCV
     cascade is not documented as safe to share between threads, and the app scores from several)."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, scale_step: float = SCALE_STEP):
         cv2 = _cv2()
+        self.scale_step = float(scale_step)
         path = cv2.data.haarcascades + CASCADE
         self._cascade = cv2.CascadeClassifier(path)
         if self._cascade.empty():
@@ -100,7 +101,7 @@ class FaceDetector:
         for grey in greys:
             grey = self._cv2.equalizeHist(grey)
             with self._lock:
-                found = self._cascade.detectMultiScale(grey, SCALE_STEP, NEIGHBOURS, minSize=(MIN_FACE, MIN_FACE))
+                found = self._cascade.detectMultiScale(grey, self.scale_step, NEIGHBOURS, minSize=(MIN_FACE, MIN_FACE))
             out.append([tuple(int(v) for v in b) for b in found])
         return out
 
@@ -111,10 +112,13 @@ class PersonOptions:
 
     classes: list[int] = field(default_factory=list)  # the ImageNet classes under WordNet's person, whose mass in a
     # caption's (expanded) class distribution says it names a person
+    scale_step: float = SCALE_STEP  # the face detector's step between window sizes (larger: fewer; a cost setting)
 
     def validate(self) -> None:
         if not (self.classes and all(0 <= c < 1000 for c in self.classes)):
             raise ConfigError("kernels.sources 'person' needs kernels.options.person.classes: ImageNet classes (0-999)")
+        if not (isinstance(self.scale_step, (int, float)) and 1.05 <= self.scale_step <= 2.0):
+            raise ConfigError(f"kernels.options.person.scale_step must be within [1.05, 2], not {self.scale_step!r}")
 
 
 @register_source
@@ -132,7 +136,7 @@ class PersonSource(FeatureSource):
         if "concept" not in ctx.built or ctx.tokenizer is None:
             raise ConfigError("kernels.sources 'person' needs the concept sources and the tokenizer")
         self.functions["person"] = nn.ModuleList([ShareKernel()])  # fixed features, one kernel
-        self.detector = FaceDetector(ctx.image.mean, ctx.image.std)
+        self.detector = FaceDetector(ctx.image.mean, ctx.image.std, options.scale_step)
         self.person_classes = list(options.classes)
         self.grid = tuple(ctx.vision.grids[-1])
         vocab = max(ctx.tokenizer.get_vocab().values()) + 1

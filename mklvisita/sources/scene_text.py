@@ -105,7 +105,7 @@ def caption_word_vectors(tokenizer, input_ids: torch.Tensor, word_mask: torch.Te
 class SceneTextReader:
     """The OCR engine (module docstring), loaded once; calls are serialised (one engine, several app threads)."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, detector_side: int = DET_SIDE):
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as e:
@@ -114,7 +114,7 @@ class SceneTextReader:
                 "(it installs on Python 3.10-3.12)"
             ) from e
         self._engine = RapidOCR(
-            det_limit_side_len=DET_SIDE,
+            det_limit_side_len=detector_side,
             det_limit_type="min",
             use_cls=False,
             intra_op_num_threads=1,
@@ -182,10 +182,16 @@ class SceneTextOptions:
     """Settings of the scene-text source (``kernels.options.scene_text``)."""
 
     match: float = 0.5  # trigram cosine at which two words start to match (theta)
+    detector_side: int = DET_SIDE  # the text detector's shorter side, px (the input's own side or more; a cost setting)
 
     def validate(self) -> None:
         if not 0.0 <= self.match < 1.0:
             raise ConfigError(f"kernels.options.scene_text.match must be within [0, 1), not {self.match}")
+        side = self.detector_side
+        if not (isinstance(side, int) and not isinstance(side, bool) and 32 <= side <= 1024 and side % 32 == 0):
+            raise ConfigError(
+                f"kernels.options.scene_text.detector_side must be a multiple of 32 from 32 to 1024, not {side!r}"
+            )
 
 
 class MatchKernel(KernelFunction):
@@ -215,7 +221,7 @@ class SceneTextSource(FeatureSource):
         if ctx.tokenizer is None:
             raise ConfigError("kernels.sources 'scene_text' needs the tokenizer (the caption's words)")
         self.functions["scene_text"] = nn.ModuleList([MatchKernel(options.match)])
-        self.reader = SceneTextReader(ctx.image.mean, ctx.image.std)
+        self.reader = SceneTextReader(ctx.image.mean, ctx.image.std, options.detector_side)
         self.tokenizer = ctx.tokenizer
         self.grid = tuple(ctx.vision.grids[-1])
 
