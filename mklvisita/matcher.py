@@ -116,13 +116,15 @@ class Matcher:
         name_or_path: str | os.PathLike,
         revision: str | None = None,
         device: str | torch.device | None = None,
+        source_options: dict[str, dict[str, Any]] | None = None,
         **hub_kwargs,
     ) -> Matcher:
-        """Load a checkpoint folder or Hub id (pinned at ``revision``): model, tokenizer, card and metrics."""
+        """Load a checkpoint folder or Hub id (pinned at ``revision``): model, tokenizer, card and metrics.
+        ``source_options``: other settings of its feature sources (:meth:`MKLVisITA.from_pretrained`)."""
         if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
             raise CheckpointError(f"a checkpoint is a folder or a Hub id (owner/name), got {name_or_path!r}")
         folder = resolve_checkpoint(name_or_path, revision=revision, **hub_kwargs)
-        model = MKLVisITA.from_pretrained(folder)
+        model = MKLVisITA.from_pretrained(folder, source_options=source_options)
         if device is not None:
             model = model.to(device)
         card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""

@@ -123,4 +123,4 @@ def test_shipped_photo_checkpoint_has_the_colour_kernel():
 
     cfg = read_config(PHOTO)
     assert "colour" in cfg.kernels.sources
-    assert cfg.kernels.options["colour"] == {"sigma": 15.0, "saliency_power": 4.0}
+    assert cfg.kernels.options["colour"] == {"sigma": 15.0, "saliency_power": 4.0, "stride": 2}  # every other pixel

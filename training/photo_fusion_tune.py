@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["chosen_explain_method"] = methods[0]
     result["beta"] = dict(zip(model.kernel_names, [round(x, 4) for x in model.kernel_weights().tolist()]))
-    result["command"] = "python -m training.photo_fusion_tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python -m training.photo_fusion_tune " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

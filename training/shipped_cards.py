@@ -116,7 +116,26 @@ def source_details(kernel_weights: dict[str, float], settings: dict[str, Any]) -
   wheel) matched to the caption's words by character trigrams (threshold {settings["scene_text_match"]}).
 - `person`: a frontal face in the image (OpenCV's Haar cascade, from the `opencv-python` 4.x wheel) against how
   much the caption names a person (its class distribution's mass on ImageNet's person classes, where the WordNet
-  expansion sends "astronaut", "woman", ...).{expansion}"""
+  expansion sends "astronaut", "woman", ...).{serving_costs(settings)}{expansion}"""
+
+
+def serving_costs(settings: dict[str, Any]) -> str:
+    """The sources' cost settings where they are not the defaults (every pixel named, text detector side 256, face
+    scale step 1.2), as a card sentence; empty where they are."""
+    parts = []
+    if settings.get("colour_stride", 1) != 1:
+        parts.append(f"colour naming reads one pixel in {settings['colour_stride']} along each axis")
+    if settings.get("scene_text_detector_side", 256) != 256:
+        parts.append(f"the text detector reads the image at {settings['scene_text_detector_side']} px")
+    if settings.get("person_scale_step", 1.2) != 1.2:
+        parts.append(f"the face detector steps its window by {settings['person_scale_step']:g}x")
+    if not parts:
+        return ""
+    return (
+        "\n\nServed with cheaper source settings (`kernels.options`; the figures below are measured with them): "
+        + "; ".join(parts)
+        + ". `Matcher.from_pretrained(..., source_options=...)` serves it with others."
+    )
 
 
 def photo_card(kernel_weights: dict[str, float], settings: dict[str, Any], bridge: bool = False) -> ModelCard:
@@ -419,6 +438,9 @@ def photo_settings(kernels: dict[str, Any]) -> dict[str, Any]:
         "colour_sigma": colour.get("sigma"),
         "colour_saliency_power": colour.get("saliency_power"),
         "scene_text_match": options.get("scene_text", {}).get("match"),
+        "colour_stride": colour.get("stride", 1),
+        "scene_text_detector_side": options.get("scene_text", {}).get("detector_side", 256),
+        "person_scale_step": options.get("person", {}).get("scale_step", 1.2),
     }
 
 

@@ -19,23 +19,24 @@ Decisions:
 - ``Matcher.score`` (one batch of images) balances the two threads as follows. The captions' encoder (tokenizer,
   MiniLM, the sources' caption side) starts first, on the worker, beside the caller's image backbone (the two
   backbones at once, as ``benchmarks/photo_score.py``'s two-core floor runs them); the detectors queue behind it. The
-  caller, back from the backbone with the worker still on the captions, takes the sources' job back and runs the face
-  detector, the concept bridge's classes and colour naming, while the worker, once done with the captions, runs the
-  text detector and the fusion's image side (which the caller takes where it would otherwise wait for the detector).
-  Each thread then holds about half of the call's CPU time; alternated call by call with the schedule it replaced
-  (the captions on the caller after the backbone), a photo score took 0.94x the time
-  (``benchmarks/photo_score.py --schedule-ab``: ``docs/results/benchmarks/photo_score_captions_on_worker.json``).
-  The caption batch stays whole: splitting MiniLM's pass between the threads costs 6-10 ms of CPU per extra batch
-  (each pass reads the 42 MB of weights again: 1, 2 and 5 captions took 10, 14 and 22 ms on the 2-core machine), more
-  than it would move. The caption side's largest product (the concept bridge's 20k WordNet synsets) hands half its
-  rows to the worker when it runs on the caller, and takes them back when the worker has not started them
-  (:meth:`Prefetch.collect`); on the worker both halves run there.
-- With a fusion branch, ``MKLVisITA.start_match_image`` also starts the fusion's caption-independent image side
-  (``HierarchicalFusion.prepare_image``: level projections, the shared stream pooled, its keys and values) beside the
-  sources' job, and ``Matcher.score`` runs its fusion passes over the pairs in two halves, the second on the worker
-  (idle by then) while the caller runs the first. The halves are the same with the overlap off (both then run in the
-  caller; on one CPU there is no split), so the scores do not depend on it; the split costs a second pass's fixed
-  work (a few ms of CPU), which the overlap pays back only where a core is free.
+  caller, back from the backbone, computes the sources that start no detector (the concept bridge's classes at every
+  cell, colour naming) and, with a fusion branch, the fusion's caption-independent image side
+  (``MKLVisITA.start_match_image``; ``HierarchicalFusion.prepare_image``: level projections, the shared stream
+  pooled, its keys and values), collects the captions and runs the pairs' passes through the fusion
+  (``MKLVisITA.fuse_pairs``): they read the concept maps (the affinity bias), not the detectors' sources, so they run
+  while the worker runs the text detector. Only then does it collect the other sources (taking back the face
+  detector if the worker has not started it), and S, which reads every source, is added to the match logit last
+  (``MKLVisITA.finish_match``; the same arithmetic as ``match``). The passes run as one: the schedule this replaced
+  collected every source first and then ran them in two halves, the second on the worker, which cost a second pass's
+  fixed work (~4 ms of CPU for five pairs) for a core the detectors now use; alternated call by call with it, a photo
+  score took 0.93-0.95x the time in nine runs (``benchmarks/photo_score.py --schedule-ab``:
+  ``docs/results/benchmarks/photo_score_served_quiet_run*.json``). With the overlap off the same functions run in the
+  same order, so the scores do not depend on it (one pass rounds differently from two halves: ITM within 1e-6 of
+  the previous schedule's). The caption batch stays whole: splitting MiniLM's pass between the threads costs 6-10 ms
+  of CPU per extra batch (each pass reads the 42 MB of weights again: 1, 2 and 5 captions took 10, 14 and 22 ms on the
+  2-core machine), more than it would move. The caption side's largest product (the concept bridge's 20k WordNet
+  synsets) hands half its rows to the worker when it runs on the caller, and takes them back when the worker has not
+  started them (:meth:`Prefetch.collect`); on the worker both halves run there.
 - Thread counts: a job that runs torch code (the detectors' jobs make their uint8 images from the model inputs, the
   later job the image features) is started by :func:`start_torch`: it runs with the caller's intra-op count, set in
   the worker thread before it runs (:mod:`mklvisita.threads`: one per call unless told otherwise), and under the

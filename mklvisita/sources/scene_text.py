@@ -7,12 +7,16 @@ caption also says.
 Decisions:
     - Engine: RapidOCR (``rapidocr-onnxruntime`` 1.4.4, Apache-2.0), whose wheel ships PaddleOCR's PP-OCRv4 text
       detector and recogniser as ONNX files: nothing is downloaded or trained. It runs on the model's own input (the
-      letterboxed 224 x 224 image) with the detector's shorter side at 256 px (scratch timings on one thread: the
-      engine's default, 736, took ~220 ms per image, 256 ~18 ms median and reads the same words on the tune half's
-      signs; ``benchmarks/photo_score.py`` times the whole scoring call), no angle classifier, one thread, and lines
-      read with confidence >= 0.5 kept. It runs beside the image backbone (:mod:`mklvisita.sources.overlap`): the
-      uint8 images and the engine (onnxruntime, which releases the GIL) on the overlap worker; the words become
-      tensors after.
+      letterboxed 224 x 224 image) with the detector's shorter side at ``kernels.options.scene_text.detector_side``
+      px, 256 by default (scratch timings on one thread: the engine's default, 736, took ~220 ms per image, 256 ~18
+      ms median and reads the same words on the tune half's signs; ``benchmarks/photo_score.py`` times the whole
+      scoring call), no angle classifier, one thread, and lines read with confidence >= 0.5 kept. At 224, the
+      input's own size (no upscaling; what the photo checkpoint serves with), the detector costs ~30 % less and
+      reads other words on 5 of the 745 images the photo evaluations and example photos show: on the tune half it
+      loses "tape" of a measuring tape and misreads "burley" as "burlej", on the test half it loses two words and
+      gains one (those images read at both sides). It runs beside the image backbone
+      (:mod:`mklvisita.sources.overlap`): the uint8 images and the engine (onnxruntime, which releases the GIL) on
+      the overlap worker; the words become tensors after.
     - Words: lower-cased letter runs of 3 or more letters, a few function words left out (``STOP``), at most
       :data:`MAX_WORDS` per image; on the caption side the same rule on the words rebuilt from its word pieces.
     - Matching is fuzzy, because OCR misreads a letter ("CROSSINC") and captions inflect ("Measuring" / "MEASURE"):
