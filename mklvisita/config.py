@@ -143,6 +143,9 @@ class FusionConfig:
     # object words looks (an English noun phrase ends in its head noun: "a plumber's wrench"), instead of where all
     # of them look on average (adjectives and modifiers' pieces look elsewhere); chosen after training on held-out
     # tune data (training.photo_fusion_tune), no weight changes
+    reader_attention_power: float = 1.0  # the relation reader's centroids weigh each image token by its last-layer
+    # text->image attention raised to this power (renormalised): > 1 looks at where a word looks most rather than at
+    # the mean of a spread map; chosen after training on held-out tune data, no weight changes; 1 = as trained
     relation_reader: bool = False  # a spatial-relation verdict in the ITM logit (fusion.RelationReader): each word's
     # object-word and relation-word gates and a direction from its fused state, the centroids of where the object words
     # before and after it look; needs word_positions. Off = the ITM head alone (a checkpoint without it loads as it was)
@@ -249,6 +252,11 @@ class MKLVisITAConfig:
             raise ConfigError(
                 f"fusion.explain_method must be 'gradcam' or 'attention' (the fusion's own maps), "
                 f"not {self.fusion.explain_method!r}"
+            )
+        if not 1.0 <= self.fusion.reader_attention_power <= 4.0:
+            raise ConfigError(
+                "fusion.reader_attention_power must be within [1, 4] (1 = as trained), "
+                f"not {self.fusion.reader_attention_power}"
             )
         if not 0.0 <= self.fusion.itm_head_scale <= 10.0:
             raise ConfigError(

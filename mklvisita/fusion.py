@@ -230,6 +230,14 @@ def _per_pair(a: torch.Tensor, m: torch.Tensor, one_image: bool) -> torch.Tensor
 Centroids = torch.Tensor | None  # (B, T, 2): where each word's text->image attention looks, (x, y) in [0, 1]
 
 
+def seen_positions(attn: torch.Tensor, extra: torch.Tensor, power: float) -> torch.Tensor:
+    """Attention (B, h, Tq, N) over tokens with features ``extra`` (B or 1, N, E) -> (B, h, Tq, E): the features
+    averaged with the probabilities raised to ``power`` (not renormalised: :func:`centroid` divides by the patch
+    mass)."""
+    weights = attn if power == 1.0 else attn.pow(power)
+    return weights @ extra.to(attn.dtype).unsqueeze(1)
+
+
 def centroid(seen: torch.Tensor | None) -> Centroids:
     """(B, h, Tq, 3) per-head averages of the image tokens' (x, y, is_patch) -> (B, Tq, 2): the mean position of
     the patches a word attends to, over every head, the prefix tokens' (CLS) share left out."""
@@ -270,6 +278,8 @@ class FusionLayer(nn.Module):
         self.norm_d = nn.LayerNorm(w) if self.pooled else None
         self.kv_delta = nn.Linear(w, 2 * w, bias=False) if self.pooled else None
         self.cross_first = cfg.cross_first
+        # the last layer's centroids feed only the relation reader: where each word looks, by attention ** power
+        self.centroid_power = float(cfg.reader_attention_power) if last else 1.0
         # word_positions: where each word looked in the image (its text->image centroid) enters the text
         # self-attention as relative offsets; zero-initialised, so a checkpoint without it loads unchanged.
         self.rel_pos = nn.Linear(4 * h, w) if cfg.word_positions else None
@@ -376,8 +386,12 @@ class FusionLayer(nn.Module):
         """The text->image step of :meth:`_text_self_and_cross` on keys/values ``kv`` (B, N, 2W) given whole (the
         full-token stream, or the pooled one's shared keys plus the unpooled update)."""
         extra = self._extra(positions)
+        powered = extra is not None and self.centroid_power != 1.0
 
         def t2i(x: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Centroids]:
+            if powered:  # the probabilities are needed to raise them: materialised, returned only when asked
+                d, a, _ = self.t2i.attend(x, None, None, b, True, kv, None)
+                return d, a if need_weights else None, centroid(seen_positions(a, extra, self.centroid_power))
             d, a, seen = self.t2i.attend(x, None, None, b, need_weights, kv, extra)
             return d, a, centroid(seen)
 
@@ -429,7 +443,7 @@ class FusionLayer(nn.Module):
         out_d = torch.einsum("bhtw,hdw->bhtd", agg.view(b, h, tq, w), w_v)  # (B, h, Tq, dh): the update's values
         out = _per_pair(attn, v_s, one_image) + out_d  # (B, h, Tq, dh)
         extra = self._extra(positions)
-        seen = None if extra is None else attn @ extra.unsqueeze(1)  # (B, h, Tq, 3)
+        seen = None if extra is None else seen_positions(attn, extra, self.centroid_power)  # (B, h, Tq, 3)
         return self.t2i.out(out.transpose(1, 2).reshape(b, tq, w)), None, centroid(seen)
 
     def heads_first(self, kv: torch.Tensor) -> torch.Tensor:

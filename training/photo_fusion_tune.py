@@ -20,8 +20,12 @@ Decisions:
     - With a relation reader, ``fusion.reader_head_nouns`` (where the reader places each named object: its last word
       piece, or the mean of its words as trained) is swept with the head scales and weights under the same rule (ties
       keep the trained behaviour): it changes no weight, only how the reader reads the maps.
+    - ``--reader-attention-powers`` sweeps ``fusion.reader_attention_power`` the same way (the reader's centroids
+      from the last layer's attention raised to a power: where a word looks most rather than the mean of its map;
+      ties keep the trained 1).
     - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight``, ``fusion.itm_head_scale``,
-      ``fusion.reader_head_nouns`` and ``fusion.explain_method`` (nothing else changes).
+      ``fusion.reader_head_nouns``, ``fusion.reader_attention_power`` and ``fusion.explain_method`` (nothing else
+      changes).
     - ``--source-options JSON`` serves the checkpoint with other settings of its feature sources (``kernels.options``,
       e.g. the cost settings ``{"colour": {"stride": 2}, "scene_text": {"detector_side": 224}, "person":
       {"scale_step": 1.3}}``): set before the sweep, so the weight and the map are chosen with the features the
@@ -114,6 +118,7 @@ def sweep(
     limit: int = 0,
     head_scales: tuple[float, ...] = (1.0,),
     head_nouns: tuple[bool, ...] = (False,),
+    reader_powers: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
     """Per ITM head scale and weight: single-stamp retrieval and relation binding on ``split``; the chosen pair by
     the module's rule. ``limit`` > 0: the first ``limit`` images of each set (a quick check, not a choice)."""
@@ -125,11 +130,13 @@ def sweep(
     trained_scale = model.config.fusion.itm_head_scale
     reader = model.fusion.relation_reader
     trained_nouns = model.config.fusion.reader_head_nouns
+    trained_power = model.config.fusion.reader_attention_power
     rows = []
     try:
-        for nouns, g in ((n, g) for n in head_nouns for g in head_scales):
+        for power, nouns, g in ((q, n, g) for q in reader_powers for n in head_nouns for g in head_scales):
             model.config.fusion.itm_head_scale = g
             model.config.fusion.reader_head_nouns = nouns
+            _set_reader_power(model, power)
             if reader is not None:
                 reader.head_nouns = nouns
             stamps, relations = (_scores(model, enc) for enc in encoded)
@@ -143,6 +150,7 @@ def sweep(
                 rows.append(
                     {
                         "reader_head_nouns": nouns,
+                        "reader_attention_power": power,
                         "itm_head_scale": g,
                         "itm_weight": w,
                         "single_i2t_r1": single["i2t_r1"],
@@ -157,13 +165,15 @@ def sweep(
     finally:
         model.config.fusion.itm_head_scale = trained_scale
         model.config.fusion.reader_head_nouns = trained_nouns
+        _set_reader_power(model, trained_power)
         if reader is not None:
             reader.head_nouns = trained_nouns
     floor = next(r["single_r1_mean"] for r in rows if r["itm_weight"] == 0.0) - 1.0
     allowed = [r for r in rows if r["single_r1_mean"] >= floor] or rows[:1]
 
     def rule(r: dict[str, Any]) -> tuple:  # binding; ties: the smaller weight, the larger scale, the trained reading
-        return r["binding_acc"], -r["itm_weight"], r["itm_head_scale"], r["reader_head_nouns"] == trained_nouns
+        trained = (r["reader_head_nouns"] == trained_nouns, r["reader_attention_power"] == trained_power)
+        return r["binding_acc"], -r["itm_weight"], r["itm_head_scale"], *trained
 
     chosen = max(allowed, key=rule)
     return {
@@ -174,7 +184,14 @@ def sweep(
         "chosen_itm_weight": chosen["itm_weight"],
         "chosen_itm_head_scale": chosen["itm_head_scale"],
         "chosen_reader_head_nouns": chosen["reader_head_nouns"],
+        "chosen_reader_attention_power": chosen["reader_attention_power"],
     }
+
+
+def _set_reader_power(model: Any, power: float) -> None:
+    """``fusion.reader_attention_power`` in the config and the last fusion layer (whose centroids the reader reads)."""
+    model.config.fusion.reader_attention_power = float(power)
+    model.fusion.layers[-1].centroid_power = float(power)
 
 
 def choose_explain_method(
@@ -229,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         "one method: no pointing run)",
     )
     parser.add_argument(
+        "--reader-attention-powers",
+        default="1",
+        help="comma-separated powers: sweep fusion.reader_attention_power too (only with a relation reader; 1 = as "
+        "trained)",
+    )
+    parser.add_argument(
         "--reader-head-nouns",
         default="0,1",
         help="comma-separated 0/1: sweep fusion.reader_head_nouns too (only with a relation reader; 0 = as trained)",
@@ -268,13 +291,23 @@ def main(argv: list[str] | None = None) -> int:
         nouns = tuple(dict.fromkeys(bool(int(x)) for x in args.reader_head_nouns.split(",")))
     except ValueError:
         parser.error(f"--reader-head-nouns takes comma-separated 0 / 1, not {args.reader_head_nouns!r}")
+    try:
+        powers = tuple(dict.fromkeys(float(x) for x in args.reader_attention_powers.split(",")))
+    except ValueError:
+        parser.error(f"--reader-attention-powers takes comma-separated numbers, not {args.reader_attention_powers!r}")
+    if not all(1.0 <= q <= 4.0 for q in powers):
+        parser.error("--reader-attention-powers must be within [1, 4]")
     if model.fusion.relation_reader is None:
         nouns = (model.config.fusion.reader_head_nouns,)  # nothing reads it without a reader
+        powers = (model.config.fusion.reader_attention_power,)
     processor = Processor(model.config, model.tokenizer)
-    result = sweep(model, processor, args.split, limit=args.limit, head_scales=scales, head_nouns=nouns)
+    result = sweep(
+        model, processor, args.split, limit=args.limit, head_scales=scales, head_nouns=nouns, reader_powers=powers
+    )
     model.config.ranking.itm_weight = float(result["chosen_itm_weight"])
     model.config.fusion.itm_head_scale = float(result["chosen_itm_head_scale"])
     model.config.fusion.reader_head_nouns = bool(result["chosen_reader_head_nouns"])
+    _set_reader_power(model, result["chosen_reader_attention_power"])
     if model.fusion.relation_reader is not None:
         model.fusion.relation_reader.head_nouns = model.config.fusion.reader_head_nouns
     if len(methods) > 1:
