@@ -44,7 +44,7 @@ def test_shipped_cards_are_hub_model_cards_with_their_facts(written):
     assert "ImageNet" in sources.trained_on and "colour" in sources.cannot_know
     assert sources.metrics("Tux Paint photo stamps, test half")["i2t_r1"] == pytest.approx(35.84)
     assert "clip art" in photo.trained_on and "left of" in photo.cannot_know
-    assert photo.metrics("Tux Paint photo stamps, test half")["i2t_r1"] == pytest.approx(38.15)
-    assert photo.metrics("Tux Paint relations, test half")["binding_acc_reverse"] == pytest.approx(0.8433)
+    assert photo.metrics("Tux Paint photo stamps, test half")["i2t_r1"] == pytest.approx(36.99)
+    assert photo.metrics("Tux Paint relations, test half")["binding_acc_reverse"] == pytest.approx(0.82)
     assert shapes.data == "shapes" and "photographs" in shapes.cannot_know
     assert shapes.metrics("Shapes scenes, held-out test split")["binding_acc"] == pytest.approx(0.9754)

@@ -223,6 +223,15 @@ _READER_PLACES = {
     True: "each named object placed where the last word piece of its words looks, its head noun",
     False: "each named object placed where its words look on average",
 }
+
+
+def _reader_power(power: float) -> str:
+    """The reader's centroid power (``fusion.reader_attention_power``) as a card clause; empty at 1 (as trained)."""
+    if power == 1.0:
+        return ""
+    return f"; where a word looks weighs each image cell by its attention to the power {power:g}"
+
+
 _METHOD_NAMES = {"gradcam": "Grad-CAM of the match logit", "attention": "raw text->image attention of the last layer"}
 
 
@@ -264,7 +273,8 @@ look (`word_positions`). The match logit is the ITM head on the fused [CLS] (tim
 {f.itm_head_scale:g}), plus S times a learned weight, plus the relation reader's evidence times a learned weight
 (`fusion.relation_reader`: for each relation word, where the object words after it look minus where the ones before
 it look, against the direction the word names; {_READER_PLACES[f.reader_head_nouns]},
-`fusion.reader_head_nouns`). Ranking rule (`config.ranking`): {rule}. Default per-word map (`fusion.explain_method`):
+`fusion.reader_head_nouns`{_reader_power(f.reader_attention_power)}). Ranking rule (`config.ranking`): {rule}.
+Default per-word map (`fusion.explain_method`):
 {_METHOD_NAMES[f.explain_method]}."""
     relations_note = (
         "180 scenes of 2-3 test-half photo stamps side by side, stacked or in a row on the white canvas, 3 captions "
@@ -306,7 +316,8 @@ it look, against the direction the word names; {_READER_PLACES[f.reader_head_nou
         f"Paint photo stamps, Debian `tuxpaint-stamps-default`, GPL-2, read at run time for evaluation only and "
         f"never shipped). Then `python -m training.photo_fusion_tune` chose ITM weight {tune['chosen_itm_weight']:g} "
         f"and ITM head scale {tune['chosen_itm_head_scale']:g} (objects placed at their "
-        f"{'head nouns' if tune.get('chosen_reader_head_nouns') else 'words on average'}) on the tune half: the "
+        f"{'head nouns' if tune.get('chosen_reader_head_nouns') else 'words on average'}"
+        f"{_reader_power(tune.get('chosen_reader_attention_power', 1.0))}) on the tune half: the "
         f"largest relation binding whose single-stamp R@1 stays within a point of S alone; and the default map, the "
         f"method whose phrase map peaks on its stamp most often there ({_pointing_choice(tune)}) (`{PHOTO_TUNE}`). "
         f"The figures below are on the *test* half.",
