@@ -145,3 +145,21 @@ def test_the_pairs_pass_on_the_caller_while_the_worker_reads_text(photo, monkeyp
     expected = photo.score([photo_path], CAPTIONS)
     for field in ("itm", "similarity", "score"):
         np.testing.assert_array_equal(getattr(got, field), getattr(expected, field), err_msg=field)
+
+
+def test_a_fusion_that_reads_a_detector_source_fuses_after_every_source(photo, monkeypatch):
+    """Where the fusion's affinity source is not among the early sources (one after a detector), Matcher.score
+    collects every source first and fuses then: the same scores as fusing beside the detectors (float rounding)."""
+    photo_path = str(EXAMPLES / "rocket.jpg")
+    early = photo.score([photo_path], CAPTIONS)
+    seen = []
+
+    def cannot_read(self, img):
+        seen.append(sorted(img.sources))
+        return False
+
+    monkeypatch.setattr(Matcher, "_fusion_can_read", cannot_read)
+    late = photo.score([photo_path], CAPTIONS)
+    assert seen == [["colour", "concept"]]  # asked once, with the early sources only
+    for field in ("itm", "similarity", "score"):
+        np.testing.assert_allclose(getattr(late, field), getattr(early, field), rtol=0, atol=1e-6, err_msg=field)
