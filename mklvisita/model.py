@@ -381,10 +381,7 @@ class MKLVisITA(
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
         need_s = self.itm_similarity_weight is not None and similarity is None
         if self.fusion.use_bias or need_s:
-            img_emb = self.embed_image(img) if img_emb is None else img_emb
-            txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
-            if image_index is not None:
-                img_emb = _per_pair(img_emb, image_index)
+            img_emb, txt_emb = self._pair_embeddings(img, txt, img_emb, txt_emb, image_index)
         fused = self._fuse(img, txt, img_emb, txt_emb, image_index, output_attentions, fusion_image)
         if need_s:
             similarity = self.similarity(img_emb, txt_emb, pairwise=True).similarity
@@ -407,11 +404,21 @@ class MKLVisITA(
         if self.fusion is None:
             raise RuntimeError("this model has no fusion/ITM branch (fusion.enabled = false); use similarity()")
         if self.fusion.use_bias:
-            img_emb = self.embed_image(img) if img_emb is None else img_emb
-            txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
-            if image_index is not None:
-                img_emb = _per_pair(img_emb, image_index)
+            img_emb, txt_emb = self._pair_embeddings(img, txt, img_emb, txt_emb, image_index)
         return self._fuse(img, txt, img_emb, txt_emb, image_index, output_attentions, fusion_image)
+
+    def _pair_embeddings(
+        self,
+        img: ImageFeatures,
+        txt: TextFeatures,
+        img_emb: KernelEmbeddings | None,
+        txt_emb: KernelEmbeddings | None,
+        image_index: torch.Tensor | None,
+    ) -> tuple[KernelEmbeddings, KernelEmbeddings]:
+        """Both sides' embeddings (computed where not given), the image side per pair by ``image_index``."""
+        img_emb = self.embed_image(img) if img_emb is None else img_emb
+        txt_emb = self.embed_text(txt) if txt_emb is None else txt_emb
+        return (img_emb if image_index is None else _per_pair(img_emb, image_index)), txt_emb
 
     def _fuse(
         self,
