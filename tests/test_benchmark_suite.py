@@ -103,3 +103,7 @@ def test_photo_score_times_scoring_and_both_kinds_of_maps(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["checkpoint"] == "mklvisita-photo" and saved["score_1x5_median_ms"] > 0
     assert saved["explain_map_shifts_2_median_ms"] > 0 and saved["explain_map_shifts_1_median_ms"] > 0
+    # the fusion's maps: Grad-CAM and the checkpoint's own default method, the one the demo shows
+    assert saved["explain_gradcam_median_ms"] > 0 and saved["explain_default_median_ms"] > 0
+    config = json.loads((path.parent.parent / "assets" / "mklvisita-photo" / "config.json").read_text())
+    assert saved["explain_default_method"] == config["fusion"]["explain_method"]
