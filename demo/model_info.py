@@ -7,7 +7,7 @@ Decisions:
 - Every kernel of the similarity S is listed, the photo checkpoint's concept kernels included; the fusion layers'
   weights (their attention bias over the local kernels) follow, one column per layer, named "fusion layer 1..L" in
   the table, the figure and the Match tab's layer selector alike (the API takes the 0-based index), and a last row
-  "× bias scale" gives each layer's learned scale of that bias.
+  "× bias scale" gives each layer's scale of that bias as served (learned, times `fusion.affinity_bias_scale`).
 - The card's YAML front matter (Hub metadata, :mod:`mklvisita.cards`) is not Markdown: it is taken off the top
   (`mklvisita.cards.split_front_matter`) and shown as a YAML block at the end, so it does not render as a heading.
 - Metrics are rounded to 4 significant digits for display (no `11.700000000000001`); nested groups are kept.

@@ -136,6 +136,10 @@ class FusionConfig:
     itm_head_scale: float = 1.0  # factor on the ITM head's fused-[CLS] logits before S and the relation evidence join
     # them: a calibration for a domain the head was not trained on (the photo checkpoint's head learned on clip art),
     # chosen after training on held-out tune data (training.photo_fusion_tune); 1 = as trained
+    affinity_bias_scale: float = 1.0  # factor on the affinity bias (every layer's learned bias_scale times this) at
+    # serving: how much the words' attention follows the concept maps on a domain the fusion was not trained on (the
+    # photo checkpoint's fusion learned on clip art, where the ImageNet classes behind those maps see less than on
+    # photographs); chosen after training on held-out tune data (training.photo_fusion_tune), 1 = as trained
     explain_method: str = "gradcam"  # the per-word maps Matcher.explain and the demo show by default: "gradcam"
     # (Grad-CAM of the match logit, ALBEF's) or "attention" (the words' raw text->image attention); both stay available.
     # Chosen at release by phrase pointing on held-out tune data (training.photo_fusion_tune for the photo checkpoint)
@@ -257,6 +261,11 @@ class MKLVisITAConfig:
             raise ConfigError(
                 "fusion.reader_attention_power must be within [1, 4] (1 = as trained), "
                 f"not {self.fusion.reader_attention_power}"
+            )
+        if not 0.0 <= self.fusion.affinity_bias_scale <= 10.0:
+            raise ConfigError(
+                "fusion.affinity_bias_scale must be within [0, 10] (1 = as trained), "
+                f"not {self.fusion.affinity_bias_scale}"
             )
         if not 0.0 <= self.fusion.itm_head_scale <= 10.0:
             raise ConfigError(

@@ -306,12 +306,13 @@ class Matcher:
         return [dict(zip(names, row)) for row in w.float().cpu().tolist()]
 
     def fusion_bias_scales(self) -> list[float]:
-        """Each fusion layer's learned scale of its attention bias (the mix :meth:`fusion_kernel_weights` gives);
-        [] without an affinity bias."""
+        """Each fusion layer's scale of its attention bias (the mix :meth:`fusion_kernel_weights` gives) as served: the
+        learned scale times ``fusion.affinity_bias_scale``; [] without an affinity bias."""
         fusion = self.model.fusion
         if fusion is None or not fusion.use_bias:
             return []
-        return [float(x) for x in fusion.bias_scale.detach().float().cpu()]
+        served = self.model.config.fusion.affinity_bias_scale
+        return [float(x) * served for x in fusion.bias_scale.detach().float().cpu()]
 
     # ----------------------------------------------------------------------------------------------- search
     @uses_inference_threads

@@ -23,9 +23,12 @@ Decisions:
     - ``--reader-attention-powers`` sweeps ``fusion.reader_attention_power`` the same way (the reader's centroids
       from the last layer's attention raised to a power: where a word looks most rather than the mean of its map;
       ties keep the trained 1).
+    - ``--affinity-bias-scales`` sweeps ``fusion.affinity_bias_scale`` the same way (the concept maps' bias on the
+      words' attention scaled at serving: the fusion learned how far to follow those maps on clip art, where the
+      ImageNet classes behind them see less than on photographs; ties keep the trained 1).
     - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight``, ``fusion.itm_head_scale``,
-      ``fusion.reader_head_nouns``, ``fusion.reader_attention_power`` and ``fusion.explain_method`` (nothing else
-      changes).
+      ``fusion.affinity_bias_scale``, ``fusion.reader_head_nouns``, ``fusion.reader_attention_power`` and
+      ``fusion.explain_method`` (nothing else changes).
     - ``--source-options JSON`` serves the checkpoint with other settings of its feature sources (``kernels.options``,
       e.g. the cost settings ``{"colour": {"stride": 2}, "scene_text": {"detector_side": 224}, "person":
       {"scale_step": 1.3}}``): set before the sweep, so the weight and the map are chosen with the features the
@@ -119,6 +122,7 @@ def sweep(
     head_scales: tuple[float, ...] = (1.0,),
     head_nouns: tuple[bool, ...] = (False,),
     reader_powers: tuple[float, ...] = (1.0,),
+    affinity_scales: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
     """Per ITM head scale and weight: single-stamp retrieval and relation binding on ``split``; the chosen pair by
     the module's rule. ``limit`` > 0: the first ``limit`` images of each set (a quick check, not a choice)."""
@@ -131,9 +135,12 @@ def sweep(
     reader = model.fusion.relation_reader
     trained_nouns = model.config.fusion.reader_head_nouns
     trained_power = model.config.fusion.reader_attention_power
+    trained_affinity = model.config.fusion.affinity_bias_scale
     rows = []
+    settings = ((a, q, n, g) for a in affinity_scales for q in reader_powers for n in head_nouns for g in head_scales)
     try:
-        for power, nouns, g in ((q, n, g) for q in reader_powers for n in head_nouns for g in head_scales):
+        for affinity, power, nouns, g in settings:
+            model.config.fusion.affinity_bias_scale = affinity
             model.config.fusion.itm_head_scale = g
             model.config.fusion.reader_head_nouns = nouns
             _set_reader_power(model, power)
@@ -149,6 +156,7 @@ def sweep(
                 binding = binding_metrics(w * pi + ps, w * ni + ns, relations["data"].negative_kinds)
                 rows.append(
                     {
+                        "affinity_bias_scale": affinity,
                         "reader_head_nouns": nouns,
                         "reader_attention_power": power,
                         "itm_head_scale": g,
@@ -163,6 +171,7 @@ def sweep(
                 )
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
+        model.config.fusion.affinity_bias_scale = trained_affinity
         model.config.fusion.itm_head_scale = trained_scale
         model.config.fusion.reader_head_nouns = trained_nouns
         _set_reader_power(model, trained_power)
@@ -171,9 +180,15 @@ def sweep(
     floor = next(r["single_r1_mean"] for r in rows if r["itm_weight"] == 0.0) - 1.0
     allowed = [r for r in rows if r["single_r1_mean"] >= floor] or rows[:1]
 
-    def rule(r: dict[str, Any]) -> tuple:  # binding; ties: the smaller weight, the larger scale, the trained reading
-        trained = (r["reader_head_nouns"] == trained_nouns, r["reader_attention_power"] == trained_power)
-        return r["binding_acc"], -r["itm_weight"], r["itm_head_scale"], *trained
+    def rule(r: dict[str, Any]) -> tuple:  # binding; ties: the smaller weight, the larger scale, the trained reading,
+        # the affinity factor nearest the trained one
+        trained = (
+            r["affinity_bias_scale"] == trained_affinity,
+            r["reader_head_nouns"] == trained_nouns,
+            r["reader_attention_power"] == trained_power,
+        )
+        nearest = -abs(r["affinity_bias_scale"] - trained_affinity)
+        return r["binding_acc"], -r["itm_weight"], r["itm_head_scale"], *trained, nearest
 
     chosen = max(allowed, key=rule)
     return {
@@ -185,6 +200,7 @@ def sweep(
         "chosen_itm_head_scale": chosen["itm_head_scale"],
         "chosen_reader_head_nouns": chosen["reader_head_nouns"],
         "chosen_reader_attention_power": chosen["reader_attention_power"],
+        "chosen_affinity_bias_scale": chosen["affinity_bias_scale"],
     }
 
 
@@ -252,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         "trained)",
     )
     parser.add_argument(
+        "--affinity-bias-scales",
+        default="1",
+        help="comma-separated factors: sweep fusion.affinity_bias_scale too (only with the affinity bias; 1 = as "
+        "trained)",
+    )
+    parser.add_argument(
         "--reader-head-nouns",
         default="0,1",
         help="comma-separated 0/1: sweep fusion.reader_head_nouns too (only with a relation reader; 0 = as trained)",
@@ -297,15 +319,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--reader-attention-powers takes comma-separated numbers, not {args.reader_attention_powers!r}")
     if not all(1.0 <= q <= 4.0 for q in powers):
         parser.error("--reader-attention-powers must be within [1, 4]")
+    try:
+        affinity = tuple(dict.fromkeys(float(x) for x in args.affinity_bias_scales.split(",")))
+    except ValueError:
+        parser.error(f"--affinity-bias-scales takes comma-separated numbers, not {args.affinity_bias_scales!r}")
+    if not all(0.0 < a <= 10.0 for a in affinity):
+        parser.error("--affinity-bias-scales must be within (0, 10]")
+    if not model.fusion.use_bias:
+        affinity = (model.config.fusion.affinity_bias_scale,)  # nothing to scale
     if model.fusion.relation_reader is None:
         nouns = (model.config.fusion.reader_head_nouns,)  # nothing reads it without a reader
         powers = (model.config.fusion.reader_attention_power,)
     processor = Processor(model.config, model.tokenizer)
     result = sweep(
-        model, processor, args.split, limit=args.limit, head_scales=scales, head_nouns=nouns, reader_powers=powers
+        model,
+        processor,
+        args.split,
+        limit=args.limit,
+        head_scales=scales,
+        head_nouns=nouns,
+        reader_powers=powers,
+        affinity_scales=affinity,
     )
     model.config.ranking.itm_weight = float(result["chosen_itm_weight"])
     model.config.fusion.itm_head_scale = float(result["chosen_itm_head_scale"])
+    model.config.fusion.affinity_bias_scale = float(result["chosen_affinity_bias_scale"])
     model.config.fusion.reader_head_nouns = bool(result["chosen_reader_head_nouns"])
     _set_reader_power(model, result["chosen_reader_attention_power"])
     if model.fusion.relation_reader is not None:
@@ -321,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"chosen itm_weight {result['chosen_itm_weight']}, itm_head_scale {result['chosen_itm_head_scale']}, "
+        f"affinity_bias_scale {result['chosen_affinity_bias_scale']}, "
         f"reader_head_nouns {result['chosen_reader_head_nouns']}, explain_method {result['chosen_explain_method']} "
         f"({out})"
     )
