@@ -739,8 +739,6 @@ class HierarchicalFusion(nn.Module):
             bias = None
             if self.use_bias and affinity_fn is not None:
                 aff = affinity_fn(self.level_weights()[i]) * self.bias_scale[i]  # (B, T, P)
-                if self.cfg.affinity_bias_scale != 1.0:  # the serving calibration (FusionConfig)
-                    aff = aff * self.cfg.affinity_bias_scale
                 aff = aff if t_used is None else aff[:, :t_used]
                 n_img = x.shape[1] - self.num_prefix_tokens
                 if aff.shape[-1] != n_img:

@@ -434,10 +434,13 @@ class MKLVisITA(
         affinity = None
         if self.fusion.use_bias:
             maps: list[torch.Tensor] = []  # the affinity kernels' word x patch maps (B, n, T, P), once for all layers
+            served = self.config.fusion.affinity_bias_scale  # the bias's serving calibration (FusionConfig)
 
             def affinity(weights: torch.Tensor) -> torch.Tensor:
                 if not maps:
                     maps.append(self.kernels.affinity_maps(img_emb, txt_emb))
+                    if served != 1.0:
+                        maps[0] = maps[0] * served
                 return torch.einsum("bntp,n->btp", maps[0], weights)  # (B, T, P): this layer's mix of the kernels
 
         text_tokens = txt.levels[self.text.depth - 1]

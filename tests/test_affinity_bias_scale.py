@@ -59,6 +59,21 @@ def test_a_factor_is_the_learned_bias_scale_times_it(tiny, maps):
     torch.testing.assert_close(_match(model, img, txt, maps).logits, trained, rtol=0, atol=0)  # 1: as trained
 
 
+def test_a_loaded_checkpoint_reads_the_factor_from_its_config_at_call_time(tiny, tmp_path):
+    """The sweep and the saved config set ``model.config``, which a loaded model holds apart from its modules'."""
+    model, img, txt = tiny
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MKLVisITA.from_pretrained(tmp_path / "ckpt").eval()
+    trained = _match(loaded, img, txt, False).logits
+    loaded.config.fusion.affinity_bias_scale = 2.5
+    served = _match(loaded, img, txt, False).logits
+    with torch.no_grad():
+        loaded.fusion.bias_scale.mul_(2.5)
+    loaded.config.fusion.affinity_bias_scale = 1.0
+    torch.testing.assert_close(served, _match(loaded, img, txt, False).logits, rtol=1e-5, atol=1e-5)
+    assert (served - trained).abs().max() > 1e-4
+
+
 def test_out_of_range_is_refused():
     config = MKLVisITAConfig.tiny()
     config.fusion = dataclasses.replace(config.fusion, affinity_bias_scale=-1.0)
