@@ -32,14 +32,15 @@ RECORDED_SIMILARITY = [
 
 
 # Matcher.default("photo").score(IMAGES, CAPTIONS).itm (the match probability: the ITM head at its tune-half scale, S
-# and the relation reader's evidence), recorded when the checkpoint was set to serve with the sources' cost settings
-# (colour stride 2, text detector side 224, face scale step 1.3) and the tune half chose, with them, ITM weight 0.1,
-# head scale 0.02 and the reader's centroids from squared attention (docs/results/photo_fusion/itm_weight_tune.json).
+# and the relation reader's evidence), recorded when the tune half chose, with the sources' cost settings (colour
+# stride 2, text detector side 224, face scale step 1.3), ITM weight 0.1, head scale 0.02, the reader's centroids from
+# squared attention and the concept maps' bias at three times its learned scale
+# (docs/results/photo_fusion/itm_weight_tune.json).
 RECORDED_ITM = [
-    [0.762157, 0.536185, 0.519458, 0.528779, 0.533876, 0.146725],
-    [0.492343, 0.744201, 0.531672, 0.57862, 0.67334, 0.041893],
-    [0.516447, 0.542881, 0.616194, 0.649098, 0.581361, 0.560123],
-    [0.524367, 0.515711, 0.67662, 0.534663, 0.53832, 0.138626],
+    [0.764268, 0.535805, 0.52009, 0.528998, 0.53381, 0.146158],
+    [0.492149, 0.744833, 0.531985, 0.578523, 0.674062, 0.049548],
+    [0.516291, 0.542884, 0.616111, 0.64919, 0.580332, 0.558399],
+    [0.524674, 0.515728, 0.677713, 0.534844, 0.538368, 0.171895],
 ]
 # The sources' settings the photo checkpoint serves with (its config.json); the photo sources checkpoint keeps the
 # defaults (every pixel named, text detector side 256, face scale step 1.2).

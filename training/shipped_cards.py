@@ -232,6 +232,13 @@ def _reader_power(power: float) -> str:
     return f"; where a word looks weighs each image cell by its attention to the power {power:g}"
 
 
+def _affinity_scale(scale: float) -> str:
+    """The concept maps' bias at serving (``fusion.affinity_bias_scale``) as a card clause; empty at 1 (as trained)."""
+    if scale == 1.0:
+        return ""
+    return f"; the concept maps' bias on the words' attention at {scale:g} times its learned scale"
+
+
 _METHOD_NAMES = {"gradcam": "Grad-CAM of the match logit", "attention": "raw text->image attention of the last layer"}
 
 
@@ -267,7 +274,8 @@ their sha256.
 
 Fusion (`config.fusion`): {f.layers} layers of width {f.width} ({f.heads} heads) over EfficientNet-Lite0's stride-16
 stage and its final map resampled to {config.vision.level_grid} x {config.vision.level_grid} cells; the words'
-text->image attention is biased by the concept kernels' word x cell maps (a mix per layer, learned), with fixed 2-D
+text->image attention is biased by the concept kernels' word x cell maps (a mix per layer, learned; served at
+{f.affinity_bias_scale:g} times the learned scale, `fusion.affinity_bias_scale`), with fixed 2-D
 image positions, the text reading the image before itself (`cross_first`) and relative offsets between where words
 look (`word_positions`). The match logit is the ITM head on the fused [CLS] (times `itm_head_scale` =
 {f.itm_head_scale:g}), plus S times a learned weight, plus the relation reader's evidence times a learned weight
@@ -299,8 +307,8 @@ Default per-word map (`fusion.explain_method`):
         trained_on="the fusion, the ITM head and the relation reader on generated composites of public-domain clip "
         "art (Debian `openclipart-png`; titles split into train / held-out); the encoders and feature sources frozen "
         "as the photo sources checkpoint has them (ImageNet EfficientNet-Lite0, all-MiniLM-L6-v2, ImageNet class "
-        "names, WordNet); kernel weights, ITM weight and ITM head scale chosen on the tune half of the Tux Paint "
-        "photo stamps",
+        "names, WordNet); kernel weights, ITM weight, ITM head scale and the serving scale of the concept maps' bias "
+        "chosen on the tune half of the Tux Paint photo stamps",
         cannot_know=PHOTO_FUSION_CANNOT_KNOW,
         details=details,
         intended_use="Scoring, ranking and explaining captions against everyday photographs on a machine with no "
@@ -317,7 +325,8 @@ Default per-word map (`fusion.explain_method`):
         f"never shipped). Then `python -m training.photo_fusion_tune` chose ITM weight {tune['chosen_itm_weight']:g} "
         f"and ITM head scale {tune['chosen_itm_head_scale']:g} (objects placed at their "
         f"{'head nouns' if tune.get('chosen_reader_head_nouns') else 'words on average'}"
-        f"{_reader_power(tune.get('chosen_reader_attention_power', 1.0))}) on the tune half: the "
+        f"{_reader_power(tune.get('chosen_reader_attention_power', 1.0))}"
+        f"{_affinity_scale(tune.get('chosen_affinity_bias_scale', 1.0))}) on the tune half: the "
         f"largest relation binding whose single-stamp R@1 stays within a point of S alone; and the default map, the "
         f"method whose phrase map peaks on its stamp most often there ({_pointing_choice(tune)}) (`{PHOTO_TUNE}`). "
         f"The figures below are on the *test* half.",
