@@ -138,7 +138,7 @@ class FusionConfig:
     # chosen after training on held-out tune data (training.photo_fusion_tune); 1 = as trained
     affinity_bias_scale: float = 1.0  # factor on the affinity bias (every layer's learned bias_scale times this) at
     # serving: how much the words' attention follows the concept maps on a domain the fusion was not trained on (the
-    # photo checkpoint's fusion learned on clip art, where the ImageNet classes behind those maps see less than on
+    # photo checkpoint's fusion learned on clip art, while the ImageNet classifier behind those maps was trained on
     # photographs); chosen after training on held-out tune data (training.photo_fusion_tune), 1 = as trained
     explain_method: str = "gradcam"  # the per-word maps Matcher.explain and the demo show by default: "gradcam"
     # (Grad-CAM of the match logit, ALBEF's) or "attention" (the words' raw text->image attention); both stay available.

@@ -24,8 +24,8 @@ Decisions:
       from the last layer's attention raised to a power: where a word looks most rather than the mean of its map;
       ties keep the trained 1).
     - ``--affinity-bias-scales`` sweeps ``fusion.affinity_bias_scale`` the same way (the concept maps' bias on the
-      words' attention scaled at serving: the fusion learned how far to follow those maps on clip art, where the
-      ImageNet classes behind them see less than on photographs; ties keep the trained 1).
+      words' attention scaled at serving: the fusion learned how far to follow those maps on clip art, and the
+      ImageNet classifier behind them was trained on photographs; ties keep the trained 1).
     - ``--write`` saves the checkpoint again with the chosen ``ranking.itm_weight``, ``fusion.itm_head_scale``,
       ``fusion.affinity_bias_scale``, ``fusion.reader_head_nouns``, ``fusion.reader_attention_power`` and
       ``fusion.explain_method`` (nothing else changes).
