@@ -46,6 +46,8 @@ METRIC_LABELS = {
     "binding_acc_sim": "binding accuracy (S alone)",
     "binding_acc_swap": "binding accuracy, attributes swapped",
     "binding_acc_reverse": "binding accuracy, relation reversed",
+    "binding_acc_replace": "binding accuracy, one object replaced",
+    "binding_acc_replace_alone": "binding accuracy, one object replaced, that object alone",
     "binding_acc_change": "binding accuracy, one attribute changed",
     "binding_acc_count": "binding accuracy, count changed",
     "pointing_acc": "pointing game (phrase maps)",

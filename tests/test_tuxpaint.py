@@ -144,7 +144,7 @@ def test_relation_phrases_are_short_noun_phrases():
 
 
 def test_relation_scenes_place_stamps_as_their_captions_say(relation_stamps):
-    from mklvisita.tasks.tuxpaint_relations import RelationScenes
+    from mklvisita.tasks.tuxpaint_relations import RelationScenes, relation_phrase
 
     layouts = {"row2": 3, "column2": 3, "row3": 3}
     scenes = RelationScenes(tuxpaint.find_stamps(relation_stamps), layouts, seed=2, size=120)
@@ -171,6 +171,11 @@ def test_relation_scenes_place_stamps_as_their_captions_say(relation_stamps):
             kinds.add(kind)
             if kind == "replace":
                 assert len(set(negative.split()) - set(caption.split())) >= 1
+                replaced = item["replaced"]  # the stamp the negative names another instead of
+                assert replaced["phrase"] in caption and replaced["by"] in negative
+                assert caption.replace(replaced["phrase"], replaced["by"]) == negative
+                assert replaced["phrase"] in [o["phrase"] for o in item["objects"]]
+                assert relation_phrase(replaced["stamp"].caption) == replaced["phrase"]
             else:  # reverse and swap: the same words up to the relation's, in another order or relation
                 assert _relation_free(caption) == _relation_free(negative)
     assert kinds == {"reverse", "replace", "swap"}
@@ -189,6 +194,10 @@ def test_evaluate_relations_on_fake_stamps_gives_binding_per_kind_and_pointing(r
         assert metrics[f"binding_n_{kind}"] == n and 0.0 <= metrics[f"binding_acc_{kind}"] <= 1.0
     assert metrics["pointing_n"] == 12 and metrics["word_pointing_n"] > 0
     assert {"pointing_acc_gradcam", "word_pointing_acc_gradcam"} <= set(metrics)
+    # the replaced stamp alone: one pair per scene, all three scores
+    assert metrics["binding_n_replace_alone"] == 5
+    for suffix in ("", "_sim", "_itm"):
+        assert 0.0 <= metrics[f"binding_acc_replace_alone{suffix}"] <= 1.0
     with pytest.raises(ValueError, match="split"):
         load_eval_data(f"tuxpaint-relations:{relation_stamps}", "all")
 

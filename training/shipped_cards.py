@@ -289,12 +289,14 @@ Default per-word map (`fusion.explain_method`):
         "each from the stamps' descriptions in relation templates, each against a hard negative (relation reversed, "
         "one stamp replaced, two of three swapped): `binding_acc_*` by the final score; pointing: where each stamp's "
         f"phrase peaks in the default map ({_METHOD_NAMES[f.explain_method]}; `pointing_acc_gradcam` and "
-        "`pointing_acc_attention` per method; chance `pointing_chance`)."
+        "`pointing_acc_attention` per method; chance `pointing_chance`). `binding_acc_replace_alone`: each "
+        "scene's replace choice again, the replaced stamp's own phrase against the replacing one, with the stamp alone "
+        "on the canvas: how far the recognisers behind the checkpoint let the scenes' replace verdict go."
     )
     single_note = "One caption per stamp, " + rule + ". Evaluating needs `apt-get install tuxpaint-stamps-default`."
     relation_keys = [*RECALLS, "binding_acc", "binding_acc_reverse", "binding_acc_replace", "binding_acc_swap",
-                     "pointing_acc", "pointing_acc_gradcam", "pointing_acc_attention", "pointing_chance",
-                     "word_pointing_acc", "word_pointing_chance"]  # fmt: skip
+                     "binding_acc_replace_alone", "pointing_acc", "pointing_acc_gradcam", "pointing_acc_attention",
+                     "pointing_chance", "word_pointing_acc", "word_pointing_chance"]  # fmt: skip
     return ModelCard(
         title="MKL-VisITA photo checkpoint (EfficientNet-Lite0 + all-MiniLM-L6-v2, fusion trained on clip art)",
         summary="Matches captions to real photographs with no network: a multi-kernel similarity over fixed feature "

@@ -27,6 +27,11 @@ Decisions:
       retrieval metrics over the scenes' captions (3 per scene), the phrase pointing game (each stamp's phrase) and
       the word pointing game (every word of each stamp's phrase inside the captions that name two or three stamps),
       per method the model has (Grad-CAM and attention of the fusion, the concept maps as ``kernel``).
+    - **The replaced stamp alone** (``binding_acc_replace_alone``, with ``_sim`` and ``_itm``): each scene's
+      [replace] choice again, the stamp's own phrase against the replacing phrase, with the stamp alone on the
+      canvas as the single-stamp protocol shows it. The composites show the same stamp at a half or a third of that
+      size beside others, so this says how far the recognisers behind a checkpoint let its [replace] verdict go; the
+      gap between the two is what the composites cost.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from .base import TaskError
-from .tuxpaint import BACKGROUND, Stamp, find_stamps, stamp_rgba
+from .tuxpaint import BACKGROUND, Stamp, composite, find_stamps, stamp_rgba
 
 SIZE = 448
 SCENES = {"row2": 60, "column2": 60, "row3": 60}
@@ -80,7 +85,8 @@ def parse_spec(spec: str) -> str | None:
 
 class RelationScenes:
     """The composites of the module docstring: item i has ``image``, ``objects`` [{phrase, mask}], ``captions``,
-    ``negatives``, ``negative_kinds`` and ``layout``."""
+    ``negatives``, ``negative_kinds``, ``layout`` and ``replaced`` {stamp, phrase, by}: the stamp the [replace]
+    negative names another (``by``) instead of."""
 
     def __init__(self, stamps: list[Stamp], scenes: dict[str, int] | None = None, seed: int = 0, size: int = SIZE):
         phrases = {s.relative: relation_phrase(s.caption) for s in stamps}
@@ -138,8 +144,11 @@ class RelationScenes:
             masks.append(mask)
         return canvas.convert("RGB"), masks
 
-    def _captions(self, p: list[str], other: str, layout: str, rng: random.Random) -> list[tuple[str, str, str]]:
-        """(caption, negative, kind) triples of a scene whose phrases in reading order are ``p``."""
+    def _captions(
+        self, p: list[str], other: str, layout: str, rng: random.Random
+    ) -> tuple[list[tuple[str, str, str]], int]:
+        """(caption, negative, kind) triples of a scene whose phrases in reading order are ``p``, and which of them
+        the [replace] negative replaces with ``other``."""
         if layout == "row3":
             a, b, c = p
             three = "{} on the left, {} in the middle and {} on the right"
@@ -148,24 +157,26 @@ class RelationScenes:
             swapped[i], swapped[j] = swapped[j], swapped[i]
             x, y = sorted(rng.sample(range(3), 2))
             replaced = list(p)
-            replaced[rng.randrange(3)] = other
+            k = rng.randrange(3)
+            replaced[k] = other
             return [
                 (three.format(a, b, c), three.format(*swapped), "swap"),
                 (f"{p[x]} to the left of {p[y]}", f"{p[x]} to the right of {p[y]}", "reverse"),
                 (three.format(a, b, c), three.format(*replaced), "replace"),
-            ]
+            ], k
         a, b = p
         if layout == "row2":
             rel, inverse, sides = "to the left of", "to the right of", "{} on the left and {} on the right"
         else:
             rel, inverse, sides = "above", "below", "{} at the top and {} at the bottom"
         back = inverse  # B's relation to A
-        first, second = (other, a) if rng.random() < 0.5 else (b, other)
+        b_replaced = rng.random() < 0.5
+        first, second = (other, a) if b_replaced else (b, other)
         return [
             (f"{a} {rel} {b}", f"{a} {inverse} {b}", "reverse"),
             (sides.format(a, b), sides.format(b, a), "reverse"),
             (f"{b} {back} {a}", f"{first} {back} {second}", "replace"),
-        ]
+        ], 1 if b_replaced else 0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
@@ -176,7 +187,7 @@ class RelationScenes:
         other = self.phrase[self._pick(rng, 1, stamps)[0].relative]
         image, masks = self._compose(stamps, layout, rng)
         phrases = [self.phrase[s.relative] for s in stamps]
-        triples = self._captions(phrases, other, layout, rng)
+        triples, replaced = self._captions(phrases, other, layout, rng)
         return {
             "image": image,
             "objects": [{"phrase": ph, "mask": m} for ph, m in zip(phrases, masks)],
@@ -184,6 +195,7 @@ class RelationScenes:
             "negatives": [t[1] for t in triples],
             "negative_kinds": [t[2] for t in triples],
             "layout": layout,
+            "replaced": {"stamp": stamps[replaced], "phrase": phrases[replaced], "by": other},
         }
 
 
@@ -223,14 +235,51 @@ def word_pointing_examples(scenes: RelationScenes, n: int | None = None) -> Iter
                 yield {"image": item["image"], "caption": caption, "targets": targets}
 
 
+def replaced_alone(scenes: RelationScenes, n: int | None = None) -> tuple[list[Image.Image], list[str], list[str]]:
+    """Each scene's replaced stamp alone, as the single-stamp protocol shows it (:func:`~.tuxpaint.composite`), its
+    own phrase and the phrase that replaced it."""
+    images, phrases, others = [], [], []
+    for i in range(len(scenes) if n is None else min(n, len(scenes))):
+        replaced = scenes[i]["replaced"]
+        images.append(composite(replaced["stamp"]))
+        phrases.append(replaced["phrase"])
+        others.append(replaced["by"])
+    return images, phrases, others
+
+
+def replace_alone_metrics(model: Any, processor: Any, scenes: RelationScenes, n: int | None = None) -> dict:
+    """[replace] with the stamp alone: does the model prefer the replaced stamp's own phrase to the replacing one
+    when the stamp fills the canvas on its own? The same choice as the scene's [replace] pair, without the
+    relation, the other stamps or the smaller size: what the recognisers behind the model allow the composites'
+    verdict (``binding_acc_replace_alone``, ``_sim``, ``_itm`` as for the kinds)."""
+    from ..evaluation import binding_metrics, negative_scores
+    from ..retrieval import encode_captions, encode_images
+
+    images, phrases, others = replaced_alone(scenes, n)
+    ns = negative_scores(
+        model,
+        encode_images(model, processor, images),
+        encode_captions(model, processor, phrases),
+        encode_captions(model, processor, others),
+        np.arange(len(images)),
+    )
+    kinds = ["replace_alone"] * len(images)
+    out = binding_metrics(ns.pos, ns.neg, kinds) | binding_metrics(ns.pos_sim, ns.neg_sim, kinds, "_sim")
+    if ns.pos_itm is not None and ns.neg_itm is not None:
+        out |= binding_metrics(ns.pos_itm, ns.neg_itm, kinds, "_itm")
+    return {k: v for k, v in out.items() if "replace_alone" in k}  # not the overall binding_acc of these pairs
+
+
 def extra_metrics(model: Any, processor: Any, data: Any) -> dict[str, float]:
-    """Phrase and word pointing games, per method, on the scenes."""
+    """Phrase and word pointing games, per method, on the scenes; the [replace] pairs with the stamp alone."""
     from ..pointing import pointing_game, word_pointing_game
 
     scenes = getattr(data, "source", None)
     if not isinstance(scenes, RelationScenes):
         return {}
     n = min(POINTING_SCENES, len(scenes))
-    return pointing_game(model, processor, scenes, n=n) | word_pointing_game(
-        model, processor, word_pointing_examples(scenes, n)
+    return (
+        pointing_game(model, processor, scenes, n=n)
+        | word_pointing_game(model, processor, word_pointing_examples(scenes, n))
+        | replace_alone_metrics(model, processor, scenes)
     )
