@@ -142,6 +142,38 @@ def test_undirected_relations_hold_both_ways_and_have_no_verdict(clipart, tmp_pa
     assert (out["word_targets"].sum(-1) > 0).any(-1).all()  # both objects still grounded
 
 
+def test_photo_style_draws_objects_less_like_clip_art_and_is_off_by_default(clipart, tmp_path):
+    plain = comp.ClipArtScenes("train", size=20, image_size=96, library=clipart)
+    off = comp.ClipArtScenes("train", size=20, image_size=96, library=clipart, photo_style=0.0)
+    for i in range(20):  # at 0 the generator draws exactly what it drew without the option
+        assert np.array_equal(np.asarray(plain[i]["image"]), np.asarray(off[i]["image"]))
+        assert plain[i]["captions"] == off[i]["captions"]
+    with pytest.raises(ValueError, match="photo_style"):
+        comp.ClipArtScenes("train", size=3, library=clipart, photo_style=-0.1)
+    styled = comp.ClipArtScenes("train", size=20, image_size=96, library=clipart, photo_style=1.0)
+    assert "photo_style=1.0" in repr(styled) and "photo_style" not in repr(plain)
+    # the fake clip art is flat colour: styled, an object's pixels vary (texture, falloff) and stay inside its mask
+    for i in range(20):
+        item = styled[i]
+        rgb = np.asarray(item["image"]).astype(float)
+        for o in item["objects"]:
+            inner = o["mask"] & np.roll(o["mask"], 2, 0) & np.roll(o["mask"], -2, 0)  # away from the blurred edge
+            inner &= np.roll(o["mask"], 2, 1) & np.roll(o["mask"], -2, 1)
+            if inner.sum() > 20:
+                assert rgb[inner].std(0).max() > 2.0
+    flat = plain[0]
+    o = flat["objects"][0]
+    assert np.asarray(flat["image"]).astype(float)[o["mask"]].std(0).max() < 20.0  # jitter and noise only
+    # a styled object keeps its alpha (the mask the generator places and grounds words on)
+    rgba = np.zeros((30, 24, 4), np.uint8)
+    rgba[3:-3, 3:-3] = (200, 30, 35, 255)
+    out = comp.photo_like(rgba, np.random.default_rng(0))
+    assert np.array_equal(out[..., 3], rgba[..., 3]) and out[3:-3, 3:-3, :3].std() > 1.0
+    options = PairOptions(size=8, seed=0, image_size=96, cache_dir=str(tmp_path), photo_style=0.5)
+    pairs = get_task("composites").train_pairs("composites", "train", options)
+    assert "-p0.5-" in task.cache_key(pairs.scenes) and "-p0" not in task.cache_key(plain)
+
+
 def test_colour_words_come_from_the_objects_pixels(clipart):
     scenes = comp.ClipArtScenes("train", size=30, image_size=96, library=clipart, jitter=False)
     named = {}

@@ -299,6 +299,9 @@ def test_data_shares_outside_0_1_are_refused_when_the_config_loads(tmp_path: Pat
     assert _cfg(tmp_path, "data.reverse_negatives=0.5").data.reverse_negatives == 0.5
     with pytest.raises(RunConfigError, match="data.undirected_relations"):
         _cfg(tmp_path, "data.undirected_relations=-0.1")
+    with pytest.raises(RunConfigError, match="data.photo_style"):
+        _cfg(tmp_path, "data.photo_style=2")
+    assert _cfg(tmp_path, "data.photo_style=0.5").data.photo_style == 0.5
 
 
 def test_mixed_precision_falls_back_to_fp32_where_the_device_lacks_it(monkeypatch, capsys) -> None:

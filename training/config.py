@@ -50,6 +50,8 @@ class DataConfig:
     # relation ("left of" -> "right of") instead of the generator's negative (an attribute swap when one exists)
     undirected_relations: float = 0.0  # composites only: share of two-object relation captions that say "beside",
     # "next to" or "near", true in either order (no reversed negative, no relation verdict)
+    photo_style: float = 0.0  # composites only: share of clip-art objects drawn photo-like (less saturated, shaded,
+    # textured, slightly blurred; mklvisita.data.composites)
     num_workers: int = 0  # DataLoader workers for decoding + preprocessing
     feature_cache: bool = False  # frozen encoders only: keep each training image's and caption's encoder and source
     # features in memory after their first step (keyed by content; training.photo_cache), so later epochs run only
@@ -259,6 +261,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
         raise RunConfigError(
             f"data.undirected_relations is a share: expected 0 to 1, got {cfg.data.undirected_relations}"
         )
+    if not 0.0 <= cfg.data.photo_style <= 1.0:
+        raise RunConfigError(f"data.photo_style is a share: expected 0 to 1, got {cfg.data.photo_style}")
     return cfg
 
 

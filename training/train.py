@@ -98,6 +98,7 @@ def build_train_dataset(cfg: RunConfig) -> Dataset:
         cache_dir=cfg.data.cache_dir,
         reverse_rate=cfg.data.reverse_negatives,
         undirected_rate=cfg.data.undirected_relations,
+        photo_style=cfg.data.photo_style,
     )
     try:
         return get_task(cfg.data.train).train_pairs(cfg.data.train, cfg.data.train_split, options)

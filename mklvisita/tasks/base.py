@@ -45,6 +45,7 @@ class PairOptions:
     reverse_rate: float = 0.0  # shapes: share of relation captions whose training negative is the reversed relation
     undirected_rate: float = 0.0  # composites: share of two-object relation captions saying "beside" / "next to" /
     # "near" (no direction; mklvisita.data.composites)
+    photo_style: float = 0.0  # composites: share of objects drawn photo-like (mklvisita.data.composites)
 
 
 def caption_positives(items: list[dict[str, Any]]) -> torch.Tensor:

@@ -79,8 +79,9 @@ def _generator_hash() -> str:
 def cache_key(scenes: ClipArtScenes) -> str:
     s = scenes
     undirected = f"-u{s.undirected_rate:g}" if s.undirected_rate else ""
+    style = f"-p{s.photo_style:g}" if s.photo_style else ""
     return (
-        f"{s.split}-n{s.size}-seed{s.seed}-px{s.image_size}-c{s.captions_per_image}-o{s.max_objects}{undirected}"
+        f"{s.split}-n{s.size}-seed{s.seed}-px{s.image_size}-c{s.captions_per_image}-o{s.max_objects}{undirected}{style}"
         f"-art{len(s.library)}-{_generator_hash()}-f{CACHE_FORMAT}"
     )
 
@@ -126,9 +127,15 @@ class CompositePairs(Dataset):
         image_size: int = DEFAULT_SIZE,
         cache_dir: str = "",
         undirected_rate: float = 0.0,
+        photo_style: float = 0.0,
     ):
         self.scenes = ClipArtScenes(
-            split=split, size=size, seed=seed, image_size=image_size, undirected_rate=undirected_rate
+            split=split,
+            size=size,
+            seed=seed,
+            image_size=image_size,
+            undirected_rate=undirected_rate,
+            photo_style=photo_style,
         )
         self.per_scene = self.scenes.captions_per_image
         self.cache = cached_scenes(self.scenes, cache_dir)
@@ -159,7 +166,13 @@ def train_pairs(spec: str, split: str, options: PairOptions) -> CompositePairs:
     if split != "train":
         raise TaskError(f"composites split {split!r} holds the validation titles; train on split 'train'")
     return CompositePairs(
-        split, options.size, options.seed, image_size(options), options.cache_dir, options.undirected_rate
+        split,
+        options.size,
+        options.seed,
+        image_size(options),
+        options.cache_dir,
+        options.undirected_rate,
+        options.photo_style,
     )
 
 
