@@ -12,6 +12,7 @@ photo-caption data; ``colour``, ``scene_text`` and ``person_weight`` set the shi
     python -m training.photo_experiments colour       # the colour kernel's sigma, saliency power, weight
     python -m training.photo_experiments scene_text   # the scene-text kernel's match threshold, weight
     python -m training.photo_experiments person_weight  # the example photos against the person weight
+    python -m training.photo_experiments photo_style    # how far the composites' photo style moves clip art to photos
 
 Each prints one JSON line per setting: R@1 both ways and RSUM on the Tux Paint *tune* half with the shipped kernel
 weights and with the best weights of the same grid as ``python -m training.photo --tune`` (one more kernel: one more
@@ -648,10 +649,63 @@ def person_weight(b: Bench) -> None:
                "astronaut_map_peak": [round((c + 0.5) / gw, 2), round((r + 0.5) / gh, 2)]})  # fmt: skip
 
 
+def domain_accuracy(a: torch.Tensor, b: torch.Tensor, folds: int = 5, decay: float = 1e-2) -> float:
+    """How well a logistic classifier tells the rows of ``a`` from those of ``b`` (unit features), cross-validated over
+    ``folds`` interleaved folds: 0.5 = the two sets look alike to a linear read-out, 1.0 = always told apart."""
+    x = F.normalize(torch.cat([a, b]).float(), dim=-1)
+    y = torch.cat([torch.ones(len(a)), torch.zeros(len(b))])
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    right = 0
+    for k in range(folds):
+        test = order[k::folds]
+        train = order[torch.arange(len(order)) % folds != k]
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        c = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([w, c], max_iter=200, line_search_fn="strong_wolfe")
+
+        def loss(w=w, c=c, train=train, opt=opt) -> torch.Tensor:
+            opt.zero_grad()
+            out = F.binary_cross_entropy_with_logits(x[train] @ w + c, y[train]) + decay * w.square().sum()
+            out.backward()
+            return out
+
+        with torch.enable_grad():
+            opt.step(loss)
+        right += int(((x[test] @ w + c > 0).float() == y[test]).sum())
+    return right / len(x)
+
+
+def photo_style(b: Bench) -> None:
+    """The composites' photo style (``data.photo_style``, :func:`mklvisita.data.composites.photo_like`): as many
+    clip-art objects as there are tune-half stamps, shown like the stamps (on white, a 10 % margin), plain and
+    styled; how well EfficientNet-Lite0's pooled feature tells each set from the photo stamps, and the cosine of the
+    two sets' mean features."""
+    from PIL import Image
+
+    from mklvisita.data.clipart import ClipArtLibrary
+    from mklvisita.data.composites import photo_like
+    from mklvisita.tasks.tuxpaint import centred_on_square
+
+    library = ClipArtLibrary()
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(library.indices("train"), len(b.pooled), replace=False)
+    arts = [library.rgba(int(i)) for i in chosen]
+    for style, images in (
+        ("plain", [Image.fromarray(a, "RGBA") for a in arts]),
+        ("styled", [Image.fromarray(photo_like(a, rng), "RGBA") for a in arts]),
+    ):
+        pooled, _ = b.images([centred_on_square(im) for im in images])
+        cos = F.cosine_similarity(b.pooled.mean(0), pooled.mean(0), dim=0)
+        accuracy = domain_accuracy(b.pooled, pooled)
+        result = {"domain_accuracy": round(accuracy, 3), "mean_cosine": round(float(cos), 4)}
+        report("photo_style", {"clipart": style, "n": len(pooled)}, result)
+
+
 EXPERIMENTS = {
     f.__name__: f
     for f in (lexicon, calibration, clipart, reference, mixture, weights, captions, pointing)
     + (colour, scene_text, person_weight)  # the fixed sources
+    + (photo_style,)  # the composites' rendering
 }
 
 

@@ -21,9 +21,10 @@ Decisions:
 - **Photo style** (``photo_style``, default 0): that share of objects is drawn less like clip art, as the frozen
   image network meets objects in photographs: saturation lowered (kept 55-95 %), a linear light falloff across the
   object (up to ±15-40 %), a fine multiplicative texture (value noise at a sixth of the object's side, 4-12 %) and a
-  slight blur (radius 0.4-1.2 px), in that order, before its colour is named: flat fills and hard vector edges are
-  what sets clip art apart from photographs in the frozen network's features. At 0 the generator draws exactly what
-  it drew without it.
+  slight blur (radius 0.4-1.2 px), in that order, before its colour is named: flat fills and hard vector edges set
+  clip art apart from photographs. In EfficientNet-Lite0's pooled features a linear classifier tells 208 clip-art
+  objects from the 208 Tux Paint tune-half stamps 0.839 of the time plain and 0.779 styled (``python -m
+  training.photo_experiments photo_style``). At 0 the generator draws exactly what it drew without it.
 - **Backgrounds**: plain colour, two-colour gradient, value noise, stripes, checkerboard, or another clip art of the
   same split (whose title no caption or negative of the scene names) scaled to cover the canvas, blurred and faded
   over a plain colour. Never photographs. Light pixel noise on top.
