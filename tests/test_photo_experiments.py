@@ -84,3 +84,11 @@ def test_bench_recombines_the_checkpoints_own_kernel_values():
     for name in ("colour/share", "scene_text/match"):  # both fixed sources present and at work
         assert np.abs(want[..., m.kernel_names.index(name)]).max() > 0.01
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_domain_accuracy_tells_separate_sets_apart_and_not_alike_ones():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(60, 16, generator=g)
+    apart = pe.domain_accuracy(a + 3.0 * torch.eye(16)[0], a.flip(0) - 3.0 * torch.eye(16)[0])  # one axis splits them
+    alike = pe.domain_accuracy(torch.randn(60, 16, generator=g), torch.randn(60, 16, generator=g))  # one distribution
+    assert apart > 0.95 and 0.3 < alike < 0.7
