@@ -28,19 +28,17 @@ score goes through :func:`mklvisita.ranking.final_score` with the ranking resolv
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import RankingConfig
-from .metrics import coco_5fold_1k, itm_prf, pairwise_accuracy, retrieval_metrics
-from .ranking import final_score, resolve_ranking
-from .retrieval import encode_captions, encode_images, match_pairs, retrieve
+from .metrics import binding_metrics, coco_5fold_1k, itm_prf, retrieval_metrics
+from .ranking import resolve_ranking
+from .retrieval import NegativeScores, encode_captions, encode_images, negative_scores, pair_scores, retrieve
 from .tasks import EvalData, get_task
 
 __all__ = [
@@ -62,84 +60,6 @@ EXTRA_METRICS: dict[str, ExtraMetric] = {}
 def load_eval_data(spec: str, split: str = "test", limit: int = 0) -> EvalData:
     """Resolve a data spec through its task; ``limit`` > 0 keeps the first ``limit`` images and their captions."""
     return get_task(spec).load_eval_data(spec, split, limit)
-
-
-def binding_metrics(
-    pos: np.ndarray, neg: np.ndarray, kinds: Sequence[str] | None = None, suffix: str = ""
-) -> dict[str, float]:
-    """``binding_acc<suffix>`` and, per kind, ``binding_acc_<kind><suffix>``: the share of captions whose score
-    (pos) beats their hard negative's (neg); ties are misses. With no suffix also ``binding_n_<kind>``."""
-    out = {f"binding_acc{suffix}": pairwise_accuracy(pos, neg)}
-    if kinds is not None:
-        kinds = np.asarray(kinds)
-        for kind in sorted(set(kinds.tolist())):
-            sel = kinds == kind
-            out[f"binding_acc_{kind}{suffix}"] = pairwise_accuracy(pos[sel], neg[sel])
-            if not suffix:
-                out[f"binding_n_{kind}"] = float(sel.sum())
-    return out
-
-
-@torch.no_grad()
-def pair_scores(
-    model: Any, images: Any, texts: Any, image_index: np.ndarray, text_index: np.ndarray, batch_size: int = 128
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Similarity and ITM probability of the pairs (image_index[j], text_index[j]) from cached banks.
-
-    Args:
-        images, texts: an ``ImageBank`` / ``TextBank`` from :mod:`mklvisita.retrieval`.
-
-    Returns:
-        similarity (n,) and ITM probability (n,) (None for a model without the fusion branch).
-    """
-    ii = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
-    tt = torch.as_tensor(np.asarray(text_index), dtype=torch.long)
-    device = next(model.parameters()).device
-    sims = []
-    for start in range(0, len(ii), batch_size):
-        i, t = ii[start : start + batch_size].to(device), tt[start : start + batch_size].to(device)
-        s = model.similarity(images.embeddings.select(i), texts.embeddings.select(t), pairwise=True)
-        sims.append(s.similarity.float().cpu())
-    sim = torch.cat(sims).numpy() if sims else np.zeros(0)
-    if not model.has_itm:
-        return sim, None
-    return sim, match_pairs(model, images, texts, ii, tt, batch_size).numpy()
-
-
-@dataclasses.dataclass
-class NegativeScores:
-    """Each caption and its hard negative, both scored with the caption's image (:func:`negative_scores`)."""
-
-    pos: np.ndarray  # final score of the caption (mklvisita.ranking.final_score; the similarity without fusion)
-    neg: np.ndarray  # the same for its hard negative
-    pos_sim: np.ndarray
-    neg_sim: np.ndarray
-    pos_itm: np.ndarray | None  # None without fusion
-    neg_itm: np.ndarray | None
-
-
-@torch.no_grad()
-def negative_scores(
-    model: Any,
-    images: Any,
-    texts: Any,
-    negatives: Any,
-    txt2img: np.ndarray,
-    ranking: RankingConfig | None = None,
-) -> NegativeScores:
-    """Scores of every caption of ``texts`` and of its hard negative in ``negatives`` (banks of equal length) with
-    the caption's image, and the final score that ranks them (binding accuracy, the shape probe, the kernel analysis).
-
-    Args:
-        ranking: the rule of the final score; None = the model's ``config.ranking``.
-    """
-    ranking = resolve_ranking(ranking or model)
-    image_of = np.asarray(txt2img)
-    idx = np.arange(len(image_of))
-    pos_sim, pos_itm = pair_scores(model, images, texts, image_of, idx)
-    neg_sim, neg_itm = pair_scores(model, images, negatives, image_of, idx)
-    pos, neg = final_score(ranking, pos_itm, pos_sim), final_score(ranking, neg_itm, neg_sim)
-    return NegativeScores(pos, neg, pos_sim, neg_sim, pos_itm, neg_itm)
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ Recall@K and mAP are in percent; ITM precision/recall/F1 and accuracies are frac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 # Rows compared at once: bounds the (rows, gallery) boolean temporaries on COCO 5K (5,000 x 25,010).
@@ -208,3 +210,19 @@ def pairwise_accuracy(pos: np.ndarray, neg: np.ndarray) -> float:
     if pos.shape != neg.shape:
         raise ValueError(f"pos and neg must have the same length, got {pos.shape[0]} and {neg.shape[0]}")
     return float(np.mean(pos > neg)) if pos.size else 0.0
+
+
+def binding_metrics(
+    pos: np.ndarray, neg: np.ndarray, kinds: Sequence[str] | None = None, suffix: str = ""
+) -> dict[str, float]:
+    """``binding_acc<suffix>`` and, per kind, ``binding_acc_<kind><suffix>``: the share of captions whose score
+    (pos) beats their hard negative's (neg); ties are misses. With no suffix also ``binding_n_<kind>``."""
+    out = {f"binding_acc{suffix}": pairwise_accuracy(pos, neg)}
+    if kinds is not None:
+        kinds = np.asarray(kinds)
+        for kind in sorted(set(kinds.tolist())):
+            sel = kinds == kind
+            out[f"binding_acc_{kind}{suffix}"] = pairwise_accuracy(pos[sel], neg[sel])
+            if not suffix:
+                out[f"binding_n_{kind}"] = float(sel.sum())
+    return out

@@ -328,3 +328,70 @@ def retrieve(
 ) -> RetrievalScores:
     """Score every image against every caption by the model's ranking rule (``model.config.ranking`` by default)."""
     return cascade_scores(model, images, texts, resolve_ranking(ranking or model), batch_size, use_faiss)
+
+
+@torch.no_grad()
+def pair_scores(
+    model: MKLVisITA,
+    images: ImageBank,
+    texts: TextBank,
+    image_index: np.ndarray,
+    text_index: np.ndarray,
+    batch_size: int = 128,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Similarity and ITM probability of the pairs (image_index[j], text_index[j]) from cached banks.
+
+    Args:
+        images, texts: banks from :func:`encode_images` / :func:`encode_captions`.
+
+    Returns:
+        similarity (n,) and ITM probability (n,) (None for a model without the fusion branch).
+    """
+    ii = torch.as_tensor(np.asarray(image_index), dtype=torch.long)
+    tt = torch.as_tensor(np.asarray(text_index), dtype=torch.long)
+    device = next(model.parameters()).device
+    sims = []
+    for start in range(0, len(ii), batch_size):
+        i, t = ii[start : start + batch_size].to(device), tt[start : start + batch_size].to(device)
+        s = model.similarity(images.embeddings.select(i), texts.embeddings.select(t), pairwise=True)
+        sims.append(s.similarity.float().cpu())
+    sim = torch.cat(sims).numpy() if sims else np.zeros(0)
+    if not model.has_itm:
+        return sim, None
+    return sim, match_pairs(model, images, texts, ii, tt, batch_size).numpy()
+
+
+@dataclass
+class NegativeScores:
+    """Each caption and its hard negative, both scored with the caption's image (:func:`negative_scores`)."""
+
+    pos: np.ndarray  # final score of the caption (mklvisita.ranking.final_score; the similarity without fusion)
+    neg: np.ndarray  # the same for its hard negative
+    pos_sim: np.ndarray
+    neg_sim: np.ndarray
+    pos_itm: np.ndarray | None  # None without fusion
+    neg_itm: np.ndarray | None
+
+
+@torch.no_grad()
+def negative_scores(
+    model: MKLVisITA,
+    images: ImageBank,
+    texts: TextBank,
+    negatives: TextBank,
+    txt2img: np.ndarray,
+    ranking: RankingConfig | None = None,
+) -> NegativeScores:
+    """Scores of every caption of ``texts`` and of its hard negative in ``negatives`` (banks of equal length) with
+    the caption's image, and the final score that ranks them (binding accuracy, the shape probe, the kernel analysis).
+
+    Args:
+        ranking: the rule of the final score; None = the model's ``config.ranking``.
+    """
+    ranking = resolve_ranking(ranking or model)
+    image_of = np.asarray(txt2img)
+    idx = np.arange(len(image_of))
+    pos_sim, pos_itm = pair_scores(model, images, texts, image_of, idx)
+    neg_sim, neg_itm = pair_scores(model, images, negatives, image_of, idx)
+    pos, neg = final_score(ranking, pos_itm, pos_sim), final_score(ranking, neg_itm, neg_sim)
+    return NegativeScores(pos, neg, pos_sim, neg_sim, pos_itm, neg_itm)

@@ -252,8 +252,8 @@ def replace_alone_metrics(model: Any, processor: Any, scenes: RelationScenes, n:
     when the stamp fills the canvas on its own? The same choice as the scene's [replace] pair, without the
     relation, the other stamps or the smaller size: what the recognisers behind the model allow the composites'
     verdict (``binding_acc_replace_alone``, ``_sim``, ``_itm`` as for the kinds)."""
-    from ..evaluation import binding_metrics, negative_scores
-    from ..retrieval import encode_captions, encode_images
+    from ..metrics import binding_metrics
+    from ..retrieval import encode_captions, encode_images, negative_scores
 
     images, phrases, others = replaced_alone(scenes, n)
     ns = negative_scores(
