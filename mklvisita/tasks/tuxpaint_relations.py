@@ -251,7 +251,8 @@ def replace_alone_metrics(model: Any, processor: Any, scenes: RelationScenes, n:
     """[replace] with the stamp alone: does the model prefer the replaced stamp's own phrase to the replacing one
     when the stamp fills the canvas on its own? The same choice as the scene's [replace] pair, without the
     relation, the other stamps or the smaller size: what the recognisers behind the model allow the composites'
-    verdict (``binding_acc_replace_alone``, ``_sim``, ``_itm`` as for the kinds)."""
+    verdict (``binding_acc_replace_alone``, ``_sim``, ``_itm`` as for the kinds). The final score by the checkpoint's
+    own ranking rule (an evaluation's ``--itm-weight`` override does not reach a task's metrics)."""
     from ..metrics import binding_metrics
     from ..retrieval import encode_captions, encode_images, negative_scores
 
